@@ -1,0 +1,60 @@
+# One way to run each thing; CI (.ci/run) calls these same targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e up bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch is pinned (torch==2.13.0, the CPU build) through the project's `ml` extra.
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+protos:
+	$(BIN)/python scripts/gen_protos.py
+
+# Fails when the checked-in stubs differ from what the pinned generator produces.
+check-protos: protos
+	@git diff --exit-code --stat -- libs/ftops || (echo "Generated stubs changed: run 'make protos' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- libs/ftops)" || (echo "Untracked generated stubs: run 'make protos' and commit" && git status --short -- libs/ftops && exit 1)
+
+docs:
+	$(BIN)/python scripts/gen_config_docs.py
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck:
+	$(BIN)/mypy libs/ftops_runtime libs/ftops_devstack libs/ftops_tinymodel libs/ftops_client libs/ftops_cli services tests bench scripts
+
+check: check-protos lint typecheck
+
+test:
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit:
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration:
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e:
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+up:
+	$(BIN)/ftops-dev up
+
+bench:
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf .ftops .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,107 @@
+"""Gateway overhead: the same 1-token generation sent straight to the inference service
+(baseline) and through the gateway (routing, replica choice, metrics reporting), on the
+full stack of separate processes. Sequential latency and 8-way concurrent throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.report import Report
+from ftops.common.v1 import common_pb2
+from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
+from ftops_devstack.servers import start_nats, start_redis
+from ftops_devstack.stack import Stack
+
+N = 200
+CONCURRENCY = 8
+PROMPT = "Product LZ-59 costs"
+SAMPLING = common_pb2.SamplingParams(max_tokens=1, temperature=0)
+
+
+async def _sequential(call: object, n: int) -> list[float]:
+    assert callable(call)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def _concurrent(call: object, n: int) -> tuple[list[float], float]:
+    assert callable(call)
+    samples: list[float] = []
+    queue = list(range(n))
+
+    async def worker() -> None:
+        while queue:
+            queue.pop()
+            t0 = time.perf_counter()
+            await call()
+            samples.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return samples, time.perf_counter() - t0
+
+
+async def main() -> None:
+    from ftops_tinymodel import build
+
+    nats, redis = start_nats(), start_redis()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp), nats.url, redis.url, build())
+        try:
+            stack.start()
+            await stack.wait_serving()
+            async with (
+                grpc.aio.insecure_channel(stack.address("inference")) as ich,
+                grpc.aio.insecure_channel(stack.address("gateway")) as gch,
+            ):
+                inference = inference_pb2_grpc.InferenceServiceStub(ich)
+                gateway = gateway_pb2_grpc.GatewayServiceStub(gch)
+
+                async def direct() -> None:
+                    await inference.Generate(
+                        inference_pb2.GenerateRequest(prompt=PROMPT, sampling=SAMPLING)
+                    )
+
+                async def routed() -> None:
+                    await gateway.Generate(
+                        gateway_pb2.GenerateRequest(model="base", prompt=PROMPT, sampling=SAMPLING)
+                    )
+
+                for call in (direct, routed):  # warm both paths
+                    await _sequential(call, 10)
+                report = Report(
+                    "gateway_overhead",
+                    f"1-token generation on the tiny model, {N} requests per case",
+                    "direct to the inference service",
+                )
+                base = report.add("direct, sequential", await _sequential(direct, N))
+                via = report.add("gateway, sequential", await _sequential(routed, N))
+                samples, wall = await _concurrent(direct, N)
+                base_c = report.add(f"direct, {CONCURRENCY} concurrent", samples, wall)
+                samples, wall = await _concurrent(routed, N)
+                via_c = report.add(f"gateway, {CONCURRENCY} concurrent", samples, wall)
+                report.notes["added p50 latency (sequential)"] = (
+                    f"{via.p50_ms - base.p50_ms:.2f} ms"
+                )
+                report.notes["throughput vs direct (concurrent)"] = (
+                    f"{via_c.per_s / base_c.per_s:.2f}x"
+                )
+                report.write()
+        finally:
+            stack.stop()
+            redis.stop()
+            nats.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,55 @@
+"""Global options (kept on the Typer context) and running one async command with them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import typer
+
+from ftops_cli.errors import EXIT_INTERRUPTED, fail
+from ftops_client import Endpoints, FtopsClient
+
+T = TypeVar("T")
+
+
+@dataclass
+class State:
+    endpoints: Endpoints = field(default_factory=Endpoints.from_env)
+    api_key: str | None = None
+    debug: bool = False
+
+    def client(self) -> FtopsClient:
+        return FtopsClient(self.endpoints, api_key=self.api_key)
+
+
+def state(ctx: typer.Context) -> State:
+    found = ctx.find_object(State)
+    return found if found is not None else State()
+
+
+def run(
+    ctx: typer.Context,
+    work: Callable[[FtopsClient], Coroutine[Any, Any, T]],
+    *,
+    on_interrupt: Callable[[], str] | None = None,
+) -> T:
+    """Run ``work`` with a client; errors become one line on stderr and an exit code."""
+    st = state(ctx)
+
+    async def main() -> T:
+        async with st.client() as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        message = on_interrupt() if on_interrupt is not None else "interrupted"
+        typer.echo(message, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        fail(exc, debug=st.debug)

@@ -1,0 +1,207 @@
+"""``ftops train`` and ``ftops jobs list|get|watch``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ftops.events.v1 import events_pb2
+from ftops.trainer.v1 import trainer_pb2
+from ftops_cli.errors import EXIT_JOB_FAILED, CliError
+from ftops_cli.output import Output, OutputOption, job_state, or_dash, print_fields, print_json
+from ftops_cli.output import print_table as _print_table
+from ftops_cli.runner import run
+from ftops_cli.spec import build_job_spec, load_spec_file, validate
+from ftops_client import FtopsClient
+
+jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
+
+FAILED_STATES = (events_pb2.JOB_STATE_FAILED, events_pb2.JOB_STATE_CANCELLED)
+
+
+def _detach_message(job_id: str) -> str:
+    if not job_id:
+        return "interrupted before the job was submitted"
+    return (
+        f"detached from job {job_id}; it keeps running. Re-attach with: ftops jobs watch {job_id}"
+    )
+
+
+async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> trainer_pb2.Job:
+    """Watch a job to its end with a live bar on stderr (step/total, loss, ETA)."""
+    job = trainer_pb2.Job(job_id=job_id)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+        disable=not progress,
+    )
+    with bar:
+        task: TaskID = bar.add_task(job_id, total=None, loss="-")
+        async for update in client.watch_job(job_id):
+            job = update
+            bar.update(
+                task,
+                description=f"{job_id} {job_state(job.state).lower()}",
+                total=job.total_steps or None,
+                completed=job.step,
+                loss=f"{job.loss:.4f}" if job.step else "-",
+            )
+    return job
+
+
+def _report(job: trainer_pb2.Job, output: Output) -> None:
+    if output is Output.json:
+        print_json(job)
+    else:
+        _print_job(job)
+    if job.state in FAILED_STATES:
+        raise CliError(
+            f"job {job.job_id} ended {job_state(job.state)}: {job.error or 'no reason given'}",
+            EXIT_JOB_FAILED,
+        )
+
+
+def _print_job(job: trainer_pb2.Job) -> None:
+    records = f"{job.records_used}/{job.records_total} used, {job.records_skipped} skipped"
+    print_fields(
+        f"job {job.job_id}",
+        [
+            ("adapter", job.spec.adapter),
+            ("state", job_state(job.state)),
+            ("step", f"{job.step}/{job.total_steps}"),
+            ("loss", f"{job.loss:.4f}" if job.step else "-"),
+            ("records", records if job.records_total else "-"),
+            ("parent", or_dash(job.spec.parent_version_id)),
+            ("version", f"{job.version_id} (v{job.version_number})" if job.version_id else "-"),
+            ("error", or_dash(job.error)),
+        ],
+    )
+
+
+def train(
+    ctx: typer.Context,
+    adapter: Annotated[str | None, typer.Option(help="adapter name (also the usual alias)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="JSONL dataset, sent inline")] = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="YAML spec; flags given override its keys")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="base model (default: tiny-llama)")] = None,
+    parent: Annotated[str | None, typer.Option(help="train from this version")] = None,
+    team: Annotated[str | None, typer.Option()] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1)] = None,
+    lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
+    num_epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    cutoff_len: Annotated[int | None, typer.Option(min=2)] = None,
+    wait: Annotated[bool, typer.Option(help="watch the job to its end")] = True,
+    output: OutputOption = Output.table,
+) -> None:
+    """Fine-tune a new adapter version and wait for it (Ctrl-C detaches)."""
+    job_id = ""
+
+    def prepare() -> trainer_pb2.JobSpec:
+        values: dict[str, Any] = load_spec_file(spec) if spec is not None else {}
+        flags = {
+            "adapter": adapter,
+            "dataset": str(data) if data is not None else None,
+            "base_model": base_model,
+            "parent_version": parent,
+            "team": team,
+            "lora_r": lora_r,
+            "lora_alpha": lora_alpha,
+            "learning_rate": learning_rate,
+            "num_epochs": num_epochs,
+            "max_steps": max_steps,
+            "cutoff_len": cutoff_len,
+        }
+        values.update(validate(flags))
+        return build_job_spec(values)
+
+    async def work(client: FtopsClient) -> None:
+        nonlocal job_id
+        job_spec = prepare()
+        job = await client.submit_job(job_spec)
+        job_id = job.job_id
+        typer.echo(f"submitted job {job_id} ({job_spec.adapter})", err=True)
+        if wait:
+            job = await follow(client, job_id, progress=output is Output.table)
+        _report(job, output)
+
+    run(ctx, work, on_interrupt=lambda: _detach_message(job_id))
+
+
+@jobs_app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Option(help="only this adapter's jobs")] = "",
+    output: OutputOption = Output.table,
+) -> None:
+    """List training jobs."""
+
+    async def work(client: FtopsClient) -> None:
+        resp = await client.list_jobs(adapter)
+        if output is Output.json:
+            print_json(resp)
+            return
+        _print_table(
+            "jobs",
+            ("job", "adapter", "state", "step", "loss", "version"),
+            (
+                (
+                    j.job_id,
+                    j.spec.adapter,
+                    job_state(j.state),
+                    f"{j.step}/{j.total_steps}",
+                    f"{j.loss:.4f}" if j.step else "-",
+                    or_dash(j.version_id),
+                )
+                for j in resp.jobs
+            ),
+        )
+
+    run(ctx, work)
+
+
+@jobs_app.command("get")
+def get_job(ctx: typer.Context, job_id: str, output: OutputOption = Output.table) -> None:
+    """Show one job."""
+
+    async def work(client: FtopsClient) -> None:
+        job = await client.get_job(job_id)
+        if output is Output.json:
+            print_json(job)
+        else:
+            _print_job(job)
+
+    run(ctx, work)
+
+
+@jobs_app.command("watch")
+def watch_job(ctx: typer.Context, job_id: str, output: OutputOption = Output.table) -> None:
+    """Follow a job to its end (exit 4 if it fails; Ctrl-C detaches)."""
+
+    async def work(client: FtopsClient) -> None:
+        job = await follow(client, job_id, progress=output is Output.table)
+        _report(job, output)
+
+    run(ctx, work, on_interrupt=lambda: _detach_message(job_id))

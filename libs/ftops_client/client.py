@@ -1,0 +1,324 @@
+"""``FtopsClient``: one async object over the four public services.
+
+    async with FtopsClient() as ftops:            # endpoints from FTOPS_*_ADDRESS or dev ports
+        job = await ftops.submit_job(spec)
+        async for update in ftops.watch_job(job.job_id):
+            ...
+
+Every method returns the service's proto message; every gRPC failure is raised as
+:class:`~ftops_client.errors.FtopsClientError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_client.errors import FtopsClientError
+from ftops_runtime.client import channel
+
+T = TypeVar("T")
+
+# The ports `ftops up` prefers (ftops_devstack.stack).
+DEFAULT_ADDRESSES = {
+    "gateway": "127.0.0.1:50055",
+    "trainer": "127.0.0.1:50053",
+    "registry": "127.0.0.1:50051",
+    "monitor": "127.0.0.1:50054",
+}
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    gateway: str = DEFAULT_ADDRESSES["gateway"]
+    trainer: str = DEFAULT_ADDRESSES["trainer"]
+    registry: str = DEFAULT_ADDRESSES["registry"]
+    monitor: str = DEFAULT_ADDRESSES["monitor"]
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        gateway: str | None = None,
+        trainer: str | None = None,
+        registry: str | None = None,
+        monitor: str | None = None,
+    ) -> Endpoints:
+        """Explicit values first, then ``FTOPS_<SERVICE>_ADDRESS``, then the dev ports."""
+
+        def pick(name: str, given: str | None) -> str:
+            return (
+                given or os.environ.get(f"FTOPS_{name.upper()}_ADDRESS") or DEFAULT_ADDRESSES[name]
+            )
+
+        return cls(
+            gateway=pick("gateway", gateway),
+            trainer=pick("trainer", trainer),
+            registry=pick("registry", registry),
+            monitor=pick("monitor", monitor),
+        )
+
+
+@dataclass(frozen=True)
+class ReleaseStatus:
+    """The gateway's route for an alias and the monitor's analysis of its release."""
+
+    route: gateway_pb2.Route
+    analysis: monitor_pb2.ReleaseAnalysis
+
+
+class FtopsClient:
+    def __init__(
+        self,
+        endpoints: Endpoints | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.endpoints = endpoints or Endpoints.from_env()
+        self.api_key = os.environ.get("FTOPS_API_KEY", "") if api_key is None else api_key
+        self.timeout = timeout
+        self._channels: list[grpc.aio.Channel] = []
+        ep = self.endpoints
+        self._gateway = gateway_pb2_grpc.GatewayServiceStub(self._open(ep.gateway))
+        self._trainer = trainer_pb2_grpc.TrainerServiceStub(self._open(ep.trainer))
+        self._registry = registry_pb2_grpc.RegistryServiceStub(self._open(ep.registry))
+        self._monitor = monitor_pb2_grpc.MonitorServiceStub(self._open(ep.monitor))
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        ch = channel(address, api_key=self.api_key)
+        self._channels.append(ch)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+    async def __aenter__(self) -> FtopsClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _call(self, service: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise FtopsClientError.from_rpc(exc, service, getattr(self.endpoints, service)) from exc
+
+    async def _stream(self, service: str, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        try:
+            async for item in stream:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise FtopsClientError.from_rpc(exc, service, getattr(self.endpoints, service)) from exc
+
+    # trainer
+
+    async def submit_job(
+        self, spec: trainer_pb2.JobSpec, *, idempotency_key: str = ""
+    ) -> trainer_pb2.Job:
+        request = trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key=idempotency_key)
+        return await self._call("trainer", self._trainer.SubmitJob(request, timeout=self.timeout))
+
+    async def get_job(self, job_id: str) -> trainer_pb2.Job:
+        request = trainer_pb2.GetJobRequest(job_id=job_id)
+        return await self._call("trainer", self._trainer.GetJob(request, timeout=self.timeout))
+
+    async def list_jobs(
+        self, adapter: str = "", *, page_size: int = 0, page_token: str = ""
+    ) -> trainer_pb2.ListJobsResponse:
+        request = trainer_pb2.ListJobsRequest(
+            adapter=adapter, page_size=page_size, page_token=page_token
+        )
+        return await self._call("trainer", self._trainer.ListJobs(request, timeout=self.timeout))
+
+    def watch_job(self, job_id: str) -> AsyncIterator[trainer_pb2.Job]:
+        """The job's state until it ends, the current state first."""
+        stream = self._trainer.WatchJob(trainer_pb2.GetJobRequest(job_id=job_id))
+        return self._stream("trainer", stream)
+
+    # registry
+
+    async def list_versions(
+        self, adapter: str, *, page_size: int = 0, page_token: str = ""
+    ) -> registry_pb2.ListVersionsResponse:
+        request = registry_pb2.ListVersionsRequest(
+            adapter=adapter, page_size=page_size, page_token=page_token
+        )
+        return await self._call(
+            "registry", self._registry.ListVersions(request, timeout=self.timeout)
+        )
+
+    async def get_version(self, ref: str) -> registry_pb2.Version:
+        """``ref``: a version id or ``adapter:number``."""
+        request = (
+            registry_pb2.GetVersionRequest(name=ref)
+            if ":" in ref
+            else registry_pb2.GetVersionRequest(version_id=ref)
+        )
+        return await self._call(
+            "registry", self._registry.GetVersion(request, timeout=self.timeout)
+        )
+
+    async def lineage(self, version_id: str) -> registry_pb2.GetLineageResponse:
+        request = registry_pb2.GetLineageRequest(version_id=version_id)
+        return await self._call(
+            "registry", self._registry.GetLineage(request, timeout=self.timeout)
+        )
+
+    async def list_releases(
+        self, alias: str, *, page_size: int = 0, page_token: str = ""
+    ) -> registry_pb2.ListReleasesResponse:
+        request = registry_pb2.ListReleasesRequest(
+            alias=alias, page_size=page_size, page_token=page_token
+        )
+        return await self._call(
+            "registry", self._registry.ListReleases(request, timeout=self.timeout)
+        )
+
+    # gateway
+
+    async def set_route(self, alias: str, version_id: str) -> gateway_pb2.Route:
+        request = gateway_pb2.SetRouteRequest(alias=alias, version_id=version_id)
+        return await self._call("gateway", self._gateway.SetRoute(request, timeout=self.timeout))
+
+    async def get_route(self, alias: str) -> gateway_pb2.Route:
+        request = gateway_pb2.GetRouteRequest(alias=alias)
+        return await self._call("gateway", self._gateway.GetRoute(request, timeout=self.timeout))
+
+    async def start_release(
+        self,
+        alias: str,
+        candidate: str,
+        *,
+        steps: Sequence[int] = (),
+        min_requests: int = 0,
+        max_error_rate: float = 0.0,
+        max_latency_ratio: float = 0.0,
+        auto: bool = True,
+    ) -> gateway_pb2.Route:
+        """A canary of ``candidate``; empty steps and zero thresholds take the server's
+        defaults. ``auto=False`` leaves every promotion to :meth:`promote`."""
+        request = gateway_pb2.StartReleaseRequest(
+            alias=alias,
+            candidate_version_id=candidate,
+            strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+            steps=list(steps),
+            analysis=events_pb2.AnalysisSettings(
+                min_requests=min_requests,
+                max_error_rate=max_error_rate,
+                max_latency_ratio=max_latency_ratio,
+                auto=auto,
+            ),
+        )
+        return await self._call(
+            "gateway", self._gateway.StartRelease(request, timeout=self.timeout)
+        )
+
+    def _generate_request(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stop: Sequence[str],
+        tenant: str,
+    ) -> gateway_pb2.GenerateRequest:
+        sampling = common_pb2.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=list(stop),
+        )
+        if seed is not None:
+            sampling.seed = seed
+        return gateway_pb2.GenerateRequest(
+            model=model, prompt=prompt, sampling=sampling, tenant=tenant
+        )
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        tenant: str = "",
+        timeout: float = 120.0,
+    ) -> gateway_pb2.GenerateResponse:
+        request = self._generate_request(
+            model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, tenant
+        )
+        return await self._call("gateway", self._gateway.Generate(request, timeout=timeout))
+
+    def generate_stream(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        tenant: str = "",
+        timeout: float = 120.0,
+    ) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        request = self._generate_request(
+            model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, tenant
+        )
+        return self._stream("gateway", self._gateway.GenerateStream(request, timeout=timeout))
+
+    # monitor (+ gateway)
+
+    async def release_status(self, alias: str) -> ReleaseStatus:
+        route = await self.get_route(alias)
+        request = monitor_pb2.GetReleaseAnalysisRequest(alias=alias)
+        try:
+            analysis = await self._call(
+                "monitor", self._monitor.GetReleaseAnalysis(request, timeout=self.timeout)
+            )
+        except FtopsClientError as exc:
+            if exc.code_name != "NOT_FOUND":
+                raise
+            # The monitor has seen neither traffic nor a release for this alias yet.
+            analysis = monitor_pb2.ReleaseAnalysis(alias=alias, state="none")
+        return ReleaseStatus(route=route, analysis=analysis)
+
+    async def promote(self, alias: str, reason: str = "") -> monitor_pb2.ReleaseAnalysis:
+        request = monitor_pb2.ReleaseDecisionRequest(alias=alias, reason=reason)
+        return await self._call(
+            "monitor", self._monitor.PromoteRelease(request, timeout=self.timeout)
+        )
+
+    async def rollback(self, alias: str, reason: str = "") -> monitor_pb2.ReleaseAnalysis:
+        request = monitor_pb2.ReleaseDecisionRequest(alias=alias, reason=reason)
+        return await self._call(
+            "monitor", self._monitor.RollbackRelease(request, timeout=self.timeout)
+        )

@@ -1,0 +1,104 @@
+"""``ftops-dev``: the whole stack locally with embedded defaults, plus the demo.
+
+ftops-dev up            start everything, run the demo, keep serving until Ctrl-C
+ftops-dev up --no-demo  start everything and keep serving
+ftops-dev demo          run the demo only (exit when done)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ftops_devstack.demo import Endpoints, run_demo
+from ftops_devstack.servers import ManagedServer, nats_for_stack, redis_for_stack
+from ftops_devstack.stack import Stack
+
+
+def _describe(server: ManagedServer, preferred: int) -> str:
+    if server.reused:
+        return f"reusing the {server.name} server already on port {server.port}"
+    if server.port == preferred:
+        return f"started {server.name} on port {server.port}"
+    return (
+        f"port {preferred} is taken by something else: started {server.name} on port {server.port}"
+    )
+
+
+def _prepare_workdir(path: str, fresh: bool) -> Path:
+    workdir = Path(path).resolve()
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+async def _up(args: argparse.Namespace) -> int:
+    workdir = _prepare_workdir(args.workdir, args.fresh)
+    say = print
+
+    from ftops_tinymodel import build
+
+    t0 = time.monotonic()
+    model_dir = build()
+    say(f"tiny model: {model_dir} ({time.monotonic() - t0:.1f}s)")
+    nats = nats_for_stack(args.nats_port, log_file=workdir / "nats.log")
+    say(_describe(nats, args.nats_port))
+    redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
+    say(_describe(redis, args.redis_port))
+    stack = Stack(workdir, nats.url, redis.url, model_dir, prefer_fixed_ports=True)
+    try:
+        stack.start()
+        await stack.wait_serving()
+        for name, sp in stack.processes.items():
+            say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
+        if not args.no_demo:
+            await run_demo(
+                Endpoints(
+                    registry=stack.address("registry"),
+                    trainer=stack.address("trainer"),
+                    gateway=stack.address("gateway"),
+                    monitor=stack.address("monitor"),
+                    nats_url=nats.url,
+                ),
+                say,
+            )
+            say("demo finished.")
+        if args.exit_after_demo:
+            return 0
+        say("stack is up; Ctrl-C stops it.")
+        while all(sp.proc.poll() is None for sp in stack.processes.values()):  # noqa: ASYNC110
+            await asyncio.sleep(1)
+        say("a service exited; stopping the stack.")
+        return 1
+    finally:
+        stack.stop()
+        redis.stop()
+        nats.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="ftops-dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the local stack (and run the demo)")
+    up.add_argument("--workdir", default=".ftops/dev", help="state: registry db, artifacts, logs")
+    up.add_argument("--fresh", action="store_true", help="wipe the workdir first")
+    up.add_argument("--no-demo", action="store_true")
+    up.add_argument("--exit-after-demo", action="store_true")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--redis-port", type=int, default=6379)
+    args = parser.parse_args()
+    try:
+        sys.exit(asyncio.run(_up(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""gRPC client channels that carry the trace context and the caller's API key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ftops_runtime import telemetry
+from ftops_runtime.server import grpc_options
+
+
+def _with_metadata(details: Any, extra: list[tuple[str, str]]) -> Any:
+    metadata = list(details.metadata or [])
+    metadata.extend(extra)
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=metadata,
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+class _MetadataInjector(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def _extra(self) -> list[tuple[str, str]]:
+        carrier: dict[str, str] = {}
+        telemetry.inject(carrier)
+        extra = list(carrier.items())
+        if self._api_key:
+            extra.append(("authorization", f"Bearer {self._api_key}"))
+        return extra
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(_with_metadata(details, self._extra()), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(_with_metadata(details, self._extra()), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_metadata(details, self._extra()), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_metadata(details, self._extra()), request_iterator)
+
+
+def channel(address: str, *, api_key: str = "", max_message_mb: int = 64) -> grpc.aio.Channel:
+    """An insecure channel to ``address`` (host:port) with trace and key propagation."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=grpc_options(max_message_mb),
+        interceptors=[_MetadataInjector(api_key)],
+    )

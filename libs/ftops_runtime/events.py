@@ -1,0 +1,68 @@
+"""NATS subjects, their payload types, the JetStream streams that hold them, and the
+event envelope every payload carries."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops_runtime.telemetry import current_trace_context
+
+ADAPTER_READY = "adapter.ready"
+ADAPTER_LOADED = "adapter.loaded"
+ADAPTER_LOAD_FAILED = "adapter.load_failed"
+RELEASE_STARTED = "release.started"
+RELEASE_PROMOTE = "release.promote"
+RELEASE_ROLLBACK = "release.rollback"
+ROUTE_CHANGED = "route.changed"
+METRICS_REQUESTS = "metrics.requests"
+TRAINER_JOB = "trainer.job"
+DEAD_LETTER_PREFIX = "deadletter"
+
+PAYLOAD_TYPES: dict[str, type[Message]] = {
+    ADAPTER_READY: events_pb2.AdapterReady,
+    ADAPTER_LOADED: events_pb2.AdapterLoaded,
+    ADAPTER_LOAD_FAILED: events_pb2.AdapterLoadFailed,
+    RELEASE_STARTED: events_pb2.ReleaseStarted,
+    RELEASE_PROMOTE: events_pb2.ReleasePromote,
+    RELEASE_ROLLBACK: events_pb2.ReleaseRollback,
+    ROUTE_CHANGED: events_pb2.RouteChanged,
+    METRICS_REQUESTS: events_pb2.RequestResultBatch,
+    TRAINER_JOB: events_pb2.JobEvent,
+}
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    # Seconds to keep messages; 0 keeps them until limits (the history is the audit trail).
+    max_age_s: float = 0
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("FTOPS_ADAPTER", ("adapter.>",)),
+    StreamSpec("FTOPS_RELEASE", ("release.>", "route.>")),
+    # Request metrics are only useful for minutes; an hour bounds the stream's size.
+    StreamSpec("FTOPS_METRICS", ("metrics.>",), max_age_s=3600),
+    StreamSpec("FTOPS_TRAINER", ("trainer.>",), max_age_s=7 * 24 * 3600),
+    StreamSpec("FTOPS_DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",), max_age_s=30 * 24 * 3600),
+)
+
+
+def new_meta(service: str, instance: str) -> common_pb2.EventMeta:
+    """A fresh envelope: unique id, now, producer, and the caller's trace context."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    return common_pb2.EventMeta(
+        event_id=uuid.uuid4().hex,
+        occurred_at=now,
+        producer_service=service,
+        producer_instance=instance,
+        trace=current_trace_context(),
+    )

@@ -1,0 +1,153 @@
+"""The gRPC server skeleton every service runs: health, reflection, interceptors, and a
+graceful shutdown (NOT_SERVING first so load balancers drain, then stop with a grace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ftops_runtime.interceptors import (
+    Authenticator,
+    AuthInterceptor,
+    ErrorMappingInterceptor,
+    TracingInterceptor,
+    api_key_authenticator,
+)
+from ftops_runtime.settings import ServiceSettings
+from ftops_runtime.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+DependencyCheck = Callable[[], Awaitable[bool]]
+
+
+def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
+    size = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class GrpcServer:
+    """Owns a ``grpc.aio.Server``. Register servicers on ``.server`` before ``start()``.
+
+    ``checks`` are the service's own dependencies (NATS, database, Redis, model); the
+    health status is SERVING only while all of them pass, probed every
+    ``health_interval_s``.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        service_names: Sequence[str],
+        checks: dict[str, DependencyCheck] | None = None,
+        authenticate: Authenticator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service_names = list(service_names)
+        self.checks = dict(checks or {})
+        auth = authenticate or api_key_authenticator(settings.api_key_set())
+        self.server = grpc.aio.server(
+            interceptors=[TracingInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(auth)],
+            options=grpc_options(settings.max_message_mb),
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        self._probe_task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self.failing: list[str] = []
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.grpc_host}:{self.port}"
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(
+            f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        )
+        if self.port == 0:
+            raise RuntimeError(
+                f"could not bind {self.settings.grpc_host}:{self.settings.grpc_port}"
+            )
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="health-probe")
+        log.info("gRPC listening on %s (%s)", self.address, ", ".join(self.service_names))
+        return self.port
+
+    async def __aenter__(self) -> GrpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _set_all(self, status: Any) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def probe(self) -> bool:
+        failing = []
+        for name, check in self.checks.items():
+            try:
+                ok = await asyncio.wait_for(
+                    check(), timeout=max(self.settings.health_interval_s, 1)
+                )
+            except Exception:
+                ok = False
+            if not ok:
+                failing.append(name)
+        serving = not failing
+        if serving != self._serving:
+            if serving:
+                log.info("all dependencies reachable: SERVING")
+            else:
+                log.warning("dependencies not reachable: %s: NOT_SERVING", ", ".join(failing))
+            self._serving = serving
+            self.failing = failing
+            await self._set_all(
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+        return serving
+
+    async def _probe_loop(self) -> None:
+        while not self._stopped:
+            await self.probe()
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._probe_task is not None:
+            await cancel_and_wait([self._probe_task])
+        # NOT_SERVING first: balancers stop sending new calls while in-flight ones finish.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=self.settings.shutdown_grace_s)
+        log.info("gRPC server stopped")
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)

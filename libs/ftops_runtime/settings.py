@@ -1,0 +1,43 @@
+"""Typed settings from environment variables.
+
+Every variable is ``FTOPS_<FIELD>`` (e.g. ``FTOPS_NATS_URL``). Each service has its own
+subclass adding only its fields; a process runs one service, so one flat namespace per
+process is unambiguous. The full list is in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_instance() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has."""
+
+    model_config = SettingsConfigDict(env_prefix="FTOPS_", extra="ignore")
+
+    grpc_host: str = Field("127.0.0.1", description="Interface the gRPC server binds.")
+    grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    instance_id: str = Field(default_factory=_default_instance, description="Replica name.")
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma separated.")
+    dev_mode: bool = Field(False, description="Development mode: relaxed auth.")
+    api_keys: str = Field(
+        "", description="Comma separated API keys accepted by the auth hook; empty = no auth."
+    )
+    otlp_endpoint: str = Field("", description="OTLP gRPC endpoint; empty disables export.")
+    log_level: str = Field("INFO")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Drain time on SIGTERM.")
+    health_interval_s: float = Field(1.0, gt=0, description="Dependency probe interval.")
+    max_message_mb: int = Field(64, gt=0, description="Largest gRPC message accepted.")
+    event_max_deliver: int = Field(5, ge=1, description="Deliveries before dead-lettering.")
+    event_nak_delay_s: float = Field(1.0, ge=0, description="Redelivery delay after failure.")
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

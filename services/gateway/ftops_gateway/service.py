@@ -1,0 +1,125 @@
+"""Wires the gateway together: Redis, registry, inference pool, NATS and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as redis
+from nats.js.api import DeliverPolicy
+
+from ftops.events.v1 import events_pb2
+from ftops.gateway.v1 import gateway_pb2_grpc
+from ftops.registry.v1 import registry_pb2_grpc
+from ftops_gateway.endpoints import EndpointPool
+from ftops_gateway.forwarder import Forwarder
+from ftops_gateway.gateway import Gateway
+from ftops_gateway.metrics_reporter import MetricsReporter
+from ftops_gateway.releases import ReleaseManager
+from ftops_gateway.route_cache import RouteCache
+from ftops_gateway.route_store import RouteStore
+from ftops_gateway.servicer import GatewayServicer
+from ftops_gateway.settings import GatewaySettings
+from ftops_gateway.versions import VersionResolver
+from ftops_runtime import client
+from ftops_runtime.bus import Delivery, EventBus
+from ftops_runtime.events import ADAPTER_LOADED, RELEASE_PROMOTE, RELEASE_ROLLBACK
+from ftops_runtime.server import GrpcServer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ftops.gateway.v1.GatewayService"
+
+
+class GatewayService:
+    """A running gateway replica. ``start()`` then ``stop()``; tests use it directly."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        self.store = RouteStore(self.redis, dedupe_ttl_s=settings.event_dedupe_ttl_s)
+        self.routes = RouteCache(self.store, refresh_s=settings.route_refresh_s)
+        self.bus = EventBus(
+            settings.nats_url,
+            service="gateway",
+            instance=settings.instance_id,
+            max_deliver=settings.event_max_deliver,
+            nak_delay_s=settings.event_nak_delay_s,
+        )
+        self._registry_channel = client.channel(settings.registry_address)
+        self.versions = VersionResolver(
+            registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
+        )
+        self.pool = EndpointPool(settings.inference_endpoint_list())
+        self.reporter = MetricsReporter(
+            self.bus,
+            flush_s=settings.metrics_flush_s,
+            batch_max=settings.metrics_batch_max,
+            queue_max=settings.metrics_queue_max,
+        )
+        self.gateway = Gateway(self.routes, self.versions, Forwarder(self.pool), self.reporter)
+        self.releases = ReleaseManager(self.store, self.routes, self.versions, self.bus)
+        self.server = GrpcServer(
+            settings,
+            service_names=[SERVICE_NAME],
+            checks={"redis": self._redis_ok, "nats": self._nats_ok},
+        )
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            GatewayServicer(self.gateway, self.releases), self.server.server
+        )
+
+    async def _redis_ok(self) -> bool:
+        return await self.store.ping()
+
+    async def _nats_ok(self) -> bool:
+        return self.bus.ready
+
+    async def _on_loaded(self, event: events_pb2.AdapterLoaded, delivery: Delivery) -> None:
+        if event.endpoint:
+            self.pool.mark_loaded(event.endpoint, event.version_id)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> int:
+        # Every replica needs every adapter.loaded (fan-out durable per instance).
+        self.bus.subscribe(
+            ADAPTER_LOADED,
+            f"gateway-{self.settings.instance_id}",
+            self._on_loaded,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold_s=self.settings.endpoint_inactive_s,
+        )
+        # Decisions are applied once for all replicas (shared durables; Redis dedupes).
+        # One durable per subject: a JetStream consumer has a single filter subject.
+        durable = self.settings.releases_durable
+        self.bus.subscribe(RELEASE_PROMOTE, f"{durable}-promote", self.releases.on_promote)
+        self.bus.subscribe(RELEASE_ROLLBACK, f"{durable}-rollback", self.releases.on_rollback)
+        await self.bus.start()
+        await self.routes.start()
+        await self.reporter.start()
+        return await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.reporter.close()
+        await self.routes.close()
+        await self.bus.close()
+        await self.pool.close()
+        await self._registry_channel.close()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    service = GatewayService(settings)
+    await service.start()
+    log.info("gateway serving on %s", service.address)
+    await stop.wait()
+    await service.stop()

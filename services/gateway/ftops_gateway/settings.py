@@ -1,0 +1,33 @@
+"""Gateway settings (env vars ``FTOPS_<FIELD>``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ftops_runtime.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Routing tables live here.")
+    registry_address: str = Field("127.0.0.1:50051", description="RegistryService host:port.")
+    inference_endpoints: str = Field(
+        "", description="Comma separated inference host:port list (static fallback)."
+    )
+    metrics_flush_s: float = Field(0.5, gt=0, description="Request-result batch interval.")
+    metrics_batch_max: int = Field(64, ge=1, description="Flush early at this many results.")
+    metrics_queue_max: int = Field(
+        10_000, ge=1, description="Results kept while NATS is down; the oldest are dropped."
+    )
+    route_refresh_s: float = Field(1.0, gt=0, description="Periodic routing-table reload.")
+    redis_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout.")
+    releases_durable: str = Field(
+        "gateway-releases",
+        description="Durable prefix shared by all replicas for release decisions.",
+    )
+    endpoint_inactive_s: float = Field(
+        300.0, gt=0, description="A stopped replica's adapter.loaded consumer vanishes after this."
+    )
+    event_dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Decision dedupe key TTL.")
+
+    def inference_endpoint_list(self) -> list[str]:
+        return [e.strip() for e in self.inference_endpoints.split(",") if e.strip()]

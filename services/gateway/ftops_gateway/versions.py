@@ -1,0 +1,37 @@
+"""Resolves version references ("ver_..." ids or "adapter:number") through the registry.
+
+Versions are immutable, so a resolved reference is cached for the process lifetime."""
+
+from __future__ import annotations
+
+import grpc
+
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_runtime.errors import NotFound, Unavailable
+
+
+class VersionResolver:
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, *, timeout_s: float = 5.0):
+        self._stub = stub
+        self._timeout_s = timeout_s
+        self._cache: dict[str, str] = {}
+
+    async def resolve(self, ref: str, *, what: str = "version") -> str:
+        """The version id ``ref`` names; NotFound (naming ``ref``) if the registry has none."""
+        cached = self._cache.get(ref)
+        if cached is not None:
+            return cached
+        request = (
+            registry_pb2.GetVersionRequest(name=ref)
+            if ":" in ref
+            else registry_pb2.GetVersionRequest(version_id=ref)
+        )
+        try:
+            version = await self._stub.GetVersion(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise NotFound(f"{what} {ref!r} not found") from exc
+            raise Unavailable(f"registry could not resolve {ref!r}: {exc.details()}") from exc
+        self._cache[ref] = version.version_id
+        self._cache[version.version_id] = version.version_id
+        return str(version.version_id)

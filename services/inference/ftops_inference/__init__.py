@@ -1,0 +1,1 @@
+"""ftops_inference: serves one base model with many hot-loaded LoRA adapter versions."""

@@ -1,0 +1,95 @@
+"""Wiring: database, artifact store, core, gRPC server and the event bus, with a start
+that never fails because a dependency is down (it reports NOT_SERVING and retries)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ftops.registry.v1 import registry_pb2_grpc
+from ftops_registry.artifacts import LocalArtifactStore
+from ftops_registry.db import Database
+from ftops_registry.registry import Registry
+from ftops_registry.release_events import DEFAULT_DURABLE, subscribe_release_events
+from ftops_registry.releases import ReleaseHistory
+from ftops_registry.servicer import SERVICE_NAME, RegistryServicer
+from ftops_registry.settings import RegistrySettings
+from ftops_runtime.bus import EventBus
+from ftops_runtime.retry import retry_forever
+from ftops_runtime.server import GrpcServer
+from ftops_runtime.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+
+class RegistryApp:
+    """The whole service in one object; ``__main__`` and the integration tests run it."""
+
+    def __init__(self, settings: RegistrySettings, *, durable: str = DEFAULT_DURABLE) -> None:
+        self.settings = settings
+        self.durable = durable
+        self.db = Database(settings.database_url, pool_size=settings.db_pool_size)
+        self.store = LocalArtifactStore(settings.artifact_dir)
+        self.registry = Registry(self.db)
+        self.releases = ReleaseHistory(self.db)
+        self.bus = EventBus(
+            settings.nats_url,
+            service="registry",
+            instance=settings.instance_id,
+            max_deliver=settings.event_max_deliver,
+            nak_delay_s=settings.event_nak_delay_s,
+        )
+        self.server = GrpcServer(
+            settings,
+            service_names=[SERVICE_NAME],
+            checks={"database": self._database_ok, "nats": self._nats_ok},
+        )
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(
+                self.db,
+                self.registry,
+                self.releases,
+                self.store,
+                max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
+            ),
+            self.server.server,
+        )
+        self._migrate_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def _database_ok(self) -> bool:
+        return self.db.ready and await self.db.run_unchecked(self.db.ping)
+
+    async def _nats_ok(self) -> bool:
+        return self.bus.ready
+
+    async def _prepare_database(self) -> None:
+        await retry_forever(
+            f"migrate the registry database at {self.db.url.render_as_string()}",
+            lambda: self.db.run_unchecked(self.db.migrate),
+        )
+        log.info("registry database ready")
+        # Only now: an event handled before the schema exists would just fail and retry.
+        subscribe_release_events(self.bus, self.db, self.releases, durable=self.durable)
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        await self.bus.start()
+        self._migrate_task = asyncio.create_task(self._prepare_database(), name="db-migrate")
+        return port
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the database is migrated and NATS connected (tests, scripts)."""
+        assert self._migrate_task is not None, "start() first"
+        await asyncio.wait_for(asyncio.shield(self._migrate_task), timeout)
+        await self.bus.wait_ready(timeout)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self._migrate_task is not None:
+            await cancel_and_wait([self._migrate_task])
+        await self.bus.close()
+        await asyncio.to_thread(self.db.close)

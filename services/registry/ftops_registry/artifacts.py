@@ -1,0 +1,246 @@
+"""Artifact blobs: a store interface, a local-directory store, and the upload session that
+verifies every byte against what the client declared before anything is kept.
+
+Blobs are addressed by their sha256 only; the file names a client sends are labels in the
+manifest and never touch the filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from ftops_runtime.errors import DataLoss, InvalidArgument
+
+CHUNK_BYTES = 1024 * 1024
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Formats that execute code when loaded. Adapters travel as safetensors only.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+MAX_NAME_LEN = 255
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One declared file of an artifact."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+def validate_file_name(name: str) -> None:
+    """A relative, single-component label: no directories, no traversal, no oddities."""
+    if not name or name in (".", ".."):
+        raise InvalidArgument(f"artifact file name {name!r} is empty or a directory reference")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidArgument(f"artifact file name {name[:40]!r}... is longer than 255 chars")
+    if "/" in name or "\\" in name or ".." in name or name.startswith("~"):
+        raise InvalidArgument(
+            f"artifact file name {name!r} must be a plain file name (no '/', '\\', '..')"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(f"artifact file name {name!r} contains control characters")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise InvalidArgument(
+            f"artifact file {name!r} is a pickle-based format; safetensors only "
+            "(save adapters with save_pretrained(safe_serialization=True))"
+        )
+
+
+def validate_manifest(files: Sequence[FileSpec], *, max_total_bytes: int) -> None:
+    if not files:
+        raise InvalidArgument("the upload header lists no files")
+    seen: set[str] = set()
+    total = 0
+    for spec in files:
+        validate_file_name(spec.path)
+        if spec.path in seen:
+            raise InvalidArgument(f"artifact file {spec.path!r} is listed twice")
+        seen.add(spec.path)
+        if not SHA256_RE.match(spec.sha256):
+            raise InvalidArgument(
+                f"artifact file {spec.path!r}: sha256 must be 64 lower-case hex digits, "
+                f"got {spec.sha256!r}"
+            )
+        total += spec.size
+    if total > max_total_bytes:
+        raise InvalidArgument(
+            f"artifact declares {total} bytes, more than the {max_total_bytes} allowed"
+        )
+
+
+class BlobWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, sha256: str) -> None:
+        """Make the written bytes the blob for ``sha256`` (atomically)."""
+
+    def discard(self) -> None: ...
+
+
+class ArtifactStore(Protocol):
+    """Content-addressed blob storage. Local disk today; an object store fits the same
+    three calls (multipart upload, existence, ranged read)."""
+
+    def new_blob(self) -> BlobWriter: ...
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open a blob for reading; ``FileNotFoundError`` when it is missing."""
+
+
+class _LocalBlobWriter:
+    def __init__(self, store: LocalArtifactStore) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+        self._path = Path(name)
+        self._fh: BinaryIO | None = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(data)
+
+    def commit(self, sha256: str) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        target = self._store.blob_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Same content, same name: replacing an existing blob is harmless and atomic.
+        os.replace(self._path, target)
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._path.unlink(missing_ok=True)
+
+
+class LocalArtifactStore:
+    """Blobs under ``<root>/sha256/ab/cd/<sha256>``; uploads land in ``<root>/tmp`` first
+    (same filesystem, so the final rename is atomic)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        (root / "sha256").mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, sha256: str) -> Path:
+        if not SHA256_RE.match(sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
+
+    def new_blob(self) -> BlobWriter:
+        return _LocalBlobWriter(self)
+
+    def exists(self, sha256: str) -> bool:
+        return self.blob_path(sha256).is_file()
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self.blob_path(sha256).open("rb")
+
+
+class UploadSession:
+    """Receives one artifact's chunks in file order, hashing as they arrive.
+
+    Nothing becomes a blob until ``finish`` has checked every file's size and sha256;
+    any failure discards all temporary data (call ``abort`` on errors you raise yourself).
+    """
+
+    def __init__(self, store: ArtifactStore, files: Sequence[FileSpec]) -> None:
+        self._store = store
+        self.files = list(files)
+        self._writers: list[BlobWriter] = []
+        self._hash = hashlib.sha256()
+        self._received = 0
+        self._index = -1  # the file being received
+
+    def _advance_to(self, index: int) -> None:
+        while self._index < index:
+            if self._index >= 0:
+                self._check_current()
+            self._index += 1
+            self._writers.append(self._store.new_blob())
+            self._hash = hashlib.sha256()
+            self._received = 0
+
+    def _check_current(self) -> None:
+        spec = self.files[self._index]
+        if self._received != spec.size:
+            raise InvalidArgument(
+                f"artifact file {spec.path!r}: received {self._received} bytes, "
+                f"the header declared {spec.size}"
+            )
+        actual = self._hash.hexdigest()
+        if actual != spec.sha256:
+            raise DataLoss(
+                f"artifact file {spec.path!r}: sha256 of the received bytes is {actual}, "
+                f"the header declared {spec.sha256}; nothing was stored"
+            )
+
+    def write(self, file_index: int, data: bytes) -> None:
+        if file_index >= len(self.files):
+            raise InvalidArgument(
+                f"chunk for file index {file_index}, but the header lists {len(self.files)} files"
+            )
+        if file_index < self._index:
+            raise InvalidArgument(
+                f"chunk for file index {file_index} after file {self._index}: "
+                "send files in header order"
+            )
+        self._advance_to(file_index)
+        spec = self.files[file_index]
+        if self._received + len(data) > spec.size:
+            raise InvalidArgument(
+                f"artifact file {spec.path!r}: more bytes than the {spec.size} declared"
+            )
+        self._hash.update(data)
+        self._received += len(data)
+        self._writers[file_index].write(data)
+
+    def finish(self) -> None:
+        """Verify the last files (empty ones included) and commit every blob."""
+        self._advance_to(len(self.files) - 1)
+        self._check_current()
+        for spec, writer in zip(self.files, self._writers, strict=True):
+            writer.commit(spec.sha256)
+        self._writers = []
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.discard()
+        self._writers = []
+
+
+def read_verified(store: ArtifactStore, spec: FileSpec, artifact_id: str) -> Iterator[bytes]:
+    """Yield a blob in chunks, re-checking size and sha256 (bit rot, tampering)."""
+    try:
+        fh = store.open(spec.sha256)
+    except FileNotFoundError:
+        raise DataLoss(
+            f"artifact {artifact_id}: the blob for {spec.path!r} ({spec.sha256}) is missing"
+        ) from None
+    digest = hashlib.sha256()
+    size = 0
+    with fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+            if size > spec.size:
+                break
+            yield chunk
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise DataLoss(
+            f"artifact {artifact_id}: the stored blob for {spec.path!r} is corrupt "
+            f"(expected sha256 {spec.sha256}, {spec.size} bytes)"
+        )

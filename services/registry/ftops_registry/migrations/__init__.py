@@ -1,0 +1,1 @@
+"""Alembic migrations, run programmatically at start (see ``db.Database.migrate``)."""

@@ -1,0 +1,157 @@
+"""Database tables (SQLAlchemy 2 typed declarative). The Alembic revisions in
+``migrations/versions`` create exactly these; change both together."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# Explicit constraint names: Alembic and both databases agree on them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class BaseModelRow(Base):
+    __tablename__ = "base_models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    team: Mapped[str] = mapped_column(String(128), default="")
+    base_model: Mapped[str] = mapped_column(ForeignKey("base_models.name"))
+    # The counter new version numbers come from; bumped under a row lock.
+    last_number: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactRow(Base):
+    __tablename__ = "artifacts"
+
+    artifact_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactFileRow(Base):
+    __tablename__ = "artifact_files"
+
+    artifact_id: Mapped[str] = mapped_column(
+        ForeignKey("artifacts.artifact_id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # Order the client declared the files in; downloads stream them in this order.
+    position: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("adapter", "number", name="uq_versions_adapter_number"),)
+
+    version_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    adapter: Mapped[str] = mapped_column(ForeignKey("adapters.name"))
+    number: Mapped[int] = mapped_column(Integer)
+    parent_version_id: Mapped[str | None] = mapped_column(ForeignKey("versions.version_id"))
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.artifact_id"))
+    # Snapshot of the base it was trained on, so the version stays self-describing.
+    base_model_fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(128), default="")
+    dataset_fingerprint: Mapped[str] = mapped_column(String(128), default="")
+    method: Mapped[str] = mapped_column(String(64), default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+
+    adapter: Mapped[str] = mapped_column(ForeignKey("adapters.name"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("versions.version_id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasEventRow(Base):
+    """Every alias move, so "what did prod point at on Tuesday" has an answer."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    from_version_id: Mapped[str | None] = mapped_column(String(64))
+    to_version_id: Mapped[str] = mapped_column(String(64))
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReleaseRow(Base):
+    __tablename__ = "releases"
+
+    release_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(128), index=True)
+    stable_version_id: Mapped[str] = mapped_column(String(64), default="")
+    candidate_version_id: Mapped[str] = mapped_column(String(64), default="")
+    strategy: Mapped[str] = mapped_column(String(32), default="")
+    state: Mapped[str] = mapped_column(String(32), default="running")
+    current_weight: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[list[int]] = mapped_column(JSON, default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Time of the newest decision applied: older events arriving late never roll state back.
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReleaseDecisionRow(Base):
+    __tablename__ = "release_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Unique: the same event delivered twice is one history entry.
+    event_id: Mapped[str] = mapped_column(String(128), unique=True)
+    release_id: Mapped[str] = mapped_column(
+        ForeignKey("releases.release_id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    weight: Mapped[int] = mapped_column(Integer, default=0)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    figures: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,433 @@
+"""The registry's core: base models, artifacts' metadata, versions, lineage and aliases.
+
+Plain synchronous Python over a ``Database``; the gRPC servicer runs these methods on the
+database thread pool. Methods return protobuf messages because that is what every caller
+wants, and raise ``ftops_runtime.errors`` for the caller's mistakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ftops.registry.v1 import registry_pb2
+from ftops_registry import convert
+from ftops_registry.artifacts import FileSpec
+from ftops_registry.db import Database
+from ftops_registry.models import (
+    AdapterRow,
+    AliasEventRow,
+    AliasRow,
+    ArtifactFileRow,
+    ArtifactRow,
+    BaseModelRow,
+    VersionRow,
+    utcnow,
+)
+from ftops_runtime import hashing
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# Adapter and alias names appear in "adapter:number" refs and routes: no ':' or '/'.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Base model names may look like hub ids ("org/model").
+BASE_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+VERSION_ID_RE = re.compile(r"^ver_[0-9a-f]{8,60}$")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# "base" names the bare base model in gateway routes; an adapter may not take it.
+RESERVED_NAMES = frozenset({"base"})
+
+
+def check_name(kind: str, value: str, pattern: re.Pattern[str] = NAME_RE) -> str:
+    if not pattern.match(value):
+        raise InvalidArgument(
+            f"{kind} {value!r} is not a valid name (letters, digits, '.', '_', '-'; "
+            "starting with a letter or digit)"
+        )
+    return value
+
+
+def new_version_id() -> str:
+    return f"ver_{uuid.uuid4().hex[:20]}"
+
+
+def page_size(requested: int) -> int:
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(value: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode()
+
+
+def decode_token(token: str) -> int:
+    """Page tokens are opaque to clients; a bad one is the client's mistake."""
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "v1":
+            raise ValueError(kind)
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(f"page_token {token!r} is not one this server issued") from None
+
+
+class Registry:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- base models -----------------------------------------------------------------
+
+    def register_base_model(self, name: str, fingerprint: str, uri: str) -> registry_pb2.BaseModel:
+        check_name("base model", name, BASE_MODEL_RE)
+        fingerprint = fingerprint.strip().lower()
+        if not FINGERPRINT_RE.match(fingerprint):
+            raise InvalidArgument(
+                f"base model {name!r}: fingerprint must be a sha256 hex digest "
+                "(ftops_runtime.hashing.model_fingerprint), got {fingerprint!r}"
+            )
+        if not uri:
+            raise InvalidArgument(f"base model {name!r}: uri is required")
+
+        def work(s: Session) -> registry_pb2.BaseModel:
+            row = s.get(BaseModelRow, name, with_for_update=True)
+            if row is None:
+                row = BaseModelRow(name=name, fingerprint=fingerprint, uri=uri, created_at=utcnow())
+                s.add(row)
+                s.flush()
+                log.info("registered base model %s (%s)", name, fingerprint[:12])
+            elif row.fingerprint != fingerprint:
+                raise FailedPrecondition(
+                    f"base model {name!r} is registered with fingerprint {row.fingerprint}, "
+                    f"not {fingerprint}: a different model under the same name. "
+                    "Register it under a new name."
+                )
+            elif row.uri != uri:
+                # Same bytes, new place (a replica mounts it elsewhere): keep the newest path.
+                row.uri = uri
+            return convert.base_model(row)
+
+        return self.db.write(work)
+
+    def get_base_model(self, name: str) -> registry_pb2.BaseModel:
+        if not name:
+            raise InvalidArgument("base model name is required")
+        with self.db.read() as s:
+            row = s.get(BaseModelRow, name)
+            if row is None:
+                raise NotFound(f"base model {name!r} is not registered")
+            return convert.base_model(row)
+
+    # -- artifacts -------------------------------------------------------------------
+
+    def record_artifact(self, files: Sequence[FileSpec]) -> registry_pb2.Artifact:
+        """Record an artifact whose blobs are stored (idempotent: same files, same id)."""
+        artifact_id = hashing.manifest_id([(f.path, f.sha256, f.size) for f in files])
+
+        def work(s: Session) -> registry_pb2.Artifact:
+            row = s.get(ArtifactRow, artifact_id)
+            if row is None:
+                row = ArtifactRow(
+                    artifact_id=artifact_id,
+                    total_bytes=sum(f.size for f in files),
+                    created_at=utcnow(),
+                )
+                s.add(row)
+                s.flush()
+                for position, f in enumerate(files):
+                    s.add(
+                        ArtifactFileRow(
+                            artifact_id=artifact_id,
+                            path=f.path,
+                            position=position,
+                            sha256=f.sha256,
+                            size=f.size,
+                        )
+                    )
+                s.flush()
+            return convert.artifact(row, _files(s, artifact_id))
+
+        return self.db.write(work)
+
+    def get_artifact(self, artifact_id: str) -> registry_pb2.Artifact:
+        if not artifact_id:
+            raise InvalidArgument("artifact_id is required")
+        with self.db.read() as s:
+            row = s.get(ArtifactRow, artifact_id)
+            if row is None:
+                raise NotFound(f"artifact {artifact_id!r} does not exist (upload it first)")
+            return convert.artifact(row, _files(s, artifact_id))
+
+    # -- versions --------------------------------------------------------------------
+
+    def register_version(self, req: registry_pb2.RegisterVersionRequest) -> registry_pb2.Version:
+        adapter_name = check_name("adapter", req.adapter)
+        if adapter_name.lower() in RESERVED_NAMES:
+            raise InvalidArgument(f"adapter name {adapter_name!r} is reserved")
+        if not req.artifact_id:
+            raise InvalidArgument(f"adapter {adapter_name!r}: artifact_id is required")
+        if req.team:
+            check_name("team", req.team)
+        idem_key = req.idempotency_key or None
+
+        def work(s: Session) -> registry_pb2.Version:
+            if idem_key is not None:
+                existing = s.scalar(
+                    select(VersionRow).where(VersionRow.idempotency_key == idem_key)
+                )
+                if existing is not None:
+                    if existing.adapter != adapter_name:
+                        raise FailedPrecondition(
+                            f"idempotency_key {idem_key!r} was used for adapter "
+                            f"{existing.adapter!r} ({existing.version_id}), not {adapter_name!r}"
+                        )
+                    return self._version_pb(s, existing)
+
+            # The row lock makes concurrent registrations take numbers one after another
+            # (Postgres); SQLite's BEGIN IMMEDIATE already serializes writers.
+            adapter = s.get(AdapterRow, adapter_name, with_for_update=True)
+            if adapter is None:
+                if not req.base_model:
+                    raise InvalidArgument(
+                        f"adapter {adapter_name!r} is new: base_model is required"
+                    )
+                base = s.get(BaseModelRow, req.base_model)
+                if base is None:
+                    raise NotFound(
+                        f"base model {req.base_model!r} is not registered "
+                        f"(needed by adapter {adapter_name!r})"
+                    )
+                adapter = AdapterRow(
+                    name=adapter_name,
+                    team=req.team,
+                    base_model=base.name,
+                    last_number=0,
+                    created_at=utcnow(),
+                )
+                s.add(adapter)
+                # A concurrent creator makes this flush fail; Database.write retries.
+                s.flush()
+            else:
+                if req.base_model and req.base_model != adapter.base_model:
+                    raise FailedPrecondition(
+                        f"adapter {adapter_name!r} is trained on base model "
+                        f"{adapter.base_model!r}, not {req.base_model!r}"
+                    )
+                if req.team and adapter.team and req.team != adapter.team:
+                    raise FailedPrecondition(
+                        f"adapter {adapter_name!r} belongs to team {adapter.team!r}, "
+                        f"not {req.team!r}"
+                    )
+                base = s.get(BaseModelRow, adapter.base_model)
+                if base is None:
+                    raise NotFound(f"base model {adapter.base_model!r} is not registered")
+
+            if s.get(ArtifactRow, req.artifact_id) is None:
+                raise FailedPrecondition(
+                    f"artifact {req.artifact_id!r} does not exist: upload it with "
+                    "UploadArtifact before registering the version"
+                )
+            parent_id: str | None = None
+            if req.parent_version_id:
+                parent = self._resolve(s, req.parent_version_id)
+                if parent.adapter != adapter_name:
+                    raise FailedPrecondition(
+                        f"parent version {req.parent_version_id!r} belongs to adapter "
+                        f"{parent.adapter!r}, not {adapter_name!r}"
+                    )
+                parent_id = parent.version_id
+
+            adapter.last_number += 1
+            row = VersionRow(
+                version_id=new_version_id(),
+                adapter=adapter_name,
+                number=adapter.last_number,
+                parent_version_id=parent_id,
+                artifact_id=req.artifact_id,
+                base_model_fingerprint=base.fingerprint,
+                job_id=req.job_id,
+                dataset_fingerprint=req.dataset_fingerprint,
+                method=req.method,
+                metrics=dict(req.metrics),
+                labels=dict(req.labels),
+                idempotency_key=idem_key,
+                archived=False,
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            log.info("registered %s:%d as %s", adapter_name, row.number, row.version_id)
+            return self._version_pb(s, row)
+
+        return self.db.write(work)
+
+    def get_version(self, ref: str) -> registry_pb2.Version:
+        """``ref`` is a version id or "adapter:number"."""
+        with self.db.read() as s:
+            return self._version_pb(s, self._resolve(s, ref))
+
+    def list_versions(
+        self, adapter: str, size: int = 0, token: str = ""
+    ) -> registry_pb2.ListVersionsResponse:
+        check_name("adapter", adapter)
+        after = decode_token(token)
+        limit = page_size(size)
+        with self.db.read() as s:
+            adapter_row = s.get(AdapterRow, adapter)
+            if adapter_row is None:
+                raise NotFound(f"adapter {adapter!r} has no versions")
+            rows = s.scalars(
+                select(VersionRow)
+                .where(VersionRow.adapter == adapter, VersionRow.number > after)
+                .order_by(VersionRow.number)
+                .limit(limit + 1)
+            ).all()
+            page = rows[:limit]
+            files = _files_by_artifact(s, {r.artifact_id for r in page})
+            return registry_pb2.ListVersionsResponse(
+                versions=[convert.version(r, adapter_row, files[r.artifact_id]) for r in page],
+                next_page_token=encode_token(page[-1].number) if len(rows) > limit else "",
+            )
+
+    def get_lineage(self, ref: str) -> registry_pb2.GetLineageResponse:
+        with self.db.read() as s:
+            row = self._resolve(s, ref)
+            chain = [self._version_pb(s, row)]
+            seen = {row.version_id}
+            while row.parent_version_id:
+                parent = s.get(VersionRow, row.parent_version_id)
+                if parent is None or parent.version_id in seen:  # defensive: FKs forbid it
+                    break
+                seen.add(parent.version_id)
+                chain.append(self._version_pb(s, parent))
+                row = parent
+            adapter = s.get(AdapterRow, row.adapter)
+            assert adapter is not None
+            base = s.get(BaseModelRow, adapter.base_model)
+            return registry_pb2.GetLineageResponse(
+                chain=chain, base_model=convert.base_model(base) if base else None
+            )
+
+    # -- aliases ---------------------------------------------------------------------
+
+    def set_alias(self, adapter: str, name: str, version_ref: str) -> registry_pb2.Alias:
+        check_name("adapter", adapter)
+        check_name("alias", name)
+        if not version_ref:
+            raise InvalidArgument(f"alias {adapter}/{name}: version_id is required")
+
+        def work(s: Session) -> registry_pb2.Alias:
+            if s.get(AdapterRow, adapter) is None:
+                raise NotFound(f"adapter {adapter!r} does not exist")
+            version = self._resolve(s, version_ref)
+            if version.adapter != adapter:
+                raise FailedPrecondition(
+                    f"version {version.version_id} belongs to adapter {version.adapter!r}, "
+                    f"so alias {name!r} of adapter {adapter!r} cannot point at it"
+                )
+            now = utcnow()
+            row = s.get(AliasRow, (adapter, name), with_for_update=True)
+            previous = row.version_id if row is not None else None
+            if row is None:
+                row = AliasRow(adapter=adapter, name=name, version_id=version.version_id)
+                s.add(row)
+            if previous != version.version_id:
+                row.version_id = version.version_id
+                row.updated_at = now
+                s.add(
+                    AliasEventRow(
+                        adapter=adapter,
+                        name=name,
+                        from_version_id=previous,
+                        to_version_id=version.version_id,
+                        moved_at=now,
+                    )
+                )
+            s.flush()
+            return convert.alias(row)
+
+        return self.db.write(work)
+
+    def get_alias(self, adapter: str, name: str) -> registry_pb2.Alias:
+        check_name("adapter", adapter)
+        check_name("alias", name)
+        with self.db.read() as s:
+            row = s.get(AliasRow, (adapter, name))
+            if row is None:
+                raise NotFound(f"alias {name!r} of adapter {adapter!r} is not set")
+            return convert.alias(row)
+
+    def alias_history(self, adapter: str, name: str) -> list[tuple[str | None, str]]:
+        """The moves of one alias, oldest first, as (from_version_id, to_version_id)."""
+        with self.db.read() as s:
+            rows = s.scalars(
+                select(AliasEventRow)
+                .where(AliasEventRow.adapter == adapter, AliasEventRow.name == name)
+                .order_by(AliasEventRow.id)
+            ).all()
+            return [(r.from_version_id, r.to_version_id) for r in rows]
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _resolve(self, s: Session, ref: str) -> VersionRow:
+        if not ref:
+            raise InvalidArgument("a version id or 'adapter:number' is required")
+        if ":" in ref:
+            adapter, _, number_text = ref.rpartition(":")
+            if not number_text.isdigit():
+                raise InvalidArgument(
+                    f"version name {ref!r} must be 'adapter:number', e.g. 'support-bot:3'"
+                )
+            row = s.scalar(
+                select(VersionRow).where(
+                    VersionRow.adapter == adapter, VersionRow.number == int(number_text)
+                )
+            )
+        else:
+            row = s.get(VersionRow, ref) if VERSION_ID_RE.match(ref) else None
+        if row is None:
+            raise NotFound(f"version {ref!r} does not exist")
+        return row
+
+    def _version_pb(self, s: Session, row: VersionRow) -> registry_pb2.Version:
+        adapter = s.get(AdapterRow, row.adapter)
+        assert adapter is not None
+        return convert.version(row, adapter, _files(s, row.artifact_id))
+
+
+def _files(s: Session, artifact_id: str) -> list[ArtifactFileRow]:
+    return list(
+        s.scalars(
+            select(ArtifactFileRow)
+            .where(ArtifactFileRow.artifact_id == artifact_id)
+            .order_by(ArtifactFileRow.position)
+        )
+    )
+
+
+def _files_by_artifact(s: Session, ids: set[str]) -> dict[str, list[ArtifactFileRow]]:
+    out: dict[str, list[ArtifactFileRow]] = {i: [] for i in ids}
+    if ids:
+        rows = s.scalars(
+            select(ArtifactFileRow)
+            .where(ArtifactFileRow.artifact_id.in_(ids))
+            .order_by(ArtifactFileRow.position)
+        )
+        for r in rows:
+            out[r.artifact_id].append(r)
+    return out
+
+
+def file_specs(files: Sequence[Any]) -> list[FileSpec]:
+    """``ArtifactFile`` messages to ``FileSpec``s."""
+    return [FileSpec(path=f.path, sha256=f.sha256, size=int(f.size_bytes)) for f in files]

@@ -1,0 +1,213 @@
+"""Release history: the registry's record of what the monitor decided and when.
+
+Fed by ``release.started`` / ``release.promote`` / ``release.rollback`` events, which are
+delivered at least once and, being on three consumers, in no guaranteed order. So:
+each event is one decision row keyed by its unique event id (a redelivery is a no-op), a
+decision for a release we have not seen creates it from the event's own fields, and an
+older event arriving late is kept in the history without moving the state backwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ftops.events.v1 import events_pb2
+from ftops.registry.v1 import registry_pb2
+from ftops_registry import convert
+from ftops_registry.db import Database
+from ftops_registry.models import ReleaseDecisionRow, ReleaseRow
+from ftops_registry.registry import check_name, decode_token, encode_token, page_size
+from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
+
+log = logging.getLogger(__name__)
+
+RUNNING, PROMOTED, ROLLED_BACK = "running", "promoted", "rolled_back"
+STRATEGY_PREFIX = "RELEASE_STRATEGY_"
+
+
+def strategy_name(value: int) -> str:
+    """``RELEASE_STRATEGY_CANARY`` -> "canary"; unspecified -> ""."""
+    if value == events_pb2.RELEASE_STRATEGY_UNSPECIFIED:
+        return ""
+    return events_pb2.ReleaseStrategy.Name(value).removeprefix(STRATEGY_PREFIX).lower()  # type: ignore[arg-type]
+
+
+class ReleaseHistory:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- events ----------------------------------------------------------------------
+
+    def apply_started(self, event: events_pb2.ReleaseStarted) -> bool:
+        """Record a started release. Returns False when the event was already recorded."""
+
+        def apply(release: ReleaseRow, created: bool, _newest: bool) -> dict[str, Any]:
+            # Fill what the started event knows; a lazily created row lacks these.
+            release.alias = event.alias or release.alias
+            release.stable_version_id = event.stable_version_id or release.stable_version_id
+            release.candidate_version_id = (
+                event.candidate_version_id or release.candidate_version_id
+            )
+            release.strategy = strategy_name(event.strategy) or release.strategy
+            release.steps = list(event.steps) or release.steps
+            release.started_at = _occurred(event)
+            if created:
+                release.current_weight = event.current_weight
+            return {"kind": "started", "weight": event.current_weight}
+
+        return self._record(
+            event, event.alias, event.stable_version_id, event.candidate_version_id, apply
+        )
+
+    def apply_promote(self, event: events_pb2.ReleasePromote) -> bool:
+        def apply(release: ReleaseRow, _created: bool, newest: bool) -> dict[str, Any]:
+            if newest and release.state == RUNNING:
+                release.current_weight = event.weight
+                if event.final:
+                    release.state = PROMOTED
+            return {
+                "kind": "promote",
+                "weight": event.weight,
+                "final": event.final,
+                "reason": event.reason,
+                "figures": dict(event.figures),
+                "manual": event.manual,
+            }
+
+        return self._record(
+            event, event.alias, event.stable_version_id, event.candidate_version_id, apply
+        )
+
+    def apply_rollback(self, event: events_pb2.ReleaseRollback) -> bool:
+        def apply(release: ReleaseRow, _created: bool, _newest: bool) -> dict[str, Any]:
+            # A rollback ends the release whenever it happened; after a full promotion it
+            # means the previous stable version was restored, so the release is undone too.
+            if release.state in (RUNNING, PROMOTED):
+                release.state = ROLLED_BACK
+                release.current_weight = 0
+            return {
+                "kind": "rollback",
+                "weight": 0,
+                "final": True,
+                "reason": event.reason,
+                "figures": dict(event.figures),
+                "manual": event.manual,
+            }
+
+        return self._record(
+            event, event.alias, event.stable_version_id, event.candidate_version_id, apply
+        )
+
+    def _record(
+        self,
+        event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+        alias: str,
+        stable: str,
+        candidate: str,
+        apply: Callable[[ReleaseRow, bool, bool], dict[str, Any]],
+    ) -> bool:
+        event_id = event.meta.event_id
+        if not event_id:
+            raise PermanentEventError(f"release event for {event.release_id!r} has no event id")
+        if not event.release_id:
+            raise PermanentEventError(f"release event {event_id} has no release_id")
+        occurred = _occurred(event)
+
+        def work(s: Session) -> bool:
+            seen = s.scalar(
+                select(ReleaseDecisionRow.id).where(ReleaseDecisionRow.event_id == event_id)
+            )
+            if seen is not None:
+                return False
+            release = s.get(ReleaseRow, event.release_id, with_for_update=True)
+            created = release is None
+            if release is None:
+                # Decisions can overtake the started event (separate consumers): create the
+                # release from what this event says; ``started`` fills the rest later.
+                release = ReleaseRow(
+                    release_id=event.release_id,
+                    alias=alias,
+                    stable_version_id=stable,
+                    candidate_version_id=candidate,
+                    strategy="",
+                    state=RUNNING,
+                    current_weight=0,
+                    steps=[],
+                    started_at=occurred,
+                    updated_at=occurred,
+                )
+                s.add(release)
+                s.flush()
+            newest = created or occurred >= convert.as_utc(release.updated_at)
+            fields = apply(release, created, newest)
+            if newest:
+                release.updated_at = occurred
+            s.add(
+                ReleaseDecisionRow(
+                    event_id=event_id, release_id=event.release_id, occurred_at=occurred, **fields
+                )
+            )
+            # Unique event_id: a replica that recorded it meanwhile makes this fail, and
+            # the retry then finds the row and returns False.
+            s.flush()
+            return True
+
+        recorded = self.db.write(work)
+        if recorded:
+            log.info("release %s: recorded %s", event.release_id, event_id)
+        return recorded
+
+    # -- queries ---------------------------------------------------------------------
+
+    def get(self, release_id: str) -> registry_pb2.Release:
+        if not release_id:
+            raise InvalidArgument("release_id is required")
+        with self.db.read() as s:
+            row = s.get(ReleaseRow, release_id)
+            if row is None:
+                raise NotFound(f"release {release_id!r} is not recorded")
+            return convert.release(row, _history(s, release_id))
+
+    def list(
+        self, alias: str = "", size: int = 0, token: str = ""
+    ) -> registry_pb2.ListReleasesResponse:
+        if alias:
+            check_name("alias", alias)
+        offset = decode_token(token)
+        limit = page_size(size)
+        with self.db.read() as s:
+            query = select(ReleaseRow)
+            if alias:
+                query = query.where(ReleaseRow.alias == alias)
+            rows = s.scalars(
+                query.order_by(ReleaseRow.started_at.desc(), ReleaseRow.release_id)
+                .offset(offset)
+                .limit(limit + 1)
+            ).all()
+            page = rows[:limit]
+            return registry_pb2.ListReleasesResponse(
+                releases=[convert.release(r, _history(s, r.release_id)) for r in page],
+                next_page_token=encode_token(offset + limit) if len(rows) > limit else "",
+            )
+
+
+def _occurred(
+    event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+) -> datetime:
+    return convert.from_timestamp(event.meta.occurred_at)
+
+
+def _history(s: Session, release_id: str) -> list[ReleaseDecisionRow]:
+    return list(
+        s.scalars(
+            select(ReleaseDecisionRow)
+            .where(ReleaseDecisionRow.release_id == release_id)
+            .order_by(ReleaseDecisionRow.occurred_at, ReleaseDecisionRow.id)
+        )
+    )

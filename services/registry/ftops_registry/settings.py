@@ -1,0 +1,23 @@
+"""Registry settings (``FTOPS_DATABASE_URL``, ``FTOPS_ARTIFACT_DIR``, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from ftops_runtime.settings import ServiceSettings
+
+
+class RegistrySettings(ServiceSettings):
+    database_url: str = Field(
+        "sqlite:///.ftops/registry.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db.",
+    )
+    artifact_dir: Path = Field(
+        Path(".ftops/artifacts"), description="Where artifact blobs are stored by sha256."
+    )
+    max_artifact_mb: int = Field(
+        4096, gt=0, description="Largest artifact (sum of its files) accepted by an upload."
+    )
+    db_pool_size: int = Field(8, gt=0, description="Database connections (and DB threads).")

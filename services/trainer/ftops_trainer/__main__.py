@@ -1,0 +1,26 @@
+"""``ftops-trainer``: the training service process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ftops_runtime.app import run_service
+from ftops_trainer.app import TrainerApp
+from ftops_trainer.settings import TrainerSettings
+
+
+async def serve(settings: TrainerSettings, stop: asyncio.Event) -> None:
+    app = TrainerApp(settings)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def main() -> None:
+    run_service("trainer", TrainerSettings, serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""The registry service over a real socket with real NATS (and Postgres where there is
+one): artifacts, versions, error codes, health, reflection, release events, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import cast
+
+import grpc
+import nats
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_registry.app import RegistryApp
+from ftops_registry.settings import RegistrySettings
+from ftops_runtime import events
+from ftops_runtime.client import channel
+
+pytestmark = pytest.mark.integration
+SERVICE = "ftops.registry.v1.RegistryService"
+FP = hashlib.sha256(b"tiny base model").hexdigest()
+MIB = 1024 * 1024
+
+
+def _settings(tmp_path: Path, nats_url: str, database_url: str) -> RegistrySettings:
+    return RegistrySettings(
+        grpc_port=0,
+        nats_url=nats_url,
+        database_url=database_url,
+        artifact_dir=tmp_path / "artifacts",
+        health_interval_s=0.1,
+        shutdown_grace_s=1,
+        instance_id=f"test-{uuid.uuid4().hex[:6]}",
+    )
+
+
+async def _start(settings: RegistrySettings) -> RegistryApp:
+    app = RegistryApp(settings, durable=f"registry-test-{uuid.uuid4().hex[:8]}")
+    await app.start()
+    return app
+
+
+def _stub(ch: grpc.aio.Channel) -> registry_pb2_grpc.RegistryServiceAsyncStub:
+    # An aio channel makes the async stub (the .pyi overload cannot see it: grpc is untyped).
+    return cast(
+        "registry_pb2_grpc.RegistryServiceAsyncStub", registry_pb2_grpc.RegistryServiceStub(ch)
+    )
+
+
+@pytest.fixture
+async def app(tmp_path: Path, nats_url: str) -> AsyncIterator[RegistryApp]:
+    registry = await _start(_settings(tmp_path, nats_url, f"sqlite:///{tmp_path}/registry.db"))
+    await registry.wait_ready()
+    yield registry
+    await registry.stop()
+
+
+@pytest.fixture
+async def stub(app: RegistryApp) -> AsyncIterator[registry_pb2_grpc.RegistryServiceAsyncStub]:
+    async with channel(app.address) as ch:
+        yield _stub(ch)
+
+
+def _files(blobs: dict[str, bytes]) -> list[common_pb2.ArtifactFile]:
+    return [
+        common_pb2.ArtifactFile(path=p, sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d))
+        for p, d in blobs.items()
+    ]
+
+
+async def _upload_requests(
+    files: list[common_pb2.ArtifactFile], blobs: list[bytes]
+) -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+    yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadHeader(files=files))
+    for index, data in enumerate(blobs):
+        for start in range(0, len(data), MIB):
+            yield registry_pb2.UploadArtifactRequest(
+                chunk=registry_pb2.FileChunk(file_index=index, data=data[start : start + MIB])
+            )
+
+
+async def _upload(
+    stub: registry_pb2_grpc.RegistryServiceAsyncStub, blobs: dict[str, bytes]
+) -> registry_pb2.Artifact:
+    artifact: registry_pb2.Artifact = await stub.UploadArtifact(
+        _upload_requests(_files(blobs), list(blobs.values()))
+    )
+    return artifact
+
+
+ADAPTER_BLOBS = {
+    "adapter_config.json": b'{"r": 8, "lora_alpha": 16}',
+    "adapter_model.safetensors": bytes(range(256)) * (3 * MIB // 256 + 7),  # 3 chunks+
+}
+
+
+async def _base_and_artifact(
+    stub: registry_pb2_grpc.RegistryServiceAsyncStub,
+) -> registry_pb2.Artifact:
+    await stub.RegisterBaseModel(
+        registry_pb2.RegisterBaseModelRequest(name="tiny", fingerprint=FP, uri="/models/tiny")
+    )
+    return await _upload(stub, ADAPTER_BLOBS)
+
+
+def _blob_files(app: RegistryApp) -> list[Path]:
+    return [p for p in (app.settings.artifact_dir / "sha256").rglob("*") if p.is_file()]
+
+
+async def test_upload_download_roundtrip(
+    app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub
+) -> None:
+    artifact = await _upload(stub, ADAPTER_BLOBS)
+    expected_id = hashlib.sha256(
+        "\n".join(sorted(f"{f.path}\t{f.sha256}\t{f.size_bytes}" for f in artifact.files)).encode()
+    ).hexdigest()
+    assert artifact.artifact_id == expected_id
+    assert artifact.total_bytes == sum(len(b) for b in ADAPTER_BLOBS.values())
+    assert (await _upload(stub, ADAPTER_BLOBS)).artifact_id == artifact.artifact_id
+
+    received: dict[int, bytearray] = {}
+    manifest = None
+    async for msg in stub.DownloadArtifact(
+        registry_pb2.DownloadArtifactRequest(artifact_id=artifact.artifact_id)
+    ):
+        if msg.WhichOneof("part") == "manifest":
+            manifest = msg.manifest
+        else:
+            received.setdefault(msg.chunk.file_index, bytearray()).extend(msg.chunk.data)
+    assert manifest is not None
+    assert {manifest.files[i].path: bytes(d) for i, d in received.items()} == ADAPTER_BLOBS
+
+    # A blob that rots on disk is reported, never served silently.
+    weights = next(f for f in artifact.files if f.path.endswith(".safetensors"))
+    blob = app.store.blob_path(weights.sha256)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.DownloadArtifact(
+            registry_pb2.DownloadArtifactRequest(artifact_id=artifact.artifact_id)
+        ):
+            pass
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+async def test_bad_uploads_are_refused_and_nothing_stored(
+    app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub
+) -> None:
+    files = _files(ADAPTER_BLOBS)
+    files[1].sha256 = "0" * 64
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.UploadArtifact(_upload_requests(files, list(ADAPTER_BLOBS.values())))
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "adapter_model.safetensors" in (err.value.details() or "")
+
+    pickle = {"pytorch_model.bin": b"not really a pickle"}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _upload(stub, pickle)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "safetensors only" in (err.value.details() or "")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _upload(stub, {"../escape.json": b"{}"})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _blob_files(app) == []
+
+
+async def test_register_get_lineage_alias_and_not_found(
+    stub: registry_pb2_grpc.RegistryServiceAsyncStub,
+) -> None:
+    artifact = await _base_and_artifact(stub)
+    v1 = await stub.RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter="support-bot",
+            team="support",
+            base_model="tiny",
+            artifact_id=artifact.artifact_id,
+            job_id="job-1",
+            idempotency_key="job-1",
+        )
+    )
+    v2 = await stub.RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter="support-bot",
+            base_model="tiny",
+            artifact_id=artifact.artifact_id,
+            parent_version_id=v1.version_id,
+        )
+    )
+    assert (v1.number, v2.number) == (1, 2)
+    assert len(v2.files) == 2
+    assert (await stub.GetVersion(registry_pb2.GetVersionRequest(name="support-bot:2"))) == v2
+    lineage = await stub.GetLineage(registry_pb2.GetLineageRequest(version_id=v2.version_id))
+    assert [v.number for v in lineage.chain] == [2, 1]
+    assert lineage.base_model.fingerprint == FP
+    alias = await stub.SetAlias(
+        registry_pb2.SetAliasRequest(adapter="support-bot", name="prod", version_id=v2.version_id)
+    )
+    assert alias.version_id == v2.version_id
+    listed = await stub.ListVersions(registry_pb2.ListVersionsRequest(adapter="support-bot"))
+    assert [v.number for v in listed.versions] == [1, 2]
+
+    async def code_of(call: object) -> grpc.StatusCode:
+        try:
+            await call  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    nf = grpc.StatusCode.NOT_FOUND
+    assert (
+        await code_of(stub.GetVersion(registry_pb2.GetVersionRequest(version_id="ver_00000000")))
+        == nf
+    )
+    assert await code_of(stub.GetBaseModel(registry_pb2.GetBaseModelRequest(name="ghost"))) == nf
+    assert await code_of(stub.GetRelease(registry_pb2.GetReleaseRequest(release_id="ghost"))) == nf
+    assert (
+        await code_of(stub.GetAlias(registry_pb2.GetAliasRequest(adapter="support-bot", name="x")))
+        == nf
+    )
+    assert (
+        await code_of(
+            stub.DownloadArtifact(
+                registry_pb2.DownloadArtifactRequest(artifact_id="ab" * 32)
+            ).read()
+        )
+        == nf
+    )
+    assert (
+        await code_of(
+            stub.RegisterVersion(
+                registry_pb2.RegisterVersionRequest(
+                    adapter="new-bot", base_model="ghost", artifact_id=artifact.artifact_id
+                )
+            )
+        )
+        == nf
+    )
+    assert (
+        await code_of(
+            stub.RegisterVersion(
+                registry_pb2.RegisterVersionRequest(adapter="support-bot", artifact_id="ab" * 32)
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        await code_of(stub.RegisterVersion(registry_pb2.RegisterVersionRequest(adapter="bad name")))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(
+            stub.RegisterBaseModel(
+                registry_pb2.RegisterBaseModelRequest(name="tiny", fingerprint="1" * 64, uri="/x")
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+async def test_health_and_reflection(app: RegistryApp) -> None:
+    async with channel(app.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert SERVICE in names
+
+
+async def test_release_events_are_recorded_once(
+    app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub, nats_url: str
+) -> None:
+    release_id = f"rel-{uuid.uuid4().hex[:8]}"
+
+    def meta() -> common_pb2.EventMeta:
+        return events.new_meta("monitor", "test")
+
+    started = events_pb2.ReleaseStarted(
+        meta=meta(),
+        release_id=release_id,
+        alias="support-bot",
+        stable_version_id="ver_a",
+        candidate_version_id="ver_b",
+        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        steps=[10, 100],
+        current_weight=10,
+    )
+    promote = events_pb2.ReleasePromote(
+        meta=meta(),
+        release_id=release_id,
+        alias="support-bot",
+        candidate_version_id="ver_b",
+        stable_version_id="ver_a",
+        weight=100,
+        final=True,
+        reason="healthy",
+    )
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        # Raw publishes without Nats-Msg-Id: JetStream stores both copies, so the
+        # registry's own idempotency (unique event id) is what keeps one entry each.
+        subject_events: list[tuple[str, Message]] = [
+            (events.RELEASE_PROMOTE, promote),  # before started: created lazily
+            (events.RELEASE_STARTED, started),
+        ]
+        for subject, event in subject_events:
+            for _ in range(2):
+                await js.publish(subject, event.SerializeToString())
+    finally:
+        await nc.close()
+
+    deadline = time.monotonic() + 15
+    release = None
+    while time.monotonic() < deadline:
+        try:
+            release = await stub.GetRelease(registry_pb2.GetReleaseRequest(release_id=release_id))
+            if len(release.history) >= 2 and release.strategy:
+                break
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # let any duplicate land if it were going to
+    release = await stub.GetRelease(registry_pb2.GetReleaseRequest(release_id=release_id))
+    assert [d.kind for d in release.history] == ["started", "promote"]
+    assert release.state == "promoted"
+    assert release.current_weight == 100
+    assert release.strategy == "canary"
+    listed = await stub.ListReleases(registry_pb2.ListReleasesRequest(alias="support-bot"))
+    assert release_id in [r.release_id for r in listed.releases]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/registry.db"
+    else:
+        yield request.getfixturevalue("postgres_url")
+
+
+async def test_concurrent_registrations_get_distinct_consecutive_numbers(
+    tmp_path: Path, nats_url: str, database_url: str
+) -> None:
+    app = await _start(_settings(tmp_path, nats_url, database_url))
+    try:
+        await app.wait_ready()
+        async with channel(app.address) as ch:
+            stub = _stub(ch)
+            artifact = await _base_and_artifact(stub)
+            request = registry_pb2.RegisterVersionRequest(
+                adapter="busy-bot", base_model="tiny", artifact_id=artifact.artifact_id
+            )
+            versions = await asyncio.gather(*(stub.RegisterVersion(request) for _ in range(20)))
+            assert sorted(v.number for v in versions) == list(range(1, 21))
+            assert len({v.version_id for v in versions}) == 20
+    finally:
+        await app.stop()
+
+
+async def test_unreachable_database_is_not_serving_then_recovers(
+    tmp_path: Path, nats_url: str, postgres_admin_url: str
+) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"ftops_late_{uuid.uuid4().hex[:8]}"
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    app = await _start(_settings(tmp_path, nats_url, url))
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with channel(app.address) as ch:
+            stub = _stub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            await asyncio.sleep(0.5)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetBaseModel(registry_pb2.GetBaseModelRequest(name="tiny"))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            with admin.connect() as conn:  # the database appears: the registry recovers
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            await app.wait_ready(timeout=30)
+            await _base_and_artifact(stub)
+    finally:
+        await app.stop()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -1,0 +1,137 @@
+"""The event bus against a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from ftops.events.v1 import events_pb2
+from ftops_runtime.bus import Delivery, EventBus
+from ftops_runtime.errors import PermanentEventError
+from ftops_runtime.events import ADAPTER_LOADED, ADAPTER_READY, new_meta
+
+pytestmark = pytest.mark.integration
+
+
+def _ready_event(version: str) -> events_pb2.AdapterReady:
+    return events_pb2.AdapterReady(meta=new_meta("test", "t1"), version_id=version, adapter="a")
+
+
+async def _dead_letters(nats_url: str, subject: str, n: int) -> list[Msg]:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            f"deadletter.{subject}", durable=f"dlq-{uuid.uuid4().hex[:6]}"
+        )
+        return list(await sub.fetch(n, timeout=10))
+    finally:
+        await nc.close()
+
+
+async def test_publish_and_consume_with_trace_and_idempotent_publish(nats_url: str) -> None:
+    got: list[events_pb2.AdapterReady] = []
+    arrived = asyncio.Event()
+
+    async def handler(event: events_pb2.AdapterReady, delivery: Delivery) -> None:
+        got.append(event)
+        arrived.set()
+
+    async with EventBus(nats_url, service="test", instance="i1") as bus:
+        bus.subscribe(
+            ADAPTER_READY, f"c-{uuid.uuid4().hex[:6]}", handler, deliver_policy=DeliverPolicy.NEW
+        )
+        await bus.wait_ready(10)
+        await asyncio.sleep(0.3)
+        event = _ready_event("ver_1")
+        # Same event id twice (a retried publish): JetStream stores it once.
+        await bus.publish(ADAPTER_READY, event)
+        await bus.publish(ADAPTER_READY, event)
+        await asyncio.wait_for(arrived.wait(), 10)
+        await asyncio.sleep(0.5)
+    assert [e.version_id for e in got] == ["ver_1"]
+    assert got[0].meta.event_id == event.meta.event_id
+    assert got[0].meta.producer_service == "test"
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(nats_url: str) -> None:
+    attempts: list[int] = []
+
+    async def handler(event: events_pb2.AdapterLoaded, delivery: Delivery) -> None:
+        attempts.append(delivery.num_delivered)
+        raise RuntimeError("boom")
+
+    async with EventBus(
+        nats_url, service="test", instance="i2", max_deliver=3, nak_delay_s=0.05
+    ) as bus:
+        bus.subscribe(
+            ADAPTER_LOADED, f"f-{uuid.uuid4().hex[:6]}", handler, deliver_policy=DeliverPolicy.NEW
+        )
+        await bus.wait_ready(10)
+        await asyncio.sleep(0.3)
+        marker = uuid.uuid4().hex
+        await bus.publish(
+            ADAPTER_LOADED, events_pb2.AdapterLoaded(meta=new_meta("test", "i2"), version_id=marker)
+        )
+        dead = await _dead_letters(nats_url, ADAPTER_LOADED, 1)
+    assert attempts == [1, 2, 3]
+    assert dead[0].headers is not None
+    assert dead[0].headers["Ftops-Original-Subject"] == ADAPTER_LOADED
+    assert "boom" in dead[0].headers["Ftops-Reason"]
+    assert events_pb2.AdapterLoaded.FromString(dead[0].data).version_id == marker
+
+
+async def test_malformed_payload_is_dead_lettered_and_does_not_block(nats_url: str) -> None:
+    handled: list[str] = []
+    done = asyncio.Event()
+    subject = "adapter.load_failed"
+
+    async def handler(event: events_pb2.AdapterLoadFailed, delivery: Delivery) -> None:
+        if event.reason == "permanent":
+            raise PermanentEventError("contradictory event")
+        handled.append(event.version_id)
+        done.set()
+
+    async with EventBus(nats_url, service="test", instance="i3") as bus:
+        bus.subscribe(
+            subject, f"m-{uuid.uuid4().hex[:6]}", handler, deliver_policy=DeliverPolicy.NEW
+        )
+        await bus.wait_ready(10)
+        await asyncio.sleep(0.3)
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().publish(subject, b"\xff\xff not a protobuf")
+        await nc.close()
+        await bus.publish(
+            subject, events_pb2.AdapterLoadFailed(meta=new_meta("t", "i"), reason="permanent")
+        )
+        await bus.publish(
+            subject, events_pb2.AdapterLoadFailed(meta=new_meta("t", "i"), version_id="good")
+        )
+        await asyncio.wait_for(done.wait(), 10)
+        dead = await _dead_letters(nats_url, subject, 2)
+    assert handled == ["good"]
+    reasons = sorted(m.headers["Ftops-Reason"] for m in dead if m.headers)
+    assert reasons[0] == "contradictory event"
+    assert reasons[1].startswith("malformed payload")
+
+
+async def test_bus_waits_for_unreachable_nats_without_crashing() -> None:
+    from ftops_devstack.servers import free_port, start_nats
+
+    port = free_port()
+    bus = EventBus(f"nats://127.0.0.1:{port}", service="test", instance="i4")
+    await bus.start()
+    await asyncio.sleep(0.5)
+    assert not bus.ready
+    server = start_nats(port)
+    try:
+        await bus.wait_ready(15)
+        assert bus.ready
+    finally:
+        await bus.close()
+        server.stop()

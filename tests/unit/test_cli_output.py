@@ -1,0 +1,54 @@
+"""``--output json`` is MessageToDict output only; tables render the fields people need."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ftops.events.v1 import events_pb2
+from ftops.gateway.v1 import gateway_pb2
+from ftops_cli import output
+from ftops_cli.releases import _route_fields
+
+
+def test_json_is_message_to_dict(capsys: pytest.CaptureFixture[str]) -> None:
+    route = gateway_pb2.Route(
+        alias="bot", stable_version_id="ver_1", candidate_version_id="ver_2", candidate_weight=25
+    )
+    output.print_json(route)
+    assert json.loads(capsys.readouterr().out) == MessageToDict(route)
+
+
+def test_table_prints_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    output.print_table("versions", ("#", "version"), [(1, "ver_a"), (2, "ver_b")])
+    out = capsys.readouterr().out
+    assert "versions" in out
+    assert "ver_a" in out
+    assert "ver_b" in out
+
+
+def test_route_fields_show_the_split() -> None:
+    route = gateway_pb2.Route(
+        alias="bot",
+        stable_version_id="ver_1",
+        candidate_version_id="ver_2",
+        candidate_weight=25,
+        steps=[25, 100],
+    )
+    fields = dict(_route_fields(route))
+    assert fields["stable"] == "ver_1 (75%)"
+    assert fields["candidate"] == "ver_2 (25%)"
+    assert fields["step"] == "1/2"
+    assert dict(_route_fields(gateway_pb2.Route(stable_version_id="ver_1")))["stable"] == (
+        "ver_1 (100%)"
+    )
+
+
+def test_small_formatters() -> None:
+    assert output.job_state(events_pb2.JOB_STATE_SUCCEEDED) == "SUCCEEDED"
+    assert output.or_dash("") == "-"
+    assert output.when(Timestamp()) == ""
+    assert output.when(Timestamp(seconds=86400)) == "1970-01-02 00:00:00"

@@ -1,0 +1,127 @@
+"""Request validation and admission control of the core, over a fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+
+import pytest
+
+from ftops.common.v1 import common_pb2
+from ftops_inference.backend import Chunk, Completion, GenerationRequest, ModuleShape
+from ftops_inference.core import InferenceCore
+from ftops_inference.loader import AdapterLoader
+from ftops_inference.sampling import FinishReason
+from ftops_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+
+class FakeBackend:
+    """Counts a token per whitespace-separated word; generation waits on ``gate``."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.requests: list[GenerationRequest] = []
+
+    ready = True
+    context_length = 100
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def module_shapes(self) -> Mapping[str, ModuleShape]:
+        return {}
+
+    async def count_prompt_tokens(self, prompt: str) -> int:
+        return len(prompt.split())
+
+    async def load_adapter(self, version_id: str, adapter_dir: Path) -> None: ...
+
+    async def unload_adapter(self, version_id: str) -> None: ...
+
+    def loaded(self) -> list[str]:
+        return []
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        self.requests.append(request)
+        await self.gate.wait()
+        return Completion("ok", 1, 1, FinishReason.EOS)
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        yield Chunk("ok", 1, 1, FinishReason.EOS)
+
+
+def make_core(backend: FakeBackend, *, loader: bool = True, **limits: int) -> InferenceCore:
+    core = InferenceCore(
+        backend,
+        max_prompt_tokens=limits.get("max_prompt_tokens", 10),
+        max_new_tokens_limit=limits.get("max_new_tokens_limit", 20),
+        default_max_tokens=8,
+        max_concurrent_requests=limits.get("max_concurrent_requests", 2),
+    )
+    if loader:
+        core.loader = AdapterLoader(
+            registry=None,  # type: ignore[arg-type]
+            backend=backend,
+            cache_dir=Path("/nonexistent"),
+            base_fingerprint="fp",
+        )
+    return core
+
+
+async def test_base_request_passes_validated_sampling() -> None:
+    backend = FakeBackend()
+    core = make_core(backend)
+    version, done = await core.generate("base", "a b c", common_pb2.SamplingParams(max_tokens=5))
+    assert version == ""
+    assert done.text == "ok"
+    assert backend.requests[0].adapter is None
+    assert backend.requests[0].sampling.max_tokens == 5
+
+
+async def test_prompt_too_long_is_invalid() -> None:
+    core = make_core(FakeBackend())
+    with pytest.raises(
+        InvalidArgument, match="prompt has 11 tokens; this server accepts at most 10"
+    ):
+        await core.generate("", " ".join(["w"] * 11), common_pb2.SamplingParams())
+
+
+async def test_prompt_limit_respects_the_model_context() -> None:
+    core = make_core(FakeBackend(), max_prompt_tokens=1000)
+    with pytest.raises(InvalidArgument, match="at most 99"):
+        await core.generate("", " ".join(["w"] * 100), common_pb2.SamplingParams())
+
+
+async def test_max_tokens_too_large_is_invalid() -> None:
+    core = make_core(FakeBackend())
+    with pytest.raises(InvalidArgument, match="max_tokens=21 exceeds"):
+        await core.generate("", "hi", common_pb2.SamplingParams(max_tokens=21))
+
+
+async def test_empty_prompt_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match="prompt is empty"):
+        await make_core(FakeBackend()).generate("", "", common_pb2.SamplingParams())
+
+
+async def test_not_ready_is_unavailable() -> None:
+    with pytest.raises(Unavailable, match="still loading"):
+        await make_core(FakeBackend(), loader=False).generate("", "hi", common_pb2.SamplingParams())
+
+
+async def test_too_many_in_flight_is_resource_exhausted() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+    core = make_core(backend, max_concurrent_requests=2)
+    params = common_pb2.SamplingParams()
+    held = [asyncio.create_task(core.generate("", "hi", params)) for _ in range(2)]
+    while len(backend.requests) < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="limit is 2"):
+        await core.generate("", "hi", params)
+    backend.gate.set()
+    await asyncio.gather(*held)
+    assert core.in_flight == 0
+    await core.generate("", "hi", params)  # admitted again once the others finished

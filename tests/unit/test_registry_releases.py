@@ -1,0 +1,134 @@
+"""Release history from events: idempotent on event id, tolerant of any arrival order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops_registry.db import Database
+from ftops_registry.releases import ReleaseHistory
+from ftops_runtime import events
+from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> Iterator[ReleaseHistory]:
+    db = Database(f"sqlite:///{tmp_path}/registry.db")
+    db.migrate()
+    yield ReleaseHistory(db)
+    db.close()
+
+
+def meta(seconds: int) -> common_pb2.EventMeta:
+    """An envelope for an event that happened ``seconds`` after a fixed epoch."""
+    m = events.new_meta("test", "t1")
+    m.occurred_at.CopyFrom(Timestamp(seconds=1_700_000_000 + seconds))
+    return m
+
+
+def started(release: str, t: int = 0) -> events_pb2.ReleaseStarted:
+    return events_pb2.ReleaseStarted(
+        meta=meta(t),
+        release_id=release,
+        alias="support-bot",
+        stable_version_id="ver_a",
+        candidate_version_id="ver_b",
+        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        steps=[10, 50, 100],
+        current_weight=10,
+    )
+
+
+def promote(release: str, weight: int, t: int, final: bool = False) -> events_pb2.ReleasePromote:
+    return events_pb2.ReleasePromote(
+        meta=meta(t),
+        release_id=release,
+        alias="support-bot",
+        candidate_version_id="ver_b",
+        stable_version_id="ver_a",
+        weight=weight,
+        final=final,
+        reason="healthy",
+        figures={"error_rate": 0.0},
+    )
+
+
+def rollback(release: str, t: int) -> events_pb2.ReleaseRollback:
+    return events_pb2.ReleaseRollback(
+        meta=meta(t), release_id=release, alias="support-bot", reason="errors", manual=True
+    )
+
+
+def test_full_release_and_duplicate_events(history: ReleaseHistory) -> None:
+    start = started("rel-1")
+    assert history.apply_started(start)
+    assert not history.apply_started(start)  # same event again: nothing new
+    step = promote("rel-1", 50, 10)
+    assert history.apply_promote(step)
+    assert not history.apply_promote(step)
+    assert history.apply_promote(promote("rel-1", 100, 20, final=True))
+    release = history.get("rel-1")
+    assert release.state == "promoted"
+    assert release.current_weight == 100
+    assert release.strategy == "canary"
+    assert list(release.steps) == [10, 50, 100]
+    assert [d.kind for d in release.history] == ["started", "promote", "promote"]
+    assert release.history[1].weight == 50
+    assert dict(release.history[1].figures) == {"error_rate": 0.0}
+
+
+def test_decision_before_started_creates_the_release(history: ReleaseHistory) -> None:
+    history.apply_promote(promote("rel-2", 50, 10))
+    early = history.get("rel-2")
+    assert early.state == "running"
+    assert early.current_weight == 50
+    history.apply_started(started("rel-2", 0))
+    release = history.get("rel-2")
+    assert release.current_weight == 50  # the older started event does not undo the step
+    assert release.strategy == "canary"
+    assert list(release.steps) == [10, 50, 100]
+    assert [d.kind for d in release.history] == ["started", "promote"]
+
+
+def test_rollback_is_terminal_and_late_promotes_do_not_revive(history: ReleaseHistory) -> None:
+    history.apply_started(started("rel-3"))
+    history.apply_rollback(rollback("rel-3", 30))
+    history.apply_promote(promote("rel-3", 50, 10))  # older, delivered late
+    release = history.get("rel-3")
+    assert release.state == "rolled_back"
+    assert release.current_weight == 0
+    assert release.history[-1].kind == "rollback"
+    assert release.history[-1].manual
+    assert len(release.history) == 3
+
+
+def test_rollback_after_full_promotion_undoes_the_release(history: ReleaseHistory) -> None:
+    history.apply_started(started("rel-4"))
+    history.apply_promote(promote("rel-4", 100, 10, final=True))
+    history.apply_rollback(rollback("rel-4", 20))
+    release = history.get("rel-4")
+    assert release.state == "rolled_back"
+    assert release.current_weight == 0
+    assert [d.kind for d in release.history] == ["started", "promote", "rollback"]
+
+
+def test_list_and_errors(history: ReleaseHistory) -> None:
+    for i in range(3):
+        history.apply_started(started(f"rel-list-{i}", i))
+    page = history.list("support-bot", 2)
+    assert [r.release_id for r in page.releases] == ["rel-list-2", "rel-list-1"]
+    rest = history.list("support-bot", 2, page.next_page_token)
+    assert [r.release_id for r in rest.releases] == ["rel-list-0"]
+    assert not rest.next_page_token
+    assert history.list("other").releases == []
+    with pytest.raises(NotFound, match="ghost"):
+        history.get("ghost")
+    with pytest.raises(InvalidArgument):
+        history.get("")
+    with pytest.raises(PermanentEventError):
+        history.apply_started(events_pb2.ReleaseStarted(release_id="x"))

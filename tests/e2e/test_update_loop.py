@@ -21,7 +21,6 @@ from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_devstack.demo import ALIAS, EventLog, ask, train
-from ftops_devstack.servers import ManagedServer
 from ftops_devstack.stack import Stack, health_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -103,13 +102,13 @@ async def _route(gateway: gateway_pb2_grpc.GatewayServiceStub) -> gateway_pb2.Ro
     return route
 
 
-async def test_train_release_promote_rollback(stack: Stack, nats_server: ManagedServer) -> None:
+async def test_train_release_promote_rollback(stack: Stack) -> None:
     from ftops_tinymodel import new_facts
 
     facts = new_facts()
     lines: list[str] = []
     events = EventLog(lines.append)
-    await events.start(nats_server.url)
+    await events.start(stack.nats_url)
     try:
         async with (
             grpc.aio.insecure_channel(stack.address("trainer")) as tch,

@@ -176,7 +176,10 @@ async def stack(
             async def on_msg(
                 msg: Msg, q: asyncio.Queue[Any] = queue, t: Any = payload_type
             ) -> None:
-                q.put_nowait(t.FromString(msg.data))
+                event = t.FromString(msg.data)
+                # Only this replica's reports: other replicas may share the NATS server.
+                if event.replica_id == settings.instance_id:
+                    q.put_nowait(event)
 
             await nc.subscribe(subject, cb=on_msg)
         # adapter.ready is consumed from NEW messages on: wait until the consumer exists.

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 from opentelemetry import metrics, trace
 
 from ftops_runtime import telemetry
@@ -66,6 +66,7 @@ class _Subscription(Generic[E]):
     deliver_policy: DeliverPolicy
     ack_wait_s: float
     inactive_threshold_s: float | None
+    batch: int = 16
     task: asyncio.Task[None] | None = field(default=None)
 
 
@@ -195,9 +196,12 @@ class EventBus:
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         ack_wait_s: float = 30.0,
         inactive_threshold_s: float | None = None,
+        batch: int = 16,
     ) -> None:
         """Register a durable pull consumer. Consumers sharing ``durable`` split the work;
-        a per-replica durable name gives every replica every event (fan-out)."""
+        a per-replica durable name gives every replica every event (fan-out). Long
+        handlers (training jobs) want ``batch=1``: fetched messages wait their turn and
+        their ack deadline runs meanwhile."""
         resolved = payload_type or PAYLOAD_TYPES[subject]
         sub = _Subscription(
             subject=subject,
@@ -207,6 +211,7 @@ class EventBus:
             deliver_policy=deliver_policy,
             ack_wait_s=ack_wait_s,
             inactive_threshold_s=inactive_threshold_s,
+            batch=batch,
         )
         self._subs.append(sub)
         if self._ready.is_set():
@@ -233,7 +238,7 @@ class EventBus:
         psub = await retry_forever(f"subscribe {sub.subject} as {sub.durable}", bind)
         while not self._closed:
             try:
-                msgs = await psub.fetch(batch=16, timeout=1.0)
+                msgs = await psub.fetch(batch=sub.batch, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -330,6 +335,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             subjects=list(spec.subjects),
             max_age=spec.max_age_s or None,
             duplicate_window=120,
+            retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         )
         try:
             await js.stream_info(spec.name)

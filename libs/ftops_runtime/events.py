@@ -16,18 +16,29 @@ from ftops_runtime.telemetry import current_trace_context
 ADAPTER_READY = "adapter.ready"
 ADAPTER_LOADED = "adapter.loaded"
 ADAPTER_LOAD_FAILED = "adapter.load_failed"
+ADAPTER_REJECTED = "adapter.rejected"
 RELEASE_STARTED = "release.started"
 RELEASE_PROMOTE = "release.promote"
 RELEASE_ROLLBACK = "release.rollback"
 ROUTE_CHANGED = "route.changed"
 METRICS_REQUESTS = "metrics.requests"
 TRAINER_JOB = "trainer.job"
+# Submitted training jobs wait on ``work.trainer.<queue>`` for a replica of that queue's
+# pool (a work queue: each job is taken once).
+TRAINER_JOB_QUEUE_PREFIX = "work.trainer"
+
+
+def trainer_job_queue(queue: str) -> str:
+    return f"{TRAINER_JOB_QUEUE_PREFIX}.{queue}"
+
+
 DEAD_LETTER_PREFIX = "deadletter"
 
 PAYLOAD_TYPES: dict[str, type[Message]] = {
     ADAPTER_READY: events_pb2.AdapterReady,
     ADAPTER_LOADED: events_pb2.AdapterLoaded,
     ADAPTER_LOAD_FAILED: events_pb2.AdapterLoadFailed,
+    ADAPTER_REJECTED: events_pb2.AdapterRejected,
     RELEASE_STARTED: events_pb2.ReleaseStarted,
     RELEASE_PROMOTE: events_pb2.ReleasePromote,
     RELEASE_ROLLBACK: events_pb2.ReleaseRollback,
@@ -43,6 +54,8 @@ class StreamSpec:
     subjects: tuple[str, ...]
     # Seconds to keep messages; 0 keeps them until limits (the history is the audit trail).
     max_age_s: float = 0
+    # Work-queue retention: a message is removed once a consumer acks it.
+    work_queue: bool = False
 
 
 STREAMS: tuple[StreamSpec, ...] = (
@@ -51,6 +64,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     # Request metrics are only useful for minutes; an hour bounds the stream's size.
     StreamSpec("FTOPS_METRICS", ("metrics.>",), max_age_s=3600),
     StreamSpec("FTOPS_TRAINER", ("trainer.>",), max_age_s=7 * 24 * 3600),
+    StreamSpec("FTOPS_WORK", ("work.>",), work_queue=True),
     StreamSpec("FTOPS_DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",), max_age_s=30 * 24 * 3600),
 )
 

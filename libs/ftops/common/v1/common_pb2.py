@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66tops/common/v1/common.proto\x12\x0f\x66tops.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"\xb1\x01\n\tEventMeta\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10producer_service\x18\x03 \x01(\t\x12\x19\n\x11producer_instance\x18\x04 \x01(\t\x12,\n\x05trace\x18\x05 \x01(\x0b\x32\x1d.ftops.common.v1.TraceContext\"@\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66tops/common/v1/common.proto\x12\x0f\x66tops.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"\xb1\x01\n\tEventMeta\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10producer_service\x18\x03 \x01(\t\x12\x19\n\x11producer_instance\x18\x04 \x01(\t\x12,\n\x05trace\x18\x05 \x01(\x0b\x32\x1d.ftops.common.v1.TraceContext\"@\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9d\x01\n\nEvaluation\x12\x13\n\x0bgate_passed\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x39\n\x07metrics\x18\x03 \x03(\x0b\x32(.ftops.common.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=517
-  _globals['_FINISHREASON']._serialized_end=635
+  _globals['_EVALUATION_METRICSENTRY']._loaded_options = None
+  _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=677
+  _globals['_FINISHREASON']._serialized_end=795
   _globals['_TRACECONTEXT']._serialized_start=82
   _globals['_TRACECONTEXT']._serialized_end=137
   _globals['_EVENTMETA']._serialized_start=140
@@ -42,4 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTFILE']._serialized_end=383
   _globals['_SAMPLINGPARAMS']._serialized_start=386
   _globals['_SAMPLINGPARAMS']._serialized_end=515
+  _globals['_EVALUATION']._serialized_start=518
+  _globals['_EVALUATION']._serialized_end=675
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=629
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=675
 # @@protoc_insertion_point(module_scope)

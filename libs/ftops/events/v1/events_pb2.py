@@ -26,49 +26,55 @@ from ftops.common.v1 import common_pb2 as ftops_dot_common_dot_v1_dot_common__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66tops/events/v1/events.proto\x12\x0f\x66tops.events.v1\x1a\x1c\x66tops/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0c\x41\x64\x61pterReady\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0eversion_number\x18\x04 \x01(\r\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x06 \x01(\t\x12,\n\x05\x66iles\x18\x07 \x03(\x0b\x32\x1d.ftops.common.v1.ArtifactFile\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x19\n\x11parent_version_id\x18\t \x01(\t\x12\x0c\n\x04team\x18\n \x01(\t\"\x9a\x01\n\rAdapterLoaded\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x14\n\x0cload_seconds\x18\x06 \x01(\x01\"\x86\x01\n\x11\x41\x64\x61pterLoadFailed\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa6\x02\n\x0eReleaseStarted\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x19\n\x11stable_version_id\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x05 \x01(\t\x12\x32\n\x08strategy\x18\x06 \x01(\x0e\x32 .ftops.events.v1.ReleaseStrategy\x12\r\n\x05steps\x18\x07 \x03(\r\x12\x16\n\x0e\x63urrent_weight\x18\x08 \x01(\r\x12\x33\n\x08\x61nalysis\x18\t \x01(\x0b\x32!.ftops.events.v1.AnalysisSettings\"i\n\x10\x41nalysisSettings\x12\x14\n\x0cmin_requests\x18\x01 \x01(\r\x12\x16\n\x0emax_error_rate\x18\x02 \x01(\x01\x12\x19\n\x11max_latency_ratio\x18\x03 \x01(\x01\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\"\xd8\x02\n\x0eReleasePromote\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x04 \x01(\t\x12\x19\n\x11stable_version_id\x18\x05 \x01(\t\x12\x12\n\nstep_index\x18\x06 \x01(\r\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12=\n\x07\x66igures\x18\n \x03(\x0b\x32,.ftops.events.v1.ReleasePromote.FiguresEntry\x12\x0e\n\x06manual\x18\x0b \x01(\x08\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x02\n\x0fReleaseRollback\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x04 \x01(\t\x12\x19\n\x11stable_version_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12>\n\x07\x66igures\x18\x07 \x03(\x0b\x32-.ftops.events.v1.ReleaseRollback.FiguresEntry\x12\x0e\n\x06manual\x18\x08 \x01(\x08\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcc\x01\n\x0cRouteChanged\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12;\n\x07weights\x18\x03 \x03(\x0b\x32*.ftops.events.v1.RouteChanged.WeightsEntry\x12\x16\n\x0e\x63\x61use_event_id\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x8f\x02\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0e\n\x06status\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrelease_id\x18\x0c \x01(\t\"o\n\x12RequestResultBatch\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.ftops.events.v1.RequestResult\"\xc4\x01\n\x08JobEvent\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftops.events.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t*\x8e\x01\n\x0fReleaseStrategy\x12 \n\x1cRELEASE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1b\n\x17RELEASE_STRATEGY_CANARY\x10\x01\x12\x1f\n\x1bRELEASE_STRATEGY_BLUE_GREEN\x10\x02\x12\x1b\n\x17RELEASE_STRATEGY_SHADOW\x10\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66tops/events/v1/events.proto\x12\x0f\x66tops.events.v1\x1a\x1c\x66tops/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0c\x41\x64\x61pterReady\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0eversion_number\x18\x04 \x01(\r\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x06 \x01(\t\x12,\n\x05\x66iles\x18\x07 \x03(\x0b\x32\x1d.ftops.common.v1.ArtifactFile\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x19\n\x11parent_version_id\x18\t \x01(\t\x12\x0c\n\x04team\x18\n \x01(\t\"\xb2\x02\n\x0f\x41\x64\x61pterRejected\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0eversion_number\x18\x04 \x01(\r\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x19\n\x11parent_version_id\x18\x06 \x01(\t\x12\x0c\n\x04team\x18\x07 \x01(\t\x12\x0f\n\x07reasons\x18\x08 \x03(\t\x12>\n\x07metrics\x18\t \x03(\x0b\x32-.ftops.events.v1.AdapterRejected.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9a\x01\n\rAdapterLoaded\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x14\n\x0cload_seconds\x18\x06 \x01(\x01\"\x86\x01\n\x11\x41\x64\x61pterLoadFailed\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa6\x02\n\x0eReleaseStarted\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x19\n\x11stable_version_id\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x05 \x01(\t\x12\x32\n\x08strategy\x18\x06 \x01(\x0e\x32 .ftops.events.v1.ReleaseStrategy\x12\r\n\x05steps\x18\x07 \x03(\r\x12\x16\n\x0e\x63urrent_weight\x18\x08 \x01(\r\x12\x33\n\x08\x61nalysis\x18\t \x01(\x0b\x32!.ftops.events.v1.AnalysisSettings\"i\n\x10\x41nalysisSettings\x12\x14\n\x0cmin_requests\x18\x01 \x01(\r\x12\x16\n\x0emax_error_rate\x18\x02 \x01(\x01\x12\x19\n\x11max_latency_ratio\x18\x03 \x01(\x01\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\"\xd8\x02\n\x0eReleasePromote\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x04 \x01(\t\x12\x19\n\x11stable_version_id\x18\x05 \x01(\t\x12\x12\n\nstep_index\x18\x06 \x01(\r\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12\r\n\x05\x66inal\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12=\n\x07\x66igures\x18\n \x03(\x0b\x32,.ftops.events.v1.ReleasePromote.FiguresEntry\x12\x0e\n\x06manual\x18\x0b \x01(\x08\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x02\n\x0fReleaseRollback\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x04 \x01(\t\x12\x19\n\x11stable_version_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12>\n\x07\x66igures\x18\x07 \x03(\x0b\x32-.ftops.events.v1.ReleaseRollback.FiguresEntry\x12\x0e\n\x06manual\x18\x08 \x01(\x08\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcc\x01\n\x0cRouteChanged\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12;\n\x07weights\x18\x03 \x03(\x0b\x32*.ftops.events.v1.RouteChanged.WeightsEntry\x12\x16\n\x0e\x63\x61use_event_id\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x8f\x02\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0e\n\x06status\x18\t \x01(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrelease_id\x18\x0c \x01(\t\"o\n\x12RequestResultBatch\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.ftops.events.v1.RequestResult\"\x9c\x02\n\x08JobEvent\x12(\n\x04meta\x18\x01 \x01(\x0b\x32\x1a.ftops.common.v1.EventMeta\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftops.events.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t\x12\x15\n\rlearning_rate\x18\t \x01(\x01\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0b \x01(\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t*\x8e\x01\n\x0fReleaseStrategy\x12 \n\x1cRELEASE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1b\n\x17RELEASE_STRATEGY_CANARY\x10\x01\x12\x1f\n\x1bRELEASE_STRATEGY_BLUE_GREEN\x10\x02\x12\x1b\n\x17RELEASE_STRATEGY_SHADOW\x10\x03*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x16\n\x12JOB_STATE_REJECTED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ADAPTERREJECTED_METRICSENTRY']._loaded_options = None
+  _globals['_ADAPTERREJECTED_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_RELEASEPROMOTE_FIGURESENTRY']._loaded_options = None
   _globals['_RELEASEPROMOTE_FIGURESENTRY']._serialized_options = b'8\001'
   _globals['_RELEASEROLLBACK_FIGURESENTRY']._loaded_options = None
   _globals['_RELEASEROLLBACK_FIGURESENTRY']._serialized_options = b'8\001'
   _globals['_ROUTECHANGED_WEIGHTSENTRY']._loaded_options = None
   _globals['_ROUTECHANGED_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_RELEASESTRATEGY']._serialized_start=2524
-  _globals['_RELEASESTRATEGY']._serialized_end=2666
-  _globals['_JOBSTATE']._serialized_start=2669
-  _globals['_JOBSTATE']._serialized_end=2823
+  _globals['_RELEASESTRATEGY']._serialized_start=2921
+  _globals['_RELEASESTRATEGY']._serialized_end=3063
+  _globals['_JOBSTATE']._serialized_start=3066
+  _globals['_JOBSTATE']._serialized_end=3244
   _globals['_ADAPTERREADY']._serialized_start=113
   _globals['_ADAPTERREADY']._serialized_end=385
-  _globals['_ADAPTERLOADED']._serialized_start=388
-  _globals['_ADAPTERLOADED']._serialized_end=542
-  _globals['_ADAPTERLOADFAILED']._serialized_start=545
-  _globals['_ADAPTERLOADFAILED']._serialized_end=679
-  _globals['_RELEASESTARTED']._serialized_start=682
-  _globals['_RELEASESTARTED']._serialized_end=976
-  _globals['_ANALYSISSETTINGS']._serialized_start=978
-  _globals['_ANALYSISSETTINGS']._serialized_end=1083
-  _globals['_RELEASEPROMOTE']._serialized_start=1086
-  _globals['_RELEASEPROMOTE']._serialized_end=1430
-  _globals['_RELEASEPROMOTE_FIGURESENTRY']._serialized_start=1384
-  _globals['_RELEASEPROMOTE_FIGURESENTRY']._serialized_end=1430
-  _globals['_RELEASEROLLBACK']._serialized_start=1433
-  _globals['_RELEASEROLLBACK']._serialized_end=1728
-  _globals['_RELEASEROLLBACK_FIGURESENTRY']._serialized_start=1384
-  _globals['_RELEASEROLLBACK_FIGURESENTRY']._serialized_end=1430
-  _globals['_ROUTECHANGED']._serialized_start=1731
-  _globals['_ROUTECHANGED']._serialized_end=1935
-  _globals['_ROUTECHANGED_WEIGHTSENTRY']._serialized_start=1889
-  _globals['_ROUTECHANGED_WEIGHTSENTRY']._serialized_end=1935
-  _globals['_REQUESTRESULT']._serialized_start=1938
-  _globals['_REQUESTRESULT']._serialized_end=2209
-  _globals['_REQUESTRESULTBATCH']._serialized_start=2211
-  _globals['_REQUESTRESULTBATCH']._serialized_end=2322
-  _globals['_JOBEVENT']._serialized_start=2325
-  _globals['_JOBEVENT']._serialized_end=2521
+  _globals['_ADAPTERREJECTED']._serialized_start=388
+  _globals['_ADAPTERREJECTED']._serialized_end=694
+  _globals['_ADAPTERREJECTED_METRICSENTRY']._serialized_start=648
+  _globals['_ADAPTERREJECTED_METRICSENTRY']._serialized_end=694
+  _globals['_ADAPTERLOADED']._serialized_start=697
+  _globals['_ADAPTERLOADED']._serialized_end=851
+  _globals['_ADAPTERLOADFAILED']._serialized_start=854
+  _globals['_ADAPTERLOADFAILED']._serialized_end=988
+  _globals['_RELEASESTARTED']._serialized_start=991
+  _globals['_RELEASESTARTED']._serialized_end=1285
+  _globals['_ANALYSISSETTINGS']._serialized_start=1287
+  _globals['_ANALYSISSETTINGS']._serialized_end=1392
+  _globals['_RELEASEPROMOTE']._serialized_start=1395
+  _globals['_RELEASEPROMOTE']._serialized_end=1739
+  _globals['_RELEASEPROMOTE_FIGURESENTRY']._serialized_start=1693
+  _globals['_RELEASEPROMOTE_FIGURESENTRY']._serialized_end=1739
+  _globals['_RELEASEROLLBACK']._serialized_start=1742
+  _globals['_RELEASEROLLBACK']._serialized_end=2037
+  _globals['_RELEASEROLLBACK_FIGURESENTRY']._serialized_start=1693
+  _globals['_RELEASEROLLBACK_FIGURESENTRY']._serialized_end=1739
+  _globals['_ROUTECHANGED']._serialized_start=2040
+  _globals['_ROUTECHANGED']._serialized_end=2244
+  _globals['_ROUTECHANGED_WEIGHTSENTRY']._serialized_start=2198
+  _globals['_ROUTECHANGED_WEIGHTSENTRY']._serialized_end=2244
+  _globals['_REQUESTRESULT']._serialized_start=2247
+  _globals['_REQUESTRESULT']._serialized_end=2518
+  _globals['_REQUESTRESULTBATCH']._serialized_start=2520
+  _globals['_REQUESTRESULTBATCH']._serialized_end=2631
+  _globals['_JOBEVENT']._serialized_start=2634
+  _globals['_JOBEVENT']._serialized_end=2918
 # @@protoc_insertion_point(module_scope)

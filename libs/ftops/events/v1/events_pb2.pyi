@@ -52,6 +52,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
     JOB_STATE_FAILED: _JobState.ValueType  # 4
     JOB_STATE_CANCELLED: _JobState.ValueType  # 5
+    JOB_STATE_REJECTED: _JobState.ValueType  # 6
+    """Trained, but the evaluation gate refused the version (registered as rejected)."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -61,6 +63,8 @@ JOB_STATE_RUNNING: JobState.ValueType  # 2
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
+JOB_STATE_REJECTED: JobState.ValueType  # 6
+"""Trained, but the evaluation gate refused the version (registered as rejected)."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
@@ -112,6 +116,76 @@ class AdapterReady(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterReady: _TypeAlias = AdapterReady  # noqa: Y015
+
+@_typing.final
+class AdapterRejected(_message.Message):
+    """Subject: adapter.rejected. A trained version failed the evaluation gate: it is in the
+    registry (state rejected, with its evaluation) but must never be served.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    META_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    VERSION_NUMBER_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_ID_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.str
+    adapter: _builtins.str
+    version_number: _builtins.int
+    job_id: _builtins.str
+    parent_version_id: _builtins.str
+    team: _builtins.str
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        version_id: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        version_number: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        parent_version_id: _builtins.str = ...,
+        team: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "job_id", b"job_id", "meta", b"meta", "metrics", b"metrics", "parent_version_id", b"parent_version_id", "reasons", b"reasons", "team", b"team", "version_id", b"version_id", "version_number", b"version_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterRejected: _TypeAlias = AdapterRejected  # noqa: Y015
 
 @_typing.final
 class AdapterLoaded(_message.Message):
@@ -557,6 +631,10 @@ class JobEvent(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     step: _builtins.int
@@ -564,6 +642,10 @@ class JobEvent(_message.Message):
     loss: _builtins.float
     message: _builtins.str
     version_id: _builtins.str
+    learning_rate: _builtins.float
+    tokens_per_second: _builtins.float
+    eta_seconds: _builtins.float
+    adapter: _builtins.str
     @_builtins.property
     def meta(self) -> _common_pb2.EventMeta: ...
     def __init__(
@@ -577,10 +659,14 @@ class JobEvent(_message.Message):
         loss: _builtins.float = ...,
         message: _builtins.str = ...,
         version_id: _builtins.str = ...,
+        learning_rate: _builtins.float = ...,
+        tokens_per_second: _builtins.float = ...,
+        eta_seconds: _builtins.float = ...,
+        adapter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "loss", b"loss", "message", b"message", "meta", b"meta", "state", b"state", "step", b"step", "total_steps", b"total_steps", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "eta_seconds", b"eta_seconds", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "meta", b"meta", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,8 @@ isort:skip_file
 
 from collections import abc as _abc
 from ftops.common.v1 import common_pb2 as _common_pb2
+from ftops.events.v1 import events_pb2 as _events_pb2
+from ftops.trainer.v1 import trainer_pb2 as _trainer_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -298,6 +300,10 @@ class Version(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ARCHIVED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    REPLAY_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     adapter: _builtins.str
     number: _builtins.int
@@ -310,6 +316,13 @@ class Version(_message.Message):
     dataset_fingerprint: _builtins.str
     method: _builtins.str
     archived: _builtins.bool
+    state: _builtins.str
+    """"ready" or "rejected" (failed the evaluation gate; never served)."""
+    replay_artifact_id: _builtins.str
+    """The lineage's replay buffer after this version's job (an artifact of its own, so
+    inference never downloads training data).
+    """
+    dataset_artifact_id: _builtins.str
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactFile]: ...
     @_builtins.property
@@ -318,6 +331,8 @@ class Version(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation: ...
     def __init__(
         self,
         *,
@@ -337,10 +352,14 @@ class Version(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         archived: _builtins.bool = ...,
+        state: _builtins.str = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
+        replay_artifact_id: _builtins.str = ...,
+        dataset_artifact_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "archived", b"archived", "artifact_id", b"artifact_id", "base_model", b"base_model", "base_model_fingerprint", b"base_model_fingerprint", "created_at", b"created_at", "dataset_fingerprint", b"dataset_fingerprint", "files", b"files", "job_id", b"job_id", "labels", b"labels", "method", b"method", "metrics", b"metrics", "number", b"number", "parent_version_id", b"parent_version_id", "team", b"team", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "archived", b"archived", "artifact_id", b"artifact_id", "base_model", b"base_model", "base_model_fingerprint", b"base_model_fingerprint", "created_at", b"created_at", "dataset_artifact_id", b"dataset_artifact_id", "dataset_fingerprint", b"dataset_fingerprint", "evaluation", b"evaluation", "files", b"files", "job_id", b"job_id", "labels", b"labels", "method", b"method", "metrics", b"metrics", "number", b"number", "parent_version_id", b"parent_version_id", "replay_artifact_id", b"replay_artifact_id", "state", b"state", "team", b"team", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +420,10 @@ class RegisterVersionRequest(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    REPLAY_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     team: _builtins.str
     base_model: _builtins.str
@@ -411,10 +434,16 @@ class RegisterVersionRequest(_message.Message):
     method: _builtins.str
     idempotency_key: _builtins.str
     """When set, registering twice with the same key returns the first version (retries)."""
+    rejected: _builtins.bool
+    """Registers the version as rejected (it failed the evaluation gate)."""
+    replay_artifact_id: _builtins.str
+    dataset_artifact_id: _builtins.str
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation: ...
     def __init__(
         self,
         *,
@@ -429,10 +458,14 @@ class RegisterVersionRequest(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
+        rejected: _builtins.bool = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
+        replay_artifact_id: _builtins.str = ...,
+        dataset_artifact_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "artifact_id", b"artifact_id", "base_model", b"base_model", "dataset_fingerprint", b"dataset_fingerprint", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "labels", b"labels", "method", b"method", "metrics", b"metrics", "parent_version_id", b"parent_version_id", "team", b"team"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "artifact_id", b"artifact_id", "base_model", b"base_model", "dataset_artifact_id", b"dataset_artifact_id", "dataset_fingerprint", b"dataset_fingerprint", "evaluation", b"evaluation", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "labels", b"labels", "method", b"method", "metrics", b"metrics", "parent_version_id", b"parent_version_id", "rejected", b"rejected", "replay_artifact_id", b"replay_artifact_id", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -815,3 +848,125 @@ class ListReleasesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReleasesResponse: _TypeAlias = ListReleasesResponse  # noqa: Y015
+
+@_typing.final
+class JobRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Bumped on every write; PutJob with a stale expected_revision fails ABORTED."""
+    @_builtins.property
+    def job(self) -> _trainer_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _trainer_pb2.Job | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRecord: _TypeAlias = JobRecord  # noqa: Y015
+
+@_typing.final
+class PutJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    expected_revision: _builtins.int
+    """0 creates the record (ALREADY_EXISTS if it exists); otherwise the revision read."""
+    @_builtins.property
+    def job(self) -> _trainer_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _trainer_pb2.Job | None = ...,
+        expected_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_revision", b"expected_revision", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutJobRequest: _TypeAlias = PutJobRequest  # noqa: Y015
+
+@_typing.final
+class GetJobRecordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRecordRequest: _TypeAlias = GetJobRecordRequest  # noqa: Y015
+
+@_typing.final
+class ListJobRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    adapter: _builtins.str
+    team: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.JobState.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        adapter: _builtins.str = ...,
+        team: _builtins.str = ...,
+        states: _abc.Iterable[_events_pb2.JobState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobRecordsRequest: _TypeAlias = ListJobRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobRecordsResponse: _TypeAlias = ListJobRecordsResponse  # noqa: Y015

@@ -91,6 +91,21 @@ class RegistryServiceStub:
                 request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GetReleaseRequest.SerializeToString,
                 response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Release.FromString,
                 _registered_method=True)
+        self.PutJob = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/PutJob',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.PutJobRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/GetJob',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GetJobRecordRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/ListJobs',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsResponse.FromString,
+                _registered_method=True)
         self.ListReleases = channel.unary_unary(
                 '/ftops.registry.v1.RegistryService/ListReleases',
                 request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesRequest.SerializeToString,
@@ -173,6 +188,25 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutJob(self, request, context):
+        """Training job records, written by the trainer replicas (any replica answers for any job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListReleases(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -236,6 +270,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.GetRelease,
                     request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GetReleaseRequest.FromString,
                     response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Release.SerializeToString,
+            ),
+            'PutJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutJob,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.PutJobRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GetJobRecordRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsResponse.SerializeToString,
             ),
             'ListReleases': grpc.unary_unary_rpc_method_handler(
                     servicer.ListReleases,
@@ -542,6 +591,87 @@ class RegistryService:
             '/ftops.registry.v1.RegistryService/GetRelease',
             ftops_dot_registry_dot_v1_dot_registry__pb2.GetReleaseRequest.SerializeToString,
             ftops_dot_registry_dot_v1_dot_registry__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/PutJob',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.PutJobRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/GetJob',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.GetJobRecordRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.JobRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/ListJobs',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListJobRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class RegistryServiceStub:
     SetAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetAliasRequest, _registry_pb2.Alias]
     GetAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetAliasRequest, _registry_pb2.Alias]
     GetRelease: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetReleaseRequest, _registry_pb2.Release]
+    PutJob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PutJobRequest, _registry_pb2.JobRecord]
+    """Training job records, written by the trainer replicas (any replica answers for any job)."""
+    GetJob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetJobRecordRequest, _registry_pb2.JobRecord]
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListJobRecordsRequest, _registry_pb2.ListJobRecordsResponse]
     ListReleases: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListReleasesRequest, _registry_pb2.ListReleasesResponse]
 
 @_typing.type_check_only
@@ -78,6 +82,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     SetAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetAliasRequest, _registry_pb2.Alias]  # type: ignore[assignment]
     GetAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetAliasRequest, _registry_pb2.Alias]  # type: ignore[assignment]
     GetRelease: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetReleaseRequest, _registry_pb2.Release]  # type: ignore[assignment]
+    PutJob: _aio.UnaryUnaryMultiCallable[_registry_pb2.PutJobRequest, _registry_pb2.JobRecord]  # type: ignore[assignment]
+    """Training job records, written by the trainer replicas (any replica answers for any job)."""
+    GetJob: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetJobRecordRequest, _registry_pb2.JobRecord]  # type: ignore[assignment]
+    ListJobs: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListJobRecordsRequest, _registry_pb2.ListJobRecordsResponse]  # type: ignore[assignment]
     ListReleases: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListReleasesRequest, _registry_pb2.ListReleasesResponse]  # type: ignore[assignment]
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +175,28 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.GetReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.Release, _abc.Awaitable[_registry_pb2.Release]]: ...
+
+    @_abc_1.abstractmethod
+    def PutJob(
+        self,
+        request: _registry_pb2.PutJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.JobRecord, _abc.Awaitable[_registry_pb2.JobRecord]]:
+        """Training job records, written by the trainer replicas (any replica answers for any job)."""
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _registry_pb2.GetJobRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.JobRecord, _abc.Awaitable[_registry_pb2.JobRecord]]: ...
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _registry_pb2.ListJobRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListJobRecordsResponse, _abc.Awaitable[_registry_pb2.ListJobRecordsResponse]]: ...
 
     @_abc_1.abstractmethod
     def ListReleases(

@@ -22,37 +22,56 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ftops.common.v1 import common_pb2 as ftops_dot_common_dot_v1_dot_common__pb2
 from ftops.events.v1 import events_pb2 as ftops_dot_events_dot_v1_dot_events__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/trainer/v1/trainer.proto\x12\x10\x66tops.trainer.v1\x1a\x1c\x66tops/events/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x85\x01\n\x0fHyperparameters\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x12\n\nnum_epochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x12\n\ncutoff_len\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x11\n\tmax_steps\x18\x06 \x01(\r\"\xf0\x02\n\x07JobSpec\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x19\n\x11parent_version_id\x18\x04 \x01(\t\x12\x17\n\rdataset_jsonl\x18\x05 \x01(\x0cH\x00\x12\x15\n\x0b\x64\x61taset_uri\x18\x06 \x01(\tH\x00\x12\x0e\n\x06method\x18\x07 \x01(\t\x12*\n\x04lora\x18\x08 \x01(\x0b\x32\x1c.ftops.trainer.v1.LoraConfig\x12:\n\x0fhyperparameters\x18\t \x01(\x0b\x32!.ftops.trainer.v1.Hyperparameters\x12\x35\n\x06labels\x18\n \x03(\x0b\x32%.ftops.trainer.v1.JobSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x64\x61taset\"T\n\x10SubmitJobRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.ftops.trainer.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xfa\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.ftops.trainer.v1.JobSpec\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftops.events.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t\x12\x16\n\x0eversion_number\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrecords_total\x18\x0c \x01(\r\x12\x14\n\x0crecords_used\x18\r \x01(\r\x12\x17\n\x0frecords_skipped\x18\x0e \x01(\r\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"I\n\x0fListJobsRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.ftops.trainer.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb3\x02\n\x0eTrainerService\x12\x46\n\tSubmitJob\x12\".ftops.trainer.v1.SubmitJobRequest\x1a\x15.ftops.trainer.v1.Job\x12@\n\x06GetJob\x12\x1f.ftops.trainer.v1.GetJobRequest\x1a\x15.ftops.trainer.v1.Job\x12Q\n\x08ListJobs\x12!.ftops.trainer.v1.ListJobsRequest\x1a\".ftops.trainer.v1.ListJobsResponse\x12\x44\n\x08WatchJob\x12\x1f.ftops.trainer.v1.GetJobRequest\x1a\x15.ftops.trainer.v1.Job0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/trainer/v1/trainer.proto\x12\x10\x66tops.trainer.v1\x1a\x1c\x66tops/common/v1/common.proto\x1a\x1c\x66tops/events/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\r\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x10\n\x08use_dora\x18\x05 \x01(\x08\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x10\n\x08target_r\x18\x07 \x01(\r\x12\x1a\n\x12num_virtual_tokens\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\"\xc2\x03\n\x0fHyperparameters\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x12\n\nnum_epochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x12\n\ncutoff_len\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x11\n\tmax_steps\x18\x06 \x01(\r\x12\x14\n\x0clr_scheduler\x18\x07 \x01(\t\x12\x19\n\x0cwarmup_ratio\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10grad_accum_steps\x18\t \x01(\r\x12\x1a\n\rmax_grad_norm\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fmixed_precision\x18\x0b \x01(\t\x12\x18\n\x10\x63heckpoint_every\x18\x0c \x01(\r\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\r \x01(\r\x12\x12\n\neval_every\x18\x0e \x01(\r\x12\x16\n\x0eregularization\x18\x0f \x01(\t\x12\x1d\n\x15regularization_weight\x18\x10 \x01(\x01\x12\x12\n\nworld_size\x18\x11 \x01(\rB\x0f\n\r_warmup_ratioB\x10\n\x0e_max_grad_norm\"\xde\x03\n\nDataConfig\x12\x17\n\x0ftrain_on_prompt\x18\x01 \x01(\x08\x12\x10\n\x08overlong\x18\x02 \x01(\t\x12\x15\n\rskip_cleaning\x18\x03 \x01(\x08\x12\x14\n\x0cskip_quality\x18\x04 \x01(\x08\x12\x1e\n\x11quality_threshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nskip_dedup\x18\x06 \x01(\x08\x12\x17\n\x0fskip_near_dedup\x18\x07 \x01(\x08\x12\x1f\n\x12near_dup_threshold\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12I\n\x0f\x62\x61lance_targets\x18\t \x03(\x0b\x32\x30.ftops.trainer.v1.DataConfig.BalanceTargetsEntry\x12\x16\n\x0e\x63\x61tegory_field\x18\n \x01(\t\x12\x1c\n\x14\x64\x65\x63\x61y_half_life_days\x18\x0b \x01(\x01\x12\x17\n\x0ftimestamp_field\x18\x0c \x01(\t\x12\x0c\n\x04seed\x18\r \x01(\x04\x1a\x35\n\x13\x42\x61lanceTargetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_quality_thresholdB\x15\n\x13_near_dup_threshold\">\n\x0cReplayConfig\x12\x12\n\x05ratio\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\rB\x08\n\x06_ratio\"\xd1\x01\n\nGateConfig\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x1a\n\rmin_retention\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12max_new_loss_ratio\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10holdout_fraction\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\x0fretention_jsonl\x18\x05 \x01(\x0c\x42\x10\n\x0e_min_retentionB\x15\n\x13_max_new_loss_ratioB\x13\n\x11_holdout_fraction\"\x97\x04\n\x07JobSpec\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x19\n\x11parent_version_id\x18\x04 \x01(\t\x12\x17\n\rdataset_jsonl\x18\x05 \x01(\x0cH\x00\x12\x15\n\x0b\x64\x61taset_uri\x18\x06 \x01(\tH\x00\x12\x1d\n\x13\x64\x61taset_artifact_id\x18\x0e \x01(\tH\x00\x12\x0e\n\x06method\x18\x07 \x01(\t\x12*\n\x04lora\x18\x08 \x01(\x0b\x32\x1c.ftops.trainer.v1.LoraConfig\x12:\n\x0fhyperparameters\x18\t \x01(\x0b\x32!.ftops.trainer.v1.Hyperparameters\x12\x35\n\x06labels\x18\n \x03(\x0b\x32%.ftops.trainer.v1.JobSpec.LabelsEntry\x12*\n\x04\x64\x61ta\x18\x0b \x01(\x0b\x32\x1c.ftops.trainer.v1.DataConfig\x12.\n\x06replay\x18\x0c \x01(\x0b\x32\x1e.ftops.trainer.v1.ReplayConfig\x12*\n\x04gate\x18\r \x01(\x0b\x32\x1c.ftops.trainer.v1.GateConfig\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x64\x61taset\"T\n\x10SubmitJobRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.ftops.trainer.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xc4\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.ftops.trainer.v1.JobSpec\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftops.events.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t\x12\x16\n\x0eversion_number\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrecords_total\x18\x0c \x01(\r\x12\x14\n\x0crecords_used\x18\r \x01(\r\x12\x17\n\x0frecords_skipped\x18\x0e \x01(\r\x12\x15\n\rlearning_rate\x18\x0f \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x10 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x11 \x01(\x01\x12-\n\x06stages\x18\x12 \x03(\x0b\x32\x1d.ftops.trainer.v1.StageReport\x12/\n\nevaluation\x18\x13 \x01(\x0b\x32\x1b.ftops.common.v1.Evaluation\x12\x0e\n\x06worker\x18\x14 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x15 \x01(\r\x12\x19\n\x11resumed_from_step\x18\x16 \x01(\r\x12\x19\n\x11records_truncated\x18\x17 \x01(\r\x12\x16\n\x0ereplay_records\x18\x18 \x01(\r\x12\x18\n\x10spec_fingerprint\x18\x19 \x01(\t\x12\x17\n\x0fholdout_records\x18\x1a \x01(\r\"\xb1\x01\n\x0bStageReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrecords_in\x18\x02 \x01(\r\x12\x13\n\x0brecords_out\x18\x03 \x01(\r\x12;\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32*.ftops.trainer.v1.StageReport.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"W\n\x0fListJobsRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.ftops.trainer.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfb\x02\n\x0eTrainerService\x12\x46\n\tSubmitJob\x12\".ftops.trainer.v1.SubmitJobRequest\x1a\x15.ftops.trainer.v1.Job\x12@\n\x06GetJob\x12\x1f.ftops.trainer.v1.GetJobRequest\x1a\x15.ftops.trainer.v1.Job\x12Q\n\x08ListJobs\x12!.ftops.trainer.v1.ListJobsRequest\x1a\".ftops.trainer.v1.ListJobsResponse\x12\x44\n\x08WatchJob\x12\x1f.ftops.trainer.v1.GetJobRequest\x1a\x15.ftops.trainer.v1.Job0\x01\x12\x46\n\tCancelJob\x12\".ftops.trainer.v1.CancelJobRequest\x1a\x15.ftops.trainer.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.trainer.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DATACONFIG_BALANCETARGETSENTRY']._loaded_options = None
+  _globals['_DATACONFIG_BALANCETARGETSENTRY']._serialized_options = b'8\001'
   _globals['_JOBSPEC_LABELSENTRY']._loaded_options = None
   _globals['_JOBSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LORACONFIG']._serialized_start=115
-  _globals['_LORACONFIG']._serialized_end=194
-  _globals['_HYPERPARAMETERS']._serialized_start=197
-  _globals['_HYPERPARAMETERS']._serialized_end=330
-  _globals['_JOBSPEC']._serialized_start=333
-  _globals['_JOBSPEC']._serialized_end=701
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=645
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=690
-  _globals['_SUBMITJOBREQUEST']._serialized_start=703
-  _globals['_SUBMITJOBREQUEST']._serialized_end=787
-  _globals['_JOB']._serialized_start=790
-  _globals['_JOB']._serialized_end=1168
-  _globals['_GETJOBREQUEST']._serialized_start=1170
-  _globals['_GETJOBREQUEST']._serialized_end=1201
-  _globals['_LISTJOBSREQUEST']._serialized_start=1203
-  _globals['_LISTJOBSREQUEST']._serialized_end=1276
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1278
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1358
-  _globals['_TRAINERSERVICE']._serialized_start=1361
-  _globals['_TRAINERSERVICE']._serialized_end=1668
+  _globals['_STAGEREPORT_DETAILSENTRY']._loaded_options = None
+  _globals['_STAGEREPORT_DETAILSENTRY']._serialized_options = b'8\001'
+  _globals['_LORACONFIG']._serialized_start=146
+  _globals['_LORACONFIG']._serialized_end=329
+  _globals['_HYPERPARAMETERS']._serialized_start=332
+  _globals['_HYPERPARAMETERS']._serialized_end=782
+  _globals['_DATACONFIG']._serialized_start=785
+  _globals['_DATACONFIG']._serialized_end=1263
+  _globals['_DATACONFIG_BALANCETARGETSENTRY']._serialized_start=1165
+  _globals['_DATACONFIG_BALANCETARGETSENTRY']._serialized_end=1218
+  _globals['_REPLAYCONFIG']._serialized_start=1265
+  _globals['_REPLAYCONFIG']._serialized_end=1327
+  _globals['_GATECONFIG']._serialized_start=1330
+  _globals['_GATECONFIG']._serialized_end=1539
+  _globals['_JOBSPEC']._serialized_start=1542
+  _globals['_JOBSPEC']._serialized_end=2077
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=2021
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=2066
+  _globals['_SUBMITJOBREQUEST']._serialized_start=2079
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2163
+  _globals['_JOB']._serialized_start=2166
+  _globals['_JOB']._serialized_end=2874
+  _globals['_STAGEREPORT']._serialized_start=2877
+  _globals['_STAGEREPORT']._serialized_end=3054
+  _globals['_STAGEREPORT_DETAILSENTRY']._serialized_start=3008
+  _globals['_STAGEREPORT_DETAILSENTRY']._serialized_end=3054
+  _globals['_CANCELJOBREQUEST']._serialized_start=3056
+  _globals['_CANCELJOBREQUEST']._serialized_end=3090
+  _globals['_GETJOBREQUEST']._serialized_start=3092
+  _globals['_GETJOBREQUEST']._serialized_end=3123
+  _globals['_LISTJOBSREQUEST']._serialized_start=3125
+  _globals['_LISTJOBSREQUEST']._serialized_end=3212
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3214
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3294
+  _globals['_TRAINERSERVICE']._serialized_start=3297
+  _globals['_TRAINERSERVICE']._serialized_end=3676
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from ftops.common.v1 import common_pb2 as _common_pb2
 from ftops.events.v1 import events_pb2 as _events_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -28,9 +29,24 @@ class LoraConfig(_message.Message):
     ALPHA_FIELD_NUMBER: _builtins.int
     DROPOUT_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    USE_DORA_FIELD_NUMBER: _builtins.int
+    USE_RSLORA_FIELD_NUMBER: _builtins.int
+    TARGET_R_FIELD_NUMBER: _builtins.int
+    NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
     r: _builtins.int
     alpha: _builtins.int
     dropout: _builtins.float
+    use_dora: _builtins.bool
+    """Weight-decomposed LoRA (method "lora")."""
+    use_rslora: _builtins.bool
+    """Rank-stabilised scaling alpha/sqrt(r) (method "lora")."""
+    target_r: _builtins.int
+    """AdaLoRA: the rank budget it prunes towards (init rank is `r`)."""
+    num_virtual_tokens: _builtins.int
+    """Prompt / prefix tuning: number of virtual tokens."""
+    num_layers: _builtins.int
+    """Partial fine-tuning: how many of the top transformer layers train."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Module names to adapt; empty means the attention projections."""
@@ -42,10 +58,15 @@ class LoraConfig(_message.Message):
         alpha: _builtins.int = ...,
         dropout: _builtins.float = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        use_dora: _builtins.bool = ...,
+        use_rslora: _builtins.bool = ...,
+        target_r: _builtins.int = ...,
+        num_virtual_tokens: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "dropout", b"dropout", "r", b"r", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "dropout", b"dropout", "num_layers", b"num_layers", "num_virtual_tokens", b"num_virtual_tokens", "r", b"r", "target_modules", b"target_modules", "target_r", b"target_r", "use_dora", b"use_dora", "use_rslora", b"use_rslora"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -61,6 +82,17 @@ class Hyperparameters(_message.Message):
     CUTOFF_LEN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULER_FIELD_NUMBER: _builtins.int
+    WARMUP_RATIO_FIELD_NUMBER: _builtins.int
+    GRAD_ACCUM_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    MIXED_PRECISION_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    EVAL_EVERY_FIELD_NUMBER: _builtins.int
+    REGULARIZATION_FIELD_NUMBER: _builtins.int
+    REGULARIZATION_WEIGHT_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     num_epochs: _builtins.int
     batch_size: _builtins.int
@@ -69,6 +101,23 @@ class Hyperparameters(_message.Message):
     seed: _builtins.int
     max_steps: _builtins.int
     """Stop after this many optimizer steps (0 = run all epochs)."""
+    lr_scheduler: _builtins.str
+    """"cosine" (default), "linear" or "constant", after warmup."""
+    warmup_ratio: _builtins.float
+    grad_accum_steps: _builtins.int
+    max_grad_norm: _builtins.float
+    mixed_precision: _builtins.str
+    """"auto" (default), "no", "bf16", "fp16"."""
+    checkpoint_every: _builtins.int
+    """Save a resumable checkpoint every N optimizer steps (0 = the service default)."""
+    early_stopping_patience: _builtins.int
+    """Stop when the held-out loss has not improved for this many evaluations (0 = off)."""
+    eval_every: _builtins.int
+    regularization: _builtins.str
+    """Regularisation towards the parent adapter: "none" (default), "l2" or "ewc"."""
+    regularization_weight: _builtins.float
+    world_size: _builtins.int
+    """Data-parallel worker processes (DDP); 0 or 1 trains in the service process."""
     def __init__(
         self,
         *,
@@ -78,14 +127,198 @@ class Hyperparameters(_message.Message):
         cutoff_len: _builtins.int = ...,
         seed: _builtins.int = ...,
         max_steps: _builtins.int = ...,
+        lr_scheduler: _builtins.str = ...,
+        warmup_ratio: _builtins.float | None = ...,
+        grad_accum_steps: _builtins.int = ...,
+        max_grad_norm: _builtins.float | None = ...,
+        mixed_precision: _builtins.str = ...,
+        checkpoint_every: _builtins.int = ...,
+        early_stopping_patience: _builtins.int = ...,
+        eval_every: _builtins.int = ...,
+        regularization: _builtins.str = ...,
+        regularization_weight: _builtins.float = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "cutoff_len", b"cutoff_len", "learning_rate", b"learning_rate", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "cutoff_len", b"cutoff_len", "early_stopping_patience", b"early_stopping_patience", "eval_every", b"eval_every", "grad_accum_steps", b"grad_accum_steps", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "num_epochs", b"num_epochs", "regularization", b"regularization", "regularization_weight", b"regularization_weight", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_ratio: _TypeAlias = _typing.Literal["warmup_ratio"]  # noqa: Y015
+    _WhichOneofArgType__warmup_ratio: _TypeAlias = _typing.Literal["_warmup_ratio", b"_warmup_ratio"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_ratio) -> _WhichOneofReturnType__warmup_ratio | None: ...
 
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
+
+@_typing.final
+class DataConfig(_message.Message):
+    """The data pipeline the dataset goes through before training; every stage reports its
+    record counts in the job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BalanceTargetsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRAIN_ON_PROMPT_FIELD_NUMBER: _builtins.int
+    OVERLONG_FIELD_NUMBER: _builtins.int
+    SKIP_CLEANING_FIELD_NUMBER: _builtins.int
+    SKIP_QUALITY_FIELD_NUMBER: _builtins.int
+    QUALITY_THRESHOLD_FIELD_NUMBER: _builtins.int
+    SKIP_DEDUP_FIELD_NUMBER: _builtins.int
+    SKIP_NEAR_DEDUP_FIELD_NUMBER: _builtins.int
+    NEAR_DUP_THRESHOLD_FIELD_NUMBER: _builtins.int
+    BALANCE_TARGETS_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_FIELD_NUMBER: _builtins.int
+    DECAY_HALF_LIFE_DAYS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    train_on_prompt: _builtins.bool
+    """Loss on the prompt / user part too (default: completion / assistant part only)."""
+    overlong: _builtins.str
+    """Records whose prompt does not fit cutoff_len: "truncate" (default) or "refuse"."""
+    skip_cleaning: _builtins.bool
+    skip_quality: _builtins.bool
+    quality_threshold: _builtins.float
+    skip_dedup: _builtins.bool
+    skip_near_dedup: _builtins.bool
+    near_dup_threshold: _builtins.float
+    """Jaccard similarity on word 5-grams above which records are near-duplicates."""
+    category_field: _builtins.str
+    decay_half_life_days: _builtins.float
+    """Time-decay weights from `timestamp_field`: a record this old counts half (0 = off)."""
+    timestamp_field: _builtins.str
+    seed: _builtins.int
+    @_builtins.property
+    def balance_targets(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Balance by `category_field` towards these shares (empty = no balancing)."""
+
+    def __init__(
+        self,
+        *,
+        train_on_prompt: _builtins.bool = ...,
+        overlong: _builtins.str = ...,
+        skip_cleaning: _builtins.bool = ...,
+        skip_quality: _builtins.bool = ...,
+        quality_threshold: _builtins.float | None = ...,
+        skip_dedup: _builtins.bool = ...,
+        skip_near_dedup: _builtins.bool = ...,
+        near_dup_threshold: _builtins.float | None = ...,
+        balance_targets: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        category_field: _builtins.str = ...,
+        decay_half_life_days: _builtins.float = ...,
+        timestamp_field: _builtins.str = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_near_dup_threshold", b"_near_dup_threshold", "_quality_threshold", b"_quality_threshold", "near_dup_threshold", b"near_dup_threshold", "quality_threshold", b"quality_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_near_dup_threshold", b"_near_dup_threshold", "_quality_threshold", b"_quality_threshold", "balance_targets", b"balance_targets", "category_field", b"category_field", "decay_half_life_days", b"decay_half_life_days", "near_dup_threshold", b"near_dup_threshold", "overlong", b"overlong", "quality_threshold", b"quality_threshold", "seed", b"seed", "skip_cleaning", b"skip_cleaning", "skip_dedup", b"skip_dedup", "skip_near_dedup", b"skip_near_dedup", "skip_quality", b"skip_quality", "timestamp_field", b"timestamp_field", "train_on_prompt", b"train_on_prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__near_dup_threshold: _TypeAlias = _typing.Literal["near_dup_threshold"]  # noqa: Y015
+    _WhichOneofArgType__near_dup_threshold: _TypeAlias = _typing.Literal["_near_dup_threshold", b"_near_dup_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__quality_threshold: _TypeAlias = _typing.Literal["quality_threshold"]  # noqa: Y015
+    _WhichOneofArgType__quality_threshold: _TypeAlias = _typing.Literal["_quality_threshold", b"_quality_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__near_dup_threshold) -> _WhichOneofReturnType__near_dup_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quality_threshold) -> _WhichOneofReturnType__quality_threshold | None: ...
+
+Global___DataConfig: _TypeAlias = DataConfig  # noqa: Y015
+
+@_typing.final
+class ReplayConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATIO_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    ratio: _builtins.float
+    """Share of the training set drawn from the lineage's replay buffer (default 0.1; 0 = off)."""
+    capacity: _builtins.int
+    """Records the buffer keeps across the lineage (reservoir sampling)."""
+    def __init__(
+        self,
+        *,
+        ratio: _builtins.float | None = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ratio", b"_ratio", "ratio", b"ratio"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ratio", b"_ratio", "capacity", b"capacity", "ratio", b"ratio"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ratio: _TypeAlias = _typing.Literal["ratio"]  # noqa: Y015
+    _WhichOneofArgType__ratio: _TypeAlias = _typing.Literal["_ratio", b"_ratio"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ratio) -> _WhichOneofReturnType__ratio | None: ...
+
+Global___ReplayConfig: _TypeAlias = ReplayConfig  # noqa: Y015
+
+@_typing.final
+class GateConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISABLED_FIELD_NUMBER: _builtins.int
+    MIN_RETENTION_FIELD_NUMBER: _builtins.int
+    MAX_NEW_LOSS_RATIO_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FRACTION_FIELD_NUMBER: _builtins.int
+    RETENTION_JSONL_FIELD_NUMBER: _builtins.int
+    disabled: _builtins.bool
+    """Publish even when the gate fails (the evaluation is still stored)."""
+    min_retention: _builtins.float
+    """retention = score after / score before on the frozen retention set (default 0.95)."""
+    max_new_loss_ratio: _builtins.float
+    """New-data loss may be at most this times the parent's (default 1.0: no worse)."""
+    holdout_fraction: _builtins.float
+    """Share of the new data held out for evaluation (default 0.1)."""
+    retention_jsonl: _builtins.bytes
+    """Extra retention records (the base model's own knowledge), JSONL like the dataset."""
+    def __init__(
+        self,
+        *,
+        disabled: _builtins.bool = ...,
+        min_retention: _builtins.float | None = ...,
+        max_new_loss_ratio: _builtins.float | None = ...,
+        holdout_fraction: _builtins.float | None = ...,
+        retention_jsonl: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_holdout_fraction", b"_holdout_fraction", "_max_new_loss_ratio", b"_max_new_loss_ratio", "_min_retention", b"_min_retention", "holdout_fraction", b"holdout_fraction", "max_new_loss_ratio", b"max_new_loss_ratio", "min_retention", b"min_retention"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_holdout_fraction", b"_holdout_fraction", "_max_new_loss_ratio", b"_max_new_loss_ratio", "_min_retention", b"_min_retention", "disabled", b"disabled", "holdout_fraction", b"holdout_fraction", "max_new_loss_ratio", b"max_new_loss_ratio", "min_retention", b"min_retention", "retention_jsonl", b"retention_jsonl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__holdout_fraction: _TypeAlias = _typing.Literal["holdout_fraction"]  # noqa: Y015
+    _WhichOneofArgType__holdout_fraction: _TypeAlias = _typing.Literal["_holdout_fraction", b"_holdout_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__max_new_loss_ratio: _TypeAlias = _typing.Literal["max_new_loss_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_new_loss_ratio: _TypeAlias = _typing.Literal["_max_new_loss_ratio", b"_max_new_loss_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__min_retention: _TypeAlias = _typing.Literal["min_retention"]  # noqa: Y015
+    _WhichOneofArgType__min_retention: _TypeAlias = _typing.Literal["_min_retention", b"_min_retention"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__holdout_fraction) -> _WhichOneofReturnType__holdout_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_loss_ratio) -> _WhichOneofReturnType__max_new_loss_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_retention) -> _WhichOneofReturnType__min_retention | None: ...
+
+Global___GateConfig: _TypeAlias = GateConfig  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
@@ -117,10 +350,14 @@ class JobSpec(_message.Message):
     PARENT_VERSION_ID_FIELD_NUMBER: _builtins.int
     DATASET_JSONL_FIELD_NUMBER: _builtins.int
     DATASET_URI_FIELD_NUMBER: _builtins.int
+    DATASET_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     LORA_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """Adapter name the new version belongs to, e.g. "support-bot"."""
     team: _builtins.str
@@ -129,9 +366,14 @@ class JobSpec(_message.Message):
     parent_version_id: _builtins.str
     """Optional version to continue training from."""
     dataset_jsonl: _builtins.bytes
-    """JSONL: one {"text": ...} or {"prompt": ..., "completion": ...} object a line."""
+    """JSONL, one object a line: {"text"}, {"prompt","completion"},
+    {"instruction","input","output"} or {"messages": [{"role","content"}]}.
+    Stored in the registry as an artifact at submit; the job then refers to it.
+    """
     dataset_uri: _builtins.str
-    """A path on the trainer's filesystem (file:// or plain path)."""
+    """A path under one of the trainer's allowed dataset directories."""
+    dataset_artifact_id: _builtins.str
+    """A dataset already stored in the registry."""
     method: _builtins.str
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
@@ -139,6 +381,12 @@ class JobSpec(_message.Message):
     def hyperparameters(self) -> Global___Hyperparameters: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def data(self) -> Global___DataConfig: ...
+    @_builtins.property
+    def replay(self) -> Global___ReplayConfig: ...
+    @_builtins.property
+    def gate(self) -> Global___GateConfig: ...
     def __init__(
         self,
         *,
@@ -148,16 +396,20 @@ class JobSpec(_message.Message):
         parent_version_id: _builtins.str = ...,
         dataset_jsonl: _builtins.bytes = ...,
         dataset_uri: _builtins.str = ...,
+        dataset_artifact_id: _builtins.str = ...,
         method: _builtins.str = ...,
         lora: Global___LoraConfig | None = ...,
         hyperparameters: Global___Hyperparameters | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        data: Global___DataConfig | None = ...,
+        replay: Global___ReplayConfig | None = ...,
+        gate: Global___GateConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "dataset_jsonl", b"dataset_jsonl", "dataset_uri", b"dataset_uri", "hyperparameters", b"hyperparameters", "lora", b"lora"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dataset", b"dataset", "dataset_artifact_id", b"dataset_artifact_id", "dataset_jsonl", b"dataset_jsonl", "dataset_uri", b"dataset_uri", "gate", b"gate", "hyperparameters", b"hyperparameters", "lora", b"lora", "replay", b"replay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "dataset_jsonl", b"dataset_jsonl", "dataset_uri", b"dataset_uri", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "parent_version_id", b"parent_version_id", "team", b"team"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "data", b"data", "dataset", b"dataset", "dataset_artifact_id", b"dataset_artifact_id", "dataset_jsonl", b"dataset_jsonl", "dataset_uri", b"dataset_uri", "gate", b"gate", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "parent_version_id", b"parent_version_id", "replay", b"replay", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_dataset: _TypeAlias = _typing.Literal["dataset_jsonl", "dataset_uri"]  # noqa: Y015
+    _WhichOneofReturnType_dataset: _TypeAlias = _typing.Literal["dataset_jsonl", "dataset_uri", "dataset_artifact_id"]  # noqa: Y015
     _WhichOneofArgType_dataset: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_dataset) -> _WhichOneofReturnType_dataset | None: ...
 
@@ -205,6 +457,18 @@ class Job(_message.Message):
     RECORDS_TOTAL_FIELD_NUMBER: _builtins.int
     RECORDS_USED_FIELD_NUMBER: _builtins.int
     RECORDS_SKIPPED_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
+    RECORDS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    REPLAY_RECORDS_FIELD_NUMBER: _builtins.int
+    SPEC_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    HOLDOUT_RECORDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _events_pb2.JobState.ValueType
     step: _builtins.int
@@ -216,12 +480,32 @@ class Job(_message.Message):
     records_total: _builtins.int
     records_used: _builtins.int
     records_skipped: _builtins.int
+    learning_rate: _builtins.float
+    tokens_per_second: _builtins.float
+    eta_seconds: _builtins.float
+    worker: _builtins.str
+    """The trainer replica running (or last running) the job."""
+    attempts: _builtins.int
+    """Times the job was (re)started; >1 means it resumed from a checkpoint."""
+    resumed_from_step: _builtins.int
+    records_truncated: _builtins.int
+    replay_records: _builtins.int
+    spec_fingerprint: _builtins.str
+    """sha256 of the spec as submitted: an idempotent resubmit must match it."""
+    holdout_records: _builtins.int
+    """Evaluation records held out of training."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageReport]:
+        """Records in/out of each pipeline stage, in order."""
+
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation: ...
     def __init__(
         self,
         *,
@@ -239,14 +523,94 @@ class Job(_message.Message):
         records_total: _builtins.int = ...,
         records_used: _builtins.int = ...,
         records_skipped: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+        tokens_per_second: _builtins.float = ...,
+        eta_seconds: _builtins.float = ...,
+        stages: _abc.Iterable[Global___StageReport] | None = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
+        worker: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        resumed_from_step: _builtins.int = ...,
+        records_truncated: _builtins.int = ...,
+        replay_records: _builtins.int = ...,
+        spec_fingerprint: _builtins.str = ...,
+        holdout_records: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "job_id", b"job_id", "loss", b"loss", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_used", b"records_used", "spec", b"spec", "state", b"state", "step", b"step", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "eta_seconds", b"eta_seconds", "evaluation", b"evaluation", "holdout_records", b"holdout_records", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_truncated", b"records_truncated", "records_used", b"records_used", "replay_records", b"replay_records", "resumed_from_step", b"resumed_from_step", "spec", b"spec", "spec_fingerprint", b"spec_fingerprint", "stages", b"stages", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class StageReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RECORDS_IN_FIELD_NUMBER: _builtins.int
+    RECORDS_OUT_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    records_in: _builtins.int
+    records_out: _builtins.int
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        records_in: _builtins.int = ...,
+        records_out: _builtins.int = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "name", b"name", "records_in", b"records_in", "records_out", b"records_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageReport: _TypeAlias = StageReport  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):
@@ -272,21 +636,24 @@ class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTER_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
+    team: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
         self,
         *,
         adapter: _builtins.str = ...,
+        team: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "page_size", b"page_size", "page_token", b"page_token", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,6 +56,11 @@ class TrainerServiceStub:
                 request_serializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/ftops.trainer.v1.TrainerService/CancelJob',
+                request_serializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -88,6 +93,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Stops a queued or running job (it ends CANCELLED; nothing is registered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.GetJobRequest.FromString,
+                    response_serializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.CancelJobRequest.FromString,
                     response_serializer=ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.SerializeToString,
             ),
     }
@@ -221,6 +238,33 @@ class TrainerService:
             target,
             '/ftops.trainer.v1.TrainerService/WatchJob',
             ftops_dot_trainer_dot_v1_dot_trainer__pb2.GetJobRequest.SerializeToString,
+            ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.trainer.v1.TrainerService/CancelJob',
+            ftops_dot_trainer_dot_v1_dot_trainer__pb2.CancelJobRequest.SerializeToString,
             ftops_dot_trainer_dot_v1_dot_trainer__pb2.Job.FromString,
             options,
             channel_credentials,

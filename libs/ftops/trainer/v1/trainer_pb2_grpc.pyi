@@ -40,6 +40,8 @@ class TrainerServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]
     WatchJob: _grpc.UnaryStreamMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.Job]
     """Streams the job's state until it ends (the current state first)."""
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.Job]
+    """Stops a queued or running job (it ends CANCELLED; nothing is registered)."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -53,6 +55,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.Job]  # type: ignore[assignment]
     """Streams the job's state until it ends (the current state first)."""
+    CancelJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.Job]  # type: ignore[assignment]
+    """Stops a queued or running job (it ends CANCELLED; nothing is registered)."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Incremental fine-tuning jobs. A finished job uploads its adapter to the registry,
@@ -87,5 +91,13 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.Job], _abc.AsyncIterator[_trainer_pb2.Job]]:
         """Streams the job's state until it ends (the current state first)."""
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _trainer_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.Job, _abc.Awaitable[_trainer_pb2.Job]]:
+        """Stops a queued or running job (it ends CANCELLED; nothing is registered)."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

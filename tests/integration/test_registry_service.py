@@ -1,5 +1,6 @@
 """The registry service over a real socket with real NATS (and Postgres where there is
-one): artifacts, versions, error codes, health, reflection, release events, concurrency."""
+one): artifacts, versions (rejected ones too), job records, error codes, health,
+reflection, release events, concurrency and schema upgrades."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -15,12 +17,15 @@ import grpc
 import nats
 import pytest
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nats.aio.msg import Msg
 
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.trainer.v1 import trainer_pb2
 from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime import events
@@ -406,3 +411,214 @@ async def test_unreachable_database_is_not_serving_then_recovers(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+async def _code_and_details(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_rejected_version_round_trip_and_refusals(
+    app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub, nats_url: str
+) -> None:
+    artifact = await _base_and_artifact(stub)
+    replay = await _upload(stub, {"replay.jsonl": b'{"text": "kept"}\n'})
+    good = await stub.RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter="gate-bot", base_model="tiny", artifact_id=artifact.artifact_id
+        )
+    )
+    request = registry_pb2.RegisterVersionRequest(
+        adapter="gate-bot",
+        artifact_id=artifact.artifact_id,
+        parent_version_id=good.version_id,
+        idempotency_key="job-gate-final",
+        rejected=True,
+        evaluation=common_pb2.Evaluation(
+            gate_passed=False, reasons=["retention 0.70 < 0.95"], metrics={"retention": 0.7}
+        ),
+        replay_artifact_id=replay.artifact_id,
+        dataset_artifact_id=replay.artifact_id,
+    )
+    bad = await stub.RegisterVersion(request)
+    assert (good.state, bad.state) == ("ready", "rejected")
+    assert bad.evaluation.reasons == ["retention 0.70 < 0.95"]
+    assert dict(bad.evaluation.metrics) == {"retention": 0.7}
+    assert bad.replay_artifact_id == bad.dataset_artifact_id == replay.artifact_id
+    assert await stub.RegisterVersion(request) == bad  # a retry: same version
+    assert await stub.GetVersion(registry_pb2.GetVersionRequest(version_id=bad.version_id)) == bad
+    listed = await stub.ListVersions(registry_pb2.ListVersionsRequest(adapter="gate-bot"))
+    assert [(v.number, v.state) for v in listed.versions] == [(1, "ready"), (2, "rejected")]
+
+    code, details = await _code_and_details(
+        stub.SetAlias(
+            registry_pb2.SetAliasRequest(adapter="gate-bot", name="prod", version_id="gate-bot:2")
+        )
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rejected" in details
+    assert "retention 0.70" in details
+    missing = registry_pb2.RegisterVersionRequest()
+    missing.CopyFrom(request)
+    missing.idempotency_key = ""
+    missing.replay_artifact_id = "ab" * 32
+    code, details = await _code_and_details(stub.RegisterVersion(missing))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "replay_artifact_id" in details
+
+    # A release.started that puts it on traffic is dead-lettered at once, not recorded.
+    release_id = f"rel-{uuid.uuid4().hex[:8]}"
+    started = events_pb2.ReleaseStarted(
+        meta=events.new_meta("gateway", "test"),
+        release_id=release_id,
+        alias="gate-bot",
+        stable_version_id=good.version_id,
+        candidate_version_id=bad.version_id,
+        steps=[10, 100],
+        current_weight=10,
+    )
+    nc = await nats.connect(nats_url)
+    try:
+        dead: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_dead(msg: Msg) -> None:
+            if events_pb2.ReleaseStarted.FromString(msg.data).release_id == release_id:
+                await dead.put(msg)
+
+        await nc.subscribe(f"deadletter.{events.RELEASE_STARTED}", cb=on_dead)
+        await nc.jetstream().publish(events.RELEASE_STARTED, started.SerializeToString())
+        msg = await asyncio.wait_for(dead.get(), 15)
+    finally:
+        await nc.close()
+    assert msg.headers is not None
+    assert "rejected" in msg.headers["Ftops-Reason"]
+    assert msg.headers["Ftops-Deliveries"] == "1"
+    code, _ = await _code_and_details(
+        stub.GetRelease(registry_pb2.GetReleaseRequest(release_id=release_id))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def _job(job_id: str, adapter: str, state: int, created: int) -> trainer_pb2.Job:
+    return trainer_pb2.Job(
+        job_id=job_id,
+        spec=trainer_pb2.JobSpec(adapter=adapter, team="support", base_model="tiny"),
+        state=state,  # type: ignore[arg-type]
+        created_at=Timestamp(seconds=1_700_000_000 + created),
+    )
+
+
+async def test_job_records(tmp_path: Path, nats_url: str, database_url: str) -> None:
+    app = await _start(_settings(tmp_path, nats_url, database_url))
+    try:
+        await app.wait_ready()
+        async with channel(app.address) as ch:
+            stub = _stub(ch)
+            queued, running = events_pb2.JOB_STATE_QUEUED, events_pb2.JOB_STATE_RUNNING
+            first = await stub.PutJob(
+                registry_pb2.PutJobRequest(job=_job("job-a", "bot-a", queued, 1))
+            )
+            assert first.revision == 1
+            got = await stub.GetJob(registry_pb2.GetJobRecordRequest(job_id="job-a"))
+            assert got == first
+
+            # Replicas racing on the revision they read: exactly one write lands.
+            updates = []
+            for step in range(10):
+                job = _job("job-a", "bot-a", running, 1)
+                job.step = step
+                updates.append(
+                    _code_and_details(
+                        stub.PutJob(registry_pb2.PutJobRequest(job=job, expected_revision=1))
+                    )
+                )
+            outcomes = await asyncio.gather(*updates)
+            assert sorted(code.name for code, _ in outcomes) == ["ABORTED"] * 9 + ["OK"]
+            assert all("at revision 2, not 1" in d for c, d in outcomes if c != grpc.StatusCode.OK)
+            now = await stub.GetJob(registry_pb2.GetJobRecordRequest(job_id="job-a"))
+            assert (now.revision, now.job.state) == (2, running)
+
+            code, _ = await _code_and_details(
+                stub.PutJob(registry_pb2.PutJobRequest(job=_job("job-a", "bot-a", queued, 1)))
+            )
+            assert code == grpc.StatusCode.ALREADY_EXISTS
+            code, _ = await _code_and_details(
+                stub.GetJob(registry_pb2.GetJobRecordRequest(job_id="ghost"))
+            )
+            assert code == grpc.StatusCode.NOT_FOUND
+            big = _job("job-big", "bot-a", queued, 2)
+            big.spec.dataset_jsonl = b"x" * (1024 * 1024 + 1)
+            code, details = await _code_and_details(
+                stub.PutJob(registry_pb2.PutJobRequest(job=big))
+            )
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "dataset_jsonl" in details
+
+            for i in range(5):
+                await stub.PutJob(
+                    registry_pb2.PutJobRequest(job=_job(f"job-b{i}", "bot-b", queued, 10 + i))
+                )
+            ids: list[str] = []
+            token = ""
+            while True:
+                page = await stub.ListJobs(
+                    registry_pb2.ListJobRecordsRequest(
+                        adapter="bot-b", page_size=2, page_token=token
+                    )
+                )
+                ids += [r.job.job_id for r in page.jobs]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert ids == ["job-b4", "job-b3", "job-b2", "job-b1", "job-b0"]
+            running_jobs = await stub.ListJobs(
+                registry_pb2.ListJobRecordsRequest(team="support", states=[running])
+            )
+            assert [r.job.job_id for r in running_jobs.jobs] == ["job-a"]
+    finally:
+        await app.stop()
+
+
+async def test_a_0001_database_upgrades_to_head(database_url: str) -> None:
+    """Rows written by the first schema read back through the new code as "ready"."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import DateTime, bindparam, text
+
+    from ftops_registry.db import MIGRATIONS_DIR, Database
+    from ftops_registry.registry import Registry
+
+    db = Database(database_url)
+    try:
+        with db.engine.connect() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+            conn.commit()
+        rows = [
+            "INSERT INTO base_models VALUES ('tiny', :fp, '/m', :t)",
+            "INSERT INTO adapters VALUES ('old-bot', '', 'tiny', 1, :t)",
+            "INSERT INTO artifacts VALUES (:fp, 1, :t)",
+            "INSERT INTO versions (version_id, adapter, number, artifact_id, "
+            "base_model_fingerprint, job_id, dataset_fingerprint, method, metrics, labels, "
+            "archived, created_at) VALUES ('ver_0123456789', 'old-bot', 1, :fp, :fp, '', '', "
+            "'lora', '{}', '{}', FALSE, :t)",
+            "INSERT INTO aliases VALUES ('old-bot', 'prod', 'ver_0123456789', :t)",
+        ]
+        with db.engine.begin() as conn:
+            for sql in rows:
+                stmt = text(sql).bindparams(bindparam("t", type_=DateTime(timezone=True)))
+                conn.execute(stmt, {"fp": FP, "t": datetime.now(UTC)})
+        db.migrate()
+        registry = Registry(db)
+        version = registry.get_version("old-bot:1")
+        assert version.state == "ready"
+        assert not version.HasField("evaluation")
+        assert registry.get_alias("old-bot", "prod").version_id == version.version_id
+        assert registry.list_versions("old-bot").versions == [version]
+    finally:
+        db.close()

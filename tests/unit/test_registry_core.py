@@ -1,17 +1,27 @@
 """Registry core on a real SQLite file: registration, numbering, idempotency, lineage,
-aliases and argument checks."""
+aliases, rejected versions, argument checks and schema migrations."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
+from ftops.common.v1 import common_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_registry.artifacts import FileSpec
-from ftops_registry.db import Database
+from ftops_registry.db import MIGRATIONS_DIR, Database
+from ftops_registry.models import Base
 from ftops_registry.registry import Registry
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -207,3 +217,132 @@ def test_unknown_versions_are_not_found(with_base: Registry) -> None:
         with_base.get_version("support-bot:x")
     with pytest.raises(NotFound, match="nonsense"):
         with_base.get_version("nonsense")
+
+
+def gate_failed(**kw: object) -> registry_pb2.RegisterVersionRequest:
+    evaluation = common_pb2.Evaluation(
+        gate_passed=False,
+        reasons=["retention 0.80 < 0.95"],
+        metrics={"retention": 0.8, "new_loss": float("nan"), "parent_new_loss": float("inf")},
+    )
+    req = registry_pb2.RegisterVersionRequest(
+        adapter="support-bot",
+        team="support",
+        base_model="tiny",
+        job_id="job-9",
+        rejected=True,
+        evaluation=evaluation,
+    )
+    for field, value in kw.items():
+        setattr(req, field, value)
+    return req
+
+
+def test_rejected_version_is_stored_listed_and_never_aliased(with_base: Registry) -> None:
+    good = register(with_base)
+    artifact = with_base.record_artifact(FILES).artifact_id
+    replay = with_base.record_artifact([FileSpec("replay.jsonl", "3" * 64, 5)]).artifact_id
+    data = with_base.record_artifact([FileSpec("data.jsonl", "4" * 64, 7)]).artifact_id
+    rejected = with_base.register_version(
+        gate_failed(
+            artifact_id=artifact,
+            replay_artifact_id=replay,
+            dataset_artifact_id=data,
+            parent_version_id=good.version_id,
+            idempotency_key="job-9-final",
+        )
+    )
+    assert (good.state, rejected.state) == ("ready", "rejected")
+    assert not good.HasField("evaluation")
+    assert (rejected.replay_artifact_id, rejected.dataset_artifact_id) == (replay, data)
+    assert list(rejected.evaluation.reasons) == ["retention 0.80 < 0.95"]
+    metrics = rejected.evaluation.metrics
+    assert metrics["retention"] == 0.8
+    assert math.isnan(metrics["new_loss"])
+    assert math.isinf(metrics["parent_new_loss"])
+    assert with_base.get_version(rejected.version_id) == rejected
+    assert with_base.get_lineage(rejected.version_id).chain[0] == rejected
+    listed = with_base.list_versions("support-bot").versions
+    assert [(v.number, v.state) for v in listed] == [(1, "ready"), (2, "rejected")]
+    assert listed[1] == rejected
+    # A retried registration returns the same rejected version, not a new number.
+    again = with_base.register_version(
+        gate_failed(artifact_id=artifact, idempotency_key="job-9-final")
+    )
+    assert again == rejected
+
+    with pytest.raises(FailedPrecondition, match=r"rejected .*retention 0\.80 < 0\.95"):
+        with_base.set_alias("support-bot", "prod", rejected.version_id)
+    with pytest.raises(FailedPrecondition, match="support-bot:2"):
+        with_base.set_alias("support-bot", "prod", "support-bot:2")
+    with pytest.raises(NotFound):
+        with_base.get_alias("support-bot", "prod")
+    assert with_base.alias_history("support-bot", "prod") == []
+    with_base.set_alias("support-bot", "prod", good.version_id)  # ready versions still may
+
+
+def test_referenced_artifacts_must_exist(with_base: Registry) -> None:
+    artifact = with_base.record_artifact(FILES).artifact_id
+    for field in ("replay_artifact_id", "dataset_artifact_id"):
+        with pytest.raises(FailedPrecondition, match=f"{'ab' * 32}.*{field}"):
+            with_base.register_version(gate_failed(artifact_id=artifact, **{field: "ab" * 32}))
+    with pytest.raises(NotFound):
+        with_base.list_versions("support-bot")
+
+
+def _alembic(conn: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    return config
+
+
+def test_a_0001_database_upgrades_and_old_versions_are_ready(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/old.db")
+    with db.engine.connect() as conn:
+        command.upgrade(_alembic(conn), "0001")
+        conn.commit()
+    old = "2024-01-01 00:00:00.000000"
+    with db.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO base_models VALUES ('tiny', :fp, '/models/tiny', :t)"),
+            {"fp": FP, "t": old},
+        )
+        conn.execute(
+            text("INSERT INTO adapters VALUES ('old-bot', 't', 'tiny', 1, :t)"), {"t": old}
+        )
+        conn.execute(text("INSERT INTO artifacts VALUES (:a, 30, :t)"), {"a": "f" * 64, "t": old})
+        conn.execute(
+            text(
+                "INSERT INTO versions (version_id, adapter, number, artifact_id, "
+                "base_model_fingerprint, job_id, dataset_fingerprint, method, metrics, labels, "
+                "archived, created_at) VALUES ('ver_0123456789', 'old-bot', 1, :a, :fp, 'j', "
+                "'', 'lora', '{\"loss\": 0.5}', '{}', 0, :t)"
+            ),
+            {"a": "f" * 64, "fp": FP, "t": old},
+        )
+        # An alias references the row: the upgrade must not rebuild `versions` under it.
+        conn.execute(
+            text("INSERT INTO aliases VALUES ('old-bot', 'prod', 'ver_0123456789', :t)"),
+            {"t": old},
+        )
+    db.migrate()
+    registry = Registry(db)
+    try:
+        version = registry.get_version("old-bot:1")
+        assert version.state == "ready"
+        assert not version.HasField("evaluation")
+        assert (version.replay_artifact_id, version.dataset_artifact_id) == ("", "")
+        assert dict(version.metrics) == {"loss": 0.5}
+        assert registry.get_alias("old-bot", "prod").version_id == "ver_0123456789"
+        with db.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            assert current == ScriptDirectory.from_config(_alembic(conn)).get_current_head()
+    finally:
+        db.close()
+
+
+def test_migrations_create_exactly_the_models(registry: Registry) -> None:
+    with registry.db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []

@@ -10,10 +10,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
+from ftops.registry.v1 import registry_pb2
+from ftops_registry.artifacts import FileSpec
 from ftops_registry.db import Database
+from ftops_registry.registry import Registry, RejectedVersionError
 from ftops_registry.releases import ReleaseHistory
 from ftops_runtime import events
-from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
+from ftops_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermanentEventError,
+)
 
 
 @pytest.fixture
@@ -31,25 +39,29 @@ def meta(seconds: int) -> common_pb2.EventMeta:
     return m
 
 
-def started(release: str, t: int = 0) -> events_pb2.ReleaseStarted:
+def started(
+    release: str, t: int = 0, stable: str = "ver_a", candidate: str = "ver_b"
+) -> events_pb2.ReleaseStarted:
     return events_pb2.ReleaseStarted(
         meta=meta(t),
         release_id=release,
         alias="support-bot",
-        stable_version_id="ver_a",
-        candidate_version_id="ver_b",
+        stable_version_id=stable,
+        candidate_version_id=candidate,
         strategy=events_pb2.RELEASE_STRATEGY_CANARY,
         steps=[10, 50, 100],
         current_weight=10,
     )
 
 
-def promote(release: str, weight: int, t: int, final: bool = False) -> events_pb2.ReleasePromote:
+def promote(
+    release: str, weight: int, t: int, final: bool = False, candidate: str = "ver_b"
+) -> events_pb2.ReleasePromote:
     return events_pb2.ReleasePromote(
         meta=meta(t),
         release_id=release,
         alias="support-bot",
-        candidate_version_id="ver_b",
+        candidate_version_id=candidate,
         stable_version_id="ver_a",
         weight=weight,
         final=final,
@@ -132,3 +144,37 @@ def test_list_and_errors(history: ReleaseHistory) -> None:
         history.get("")
     with pytest.raises(PermanentEventError):
         history.apply_started(events_pb2.ReleaseStarted(release_id="x"))
+
+
+def test_releases_never_put_traffic_on_a_rejected_version(history: ReleaseHistory) -> None:
+    registry = Registry(history.db)
+    registry.register_base_model("tiny", "a" * 64, "/models/tiny")
+    artifact = registry.record_artifact([FileSpec("adapter.safetensors", "1" * 64, 3)])
+    base = registry_pb2.RegisterVersionRequest(
+        adapter="support-bot", base_model="tiny", artifact_id=artifact.artifact_id
+    )
+    good = registry.register_version(base)
+    base.rejected = True
+    base.evaluation.reasons.append("new_loss 2.0 > parent 1.0")
+    bad = registry.register_version(base)
+
+    # Refused: permanent for the event consumer (dead-lettered, no retries) and
+    # FAILED_PRECONDITION for anything that maps errors to gRPC.
+    with pytest.raises(RejectedVersionError, match=r"rejected .*new_loss 2\.0") as err:
+        history.apply_started(started("rel-bad", 0, good.version_id, bad.version_id))
+    assert isinstance(err.value, PermanentEventError)
+    assert isinstance(err.value, FailedPrecondition)
+    assert "candidate version of release rel-bad" in str(err.value)
+    with pytest.raises(FailedPrecondition):
+        history.apply_promote(promote("rel-bad", 50, 10, candidate=bad.version_id))
+    with pytest.raises(FailedPrecondition, match="stable version"):
+        history.apply_started(started("rel-bad-2", 0, bad.version_id, good.version_id))
+    with pytest.raises(NotFound):
+        history.get("rel-bad")
+    # Taking traffic away from it is always recorded.
+    back = rollback("rel-bad", 20)
+    back.candidate_version_id = bad.version_id
+    assert history.apply_rollback(back)
+    assert history.get("rel-bad").state == "rolled_back"
+    # Ready versions (and ids this registry does not know) are recorded as before.
+    assert history.apply_started(started("rel-ok", 0, "ver_a", good.version_id))

@@ -9,6 +9,7 @@ import logging
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_registry.artifacts import LocalArtifactStore
 from ftops_registry.db import Database
+from ftops_registry.jobs import JobRecords
 from ftops_registry.registry import Registry
 from ftops_registry.release_events import DEFAULT_DURABLE, subscribe_release_events
 from ftops_registry.releases import ReleaseHistory
@@ -32,6 +33,7 @@ class RegistryApp:
         self.store = LocalArtifactStore(settings.artifact_dir)
         self.registry = Registry(self.db)
         self.releases = ReleaseHistory(self.db)
+        self.jobs = JobRecords(self.db)
         self.bus = EventBus(
             settings.nats_url,
             service="registry",
@@ -50,6 +52,7 @@ class RegistryApp:
                 self.registry,
                 self.releases,
                 self.store,
+                self.jobs,
                 max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
             ),
             self.server.server,

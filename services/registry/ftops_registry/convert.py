@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ftops.common.v1 import common_pb2
 from ftops.registry.v1 import registry_pb2
+from ftops.trainer.v1 import trainer_pb2
 from ftops_registry.models import (
     AdapterRow,
     AliasRow,
     ArtifactFileRow,
     ArtifactRow,
     BaseModelRow,
+    JobRow,
     ReleaseDecisionRow,
     ReleaseRow,
     VersionRow,
@@ -38,6 +42,29 @@ def from_timestamp(ts: Timestamp) -> datetime:
 
 def as_utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def json_numbers(values: Mapping[str, float]) -> dict[str, float | str]:
+    """Floats for a JSON column. JSON has no NaN/Infinity (Postgres refuses the tokens), and
+    a diverged run's metrics are exactly what a rejected version must keep: store those as
+    strings, which ``float()`` reads back."""
+    return {k: v if math.isfinite(v) else str(v) for k, v in values.items()}
+
+
+def evaluation_json(ev: common_pb2.Evaluation) -> dict[str, Any]:
+    return {
+        "gate_passed": ev.gate_passed,
+        "reasons": list(ev.reasons),
+        "metrics": json_numbers(ev.metrics),
+    }
+
+
+def evaluation(data: Mapping[str, Any]) -> common_pb2.Evaluation:
+    return common_pb2.Evaluation(
+        gate_passed=bool(data.get("gate_passed", False)),
+        reasons=[str(r) for r in data.get("reasons", [])],
+        metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+    )
 
 
 def base_model(row: BaseModelRow) -> registry_pb2.BaseModel:
@@ -82,6 +109,10 @@ def version(
         labels={k: str(v) for k, v in row.labels.items()},
         created_at=timestamp(row.created_at),
         archived=row.archived,
+        state=row.state,
+        evaluation=evaluation(row.evaluation) if row.evaluation is not None else None,
+        replay_artifact_id=row.replay_artifact_id or "",
+        dataset_artifact_id=row.dataset_artifact_id or "",
     )
 
 
@@ -121,3 +152,7 @@ def release(row: ReleaseRow, history: Sequence[ReleaseDecisionRow]) -> registry_
         started_at=timestamp(row.started_at),
         updated_at=timestamp(row.updated_at),
     )
+
+
+def job_record(row: JobRow) -> registry_pb2.JobRecord:
+    return registry_pb2.JobRecord(job=trainer_pb2.Job.FromString(row.job), revision=row.revision)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -99,6 +100,12 @@ class VersionRow(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "ready" or "rejected" (failed the evaluation gate: listed, never aliased or released).
+    state: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    # {"gate_passed": bool, "reasons": [str], "metrics": {str: float}}; None: not evaluated.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    replay_artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.artifact_id"))
+    dataset_artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.artifact_id"))
 
 
 class AliasRow(Base):
@@ -155,3 +162,21 @@ class ReleaseDecisionRow(Base):
     figures: Mapped[dict[str, Any]] = mapped_column(default=dict)
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     occurred_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobRow(Base):
+    """The trainer's job record. The registry stores the serialized ``trainer.v1.Job`` as
+    is and keeps copies of the fields it filters and orders by in columns."""
+
+    __tablename__ = "jobs"
+
+    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(128), index=True)
+    team: Mapped[str] = mapped_column(String(128), default="", index=True)
+    # ftops.events.v1.JobState value.
+    state: Mapped[int] = mapped_column(Integer, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Optimistic concurrency: every write bumps it; writers say which one they read.
+    revision: Mapped[int] = mapped_column(BigInteger)
+    job: Mapped[bytes] = mapped_column(LargeBinary)

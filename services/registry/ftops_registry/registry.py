@@ -32,7 +32,12 @@ from ftops_registry.models import (
     utcnow,
 )
 from ftops_runtime import hashing
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from ftops_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermanentEventError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,22 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # "base" names the bare base model in gateway routes; an adapter may not take it.
 RESERVED_NAMES = frozenset({"base"})
+# Version states: a rejected version failed the evaluation gate and is never served.
+READY, REJECTED = "ready", "rejected"
+
+
+class RejectedVersionError(FailedPrecondition, PermanentEventError):
+    """A rejected version named as an alias or release target. FAILED_PRECONDITION over
+    gRPC; permanent for an event handler too (a redelivery cannot make it servable)."""
+
+
+def check_servable(row: VersionRow, role: str) -> None:
+    if row.state == REJECTED:
+        reasons = "; ".join((row.evaluation or {}).get("reasons", [])) or "no reason recorded"
+        raise RejectedVersionError(
+            f"version {row.adapter}:{row.number} ({row.version_id}) was rejected by the "
+            f"evaluation gate ({reasons}) and cannot be the {role}"
+        )
 
 
 def check_name(kind: str, value: str, pattern: re.Pattern[str] = NAME_RE) -> str:
@@ -179,6 +200,8 @@ class Registry:
         if req.team:
             check_name("team", req.team)
         idem_key = req.idempotency_key or None
+        state = REJECTED if req.rejected else READY
+        evaluation = convert.evaluation_json(req.evaluation) if req.HasField("evaluation") else None
 
         def work(s: Session) -> registry_pb2.Version:
             if idem_key is not None:
@@ -232,11 +255,17 @@ class Registry:
                 if base is None:
                     raise NotFound(f"base model {adapter.base_model!r} is not registered")
 
-            if s.get(ArtifactRow, req.artifact_id) is None:
-                raise FailedPrecondition(
-                    f"artifact {req.artifact_id!r} does not exist: upload it with "
-                    "UploadArtifact before registering the version"
-                )
+            # Same code for every referenced artifact: the caller must upload it first.
+            for field, artifact_id in (
+                ("artifact_id", req.artifact_id),
+                ("replay_artifact_id", req.replay_artifact_id),
+                ("dataset_artifact_id", req.dataset_artifact_id),
+            ):
+                if artifact_id and s.get(ArtifactRow, artifact_id) is None:
+                    raise FailedPrecondition(
+                        f"artifact {artifact_id!r} ({field}) does not exist: upload it with "
+                        "UploadArtifact before registering the version"
+                    )
             parent_id: str | None = None
             if req.parent_version_id:
                 parent = self._resolve(s, req.parent_version_id)
@@ -258,15 +287,28 @@ class Registry:
                 job_id=req.job_id,
                 dataset_fingerprint=req.dataset_fingerprint,
                 method=req.method,
-                metrics=dict(req.metrics),
+                metrics=convert.json_numbers(req.metrics),
                 labels=dict(req.labels),
                 idempotency_key=idem_key,
                 archived=False,
                 created_at=utcnow(),
+                state=state,
+                evaluation=evaluation,
+                replay_artifact_id=req.replay_artifact_id or None,
+                dataset_artifact_id=req.dataset_artifact_id or None,
             )
             s.add(row)
             s.flush()
-            log.info("registered %s:%d as %s", adapter_name, row.number, row.version_id)
+            if state == REJECTED:
+                log.warning(
+                    "registered %s:%d as %s, REJECTED by the evaluation gate: %s",
+                    adapter_name,
+                    row.number,
+                    row.version_id,
+                    "; ".join(req.evaluation.reasons) or "no reason given",
+                )
+            else:
+                log.info("registered %s:%d as %s", adapter_name, row.number, row.version_id)
             return self._version_pb(s, row)
 
         return self.db.write(work)
@@ -335,6 +377,7 @@ class Registry:
                     f"version {version.version_id} belongs to adapter {version.adapter!r}, "
                     f"so alias {name!r} of adapter {adapter!r} cannot point at it"
                 )
+            check_servable(version, f"target of alias {adapter}/{name}")
             now = utcnow()
             row = s.get(AliasRow, (adapter, name), with_for_update=True)
             previous = row.version_id if row is not None else None

@@ -5,6 +5,10 @@ delivered at least once and, being on three consumers, in no guaranteed order. S
 each event is one decision row keyed by its unique event id (a redelivery is a no-op), a
 decision for a release we have not seen creates it from the event's own fields, and an
 older event arriving late is kept in the history without moving the state backwards.
+
+A started or promote event that puts a rejected version (failed evaluation gate) on
+traffic is refused (``RejectedVersionError``: dead-lettered, nothing recorded); a rollback
+is always recorded, since it takes traffic away.
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_registry import convert
 from ftops_registry.db import Database
-from ftops_registry.models import ReleaseDecisionRow, ReleaseRow
-from ftops_registry.registry import check_name, decode_token, encode_token, page_size
+from ftops_registry.models import ReleaseDecisionRow, ReleaseRow, VersionRow
+from ftops_registry.registry import (
+    check_name,
+    check_servable,
+    decode_token,
+    encode_token,
+    page_size,
+)
 from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
 
 log = logging.getLogger(__name__)
@@ -62,7 +72,12 @@ class ReleaseHistory:
             return {"kind": "started", "weight": event.current_weight}
 
         return self._record(
-            event, event.alias, event.stable_version_id, event.candidate_version_id, apply
+            event,
+            event.alias,
+            event.stable_version_id,
+            event.candidate_version_id,
+            apply,
+            servable=True,
         )
 
     def apply_promote(self, event: events_pb2.ReleasePromote) -> bool:
@@ -81,7 +96,12 @@ class ReleaseHistory:
             }
 
         return self._record(
-            event, event.alias, event.stable_version_id, event.candidate_version_id, apply
+            event,
+            event.alias,
+            event.stable_version_id,
+            event.candidate_version_id,
+            apply,
+            servable=True,
         )
 
     def apply_rollback(self, event: events_pb2.ReleaseRollback) -> bool:
@@ -111,7 +131,10 @@ class ReleaseHistory:
         stable: str,
         candidate: str,
         apply: Callable[[ReleaseRow, bool, bool], dict[str, Any]],
+        *,
+        servable: bool = False,
     ) -> bool:
+        """``servable``: the event routes traffic to its versions, so none may be rejected."""
         event_id = event.meta.event_id
         if not event_id:
             raise PermanentEventError(f"release event for {event.release_id!r} has no event id")
@@ -125,6 +148,13 @@ class ReleaseHistory:
             )
             if seen is not None:
                 return False
+            if servable:
+                for role, version_id in (("stable", stable), ("candidate", candidate)):
+                    # Ids the registry does not know are recorded as given (history, not
+                    # routing); a known rejected one is refused.
+                    version = s.get(VersionRow, version_id) if version_id else None
+                    if version is not None:
+                        check_servable(version, f"{role} version of release {event.release_id}")
             release = s.get(ReleaseRow, event.release_id, with_for_update=True)
             created = release is None
             if release is None:

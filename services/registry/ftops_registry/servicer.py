@@ -15,6 +15,7 @@ from ftops_registry.artifacts import (
     validate_manifest,
 )
 from ftops_registry.db import Database
+from ftops_registry.jobs import JobRecords
 from ftops_registry.registry import Registry, file_specs
 from ftops_registry.releases import ReleaseHistory
 from ftops_runtime.errors import InvalidArgument, Unavailable
@@ -30,12 +31,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         registry: Registry,
         releases: ReleaseHistory,
         store: ArtifactStore,
+        jobs: JobRecords,
         *,
         max_artifact_bytes: int,
     ) -> None:
         self._db = db
         self._registry = registry
         self._releases = releases
+        self._jobs = jobs
         self._store = store
         self._max_artifact_bytes = max_artifact_bytes
 
@@ -135,4 +138,26 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.ListReleasesResponse:
         return await self._db.run(
             self._releases.list, request.alias, request.page_size, request.page_token
+        )
+
+    async def PutJob(
+        self, request: registry_pb2.PutJobRequest, context: Any
+    ) -> registry_pb2.JobRecord:
+        return await self._db.run(self._jobs.put, request.job, request.expected_revision)
+
+    async def GetJob(
+        self, request: registry_pb2.GetJobRecordRequest, context: Any
+    ) -> registry_pb2.JobRecord:
+        return await self._db.run(self._jobs.get, request.job_id)
+
+    async def ListJobs(
+        self, request: registry_pb2.ListJobRecordsRequest, context: Any
+    ) -> registry_pb2.ListJobRecordsResponse:
+        return await self._db.run(
+            self._jobs.list,
+            request.adapter,
+            request.team,
+            list(request.states),
+            request.page_size,
+            request.page_token,
         )

@@ -1,112 +1,84 @@
-"""LoRA training on a base model: a plain, deterministic torch loop (no Trainer magic).
+"""Adapter training on a base model: a plain, deterministic torch loop (no Trainer magic).
 
 Blocking and CPU/GPU heavy: the job manager runs it in a worker thread and passes a
 progress callback plus a stop flag, so the gRPC loop stays responsive and shutdown is
 prompt (the loop checks the flag every step).
+
+The pieces: ``methods`` (LoRA/DoRA/rsLoRA, AdaLoRA, IA3, prompt and prefix tuning,
+top-layer partial fine-tuning, QLoRA on CUDA), ``schedule`` (batches, warmup + decay),
+``loop`` (the optimizer steps, weighting, evaluation, early stopping), ``checkpoints``
+(resumable, no pickles), ``regularization`` (L2/EWC towards the parent) and
+``distributed`` (data parallel over CPU worker processes).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from ftops_trainer.dataset import Example, Record, tokenize_all
+from ftops_trainer.loop import (
+    Hooks,
+    Job,
+    LocalComm,
+    MetricsFn,
+    NothingToTrain,
+    ProgressFn,
+    TrainingStopped,
+    TrainMetrics,
+    TrainResult,
+    run_training,
+)
+from ftops_trainer.methods import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    MethodUnavailable,
+    qlora_problem,
+    validate_method,
+)
+from ftops_trainer.params import DEFAULT_TARGET_MODULES, TrainParams, total_steps, validate_training
 
-from ftops_trainer.dataset import IGNORE_INDEX, Example, Record, tokenize
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-# "Empty means the attention projections" (trainer.proto); Llama-family names.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-ProgressFn = Callable[[int, int, float], None]
-
-
-class TrainingStopped(Exception):
-    """The stop flag was raised (trainer shutting down) before training finished."""
-
-
-class NothingToTrain(ValueError):
-    """Every example lost all its trainable tokens to the cutoff."""
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    # Tuned so the tiny dev model learns all 40 of its new facts (greedy exact match 1.0)
-    # in ~7 s on 2 CPU cores (200 steps). Many epochs suit small fact sets; large
-    # datasets should pass their own num_epochs.
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    learning_rate: float = 2e-3
-    num_epochs: int = 40
-    batch_size: int = 8
-    cutoff_len: int = 256
-    seed: int = 0
-    max_steps: int = 0  # 0 = all epochs
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    final_loss: float  # mean loss over the last epoch
-    steps: int
-    seconds: float
-    examples: int  # examples trained on (records minus those truncated to nothing)
-    losses: list[float] = field(default_factory=list)  # per step
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILES",
+    "ADAPTER_WEIGHTS",
+    "DEFAULT_TARGET_MODULES",
+    "InvalidTrainParams",
+    "MethodUnavailable",
+    "MetricsFn",
+    "NothingToTrain",
+    "ProgressFn",
+    "TrainMetrics",
+    "TrainParams",
+    "TrainResult",
+    "TrainingStopped",
+    "total_steps",
+    "train_adapter",
+]
 
 
-def _collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+class InvalidTrainParams(ValueError):
+    """The parameters cannot train on this base model; the message lists every problem."""
 
 
-def total_steps(n_examples: int, params: TrainParams) -> int:
-    steps = math.ceil(n_examples / params.batch_size) * params.num_epochs
-    return min(steps, params.max_steps) if params.max_steps else steps
-
-
-def _batches(n: int, params: TrainParams) -> list[list[int]]:
-    """The whole schedule up front: a seeded shuffle per epoch (deterministic order)."""
-    rng = random.Random(params.seed)
-    schedule: list[list[int]] = []
-    for _ in range(params.num_epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        schedule += [order[i : i + params.batch_size] for i in range(0, n, params.batch_size)]
-    return schedule[: params.max_steps] if params.max_steps else schedule
-
-
-def _export_adapter(model: Any, out_dir: Path, base_model_name: str) -> None:
-    """Save the adapter and keep only its config and safetensors weights (no README,
-    nothing pickled). The config names the registered base model, not this host's path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for name in ADAPTER_FILES:
-            shutil.move(str(Path(tmp) / name), out_dir / name)
-    config_path = out_dir / ADAPTER_CONFIG
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model_name
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _tokenized(
+    records: Sequence[Record], tokenizer: Any, params: TrainParams
+) -> tuple[list[Example], list[float], str]:
+    """Examples, their loss weights, and the tokenisation summary."""
+    report = tokenize_all(
+        records,
+        tokenizer,
+        params.cutoff_len,
+        train_on_prompt=params.train_on_prompt,
+        overlong=params.overlong,  # type: ignore[arg-type]  # validated
+    )
+    weights = [float(getattr(e, "weight", 1.0)) for e in report.examples]
+    if any(w < 0 for w in weights):
+        raise InvalidTrainParams(f"example weights must be >= 0, got {min(weights)}")
+    return report.examples, weights, report.summary()
 
 
 def train_adapter(
@@ -119,74 +91,79 @@ def train_adapter(
     parent_adapter_dir: Path | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_metrics: MetricsFn | None = None,
+    eval_records: Sequence[Record] | None = None,
+    replay_records: Sequence[Record] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    world_size: int = 1,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``records`` and write it to ``out_dir``.
+    """Train an adapter on ``records`` and write it to ``out_dir``.
 
-    With ``parent_adapter_dir`` training continues from that adapter (its LoRA shape wins
-    over ``params.r``/``alpha``/``target_modules``, which cannot change mid-lineage).
+    With ``parent_adapter_dir`` training continues from that adapter: its method and shape
+    win over ``params`` (a lineage cannot change them mid-way).
+
+    ``eval_records`` are scored every ``eval_every`` steps (default once an epoch) and
+    drive early stopping; ``replay_records`` (else the eval, else the training records)
+    estimate the Fisher information for ``regularization="ewc"``. With
+    ``params.checkpoint_every`` a checkpoint lands in ``checkpoint_dir`` (default: next to
+    ``out_dir``) every N steps; ``resume=True`` continues from the newest one there.
+    ``world_size > 1`` trains data-parallel in that many CPU worker processes.
     """
     # Imported here: the service starts (and answers health checks) without paying
     # for the transformers/peft import until the first job runs.
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     started = time.monotonic()
+    problems = validate_training(params)
+    if world_size < 1:
+        problems.append(f"world_size={world_size} must be at least 1")
+    if params.method == "qlora" and (why := qlora_problem()):
+        raise MethodUnavailable(why)
+    problems += validate_method(params, base_dir, parent_adapter_dir=parent_adapter_dir)
+    if problems:
+        raise InvalidTrainParams("; ".join(problems))
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = [e for r in records if (e := tokenize(r, tokenizer, params.cutoff_len)) is not None]
+    examples, weights, summary = _tokenized(records, tokenizer, params)
     if not examples:
         raise NothingToTrain(
-            f"no example has a completion token within cutoff_len={params.cutoff_len}; "
-            "raise cutoff_len or shorten the prompts"
+            f"no record yields a trainable example with cutoff_len={params.cutoff_len} "
+            f"and overlong={params.overlong!r} ({summary})"
         )
+    eval_examples, eval_weights, _ = _tokenized(eval_records or [], tokenizer, params)
+    fisher_examples: list[Example] = []
+    if params.regularization == "ewc":
+        replay = _tokenized(replay_records, tokenizer, params)[0] if replay_records else []
+        fisher_examples = replay or eval_examples or examples
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id  # padded positions are masked out anyway
+    if params.checkpoint_every and checkpoint_dir is None:
+        checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
 
-    torch.manual_seed(params.seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if parent_adapter_dir is not None:
-        model = PeftModel.from_pretrained(base, str(parent_adapter_dir), is_trainable=True)
-        # The parent's config names the registered base, not a path; PEFT reads the base
-        # config from there on save, so point it at the local directory meanwhile.
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = str(base_dir)
-    else:
-        lora = LoraConfig(
-            r=params.r,
-            lora_alpha=params.alpha,
-            lora_dropout=params.dropout,
-            target_modules=list(params.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(base, lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
-
-    schedule = _batches(len(examples), params)
-    steps_per_epoch = math.ceil(len(examples) / params.batch_size)
-    losses: list[float] = []
-    model.train()
-    for step, idx in enumerate(schedule, start=1):
-        if should_stop is not None and should_stop():
-            raise TrainingStopped(f"stopped at step {step - 1} of {len(schedule)}")
-        batch = _collate([examples[i] for i in idx], pad_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        losses.append(float(loss.item()))
-        if progress is not None:
-            progress(step, len(schedule), losses[-1])
-    model.eval()
-
-    _export_adapter(model, out_dir, base_model_name or str(base_dir))
-    last_epoch = losses[-steps_per_epoch:]
-    return TrainResult(
-        adapter_dir=out_dir,
-        final_loss=sum(last_epoch) / len(last_epoch),
-        steps=len(losses),
-        seconds=time.monotonic() - started,
-        examples=len(examples),
-        losses=losses,
+    job = Job(
+        base_dir=Path(base_dir),
+        examples=examples,
+        weights=weights,
+        pad_id=int(pad_id),
+        params=params,
+        out_dir=Path(out_dir),
+        base_model_name=base_model_name,
+        parent_adapter_dir=parent_adapter_dir,
+        eval_examples=eval_examples,
+        eval_weights=eval_weights,
+        fisher_examples=fisher_examples,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
+    hooks = Hooks(should_stop=should_stop, progress=progress, on_metrics=on_metrics)
+    if world_size == 1:
+        result = run_training(job, LocalComm(), hooks)
+        assert result is not None  # rank 0 always returns one
+    else:
+        from ftops_trainer.distributed import run_data_parallel
+
+        result = run_data_parallel(job, world_size, hooks)
+    result.seconds = time.monotonic() - started
+    return result

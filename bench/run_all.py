@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import event_bus, gateway_overhead, hot_load
+from bench import (
+    data_pipeline,
+    event_bus,
+    forgetting,
+    gateway_overhead,
+    hot_load,
+    train_throughput,
+)
 
 
 def main() -> None:
     asyncio.run(event_bus.main())
     asyncio.run(gateway_overhead.main())
     asyncio.run(hot_load.main())
+    data_pipeline.main()
+    train_throughput.main()
+    forgetting.main()
 
 
 if __name__ == "__main__":

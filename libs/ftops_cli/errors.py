@@ -2,9 +2,10 @@
 
 0    ok
 1    a server-side failure (the service answered with a gRPC error)
-2    usage or input error (bad flags, bad spec YAML, missing file)
+2    usage or input error (bad flags, bad spec YAML, missing file, a dataset or spec the
+     server refused as INVALID_ARGUMENT)
 3    the stack is unreachable (nothing answers at the service's address)
-4    a watched job ended FAILED or CANCELLED
+4    a watched job ended FAILED, CANCELLED or REJECTED (by the evaluation gate)
 130  Ctrl-C (a watched job keeps running; re-attach with `ftops jobs watch ID`)
 """
 
@@ -38,7 +39,10 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, CliError):
         return exc.exit_code
     if isinstance(exc, FtopsClientError):
-        return EXIT_UNREACHABLE if exc.unreachable else EXIT_SERVER
+        if exc.unreachable:
+            return EXIT_UNREACHABLE
+        # The server refused what the user sent (a bad dataset line, an unknown flag value).
+        return EXIT_USAGE if exc.code_name == "INVALID_ARGUMENT" else EXIT_SERVER
     return EXIT_SERVER
 
 

@@ -28,7 +28,11 @@ from ftops_client import FtopsClient
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 
-FAILED_STATES = (events_pb2.JOB_STATE_FAILED, events_pb2.JOB_STATE_CANCELLED)
+FAILED_STATES = (
+    events_pb2.JOB_STATE_FAILED,
+    events_pb2.JOB_STATE_CANCELLED,
+    events_pb2.JOB_STATE_REJECTED,
+)
 
 
 def _detach_message(job_id: str) -> str:
@@ -90,11 +94,30 @@ def _print_job(job: trainer_pb2.Job) -> None:
             ("step", f"{job.step}/{job.total_steps}"),
             ("loss", f"{job.loss:.4f}" if job.step else "-"),
             ("records", records if job.records_total else "-"),
+            ("lr", f"{job.learning_rate:.2e}" if job.step else "-"),
+            ("tokens/s", f"{job.tokens_per_second:.0f}" if job.step else "-"),
+            (
+                "pipeline",
+                or_dash(", ".join(f"{s.name} {s.records_in}->{s.records_out}" for s in job.stages)),
+            ),
+            ("replay", f"{job.replay_records} records" if job.replay_records else "-"),
+            ("gate", _gate(job)),
             ("parent", or_dash(job.spec.parent_version_id)),
             ("version", f"{job.version_id} (v{job.version_number})" if job.version_id else "-"),
+            ("worker", f"{job.worker} (attempt {job.attempts})" if job.worker else "-"),
             ("error", or_dash(job.error)),
         ],
     )
+
+
+def _gate(job: trainer_pb2.Job) -> str:
+    evaluation = job.evaluation
+    if not evaluation.metrics:
+        return "-"
+    retention = evaluation.metrics.get("retention")
+    shown = f", retention {retention:.3f}" if retention is not None else ""
+    verdict = "passed" if evaluation.gate_passed else "refused: " + "; ".join(evaluation.reasons)
+    return verdict + shown
 
 
 def train(
@@ -113,6 +136,12 @@ def train(
     num_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     cutoff_len: Annotated[int | None, typer.Option(min=2)] = None,
+    replay_ratio: Annotated[
+        float | None, typer.Option(min=0, max=0.99, help="share of replayed earlier data")
+    ] = None,
+    min_retention: Annotated[
+        float | None, typer.Option(min=0, help="evaluation gate: least retention kept")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="watch the job to its end")] = True,
     output: OutputOption = Output.table,
 ) -> None:
@@ -133,6 +162,8 @@ def train(
             "num_epochs": num_epochs,
             "max_steps": max_steps,
             "cutoff_len": cutoff_len,
+            "replay_ratio": replay_ratio,
+            "min_retention": min_retention,
         }
         values.update(validate(flags))
         return build_job_spec(values)
@@ -188,6 +219,20 @@ def get_job(ctx: typer.Context, job_id: str, output: OutputOption = Output.table
 
     async def work(client: FtopsClient) -> None:
         job = await client.get_job(job_id)
+        if output is Output.json:
+            print_json(job)
+        else:
+            _print_job(job)
+
+    run(ctx, work)
+
+
+@jobs_app.command("cancel")
+def cancel_job(ctx: typer.Context, job_id: str, output: OutputOption = Output.table) -> None:
+    """Cancel a queued or running job (nothing is registered for it)."""
+
+    async def work(client: FtopsClient) -> None:
+        job = await client.cancel_job(job_id)
         if output is Output.json:
             print_json(job)
         else:

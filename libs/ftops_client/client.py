@@ -149,6 +149,10 @@ class FtopsClient:
         )
         return await self._call("trainer", self._trainer.ListJobs(request, timeout=self.timeout))
 
+    async def cancel_job(self, job_id: str) -> trainer_pb2.Job:
+        request = trainer_pb2.CancelJobRequest(job_id=job_id)
+        return await self._call("trainer", self._trainer.CancelJob(request, timeout=self.timeout))
+
     def watch_job(self, job_id: str) -> AsyncIterator[trainer_pb2.Job]:
         """The job's state until it ends, the current state first."""
         stream = self._trainer.WatchJob(trainer_pb2.GetJobRequest(job_id=job_id))

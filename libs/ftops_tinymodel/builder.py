@@ -25,8 +25,11 @@ from .model import TrainConfig, completion_loss, exact_match, llama_config, pret
 from .tokenizer import BOS, EOS, PAD, VOCAB_SIZE, save_tokenizer, train_tokenizer
 
 # Bump whenever build logic changes in a way that alters the output files.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 METADATA_FILE = "ftops_tinymodel.json"
+# What the base model knows, as prompt/completion JSONL: the trainer measures retention on
+# it (any base model directory may ship one under this name).
+RETENTION_FILE = "ftops_retention.jsonl"
 DEFAULT_CONFIG = TrainConfig()
 
 
@@ -108,6 +111,7 @@ def _build_into(out: Path, seed: int, cfg: TrainConfig, key: str) -> dict[str, A
         )
         model.save_pretrained(out, safe_serialization=True)
         pairs = corpus.retention_set()
+        (out / RETENTION_FILE).write_text("".join(json.dumps(p) + "\n" for p in pairs))
         em = exact_match(model, tok, pairs)
         ret_loss = completion_loss(model, tok, pairs)
     meta: dict[str, Any] = {

@@ -55,9 +55,26 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
     data = tmp_path / "facts.jsonl"
     data.write_text("\n".join(json.dumps(f) for f in new_facts()[:8]))
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"adapter: {ALIAS}\ndataset: {data.name}\nlora_target: q_proj,v_proj\n")
+    # The tiny model forgets fast (bench/forgetting.py): ask the gate for less than 0.95.
+    spec.write_text(
+        f"adapter: {ALIAS}\ndataset: {data.name}\nlora_target: q_proj,v_proj\n"
+        "replay_ratio: 0.5\nmin_retention: 0.3\n"
+    )
 
-    v1 = _json(stack, "train", "--adapter", ALIAS, "--data", str(data), "--max-steps", "30")
+    v1 = _json(
+        stack,
+        "train",
+        "--adapter",
+        ALIAS,
+        "--data",
+        str(data),
+        "--max-steps",
+        "30",
+        "--replay-ratio",
+        "0.5",
+        "--min-retention",
+        "0.3",
+    )
     assert v1["state"] == "JOB_STATE_SUCCEEDED"
     v2 = _json(
         stack, "train", "--spec", str(spec), "--parent", v1["versionId"], "--max-steps", "10"
@@ -102,7 +119,9 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
         releases = _json(stack, "release", "history", ALIAS).get("releases", [])
         history: list[dict[str, Any]] = releases[0].get("history", []) if releases else []
         kinds = [d["kind"] for d in history]
-        return history if {"started", "promote", "rollback"} <= set(kinds) else None
+        # Each kind has its own consumer in the registry: they land in any order.
+        complete = kinds.count("promote") == 2 and {"started", "rollback"} <= set(kinds)
+        return history if complete else None
 
     history = _until("the release history", decisions)
     assert [d["kind"] for d in history].count("promote") == 2
@@ -110,14 +129,15 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
     assert v2["versionId"] in _cli(stack, "release", "history", ALIAS).stdout
 
 
-def test_cli_failed_job_exits_4(stack: Stack, tmp_path: Path) -> None:
+def test_cli_bad_dataset_is_refused_at_submit_with_exit_2(stack: Stack, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine", "completion": "ok"}\n{"prompt": "broken\n')
     trainer = f"--trainer={stack.address('trainer')}"
     result = CliRunner().invoke(app, [trainer, "train", "--adapter", "cli-bad", "--data", str(bad)])
-    assert result.exit_code == 4, result.output
+    assert result.exit_code == 2, result.output
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: job ")
-    assert "ended FAILED" in last
+    assert last.startswith("error: ")
+    assert "INVALID_ARGUMENT" in last
     assert "line 2" in last
-    assert "FAILED" in result.stdout  # the job table
+    listed = _json(stack, "jobs", "list", "--adapter", "cli-bad")
+    assert not listed.get("jobs")  # nothing was stored for the refused job

@@ -84,17 +84,16 @@ async def test_bad_input_gets_clear_errors(stack: Stack) -> None:
 
         trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
         bad = b'{"text": "fine"}\n{"prompt": "broken\n'
-        job = await trainer.SubmitJob(
-            trainer_pb2.SubmitJobRequest(
-                spec=trainer_pb2.JobSpec(
-                    adapter="bad-data", base_model="tiny-llama", dataset_jsonl=bad
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await trainer.SubmitJob(
+                trainer_pb2.SubmitJobRequest(
+                    spec=trainer_pb2.JobSpec(
+                        adapter="bad-data", base_model="tiny-llama", dataset_jsonl=bad
+                    )
                 )
             )
-        )
-        async for update in trainer.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id)):
-            job = update
-        assert job.state == events_pb2.JOB_STATE_FAILED
-        assert "line 2" in job.error
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "line 2" in (refused.value.details() or "")
 
 
 async def _route(gateway: gateway_pb2_grpc.GatewayServiceStub) -> gateway_pb2.Route:

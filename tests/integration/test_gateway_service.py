@@ -40,7 +40,13 @@ from ftops_runtime.events import (
 
 pytestmark = pytest.mark.integration
 
-VERSIONS = {"ver_s": "bot:1", "ver_c": "bot:2", "ver_bad": "bot:3", "ver_slow": "bot:4"}
+VERSIONS = {
+    "ver_s": "bot:1",
+    "ver_c": "bot:2",
+    "ver_bad": "bot:3",
+    "ver_slow": "bot:4",
+    "ver_rej": "bot:5",  # refused by the trainer's evaluation gate
+}
 
 
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
@@ -49,7 +55,11 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         for vid, name in VERSIONS.items():
             if ref in (vid, name):
                 adapter, number = name.split(":")
-                return registry_pb2.Version(version_id=vid, adapter=adapter, number=int(number))
+                version = registry_pb2.Version(version_id=vid, adapter=adapter, number=int(number))
+                if vid == "ver_rej":
+                    version.state = "rejected"
+                    version.evaluation.reasons.append("retention 0.80 < 0.95")
+                return version
         await context.abort(grpc.StatusCode.NOT_FOUND, f"version {ref!r} not found")
         raise AssertionError
 
@@ -562,4 +572,31 @@ async def test_monitor_closes_the_loop_with_the_gateway(
         assert monitor.monitor.analysis(bad).state == "rolled_back"
     finally:
         await monitor.stop()
+        await gw.stop()
+
+
+async def test_rejected_versions_are_never_routed_or_served(
+    nats_url: str, redis_url: str, fakes: Fakes
+) -> None:
+    gw = await _gateway(_settings(nats_url, redis_url, fakes))
+    alias = _alias()
+    try:
+        async with channel(gw.address) as ch:
+            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+            for call in (
+                stub.SetRoute(gateway_pb2.SetRouteRequest(alias=alias, version_id="ver_rej")),
+                stub.Generate(gateway_pb2.GenerateRequest(model="bot:5", prompt="x")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "retention 0.80 < 0.95" in (err.value.details() or "")
+            await stub.SetRoute(gateway_pb2.SetRouteRequest(alias=alias, version_id="ver_s"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.StartRelease(
+                    gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id="ver_rej")
+                )
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ver_rej" not in fakes.inference_impl.calls
+    finally:
         await gw.stop()

@@ -1,5 +1,5 @@
-"""Trainer gRPC service end to end: a fake in-process registry (the real contract over a
-real grpc.aio server), real NATS, and real LoRA training on the tiny model."""
+"""The trainer over real gRPC with the real registry service (SQLite), real NATS JetStream
+(the shared job queue) and real training on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,318 +7,386 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from nats.js.api import DeliverPolicy
 
 import ftops_tinymodel
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_registry.app import RegistryApp
+from ftops_registry.settings import RegistrySettings
 from ftops_runtime import client, events, hashing
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_trainer.app import TrainerApp
 from ftops_trainer.settings import TrainerSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 BASE = "tiny-base"
 JobState = events_pb2.JobState
 FAST = trainer_pb2.Hyperparameters(num_epochs=4, batch_size=4)
+# What keeps the tiny model's retention above the default gate (bench/forgetting.py): a
+# gentle rate on the MLP output only, with a large share of replay.
+GENTLE = trainer_pb2.Hyperparameters(num_epochs=10, batch_size=8, learning_rate=5e-4)
+GENTLE_LORA = trainer_pb2.LoraConfig(target_modules=["down_proj"])
+GENTLE_REPLAY = trainer_pb2.ReplayConfig(ratio=0.8)
 
 
-class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
-    """Just enough of the registry contract for the trainer: base models, artifacts
-    (verified like the real one), versions."""
+@dataclass
+class Env:
+    registry: registry_pb2_grpc.RegistryServiceAsyncStub
+    trainers: list[TrainerApp]
+    stubs: list[trainer_pb2_grpc.TrainerServiceAsyncStub]
+    queue: str
+    make_trainer: Callable[..., Any]
 
+    @property
+    def stub(self) -> trainer_pb2_grpc.TrainerServiceAsyncStub:
+        return self.stubs[0]
+
+
+@pytest.fixture
+async def env(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncIterator[Env]:
+    registry_app = RegistryApp(
+        RegistrySettings(
+            grpc_port=0,
+            nats_url=nats_url,
+            database_url=f"sqlite:///{tmp_path}/registry.db",
+            artifact_dir=tmp_path / "artifacts",
+            health_interval_s=0.1,
+            shutdown_grace_s=1,
+            instance_id=f"reg-{uuid.uuid4().hex[:6]}",
+        ),
+        durable=f"registry-test-{uuid.uuid4().hex[:8]}",
+    )
+    await registry_app.start()
+    await registry_app.wait_ready()
+    reg_channel = client.channel(registry_app.address)
+    registry = cast(
+        "registry_pb2_grpc.RegistryServiceAsyncStub",
+        registry_pb2_grpc.RegistryServiceStub(reg_channel),
+    )
+    await registry.RegisterBaseModel(
+        registry_pb2.RegisterBaseModelRequest(
+            name=BASE,
+            fingerprint=hashing.model_fingerprint(tiny_model_dir),
+            uri=str(tiny_model_dir),
+        )
+    )
+    queue = f"test{uuid.uuid4().hex[:8]}"
+    channels: list[grpc.aio.Channel] = [reg_channel]
+    environment = Env(registry, [], [], queue, lambda: None)
+
+    async def make_trainer(**extra: Any) -> TrainerApp:
+        n = len(environment.trainers)
+        settings = TrainerSettings(
+            registry_address=registry_app.address,
+            nats_url=nats_url,
+            work_dir=tmp_path / f"work{n}",
+            checkpoint_dir=tmp_path / "checkpoints",  # shared by the replicas
+            grpc_port=0,
+            progress_interval_s=0.1,
+            watch_poll_s=0.1,
+            job_queue=queue,
+            instance_id=f"trainer-{n}",
+            shutdown_grace_s=1,
+            **extra,
+        )
+        app = TrainerApp(settings)
+        await app.start()
+        await app.bus.wait_ready(10)
+        channel = client.channel(app.address)
+        channels.append(channel)
+        environment.trainers.append(app)
+        environment.stubs.append(trainer_pb2_grpc.TrainerServiceStub(channel))  # type: ignore[arg-type]
+        return app
+
+    environment.make_trainer = make_trainer
+    await make_trainer()
+    try:
+        yield environment
+    finally:
+        for app in environment.trainers:
+            await app.stop()
+        for channel in channels:
+            await channel.close()
+        await registry_app.stop()
+
+
+class Collector:
     def __init__(self) -> None:
-        self.base_models: dict[str, registry_pb2.BaseModel] = {}
-        self.blobs: dict[str, bytes] = {}  # sha256 -> bytes
-        self.artifacts: dict[str, registry_pb2.Artifact] = {}
-        self.versions: dict[str, registry_pb2.Version] = {}
-        self.by_key: dict[str, str] = {}
-        self.downloads: list[str] = []
+        self.events: list[Any] = []
 
-    async def GetBaseModel(
-        self, request: registry_pb2.GetBaseModelRequest, context: Any
-    ) -> registry_pb2.BaseModel:
-        if request.name not in self.base_models:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"base model {request.name} unknown")
-        return self.base_models[request.name]
+    async def handle(self, event: Any, delivery: Delivery) -> None:
+        self.events.append(event)
 
-    async def UploadArtifact(
-        self, request_iterator: AsyncIterator[registry_pb2.UploadArtifactRequest], context: Any
-    ) -> registry_pb2.Artifact:
-        header: registry_pb2.UploadHeader | None = None
-        data: list[bytearray] = []
-        async for part in request_iterator:
-            if part.HasField("header"):
-                header = part.header
-                data = [bytearray() for _ in header.files]
-            else:
-                data[part.chunk.file_index] += part.chunk.data
-        assert header is not None
-        for f, blob in zip(header.files, data, strict=True):
-            if hashlib.sha256(blob).hexdigest() != f.sha256 or len(blob) != f.size_bytes:
-                await context.abort(grpc.StatusCode.DATA_LOSS, f"{f.path} does not match")
-            self.blobs[f.sha256] = bytes(blob)
-        files = list(header.files)
-        artifact = registry_pb2.Artifact(
-            artifact_id=hashing.manifest_id((f.path, f.sha256, f.size_bytes) for f in files),
-            files=files,
-            total_bytes=sum(f.size_bytes for f in files),
-        )
-        self.artifacts[artifact.artifact_id] = artifact
-        return artifact
-
-    async def DownloadArtifact(
-        self, request: registry_pb2.DownloadArtifactRequest, context: Any
-    ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
-        self.downloads.append(request.artifact_id)
-        artifact = self.artifacts[request.artifact_id]
-        yield registry_pb2.DownloadArtifactResponse(manifest=artifact)
-        for i, f in enumerate(artifact.files):
-            yield registry_pb2.DownloadArtifactResponse(
-                chunk=registry_pb2.FileChunk(file_index=i, data=self.blobs[f.sha256])
-            )
-
-    async def RegisterVersion(
-        self, request: registry_pb2.RegisterVersionRequest, context: Any
-    ) -> registry_pb2.Version:
-        if request.idempotency_key in self.by_key:
-            return self.versions[self.by_key[request.idempotency_key]]
-        if request.artifact_id not in self.artifacts:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "artifact not uploaded")
-        number = 1 + sum(v.adapter == request.adapter for v in self.versions.values())
-        base = self.base_models[request.base_model]
-        version = registry_pb2.Version(
-            version_id=f"ver_{uuid.uuid4().hex[:12]}",
-            adapter=request.adapter,
-            number=number,
-            team=request.team,
-            base_model=request.base_model,
-            base_model_fingerprint=base.fingerprint,
-            parent_version_id=request.parent_version_id,
-            artifact_id=request.artifact_id,
-            files=self.artifacts[request.artifact_id].files,
-            job_id=request.job_id,
-            dataset_fingerprint=request.dataset_fingerprint,
-            method=request.method,
-            metrics=request.metrics,
-            labels=request.labels,
-        )
-        self.versions[version.version_id] = version
-        self.by_key[request.idempotency_key] = version.version_id
-        return version
-
-    async def GetVersion(
-        self, request: registry_pb2.GetVersionRequest, context: Any
-    ) -> registry_pb2.Version:
-        if request.version_id not in self.versions:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.version_id} unknown")
-        return self.versions[request.version_id]
+    async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = 20) -> Any:
+        for _ in range(int(timeout / 0.1)):
+            for event in self.events:
+                if predicate(event):
+                    return event
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no matching event among {len(self.events)}")
 
 
 @pytest.fixture
-async def registry(tiny_model_dir: Path) -> AsyncIterator[tuple[FakeRegistry, str]]:
-    fake = FakeRegistry()  # type: ignore[abstract]
-    fake.base_models[BASE] = registry_pb2.BaseModel(
-        name=BASE, fingerprint=hashing.model_fingerprint(tiny_model_dir), uri=str(tiny_model_dir)
-    )
-    server = grpc.aio.server()
-    registry_pb2_grpc.add_RegistryServiceServicer_to_server(fake, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield fake, f"127.0.0.1:{port}"
-    await server.stop(grace=None)
-
-
-@pytest.fixture
-async def trainer(
-    registry: tuple[FakeRegistry, str], nats_url: str, tmp_path: Path
-) -> AsyncIterator[tuple[trainer_pb2_grpc.TrainerServiceAsyncStub, TrainerApp]]:
-    settings = TrainerSettings(
-        registry_address=registry[1],
-        nats_url=nats_url,
-        work_dir=tmp_path / "work",
-        grpc_port=0,
-        progress_interval_s=0.2,
-    )
-    app = TrainerApp(settings)
-    await app.start()
-    await app.bus.wait_ready(10)
-    channel = client.channel(app.address)
-    yield trainer_pb2_grpc.TrainerServiceStub(channel), app  # type: ignore[misc]
-    await channel.close()
-    await app.stop()
-
-
-@pytest.fixture
-async def adapter_ready(nats_url: str) -> AsyncIterator[dict[str, events_pb2.AdapterReady]]:
-    """adapter.ready events by job id, from a test-private durable consumer."""
-    received: dict[str, events_pb2.AdapterReady] = {}
+async def announced(nats_url: str) -> AsyncIterator[dict[str, Collector]]:
     bus = EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6])
-
-    async def handle(event: events_pb2.AdapterReady, delivery: Delivery) -> None:
-        received[event.job_id] = event
-
-    bus.subscribe(events.ADAPTER_READY, f"test-trainer-{uuid.uuid4().hex[:8]}", handle)
+    collectors = {events.ADAPTER_READY: Collector(), events.ADAPTER_REJECTED: Collector()}
+    for subject, collector in collectors.items():
+        bus.subscribe(
+            subject,
+            f"t-{uuid.uuid4().hex[:8]}",
+            collector.handle,
+            deliver_policy=DeliverPolicy.NEW,
+        )
     await bus.start()
     await bus.wait_ready(10)
-    yield received
+    await asyncio.sleep(0.3)  # consumers exist before anything is published
+    yield collectors
     await bus.close()
 
 
-def facts_jsonl(n: int) -> bytes:
-    return "\n".join(json.dumps(f) for f in ftops_tinymodel.new_facts()[:n]).encode()
+def facts_jsonl(n: int, start: int = 0) -> bytes:
+    facts = ftops_tinymodel.new_facts()[start : start + n]
+    return "\n".join(json.dumps(f) for f in facts).encode()
 
 
-async def watch_until_done(stub: Any, job_id: str) -> list[trainer_pb2.Job]:
+async def watch_until_done(stub: Any, job_id: str, timeout: float = 180) -> list[trainer_pb2.Job]:
     seen = []
-    async for job in stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60):
+    async for job in stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=timeout):
         seen.append(job)
     return seen
 
 
-async def test_job_trains_registers_and_announces(
-    trainer: tuple[Any, TrainerApp],
-    registry: tuple[FakeRegistry, str],
-    adapter_ready: dict[str, events_pb2.AdapterReady],
+async def test_job_trains_evaluates_registers_and_announces(
+    env: Env, announced: dict[str, Collector]
 ) -> None:
-    stub, app = trainer
-    fake, _ = registry
     spec = trainer_pb2.JobSpec(
         adapter="support-bot",
         team="support",
         base_model=BASE,
         dataset_jsonl=facts_jsonl(8),
-        hyperparameters=FAST,
+        hyperparameters=GENTLE,
+        lora=GENTLE_LORA,
+        replay=GENTLE_REPLAY,
         labels={"ticket": "T-1"},
     )
-    job = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
+    job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
     assert job.state == JobState.JOB_STATE_QUEUED
-    assert job.spec.lora.r == 8
-    assert job.spec.method == "lora"
-    again = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
+    assert (job.spec.method, job.spec.lora.r, job.spec.replay.ratio) == ("lora", 8, 0.8)
+    assert job.spec.gate.min_retention == 0.95  # the default gate
+    assert job.spec.WhichOneof("dataset") == "dataset_artifact_id"  # stored, not inline
+    again = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
     assert again.job_id == job.job_id
+    other = trainer_pb2.JobSpec()
+    other.CopyFrom(spec)
+    other.adapter = "other"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=other, idempotency_key="k1"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    seen = await watch_until_done(stub, job.job_id)
+    seen = await watch_until_done(env.stub, job.job_id)
     final = seen[-1]
     assert final.state == JobState.JOB_STATE_SUCCEEDED, final.error
-    states = [j.state for j in seen]
-    assert JobState.JOB_STATE_RUNNING in states
-    assert final.step == final.total_steps == 8
+    assert JobState.JOB_STATE_RUNNING in [j.state for j in seen]
+    assert final.step == final.total_steps > 0
     assert final.loss > 0
-    assert (final.records_total, final.records_used, final.records_skipped) == (8, 8, 0)
+    assert final.learning_rate >= 0
+    assert final.records_total == 8
+    assert next(s.name for s in final.stages) == "cleaning"
+    assert final.evaluation.gate_passed, final.evaluation.reasons
+    assert "retention" in final.evaluation.metrics
 
-    version = fake.versions[final.version_id]
-    assert final.version_number == version.number == 1
-    assert version.job_id == job.job_id
-    assert version.adapter == "support-bot"
+    version = await env.registry.GetVersion(
+        registry_pb2.GetVersionRequest(version_id=final.version_id)
+    )
+    assert (version.state, version.number, version.job_id) == ("ready", 1, job.job_id)
     assert version.dataset_fingerprint == hashlib.sha256(spec.dataset_jsonl).hexdigest()
-    assert set(version.metrics) >= {"final_loss", "train_records", "train_seconds"}
+    assert version.replay_artifact_id
+    assert version.dataset_artifact_id
+    assert version.evaluation.gate_passed
     assert dict(version.labels) == {"ticket": "T-1"}
     assert sorted(f.path for f in version.files) == [
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    # What the registry received hashes to what was declared (checked on upload too).
-    for f in version.files:
-        assert hashlib.sha256(fake.blobs[f.sha256]).hexdigest() == f.sha256
+    event = await announced[events.ADAPTER_READY].wait_for(lambda e: e.job_id == job.job_id)
+    assert (event.version_id, event.version_number, event.base_model) == (
+        version.version_id,
+        1,
+        BASE,
+    )
 
-    for _ in range(100):
-        if job.job_id in adapter_ready:
-            break
-        await asyncio.sleep(0.1)
-    event = adapter_ready[job.job_id]
-    assert event.version_id == version.version_id
-    assert event.version_number == 1
-    assert event.base_model == BASE
-    assert event.base_model_fingerprint == fake.base_models[BASE].fingerprint
-    assert event.meta.producer_service == "trainer"
-    assert event.meta.event_id
-    assert {(f.path, f.sha256, f.size_bytes) for f in event.files} == {
-        (f.path, f.sha256, f.size_bytes) for f in version.files
-    }
-
-    listed = await stub.ListJobs(trainer_pb2.ListJobsRequest(adapter="support-bot"))
+    listed = await env.stub.ListJobs(trainer_pb2.ListJobsRequest(adapter="support-bot"))
     assert [j.job_id for j in listed.jobs] == [job.job_id]
-    assert await app.server.probe()  # NATS and registry both reachable
 
-    # Continue training from the version just made: the parent artifact is downloaded.
+    # Continue from that version: parent adapter and its replay buffer are downloaded.
     child_spec = trainer_pb2.JobSpec(
         adapter="support-bot",
         base_model=BASE,
         parent_version_id=version.version_id,
-        dataset_jsonl=facts_jsonl(8),
-        hyperparameters=trainer_pb2.Hyperparameters(num_epochs=1, batch_size=4),
+        dataset_jsonl=facts_jsonl(8, start=8),
+        hyperparameters=GENTLE,
+        replay=GENTLE_REPLAY,
     )
-    child = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=child_spec))
-    child_final = (await watch_until_done(stub, child.job_id))[-1]
+    child = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=child_spec))
+    child_final = (await watch_until_done(env.stub, child.job_id))[-1]
     assert child_final.state == JobState.JOB_STATE_SUCCEEDED, child_final.error
-    assert child_final.version_number == 2
-    assert fake.downloads == [version.artifact_id]
-    assert fake.versions[child_final.version_id].parent_version_id == version.version_id
+    assert child_final.replay_records > 0
+    child_version = await env.registry.GetVersion(
+        registry_pb2.GetVersionRequest(version_id=child_final.version_id)
+    )
+    assert child_version.number == 2
+    assert child_version.parent_version_id == version.version_id
 
 
-async def test_unparsable_dataset_fails_naming_the_line(trainer: tuple[Any, TrainerApp]) -> None:
-    stub, _ = trainer
+async def test_the_gate_rejects_and_announces_rejection(
+    env: Env, announced: dict[str, Collector]
+) -> None:
+    spec = trainer_pb2.JobSpec(
+        adapter="strict-bot",
+        base_model=BASE,
+        dataset_jsonl=facts_jsonl(8),
+        hyperparameters=FAST,
+        # Retention above 1 is impossible to reach: the gate must refuse.
+        gate=trainer_pb2.GateConfig(min_retention=1.5),
+    )
+    job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    final = (await watch_until_done(env.stub, job.job_id))[-1]
+    assert final.state == JobState.JOB_STATE_REJECTED, final.error
+    assert not final.evaluation.gate_passed
+    assert any("retention" in r for r in final.evaluation.reasons)
+    version = await env.registry.GetVersion(
+        registry_pb2.GetVersionRequest(version_id=final.version_id)
+    )
+    assert version.state == "rejected"
+    event = await announced[events.ADAPTER_REJECTED].wait_for(lambda e: e.job_id == job.job_id)
+    assert event.version_id == version.version_id
+    assert event.reasons
+    assert not [e for e in announced[events.ADAPTER_READY].events if e.job_id == job.job_id]
+
+
+async def test_bad_input_fails_at_submit_and_stores_nothing(env: Env) -> None:
     bad = b'{"text": "fine"}\n{"prompt": "p", "completion": "c"}\n{not json at all\n'
-    job = await stub.SubmitJob(
-        trainer_pb2.SubmitJobRequest(
-            spec=trainer_pb2.JobSpec(adapter="bad-data", base_model=BASE, dataset_jsonl=bad)
-        )
-    )
-    final = (await watch_until_done(stub, job.job_id))[-1]
-    assert final.state == JobState.JOB_STATE_FAILED
-    assert "line 3: invalid JSON" in final.error
-    assert "1 bad lines out of 3" in final.error
-
-
-async def test_fingerprint_mismatch_and_unknown_base_fail_clearly(
-    trainer: tuple[Any, TrainerApp], registry: tuple[FakeRegistry, str]
-) -> None:
-    stub, _ = trainer
-    fake, _ = registry
-    real = fake.base_models[BASE]
-    fake.base_models["moved"] = registry_pb2.BaseModel(
-        name="moved", fingerprint="0" * 64, uri=real.uri
-    )
-    for base, expected in [("moved", "fingerprint"), ("nope", "not registered")]:
-        job = await stub.SubmitJob(
-            trainer_pb2.SubmitJobRequest(
-                spec=trainer_pb2.JobSpec(adapter="a", base_model=base, dataset_jsonl=facts_jsonl(2))
-            )
-        )
-        final = (await watch_until_done(stub, job.job_id))[-1]
-        assert final.state == JobState.JOB_STATE_FAILED
-        assert expected in final.error
-        assert repr(base) in final.error
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        (trainer_pb2.JobSpec(adapter="Bad Name", base_model=BASE, dataset_jsonl=b"{}"), "adapter"),
-        (trainer_pb2.JobSpec(adapter="ok", dataset_jsonl=b"{}"), "base_model"),
-        (trainer_pb2.JobSpec(adapter="ok", base_model=BASE), "dataset"),
-    ],
-)
-async def test_invalid_specs_are_rejected(
-    trainer: tuple[Any, TrainerApp], spec: trainer_pb2.JobSpec, message: str
-) -> None:
-    stub, _ = trainer
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in (err.value.details() or "")
+    cases: list[tuple[trainer_pb2.JobSpec, grpc.StatusCode, str]] = [
+        (
+            trainer_pb2.JobSpec(adapter="bad-data", base_model=BASE, dataset_jsonl=bad),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "line 3: invalid JSON",
+        ),
+        (
+            trainer_pb2.JobSpec(adapter="bad-data", base_model="nope", dataset_jsonl=bad),
+            grpc.StatusCode.NOT_FOUND,
+            "'nope' is not registered",
+        ),
+        (
+            trainer_pb2.JobSpec(
+                adapter="bad-data",
+                base_model=BASE,
+                parent_version_id="ver_missing",
+                dataset_jsonl=facts_jsonl(2),
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "parent version",
+        ),
+        (
+            trainer_pb2.JobSpec(adapter="bad-data", base_model=BASE, dataset_uri="/etc/passwd"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dataset_uri",
+        ),
+        (
+            trainer_pb2.JobSpec(
+                adapter="bad-data", base_model=BASE, method="qlora", dataset_jsonl=facts_jsonl(2)
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "'lora'",
+        ),
+        (
+            trainer_pb2.JobSpec(adapter="Bad Name", base_model=BASE, dataset_jsonl=b"{}"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "adapter",
+        ),
+        (
+            trainer_pb2.JobSpec(adapter="ok", base_model=BASE),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dataset",
+        ),
+        (
+            trainer_pb2.JobSpec(adapter="bad-data", base_model=BASE, dataset_jsonl=b"\n\n"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "empty",
+        ),
+    ]
+    for spec, code, message in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+        assert err.value.code() == code, (message, err.value.details())
+        assert message in (err.value.details() or ""), err.value.details()
+    listed = await env.stub.ListJobs(trainer_pb2.ListJobsRequest(adapter="bad-data"))
+    assert not listed.jobs
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetJob(trainer_pb2.GetJobRequest(job_id="job_missing"))
+        await env.stub.GetJob(trainer_pb2.GetJobRequest(job_id="job_missing"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_stops_a_running_job(env: Env) -> None:
+    spec = trainer_pb2.JobSpec(
+        adapter="cancel-bot",
+        base_model=BASE,
+        dataset_jsonl=facts_jsonl(8),
+        hyperparameters=trainer_pb2.Hyperparameters(num_epochs=400, batch_size=2),
+    )
+    job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    async for update in env.stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id)):
+        if update.step > 2:
+            break
+    cancelled = await env.stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id))
+    assert cancelled.state == JobState.JOB_STATE_CANCELLED
+    final = (await watch_until_done(env.stub, job.job_id))[-1]
+    assert final.state == JobState.JOB_STATE_CANCELLED
+    assert not final.version_id
+    # Cancelling again is a no-op (a retried call), not an error.
+    again = await env.stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id))
+    assert again.state == JobState.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as none:  # nothing was registered
+        await env.registry.ListVersions(registry_pb2.ListVersionsRequest(adapter="cancel-bot"))
+    assert none.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_job_interrupted_on_one_replica_resumes_on_another(env: Env) -> None:
+    second = await env.make_trainer()
+    first = env.trainers[0]
+    spec = trainer_pb2.JobSpec(
+        adapter="resume-bot",
+        base_model=BASE,
+        dataset_jsonl=facts_jsonl(8),
+        hyperparameters=trainer_pb2.Hyperparameters(
+            num_epochs=30, batch_size=4, checkpoint_every=5
+        ),
+        gate=trainer_pb2.GateConfig(disabled=True),  # this test is about resuming
+        replay=trainer_pb2.ReplayConfig(ratio=0),  # 8 records: 2 steps an epoch
+    )
+    job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    runner: TrainerApp | None = None
+    async for update in env.stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id)):
+        if update.step >= 12:
+            runner = first if update.worker == first.settings.instance_id else second
+            break
+    assert runner is not None
+    await runner.stop()  # SIGTERM path: the job goes back to the queue
+    env.trainers.remove(runner)
+    survivor = env.stubs[1] if runner is first else env.stubs[0]
+    final = (await watch_until_done(survivor, job.job_id))[-1]
+    assert final.state == JobState.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempts == 2
+    assert final.worker != runner.settings.instance_id
+    assert final.resumed_from_step >= 10
+    assert final.step == final.total_steps == 60

@@ -1,13 +1,14 @@
 """Resolves version references ("ver_..." ids or "adapter:number") through the registry.
 
-Versions are immutable, so a resolved reference is cached for the process lifetime."""
+Versions are immutable, so a resolved reference is cached for the process lifetime. A
+version the trainer's evaluation gate rejected is never served: resolving it fails."""
 
 from __future__ import annotations
 
 import grpc
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
-from ftops_runtime.errors import NotFound, Unavailable
+from ftops_runtime.errors import FailedPrecondition, NotFound, Unavailable
 
 
 class VersionResolver:
@@ -32,6 +33,12 @@ class VersionResolver:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise NotFound(f"{what} {ref!r} not found") from exc
             raise Unavailable(f"registry could not resolve {ref!r}: {exc.details()}") from exc
+        if version.state == "rejected":
+            reasons = "; ".join(version.evaluation.reasons) or "no reason recorded"
+            raise FailedPrecondition(
+                f"{what} {ref!r} ({version.version_id}) failed its evaluation gate and is never "
+                f"served: {reasons}"
+            )
         self._cache[ref] = version.version_id
         self._cache[version.version_id] = version.version_id
         return str(version.version_id)

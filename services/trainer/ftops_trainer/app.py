@@ -42,7 +42,7 @@ class TrainerApp:
             registry_pb2_grpc.RegistryServiceStub(self.registry_channel),
         )
         self._registry_health = health_pb2_grpc.HealthStub(self.registry_channel)
-        self.jobs = JobManager(settings, self.registry, self.bus.publish)
+        self.jobs = JobManager(settings, self.registry, self.bus)
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],

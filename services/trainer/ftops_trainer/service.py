@@ -21,15 +21,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return await self._jobs.submit(request.spec, request.idempotency_key)
 
     async def GetJob(self, request: trainer_pb2.GetJobRequest, context: Any) -> trainer_pb2.Job:
-        return self._jobs.get(request.job_id)
+        return await self._jobs.get(request.job_id)
 
     async def ListJobs(
         self, request: trainer_pb2.ListJobsRequest, context: Any
     ) -> trainer_pb2.ListJobsResponse:
-        return self._jobs.list(request.adapter, request.page_size, request.page_token)
+        return await self._jobs.list(
+            request.adapter, request.team, request.page_size, request.page_token
+        )
 
     async def WatchJob(
         self, request: trainer_pb2.GetJobRequest, context: Any
     ) -> AsyncIterator[trainer_pb2.Job]:
         async for job in self._jobs.watch(request.job_id):
             yield job
+
+    async def CancelJob(
+        self, request: trainer_pb2.CancelJobRequest, context: Any
+    ) -> trainer_pb2.Job:
+        return await self._jobs.cancel(request.job_id)

@@ -17,6 +17,34 @@ class TrainerSettings(ServiceSettings):
     work_dir: Path = Field(
         Path(".ftops/trainer"), description="Scratch space for adapters and parent downloads."
     )
+    checkpoint_dir: Path = Field(
+        Path(".ftops/trainer/checkpoints"),
+        description=(
+            "Resumable checkpoints, one directory per job. Put it on storage every trainer "
+            "replica mounts, so a job taken over by another replica resumes there."
+        ),
+    )
+    checkpoint_every: int = Field(
+        50, ge=0, description="Default optimizer steps between checkpoints (0 = none)."
+    )
+    dataset_dirs: str = Field(
+        "",
+        description=(
+            "Comma-separated directories a job's dataset_uri may point into; empty refuses "
+            "dataset_uri (datasets then come inline or as registry artifacts)."
+        ),
+    )
+    max_dataset_mb: float = Field(
+        256, gt=0, description="Largest dataset accepted, in MiB (inline, file or artifact)."
+    )
+    job_queue: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description=(
+            "Work queue this replica takes jobs from and submits to; replicas of one queue "
+            "share its jobs (e.g. separate 'gpu' and 'cpu' pools)."
+        ),
+    )
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs trained at the same time.")
     max_bad_line_ratio: float = Field(
         0.01,
@@ -28,3 +56,21 @@ class TrainerSettings(ServiceSettings):
     progress_interval_s: float = Field(
         1.0, ge=0, description="Least time between progress updates (job record and events)."
     )
+    job_ack_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "A replica that stops heartbeating a job for this long is presumed dead and the "
+            "job goes to another replica (it heartbeats every third of it)."
+        ),
+    )
+    watch_poll_s: float = Field(0.5, gt=0, description="WatchJob's poll interval on the record.")
+    replay_capacity: int = Field(
+        2000, ge=0, description="Default records a lineage's replay buffer keeps."
+    )
+    retention_set_size: int = Field(
+        256, ge=1, description="Most records in a job's frozen retention set."
+    )
+
+    def allowed_dataset_dirs(self) -> list[Path]:
+        return [Path(p.strip()).resolve() for p in self.dataset_dirs.split(",") if p.strip()]

@@ -1,0 +1,177 @@
+"""Submit-time checks and dataset intake: everything that can refuse a job does so here,
+while the user still waits on SubmitJob, and nothing is stored for a refused job.
+
+The dataset becomes a content-addressed registry artifact, so any replica can run the job
+and the version's lineage names exactly the data it learned from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.trainer.v1 import trainer_pb2
+from ftops_runtime.artifacts import download_artifact
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from ftops_trainer import artifacts
+from ftops_trainer.dataset import load_dataset
+from ftops_trainer.settings import TrainerSettings
+from ftops_trainer.store import REGISTRY_TIMEOUT_S
+
+DATASET_FILE = "dataset.jsonl"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: trainer_pb2.JobSpec  # the dataset replaced by its artifact id
+    records_total: int
+    records_bad: int
+
+
+class Intake:
+    def __init__(
+        self, settings: TrainerSettings, registry: registry_pb2_grpc.RegistryServiceAsyncStub
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._settings.max_dataset_mb * 1024 * 1024)
+
+    async def prepare(self, spec: trainer_pb2.JobSpec) -> Prepared:
+        base = await self.base_model(spec.base_model)
+        if spec.parent_version_id:
+            await self.parent_version(spec.parent_version_id, base)
+        await asyncio.to_thread(self._check_method, spec, base)
+        data = await self.dataset_bytes(spec)
+        # InvalidArgument with every bad line numbered, before anything is stored.
+        parsed = await asyncio.to_thread(
+            load_dataset,
+            data,
+            self._settings.max_bad_line_ratio,
+            max_bytes=self.max_bytes,
+            category_key=spec.data.category_field or "category",
+            timestamp_key=spec.data.timestamp_field or "timestamp",
+        )
+        out = trainer_pb2.JobSpec()
+        out.CopyFrom(spec)
+        if spec.WhichOneof("dataset") != "dataset_artifact_id":
+            out.dataset_artifact_id = await self.store_dataset(data)
+        return Prepared(out, parsed.total, len(parsed.errors))
+
+    def _check_method(self, spec: trainer_pb2.JobSpec, base: registry_pb2.BaseModel) -> None:
+        """The method against the device and the base model's shape (config only, no
+        weights): an unsupported combination fails here, not mid-training. A parent's
+        compatibility is checked when the job runs (its adapter is downloaded there)."""
+        from ftops_trainer.methods import qlora_problem, validate_method
+        from ftops_trainer.params import validate_training
+        from ftops_trainer.spec import effective_spec, train_params
+
+        params = train_params(effective_spec(spec, self._settings))
+        if params.method == "qlora" and (problem := qlora_problem()):
+            raise FailedPrecondition(problem)
+        problems = validate_training(params)
+        base_dir = Path(base.uri)
+        if not spec.parent_version_id and (base_dir / "config.json").is_file():
+            problems += validate_method(params, base_dir)
+        if problems:
+            raise InvalidArgument("invalid job spec: " + "; ".join(problems))
+
+    async def base_model(self, name: str) -> registry_pb2.BaseModel:
+        try:
+            base: registry_pb2.BaseModel = await self._registry.GetBaseModel(
+                registry_pb2.GetBaseModelRequest(name=name), timeout=REGISTRY_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(
+                    f"base model {name!r} is not registered in the registry "
+                    "(inference registers the model it serves at start)"
+                ) from exc
+            raise
+        return base
+
+    async def parent_version(
+        self, version_id: str, base: registry_pb2.BaseModel
+    ) -> registry_pb2.Version:
+        try:
+            parent: registry_pb2.Version = await self._registry.GetVersion(
+                registry_pb2.GetVersionRequest(version_id=version_id), timeout=REGISTRY_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"parent version {version_id!r} not found in the registry") from exc
+            raise
+        if parent.base_model_fingerprint and parent.base_model_fingerprint != base.fingerprint:
+            raise FailedPrecondition(
+                f"parent version {parent.version_id} was trained on base model "
+                f"{parent.base_model!r} (fingerprint {parent.base_model_fingerprint[:16]}...), "
+                f"not on {base.name!r} ({base.fingerprint[:16]}...)"
+            )
+        if parent.state == "rejected":
+            raise FailedPrecondition(
+                f"parent version {parent.version_id} failed its evaluation gate: continue "
+                "from an accepted version"
+            )
+        return parent
+
+    async def dataset_bytes(self, spec: trainer_pb2.JobSpec) -> bytes:
+        which = spec.WhichOneof("dataset")
+        if which == "dataset_jsonl":
+            data = spec.dataset_jsonl
+        elif which == "dataset_uri":
+            data = await asyncio.to_thread(self._read_uri, spec.dataset_uri)
+        else:
+            data = await self.fetch_dataset(spec.dataset_artifact_id)
+        if len(data) > self.max_bytes:
+            raise InvalidArgument(
+                f"dataset is {len(data) / 2**20:.1f} MiB, over the "
+                f"{self._settings.max_dataset_mb:g} MiB limit (FTOPS_MAX_DATASET_MB)"
+            )
+        return data
+
+    def _read_uri(self, uri: str) -> bytes:
+        roots = self._settings.allowed_dataset_dirs()
+        if not roots:
+            raise InvalidArgument(
+                "dataset_uri is disabled on this trainer (FTOPS_DATASET_DIRS is empty): send "
+                "the data inline (dataset_jsonl) or as a registry artifact"
+            )
+        path = Path(uri.removeprefix("file://")).resolve()
+        if not any(path.is_relative_to(root) for root in roots):
+            raise InvalidArgument(
+                f"dataset_uri {uri!r} is outside the trainer's dataset directories "
+                f"({', '.join(str(r) for r in roots)})"
+            )
+        try:
+            if path.stat().st_size > self.max_bytes:
+                raise InvalidArgument(
+                    f"dataset {uri!r} is over the {self._settings.max_dataset_mb:g} MiB limit"
+                )
+            return path.read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read dataset_uri {uri!r}: {exc.strerror or exc}"
+            ) from exc
+
+    async def fetch_dataset(self, artifact_id: str) -> bytes:
+        with tempfile.TemporaryDirectory(dir=self._settings.work_dir) as tmp:
+            files = await download_artifact(
+                self._registry, artifact_id, Path(tmp), label=f"dataset artifact {artifact_id}"
+            )
+            if [f.path for f in files] != [DATASET_FILE]:
+                raise InvalidArgument(f"artifact {artifact_id} is not a dataset ({DATASET_FILE})")
+            return await asyncio.to_thread((Path(tmp) / DATASET_FILE).read_bytes)
+
+    async def store_dataset(self, data: bytes) -> str:
+        with tempfile.TemporaryDirectory(dir=self._settings.work_dir) as tmp:
+            await asyncio.to_thread((Path(tmp) / DATASET_FILE).write_bytes, data)
+            files = artifacts.describe_files(Path(tmp), [DATASET_FILE])
+            artifact = await artifacts.upload_artifact(self._registry, Path(tmp), files)
+        return artifact.artifact_id

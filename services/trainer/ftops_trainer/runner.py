@@ -1,0 +1,449 @@
+"""What one job does on the replica that took it:
+
+dataset artifact -> validation -> pipeline stages -> holdout split -> replay mix ->
+parent scores -> training (checkpointed, resumable) -> candidate scores -> evaluation gate
+-> artifacts (adapter; the lineage's replay buffer) -> version registered (ready or
+rejected) -> adapter.ready or adapter.rejected.
+
+Heavy steps run in worker threads; every change to the job record happens on the event
+loop, and ``report`` tells the manager to persist it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import Message
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.trainer.v1 import trainer_pb2
+from ftops_runtime import events, hashing
+from ftops_runtime.artifacts import download_artifact
+from ftops_runtime.errors import FtopsError
+from ftops_runtime.retry import retry_forever
+from ftops_trainer import artifacts
+from ftops_trainer.dataset import Record, load_dataset, parse_jsonl
+from ftops_trainer.evaluation import EvalResult, build_retention_set, evaluate_model
+from ftops_trainer.gate import GateConfig, evaluate_gate, split_holdout
+from ftops_trainer.intake import Intake
+from ftops_trainer.replay import REPLAY_FILES, lineage_buffer, mix_replay
+from ftops_trainer.settings import TrainerSettings
+from ftops_trainer.spec import pipeline_config, train_params
+from ftops_trainer.store import REGISTRY_TIMEOUT_S, JobState
+from ftops_trainer.training import (
+    ADAPTER_FILES,
+    NothingToTrain,
+    TrainingStopped,
+    TrainMetrics,
+    train_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+# Any base model directory may ship what it knows as prompt/completion JSONL under this
+# name; the trainer then measures retention on it (the tiny dev model ships one).
+RETENTION_PROBE_FILE = "ftops_retention.jsonl"
+
+Publish = Callable[[str, Message], Awaitable[None]]
+
+
+class StopReason(enum.Enum):
+    NONE = "none"
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+
+
+class JobFailed(Exception):
+    """Ends a job as FAILED with a message meant for the user."""
+
+
+class TransientJobError(Exception):
+    """A dependency is briefly unavailable: the job goes back to the queue and resumes
+    from its checkpoint on the next delivery instead of failing."""
+
+
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+def probe_split(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """Split the base model's probes once, by content: one half seeds the replay buffer,
+    the other measures retention. Retention measured on replayed records would say
+    nothing about forgetting."""
+    replay: list[Record] = []
+    held: list[Record] = []
+    for r in records:
+        digest = hashlib.sha256(f"{r.prompt}\x00{r.completion}".encode()).digest()
+        (held if digest[0] % 2 else replay).append(r)
+    return replay, held
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        registry: registry_pb2_grpc.RegistryServiceAsyncStub,
+        publish: Publish,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._publish = publish
+        self._intake = Intake(settings, registry)
+
+    async def run(
+        self, job: trainer_pb2.Job, stop: threading.Event, report: Callable[[], None]
+    ) -> None:
+        """Run the job to an end state written into ``job``; raises only when stopped for
+        a shutdown (the manager requeues it). A cancel ends it CANCELLED here."""
+        work = self._settings.work_dir / job.job_id
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            await self._pipeline(job, work, stop, report)
+        except TrainingStopped:
+            if stop.is_set():
+                return  # the manager knows why (cancel / shutdown) and ends the job
+            raise
+        except (JobFailed, FtopsError, NothingToTrain, ValueError) as exc:
+            _fail(job, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise TransientJobError(
+                    f"registry unavailable ({exc.code().name}: {exc.details()})"
+                ) from exc
+            _fail(
+                job,
+                f"registry at {self._settings.registry_address} answered "
+                f"{exc.code().name}: {exc.details()}",
+            )
+        except Exception as exc:
+            log.exception("job %s crashed", job.job_id)
+            _fail(job, f"internal error: {exc!r}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if job.state != JobState.JOB_STATE_FAILED:
+            # Finished for good: its checkpoints are no longer needed.
+            shutil.rmtree(self._settings.checkpoint_dir / job.job_id, ignore_errors=True)
+
+    async def _pipeline(
+        self,
+        job: trainer_pb2.Job,
+        work: Path,
+        stop: threading.Event,
+        report: Callable[[], None],
+    ) -> None:
+        spec = job.spec
+        loop = asyncio.get_running_loop()
+
+        # -- data ---------------------------------------------------------------------
+        data = await self._intake.fetch_dataset(spec.dataset_artifact_id)
+        parsed = await asyncio.to_thread(
+            load_dataset,
+            data,
+            self._settings.max_bad_line_ratio,
+            max_bytes=self._intake.max_bytes,
+            category_key=spec.data.category_field or "category",
+            timestamp_key=spec.data.timestamp_field or "timestamp",
+        )
+        from ftops_trainer.pipeline import run_pipeline
+
+        cleaned = await asyncio.to_thread(run_pipeline, parsed.records, pipeline_config(spec))
+        job.records_total = parsed.total
+        job.records_skipped = len(parsed.errors)
+        del job.stages[:]
+        job.stages.extend(
+            trainer_pb2.StageReport(
+                name=s.name,
+                records_in=s.records_in,
+                records_out=s.records_out,
+                details={k: float(v) for k, v in s.details.items()},
+            )
+            for s in cleaned.stages
+        )
+        if not cleaned.records:
+            raise JobFailed("no record survived the data pipeline: " + _stage_summary(job))
+        split = split_holdout(
+            cleaned.records, spec.gate.holdout_fraction, seed=spec.hyperparameters.seed
+        )
+        job.holdout_records = 0 if split.holdout_is_training else len(split.holdout)
+        report()
+
+        # -- base model, parent, replay buffer -----------------------------------------
+        base = await self._intake.base_model(spec.base_model)
+        base_dir = Path(base.uri)
+        await self._check_base(base, base_dir)
+        parent_dir: Path | None = None
+        replay_dir: Path | None = None
+        if spec.parent_version_id:
+            parent = await self._intake.parent_version(spec.parent_version_id, base)
+            parent_dir = await self._download_adapter(parent, work / "parent")
+            if parent.replay_artifact_id:
+                replay_dir = work / "parent-replay"
+                await download_artifact(
+                    self._registry,
+                    parent.replay_artifact_id,
+                    replay_dir,
+                    label=f"replay buffer of {parent.version_id}",
+                )
+        probes = await asyncio.to_thread(self._probes, base_dir, spec)
+        probe_replay, probe_held = probe_split(probes)
+        buffer = lineage_buffer(
+            replay_dir,
+            probe_replay,
+            capacity=spec.replay.capacity,
+            seed=spec.hyperparameters.seed,
+        )
+        train_records = mix_replay(
+            split.train, buffer, spec.replay.ratio, seed=spec.hyperparameters.seed
+        )
+        job.replay_records = len(train_records) - len(split.train)
+        seeded = set(probe_replay)
+        retention_set = build_retention_set(
+            [r for r in buffer.records if r not in seeded],
+            probe_held,
+            size=self._settings.retention_set_size,
+            seed=spec.hyperparameters.seed,
+        )
+        cutoff = spec.hyperparameters.cutoff_len
+
+        # -- scores before: the parent (or the base model for a first version) ---------
+        before = await asyncio.to_thread(
+            _score, base_dir, parent_dir, split.holdout, retention_set, cutoff
+        )
+
+        # -- training -----------------------------------------------------------------
+        started = time.monotonic()
+
+        def on_metrics(m: TrainMetrics) -> None:
+            loop.call_soon_threadsafe(_apply_metrics, job, m, report)
+
+        result = await asyncio.to_thread(
+            train_adapter,
+            base_dir,
+            train_records,
+            train_params(spec),
+            work / "adapter",
+            base_model_name=base.name,
+            parent_adapter_dir=parent_dir,
+            should_stop=stop.is_set,
+            on_metrics=on_metrics,
+            checkpoint_dir=self._settings.checkpoint_dir / job.job_id,
+            resume=True,
+        )
+        job.records_used = result.examples
+        job.records_truncated = getattr(result, "truncated", 0)
+        job.resumed_from_step = getattr(result, "resumed_from_step", 0)
+        report()
+
+        # -- the gate -----------------------------------------------------------------
+        after = await asyncio.to_thread(
+            _score, base_dir, result.adapter_dir, split.holdout, retention_set, cutoff
+        )
+        gate = evaluate_gate(
+            GateConfig(
+                min_retention=spec.gate.min_retention,
+                max_new_loss_ratio=spec.gate.max_new_loss_ratio,
+                enabled=not spec.gate.disabled,
+            ),
+            new_before=before[0],
+            new_after=after[0],
+            retention_before=before[1],
+            retention_after=after[1],
+            new_on_training_data=split.holdout_is_training,
+        )
+        evaluation = common_pb2.Evaluation(
+            gate_passed=gate.passed, reasons=gate.reasons, metrics=gate.metrics
+        )
+        job.evaluation.CopyFrom(evaluation)
+        report()
+        rejected = not gate.passed and not spec.gate.disabled
+
+        # -- artifacts and the version ------------------------------------------------
+        buffer.add(split.train)
+        buffer_dir = work / "replay"
+        await asyncio.to_thread(buffer.save, buffer_dir)
+        replay_files = artifacts.describe_files(buffer_dir, REPLAY_FILES)
+        replay_artifact = await artifacts.upload_artifact(self._registry, buffer_dir, replay_files)
+        files = await asyncio.to_thread(artifacts.describe_files, result.adapter_dir, ADAPTER_FILES)
+        artifact = await artifacts.upload_artifact(self._registry, result.adapter_dir, files)
+        version: registry_pb2.Version = await self._registry.RegisterVersion(
+            registry_pb2.RegisterVersionRequest(
+                adapter=spec.adapter,
+                team=spec.team,
+                base_model=base.name,
+                parent_version_id=spec.parent_version_id,
+                artifact_id=artifact.artifact_id,
+                job_id=job.job_id,
+                dataset_fingerprint=hashlib.sha256(data).hexdigest(),
+                method=spec.method,
+                metrics={
+                    "final_loss": result.final_loss,
+                    "train_records": float(result.examples),
+                    "train_steps": float(result.steps),
+                    "train_seconds": round(time.monotonic() - started, 3),
+                    **gate.metrics,
+                },
+                labels=dict(spec.labels),
+                # A retried registration (redelivered job) returns the same version.
+                idempotency_key=job.job_id,
+                rejected=rejected,
+                evaluation=evaluation,
+                replay_artifact_id=replay_artifact.artifact_id,
+                dataset_artifact_id=spec.dataset_artifact_id,
+            ),
+            timeout=REGISTRY_TIMEOUT_S,
+        )
+        job.version_id, job.version_number = version.version_id, version.number
+        await self._announce(job, version, base, files, gate.reasons, gate.metrics, rejected)
+        job.state = JobState.JOB_STATE_REJECTED if rejected else JobState.JOB_STATE_SUCCEEDED
+        if rejected:
+            job.error = "evaluation gate: " + "; ".join(gate.reasons)
+        report()
+
+    async def _announce(
+        self,
+        job: trainer_pb2.Job,
+        version: registry_pb2.Version,
+        base: registry_pb2.BaseModel,
+        files: Sequence[common_pb2.ArtifactFile],
+        reasons: Sequence[str],
+        metrics: dict[str, float],
+        rejected: bool,
+    ) -> None:
+        spec = job.spec
+        meta = events.new_meta("trainer", self._settings.instance_id)
+        # A redelivered job re-announces with the same id: JetStream stores it once.
+        meta.event_id = f"{'rejected' if rejected else 'ready'}-{version.version_id}"
+        event: Message
+        if rejected:
+            subject = events.ADAPTER_REJECTED
+            event = events_pb2.AdapterRejected(
+                meta=meta,
+                version_id=version.version_id,
+                adapter=version.adapter or spec.adapter,
+                version_number=version.number,
+                job_id=job.job_id,
+                parent_version_id=spec.parent_version_id,
+                team=spec.team,
+                reasons=list(reasons),
+                metrics=metrics,
+            )
+        else:
+            subject = events.ADAPTER_READY
+            event = events_pb2.AdapterReady(
+                meta=meta,
+                version_id=version.version_id,
+                adapter=version.adapter or spec.adapter,
+                version_number=version.number,
+                base_model=base.name,
+                base_model_fingerprint=base.fingerprint,
+                files=list(version.files) or list(files),
+                job_id=job.job_id,
+                parent_version_id=spec.parent_version_id,
+                team=spec.team,
+            )
+
+        async def announce() -> None:
+            await self._publish(subject, event)
+
+        # The version exists now; inference learns of it only through this event, so keep
+        # trying through a NATS outage.
+        await retry_forever(f"publish {subject} for {version.version_id}", announce)
+
+    async def _check_base(self, base: registry_pb2.BaseModel, base_dir: Path) -> None:
+        try:
+            local = await asyncio.to_thread(hashing.model_fingerprint, base_dir)
+        except (FileNotFoundError, OSError) as exc:
+            raise JobFailed(
+                f"base model {base.name!r} registered at {base.uri!r} is not readable on "
+                f"this trainer: {exc}"
+            ) from exc
+        if local != base.fingerprint:
+            raise JobFailed(
+                f"base model {base.name!r} at {base.uri!r} has fingerprint {local[:16]}..., "
+                f"but the registry recorded {base.fingerprint[:16]}...: the files changed "
+                "since it was registered; refusing to train an adapter for the wrong weights"
+            )
+
+    async def _download_adapter(self, parent: registry_pb2.Version, dest: Path) -> Path:
+        files = await download_artifact(
+            self._registry,
+            parent.artifact_id,
+            dest,
+            label=f"parent version {parent.version_id}",
+            expected=list(parent.files),
+        )
+        missing = set(ADAPTER_FILES) - {f.path for f in files}
+        if missing:
+            raise JobFailed(
+                f"parent version {parent.version_id} artifact lacks {', '.join(sorted(missing))}"
+            )
+        return dest
+
+    @staticmethod
+    def _probes(base_dir: Path, spec: trainer_pb2.JobSpec) -> list[Record]:
+        """The base model's own knowledge: its directory's probe file plus the job's."""
+        records: list[Record] = []
+        probe_file = base_dir / RETENTION_PROBE_FILE
+        if probe_file.is_file():
+            records += parse_jsonl(probe_file.read_bytes()).records
+        if spec.gate.retention_jsonl:
+            parsed = parse_jsonl(spec.gate.retention_jsonl)
+            if parsed.errors:
+                raise JobFailed("gate.retention_jsonl has bad lines:\n" + parsed.report())
+            records += parsed.records
+        return records
+
+
+def _score(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    new_records: Sequence[Record],
+    retention_records: Sequence[Record],
+    cutoff_len: int,
+) -> tuple[EvalResult, EvalResult | None]:
+    from ftops_trainer.evaluation import load_model
+
+    model, tokenizer = load_model(base_dir, adapter_dir)
+    new = evaluate_model(model, tokenizer, new_records, cutoff_len=cutoff_len)
+    kept = (
+        evaluate_model(model, tokenizer, retention_records, cutoff_len=cutoff_len)
+        if retention_records
+        else None
+    )
+    return new, kept
+
+
+def _apply_metrics(job: trainer_pb2.Job, m: TrainMetrics, report: Callable[[], None]) -> None:
+    job.step, job.total_steps, job.loss = m.step, m.total_steps, m.loss
+    job.learning_rate = m.learning_rate
+    job.tokens_per_second = m.tokens_per_second
+    job.eta_seconds = m.eta_seconds
+    report()
+
+
+def _fail(job: trainer_pb2.Job, message: str) -> None:
+    log.warning("job %s failed: %s", job.job_id, message)
+    job.state = JobState.JOB_STATE_FAILED
+    job.error = message
+
+
+def _stage_summary(job: trainer_pb2.Job) -> str:
+    return ", ".join(f"{s.name} {s.records_in}->{s.records_out}" for s in job.stages)

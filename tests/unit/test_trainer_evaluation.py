@@ -169,3 +169,25 @@ def test_tiny_model_base_scores(tiny_model_dir: Path) -> None:
     assert results["new"].loss > kept.loss + 1  # what it does not know costs far more
     assert results["texts"].exact_match is None  # no prompt: loss only
     assert 0 < results["texts"].loss < math.inf
+
+
+def test_gate_checks_the_lineage_against_the_base_model_too() -> None:
+    from ftops_trainer.gate import GateConfig, evaluate_gate
+
+    def result(loss: float, em: float) -> EvalResult:
+        return EvalResult(records=20, tokens=100, loss=loss, exact_match=em, exact_match_records=20)
+
+    same = result(1.0, 1.0)
+    # Each step kept 97% of its parent's knowledge, but the lineage lost 10% of the base's.
+    verdict = evaluate_gate(
+        GateConfig(min_retention=0.95),
+        new_before=result(2.0, 0.0),
+        new_after=result(1.0, 0.5),
+        retention_before=same,
+        retention_after=result(1.01, 0.97),
+        base_probes_before=result(0.5, 1.0),
+        base_probes_after=result(0.9, 0.9),
+    )
+    assert not verdict.passed
+    assert verdict.metrics["retention_vs_base"] == pytest.approx(0.9)
+    assert any("base model's knowledge 0.900" in r for r in verdict.reasons)

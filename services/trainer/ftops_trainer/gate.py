@@ -94,6 +94,23 @@ def _check_retention(
     return None
 
 
+def _check_base_retention(
+    config: GateConfig, base: EvalResult, after: EvalResult, metrics: dict[str, float]
+) -> str | None:
+    if math.isnan(base.loss) or math.isnan(after.loss) or after.records == 0:
+        return None
+    r = retention(base, after)
+    metrics["retention_vs_base"] = r.value
+    metrics["retention_vs_base_records"] = float(r.records)
+    if r.value < config.min_retention:
+        return (
+            f"retention of the base model's knowledge {r.value:.3f} < "
+            f"{config.min_retention:.3f} on {r.records} held-out probe records, over the "
+            "whole lineage"
+        )
+    return None
+
+
 def _check_new_data(
     config: GateConfig,
     before: EvalResult,
@@ -125,6 +142,8 @@ def evaluate_gate(
     retention_before: EvalResult | None = None,
     retention_after: EvalResult | None = None,
     new_on_training_data: bool = False,
+    base_probes_before: EvalResult | None = None,
+    base_probes_after: EvalResult | None = None,
 ) -> GateResult:
     """Decide on a candidate from its parent's (``*_before``) and its own scores.
 
@@ -141,6 +160,16 @@ def evaluate_gate(
     if retention_before is None or retention_after is None or retention_after.records == 0:
         notes.append("retention not checked: no retention records")
     elif reason := _check_retention(config, retention_before, retention_after, metrics):
+        reasons.append(reason)
+    # Against the parent alone, small losses add up along a lineage unseen: the base
+    # model's own knowledge is also checked against the base model itself.
+    if (
+        base_probes_before is not None
+        and base_probes_after is not None
+        and (
+            reason := _check_base_retention(config, base_probes_before, base_probes_after, metrics)
+        )
+    ):
         reasons.append(reason)
     if reason := _check_new_data(config, new_before, new_after, new_on_training_data, metrics):
         reasons.append(reason)

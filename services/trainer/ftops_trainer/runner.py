@@ -227,6 +227,12 @@ class JobRunner:
         before = await asyncio.to_thread(
             _score, base_dir, parent_dir, split.holdout, retention_set, cutoff
         )
+        # The base model on its own held-out probes: the lineage-wide reference.
+        base_probes = (
+            await asyncio.to_thread(_score_one, base_dir, None, probe_held, cutoff)
+            if parent_dir is not None and probe_held
+            else None
+        )
 
         # -- training -----------------------------------------------------------------
         started = time.monotonic()
@@ -246,6 +252,15 @@ class JobRunner:
             on_metrics=on_metrics,
             checkpoint_dir=self._settings.checkpoint_dir / job.job_id,
             resume=True,
+            # Early stopping watches the held-out new data (never the training set).
+            eval_records=(
+                split.holdout
+                if spec.hyperparameters.early_stopping_patience and not split.holdout_is_training
+                else None
+            ),
+            # EWC estimates what matters to the parent on what the lineage knows.
+            replay_records=buffer.records or None,
+            world_size=max(1, spec.hyperparameters.world_size),
         )
         job.records_used = result.examples
         job.records_truncated = getattr(result, "truncated", 0)
@@ -267,6 +282,14 @@ class JobRunner:
             retention_before=before[1],
             retention_after=after[1],
             new_on_training_data=split.holdout_is_training,
+            base_probes_before=base_probes,
+            base_probes_after=(
+                await asyncio.to_thread(
+                    _score_one, base_dir, result.adapter_dir, probe_held, cutoff
+                )
+                if base_probes is not None
+                else None
+            ),
         )
         evaluation = common_pb2.Evaluation(
             gate_passed=gate.passed, reasons=gate.reasons, metrics=gate.metrics
@@ -429,6 +452,15 @@ def _score(
         else None
     )
     return new, kept
+
+
+def _score_one(
+    base_dir: Path, adapter_dir: Path | None, records: Sequence[Record], cutoff_len: int
+) -> EvalResult:
+    from ftops_trainer.evaluation import load_model
+
+    model, tokenizer = load_model(base_dir, adapter_dir)
+    return evaluate_model(model, tokenizer, records, cutoff_len=cutoff_len)
 
 
 def _apply_metrics(job: trainer_pb2.Job, m: TrainMetrics, report: Callable[[], None]) -> None:

@@ -113,3 +113,45 @@ def test_flags_override_spec(tmp_path: Path) -> None:
     values.update(validate({"max_steps": 5, "adapter": None}))
     job = build_job_spec(values)
     assert (job.adapter, job.hyperparameters.max_steps) == ("bot", 5)
+
+
+def test_method_data_replay_and_gate_keys(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(
+        "adapter: bot\ndataset: d.jsonl\nfinetuning_type: adalora\ntarget_r: 4\n"
+        "use_rslora: true\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\n"
+        "gradient_accumulation_steps: 2\nmax_grad_norm: 0.0\nsave_steps: 25\n"
+        "world_size: 2\nregularization: ewc\nregularization_weight: 0.5\n"
+        "train_on_prompt: true\noverlong: refuse\nnear_dup_threshold: 0.9\n"
+        "balance_targets: {faq: 1, orders: 3}\ndecay_half_life_days: 7\n"
+        "replay_ratio: 0.0\nreplay_capacity: 500\nmin_retention: 0.9\ngate: false\n"
+    )
+    spec = build_job_spec(load_spec_file(spec_file))
+    assert (spec.method, spec.lora.target_r, spec.lora.use_rslora) == ("adalora", 4, True)
+    hp = spec.hyperparameters
+    assert (hp.lr_scheduler, hp.grad_accum_steps, hp.checkpoint_every) == ("cosine", 2, 25)
+    assert hp.HasField("max_grad_norm")
+    assert hp.max_grad_norm == 0.0
+    assert (hp.world_size, hp.regularization, hp.regularization_weight) == (2, "ewc", 0.5)
+    assert spec.data.train_on_prompt
+    assert spec.data.overlong == "refuse"
+    assert dict(spec.data.balance_targets) == {"faq": 1.0, "orders": 3.0}
+    # An explicit 0 is kept (no replay), not mistaken for "use the default".
+    assert spec.replay.HasField("ratio")
+    assert spec.replay.ratio == 0.0
+    assert spec.gate.disabled
+    assert spec.gate.min_retention == 0.9
+
+
+def test_method_and_its_alias_conflict(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(CliError, match="not both"):
+        build_job_spec(
+            {
+                "adapter": "a",
+                "dataset": str(tmp_path / "d.jsonl"),
+                "method": "ia3",
+                "finetuning_type": "lora",
+            }
+        )

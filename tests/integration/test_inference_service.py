@@ -56,6 +56,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.versions: dict[str, registry_pb2.Version] = {}
         self.blobs: dict[str, list[tuple[common_pb2.ArtifactFile, bytes]]] = {}
         self.downloads = 0
+        self.downloaded: list[str] = []
 
     def add_version(
         self, adapter_dir: Path, fingerprint: str, *, adapter: str = "bot", corrupt: bool = False
@@ -100,10 +101,14 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         await context.abort(grpc.StatusCode.NOT_FOUND, "no such version")
         raise AssertionError
 
+    def downloads_of(self, artifact_id: str) -> int:
+        return self.downloaded.count(artifact_id)
+
     async def DownloadArtifact(
         self, request: Any, context: Any
     ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
         self.downloads += 1
+        self.downloaded.append(request.artifact_id)
         files = self.blobs.get(request.artifact_id)
         if files is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such artifact")
@@ -330,6 +335,18 @@ async def test_version_is_loaded_on_demand_by_name(stack: Stack) -> None:
     assert reply.version_id == version.version_id
     assert reply.completion_tokens > 0
     assert reply.finish_reason in (common_pb2.FINISH_REASON_EOS, common_pb2.FINISH_REASON_LENGTH)
+
+
+async def test_rejected_version_is_never_loaded(stack: Stack) -> None:
+    version = stack.registry.add_version(stack.adapters[1], stack.fingerprint, adapter="gated")
+    version.state = "rejected"
+    version.evaluation.reasons.append("retention 0.40 < 0.95")
+    downloads = stack.registry.downloads_of(version.artifact_id)  # shared by other tests
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(stack, version.version_id)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "retention 0.40 < 0.95" in (info.value.details() or "")
+    assert stack.registry.downloads_of(version.artifact_id) == downloads
 
 
 async def test_stream_concatenates_to_generate(stack: Stack) -> None:

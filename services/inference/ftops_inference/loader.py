@@ -177,6 +177,11 @@ class AdapterLoader:
         version_id = version.version_id
         if not _VERSION_ID.match(version_id):
             raise FailedPrecondition(f"registry returned an unusable version id {version_id!r}")
+        if version.state == "rejected":
+            reasons = "; ".join(version.evaluation.reasons) or "no reason recorded"
+            raise FailedPrecondition(
+                f"version {version_id} failed its evaluation gate and is never served: {reasons}"
+            )
         if version.base_model_fingerprint != self.base_fingerprint:
             raise FailedPrecondition(
                 f"version {version_id} was trained on base model {version.base_model!r} "

@@ -23,16 +23,11 @@ def _with_metadata(details: Any, extra: list[tuple[str, str]]) -> Any:
     )
 
 
-class _MetadataInjector(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
+class _Metadata:
     def __init__(self, api_key: str) -> None:
         self._api_key = api_key
 
-    def _extra(self) -> list[tuple[str, str]]:
+    def extra(self) -> list[tuple[str, str]]:
         carrier: dict[str, str] = {}
         telemetry.inject(carrier)
         extra = list(carrier.items())
@@ -40,25 +35,48 @@ class _MetadataInjector(
             extra.append(("authorization", f"Bearer {self._api_key}"))
         return extra
 
+
+# One class per call kind: grpc.aio files each interceptor under the first kind it is an
+# instance of, so a single class implementing all four would only see unary-unary calls
+# (streaming uploads and watches would go out without the key or the trace context).
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: _Metadata) -> None:
+        self._metadata = metadata
+
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(_with_metadata(details, self._extra()), request)
+        return await continuation(_with_metadata(details, self._metadata.extra()), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: _Metadata) -> None:
+        self._metadata = metadata
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(_with_metadata(details, self._extra()), request)
+        return await continuation(_with_metadata(details, self._metadata.extra()), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: _Metadata) -> None:
+        self._metadata = metadata
 
     async def intercept_stream_unary(
         self, continuation: Callable[..., Any], details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(_with_metadata(details, self._extra()), request_iterator)
+        return await continuation(_with_metadata(details, self._metadata.extra()), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: _Metadata) -> None:
+        self._metadata = metadata
 
     async def intercept_stream_stream(
         self, continuation: Callable[..., Any], details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(_with_metadata(details, self._extra()), request_iterator)
+        return await continuation(_with_metadata(details, self._metadata.extra()), request_iterator)
 
 
 def channel(address: str, *, api_key: str = "", max_message_mb: int = 64) -> grpc.aio.Channel:
@@ -66,5 +84,10 @@ def channel(address: str, *, api_key: str = "", max_message_mb: int = 64) -> grp
     return grpc.aio.insecure_channel(
         address,
         options=grpc_options(max_message_mb),
-        interceptors=[_MetadataInjector(api_key)],
+        interceptors=[
+            _UnaryUnary(metadata := _Metadata(api_key)),
+            _UnaryStream(metadata),
+            _StreamUnary(metadata),
+            _StreamStream(metadata),
+        ],
     )

@@ -352,6 +352,12 @@ async def test_release_events_are_recorded_once(
     assert release.strategy == "canary"
     listed = await stub.ListReleases(registry_pb2.ListReleasesRequest(alias="support-bot"))
     assert release_id in [r.release_id for r in listed.releases]
+    # Recorded decisions are audited once each, by the producer of the event.
+    audit = await stub.ListAudit(
+        registry_pb2.ListAuditRequest(resource_prefix=f"release:{release_id}")
+    )
+    assert sorted(e.method for e in audit.entries) == ["release.promote", "release.started"]
+    assert {e.actor for e in audit.entries} == {"monitor/test"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -620,5 +626,221 @@ async def test_a_0001_database_upgrades_to_head(database_url: str) -> None:
         assert not version.HasField("evaluation")
         assert registry.get_alias("old-bot", "prod").version_id == version.version_id
         assert registry.list_versions("old-bot").versions == [version]
+    finally:
+        db.close()
+
+
+async def test_audit_log_records_mutations_and_refusals(
+    tmp_path: Path, nats_url: str, database_url: str
+) -> None:
+    settings = _settings(tmp_path, nats_url, database_url).model_copy(update={"api_keys": "key-1"})
+    app = await _start(settings)
+    try:
+        await app.wait_ready()
+        async with channel(app.address, api_key="key-1") as ch:
+            stub = _stub(ch)
+            before = Timestamp()
+            before.FromDatetime(datetime.now(UTC))
+            await stub.RegisterBaseModel(
+                registry_pb2.RegisterBaseModelRequest(name="tiny", fingerprint=FP, uri="/m/tiny")
+            )
+            # Explicit key: the client-streaming call does not get it from the channel here.
+            artifact = await stub.UploadArtifact(
+                # The channel's key must reach client-streaming calls too.
+                _upload_requests(_files(ADAPTER_BLOBS), list(ADAPTER_BLOBS.values())),
+            )
+            register = registry_pb2.RegisterVersionRequest(
+                adapter="audited-bot",
+                team="support",
+                base_model="tiny",
+                artifact_id=artifact.artifact_id,
+            )
+            v1 = await stub.RegisterVersion(register)
+            register.rejected = True
+            bad = await stub.RegisterVersion(register)
+            await stub.SetAlias(
+                registry_pb2.SetAliasRequest(
+                    adapter="audited-bot", name="stable", version_id=v1.version_id
+                )
+            )
+            refusals = [(bad.version_id, "FAILED_PRECONDITION"), ("audited-bot:99", "NOT_FOUND")]
+            for ref, _ in refusals:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.SetAlias(
+                        registry_pb2.SetAliasRequest(
+                            adapter="audited-bot", name="stable", version_id=ref
+                        )
+                    )
+            job = trainer_pb2.Job(
+                job_id="job-audit",
+                state=events_pb2.JOB_STATE_QUEUED,
+                spec=trainer_pb2.JobSpec(adapter="audited-bot", team="support"),
+            )
+            await stub.PutJob(registry_pb2.PutJobRequest(job=job))
+            with pytest.raises(grpc.aio.AioRpcError):  # exists already: ALREADY_EXISTS
+                await stub.PutJob(registry_pb2.PutJobRequest(job=job))
+
+            everything = await stub.ListAudit(registry_pb2.ListAuditRequest(page_size=500))
+            # Release events other tests published may be replayed to this app's consumers.
+            entries = [e for e in everything.entries if not e.method.startswith("release.")]
+            key_id = hashlib.sha256(b"key-1").hexdigest()[:12]
+            assert {e.actor for e in entries} == {key_id}
+            # Newest first.
+            assert [e.id for e in entries] == sorted((e.id for e in entries), reverse=True)
+            got = [(e.method, e.resource, e.outcome) for e in reversed(entries)]
+            assert got == [
+                ("RegisterBaseModel", "base_model:tiny", "ok"),
+                ("UploadArtifact", f"artifact:{artifact.artifact_id}", "ok"),
+                ("RegisterVersion", f"version:{v1.version_id}", "ok"),
+                ("RegisterVersion", f"version:{bad.version_id}", "ok"),
+                ("SetAlias", "alias:audited-bot/stable", "ok"),
+                ("SetAlias", "alias:audited-bot/stable", "FAILED_PRECONDITION"),
+                ("SetAlias", "alias:audited-bot/stable", "NOT_FOUND"),
+                ("PutJob", "job:job-audit", "ok"),
+                ("PutJob", "job:job-audit", "ALREADY_EXISTS"),
+            ]
+            assert "rejected" in entries[-4].detail
+            assert "rejected by the evaluation gate" in entries[3].detail
+
+            # Filters: team (refusals included via the adapter), resource prefix, time.
+            team = await stub.ListAudit(registry_pb2.ListAuditRequest(team="support"))
+            assert [e.id for e in team.entries] == [e.id for e in entries[:7]]
+            alias = await stub.ListAudit(
+                registry_pb2.ListAuditRequest(resource_prefix="alias:audited-bot/")
+            )
+            assert [e.outcome for e in alias.entries] == ["NOT_FOUND", "FAILED_PRECONDITION", "ok"]
+            since_start = await stub.ListAudit(
+                registry_pb2.ListAuditRequest(team="support", since=before)
+            )
+            assert len(since_start.entries) == 7
+            later = Timestamp()
+            later.FromDatetime(datetime.now(UTC))
+            assert not (
+                await stub.ListAudit(registry_pb2.ListAuditRequest(team="support", since=later))
+            ).entries
+
+            # Pagination: pages of 3 walk every entry exactly once, newest first.
+            paged: list[int] = []
+            token = ""
+            while True:
+                page = await stub.ListAudit(
+                    registry_pb2.ListAuditRequest(team="support", page_size=3, page_token=token)
+                )
+                paged += [e.id for e in page.entries]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert paged == [e.id for e in team.entries]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListAudit(registry_pb2.ListAuditRequest(page_token="nope"))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await app.stop()
+
+
+async def test_archive_and_garbage_collect_over_grpc(
+    tmp_path: Path, nats_url: str, database_url: str
+) -> None:
+    settings = _settings(tmp_path, nats_url, database_url).model_copy(
+        update={"artifact_gc_grace_s": 0}
+    )
+    app = await _start(settings)
+    try:
+        await app.wait_ready()
+        async with channel(app.address) as ch:
+            stub = _stub(ch)
+            await _base_and_artifact(stub)
+            versions = []
+            for n in range(3):
+                art = await _upload(stub, {"adapter_model.safetensors": f"w{n}".encode() * 100})
+                versions.append(
+                    await stub.RegisterVersion(
+                        registry_pb2.RegisterVersionRequest(
+                            adapter="gc-bot", base_model="tiny", artifact_id=art.artifact_id
+                        )
+                    )
+                )
+            await stub.SetAlias(
+                registry_pb2.SetAliasRequest(
+                    adapter="gc-bot", name="prod", version_id=versions[0].version_id
+                )
+            )
+            archived = await stub.ArchiveVersions(
+                registry_pb2.ArchiveVersionsRequest(adapter="gc-bot", keep_last=1)
+            )
+            assert list(archived.archived_version_ids) == [versions[1].version_id]
+            gc = await stub.GarbageCollectArtifacts(registry_pb2.GarbageCollectArtifactsRequest())
+            # The unused first upload (ADAPTER_BLOBS) and version 2's artifact.
+            assert versions[1].artifact_id in gc.deleted_artifact_ids
+            assert len(gc.deleted_artifact_ids) == 2
+            assert gc.freed_bytes > 3 * MIB
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _download(stub, versions[1].artifact_id)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            for kept in (versions[0], versions[2]):
+                await _download(stub, kept.artifact_id)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ArchiveVersions(
+                    registry_pb2.ArchiveVersionsRequest(adapter="gc-bot", keep_last=0)
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            audit = await stub.ListAudit(registry_pb2.ListAuditRequest(page_size=500))
+            assert [(e.method, e.outcome) for e in audit.entries if "release" not in e.method][
+                :3
+            ] == [
+                ("ArchiveVersions", "INVALID_ARGUMENT"),
+                ("GarbageCollectArtifacts", "ok"),
+                ("ArchiveVersions", "ok"),
+            ]
+    finally:
+        await app.stop()
+
+
+async def _download(stub: registry_pb2_grpc.RegistryServiceAsyncStub, artifact_id: str) -> int:
+    received = 0
+    async for part in stub.DownloadArtifact(
+        registry_pb2.DownloadArtifactRequest(artifact_id=artifact_id)
+    ):
+        received += len(part.chunk.data)
+    return received
+
+
+async def test_a_0002_database_upgrades_to_head(database_url: str) -> None:
+    """0003 adds the audit table and artifacts.deleted_at next to existing rows."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import DateTime, bindparam, text
+
+    from ftops_registry.audit import AuditLog
+    from ftops_registry.db import MIGRATIONS_DIR, Database
+    from ftops_registry.registry import Registry
+
+    db = Database(database_url)
+    try:
+        with db.engine.connect() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS_DIR))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0002")
+            conn.commit()
+        rows = [
+            "INSERT INTO base_models VALUES ('tiny', :fp, '/m', :t)",
+            "INSERT INTO adapters VALUES ('old-bot', 'ops', 'tiny', 1, :t)",
+            "INSERT INTO artifacts VALUES (:fp, 1, :t)",
+            "INSERT INTO versions (version_id, adapter, number, artifact_id, "
+            "base_model_fingerprint, job_id, dataset_fingerprint, method, metrics, labels, "
+            "archived, created_at, state) VALUES ('ver_0123456789', 'old-bot', 1, :fp, :fp, "
+            "'', '', 'lora', '{}', '{}', FALSE, :t, 'ready')",
+        ]
+        with db.engine.begin() as conn:
+            for sql in rows:
+                stmt = text(sql).bindparams(bindparam("t", type_=DateTime(timezone=True)))
+                conn.execute(stmt, {"fp": FP, "t": datetime.now(UTC)})
+        db.migrate()
+        registry = Registry(db)
+        assert registry.get_artifact(FP).artifact_id == FP  # deleted_at is NULL: live
+        registry.set_alias("old-bot", "prod", "old-bot:1")
+        entries = AuditLog(db).list(team="ops").entries
+        assert [(e.method, e.resource) for e in entries] == [("SetAlias", "alias:old-bot/prod")]
     finally:
         db.close()

@@ -12,6 +12,7 @@ from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_registry.artifacts import FileSpec
+from ftops_registry.audit import AuditLog
 from ftops_registry.db import Database
 from ftops_registry.registry import Registry, RejectedVersionError
 from ftops_registry.releases import ReleaseHistory
@@ -178,3 +179,12 @@ def test_releases_never_put_traffic_on_a_rejected_version(history: ReleaseHistor
     assert history.get("rel-bad").state == "rolled_back"
     # Ready versions (and ids this registry does not know) are recorded as before.
     assert history.apply_started(started("rel-ok", 0, "ver_a", good.version_id))
+    # Each decision, refused ones too, is audited with the event's producer as actor.
+    entries = AuditLog(history.db).list(resource_prefix="release:rel-bad").entries
+    assert [(e.resource, e.method, e.outcome) for e in reversed(entries)] == [
+        ("release:rel-bad", "release.started", "FAILED_PRECONDITION"),
+        ("release:rel-bad", "release.promote", "FAILED_PRECONDITION"),
+        ("release:rel-bad-2", "release.started", "FAILED_PRECONDITION"),
+        ("release:rel-bad", "release.rollback", "ok"),
+    ]
+    assert {e.actor for e in entries} == {"test/t1"}

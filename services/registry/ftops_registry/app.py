@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_registry.artifacts import LocalArtifactStore
@@ -13,6 +14,7 @@ from ftops_registry.jobs import JobRecords
 from ftops_registry.registry import Registry
 from ftops_registry.release_events import DEFAULT_DURABLE, subscribe_release_events
 from ftops_registry.releases import ReleaseHistory
+from ftops_registry.retention import Retention
 from ftops_registry.servicer import SERVICE_NAME, RegistryServicer
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime.bus import EventBus
@@ -54,6 +56,9 @@ class RegistryApp:
                 self.store,
                 self.jobs,
                 max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
+                retention=Retention(
+                    self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
+                ),
             ),
             self.server.server,
         )

@@ -86,7 +86,7 @@ class BlobWriter(Protocol):
 
 class ArtifactStore(Protocol):
     """Content-addressed blob storage. Local disk today; an object store fits the same
-    three calls (multipart upload, existence, ranged read)."""
+    calls (multipart upload, existence, ranged read, delete)."""
 
     def new_blob(self) -> BlobWriter: ...
 
@@ -94,6 +94,11 @@ class ArtifactStore(Protocol):
 
     def open(self, sha256: str) -> BinaryIO:
         """Open a blob for reading; ``FileNotFoundError`` when it is missing."""
+
+    def delete(self, sha256: str, *, written_before: float) -> int:
+        """Remove a blob (garbage collection) unless it was (re)written at or after
+        ``written_before`` (epoch seconds: an upload racing the collection keeps it);
+        the bytes freed, 0 if it was gone or kept."""
 
 
 class _LocalBlobWriter:
@@ -148,6 +153,18 @@ class LocalArtifactStore:
 
     def open(self, sha256: str) -> BinaryIO:
         return self.blob_path(sha256).open("rb")
+
+    def delete(self, sha256: str, *, written_before: float) -> int:
+        path = self.blob_path(sha256)
+        try:
+            st = path.stat()
+            if st.st_mtime >= written_before:
+                return 0
+            size = st.st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
 
 
 class UploadSession:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops.trainer.v1 import trainer_pb2
-from ftops_registry import convert
+from ftops_registry import audit, convert
 from ftops_registry.db import Database
 from ftops_registry.models import JobRow, utcnow
 from ftops_registry.registry import page_size
@@ -121,6 +121,9 @@ class JobRecords:
                 # the retry answers ALREADY_EXISTS.
                 s.flush()
                 log.info("job %s (%s) recorded: %s", job_id, row.adapter, state_name(row.state))
+                audit.record(
+                    s, "PutJob", f"job:{job_id}", team=row.team, detail=state_name(row.state)
+                )
                 return registry_pb2.JobRecord(job=stored, revision=row.revision)
 
             # Locked (Postgres; SQLite writers are serialized already) so the compare and
@@ -150,6 +153,13 @@ class JobRecords:
                     state_name(existing.state),
                     existing.revision,
                 )
+            audit.record(
+                s,
+                "PutJob",
+                f"job:{job_id}",
+                team=existing.team,
+                detail=f"{state_name(existing.state)} (revision {existing.revision})",
+            )
             return registry_pb2.JobRecord(job=stored, revision=existing.revision)
 
         return self.db.write(work)

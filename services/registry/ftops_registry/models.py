@@ -66,6 +66,10 @@ class ArtifactRow(Base):
     artifact_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     total_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by garbage collection when the blobs went. The row stays because archived
+    # versions still reference it (and their lineage shows it); uploading the same
+    # files again revives it.
+    deleted_at: Mapped[datetime | None] = mapped_column()
 
 
 class ArtifactFileRow(Base):
@@ -180,3 +184,20 @@ class JobRow(Base):
     # Optimistic concurrency: every write bumps it; writers say which one they read.
     revision: Mapped[int] = mapped_column(BigInteger)
     job: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditRow(Base):
+    """Who changed what, when, and whether it was allowed. Successful mutations write
+    their entry in the same transaction as the change (no change without its entry);
+    refused ones in a short transaction of their own."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    team: Mapped[str] = mapped_column(String(128), default="", index=True)
+    method: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(255), index=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ftops.registry.v1 import registry_pb2
-from ftops_registry import convert
+from ftops_registry import audit, convert
 from ftops_registry.artifacts import FileSpec
 from ftops_registry.db import Database
 from ftops_registry.models import (
@@ -136,6 +136,9 @@ class Registry:
             elif row.uri != uri:
                 # Same bytes, new place (a replica mounts it elsewhere): keep the newest path.
                 row.uri = uri
+            audit.record(
+                s, "RegisterBaseModel", f"base_model:{name}", detail=f"{fingerprint} {uri}"
+            )
             return convert.base_model(row)
 
         return self.db.write(work)
@@ -157,7 +160,10 @@ class Registry:
 
         def work(s: Session) -> registry_pb2.Artifact:
             row = s.get(ArtifactRow, artifact_id)
-            if row is None:
+            if row is not None and row.deleted_at is not None:
+                # Garbage-collected, now uploaded again: the blobs are back.
+                row.deleted_at = None
+            elif row is None:
                 row = ArtifactRow(
                     artifact_id=artifact_id,
                     total_bytes=sum(f.size for f in files),
@@ -176,6 +182,9 @@ class Registry:
                         )
                     )
                 s.flush()
+            audit.record(
+                s, "UploadArtifact", f"artifact:{artifact_id}", detail=f"{row.total_bytes} bytes"
+            )
             return convert.artifact(row, _files(s, artifact_id))
 
         return self.db.write(work)
@@ -187,6 +196,11 @@ class Registry:
             row = s.get(ArtifactRow, artifact_id)
             if row is None:
                 raise NotFound(f"artifact {artifact_id!r} does not exist (upload it first)")
+            if row.deleted_at is not None:
+                raise NotFound(
+                    f"artifact {artifact_id!r} was garbage-collected (only archived versions "
+                    "used it); upload it again to restore it"
+                )
             return convert.artifact(row, _files(s, artifact_id))
 
     # -- versions --------------------------------------------------------------------
@@ -214,7 +228,15 @@ class Registry:
                             f"idempotency_key {idem_key!r} was used for adapter "
                             f"{existing.adapter!r} ({existing.version_id}), not {adapter_name!r}"
                         )
-                    return self._version_pb(s, existing)
+                    version = self._version_pb(s, existing)
+                    audit.record(
+                        s,
+                        "RegisterVersion",
+                        f"version:{existing.version_id}",
+                        team=version.team,
+                        detail=f"{adapter_name}:{existing.number} (idempotent repeat)",
+                    )
+                    return version
 
             # The row lock makes concurrent registrations take numbers one after another
             # (Postgres); SQLite's BEGIN IMMEDIATE already serializes writers.
@@ -261,7 +283,14 @@ class Registry:
                 ("replay_artifact_id", req.replay_artifact_id),
                 ("dataset_artifact_id", req.dataset_artifact_id),
             ):
-                if artifact_id and s.get(ArtifactRow, artifact_id) is None:
+                # Shared lock: garbage collection (which locks artifacts for update) cannot
+                # collect it before this version commits (Postgres).
+                stored = (
+                    s.get(ArtifactRow, artifact_id, with_for_update={"read": True})
+                    if artifact_id
+                    else None
+                )
+                if artifact_id and (stored is None or stored.deleted_at is not None):
                     raise FailedPrecondition(
                         f"artifact {artifact_id!r} ({field}) does not exist: upload it with "
                         "UploadArtifact before registering the version"
@@ -309,6 +338,13 @@ class Registry:
                 )
             else:
                 log.info("registered %s:%d as %s", adapter_name, row.number, row.version_id)
+            audit.record(
+                s,
+                "RegisterVersion",
+                f"version:{row.version_id}",
+                team=adapter.team,
+                detail=f"{adapter_name}:{row.number} {state}",
+            )
             return self._version_pb(s, row)
 
         return self.db.write(work)
@@ -371,7 +407,13 @@ class Registry:
         def work(s: Session) -> registry_pb2.Alias:
             if s.get(AdapterRow, adapter) is None:
                 raise NotFound(f"adapter {adapter!r} does not exist")
-            version = self._resolve(s, version_ref)
+            # Locked: ArchiveVersions must not archive it between this check and commit.
+            version = self._resolve(s, version_ref, lock=True)
+            if version.archived:
+                raise FailedPrecondition(
+                    f"version {version.adapter}:{version.number} ({version.version_id}) is "
+                    "archived (its artifact may be garbage-collected) and cannot be aliased"
+                )
             if version.adapter != adapter:
                 raise FailedPrecondition(
                     f"version {version.version_id} belongs to adapter {version.adapter!r}, "
@@ -397,6 +439,14 @@ class Registry:
                     )
                 )
             s.flush()
+            team_row = s.get(AdapterRow, adapter)
+            audit.record(
+                s,
+                "SetAlias",
+                f"alias:{adapter}/{name}",
+                team=team_row.team if team_row is not None else "",
+                detail=f"{previous or '-'} -> {version.version_id}",
+            )
             return convert.alias(row)
 
         return self.db.write(work)
@@ -422,7 +472,7 @@ class Registry:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _resolve(self, s: Session, ref: str) -> VersionRow:
+    def _resolve(self, s: Session, ref: str, *, lock: bool = False) -> VersionRow:
         if not ref:
             raise InvalidArgument("a version id or 'adapter:number' is required")
         if ":" in ref:
@@ -431,13 +481,12 @@ class Registry:
                 raise InvalidArgument(
                     f"version name {ref!r} must be 'adapter:number', e.g. 'support-bot:3'"
                 )
-            row = s.scalar(
-                select(VersionRow).where(
-                    VersionRow.adapter == adapter, VersionRow.number == int(number_text)
-                )
+            query = select(VersionRow).where(
+                VersionRow.adapter == adapter, VersionRow.number == int(number_text)
             )
+            row = s.scalar(query.with_for_update() if lock else query)
         else:
-            row = s.get(VersionRow, ref) if VERSION_ID_RE.match(ref) else None
+            row = s.get(VersionRow, ref, with_for_update=lock) if VERSION_ID_RE.match(ref) else None
         if row is None:
             raise NotFound(f"version {ref!r} does not exist")
         return row

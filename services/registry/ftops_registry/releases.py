@@ -23,10 +23,11 @@ from sqlalchemy.orm import Session
 
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
-from ftops_registry import convert
+from ftops_registry import audit, convert
 from ftops_registry.db import Database
 from ftops_registry.models import ReleaseDecisionRow, ReleaseRow, VersionRow
 from ftops_registry.registry import (
+    RejectedVersionError,
     check_name,
     check_servable,
     decode_token,
@@ -183,12 +184,35 @@ class ReleaseHistory:
                     event_id=event_id, release_id=event.release_id, occurred_at=occurred, **fields
                 )
             )
+            audit.record(
+                s,
+                f"release.{fields['kind']}",
+                f"release:{event.release_id}",
+                detail=f"event {event_id}: {release.state} at weight {release.current_weight}",
+                actor=_producer(event),
+            )
             # Unique event_id: a replica that recorded it meanwhile makes this fail, and
             # the retry then finds the row and returns False.
             s.flush()
             return True
 
-        recorded = self.db.write(work)
+        try:
+            recorded = self.db.write(work)
+        except RejectedVersionError as exc:
+            # Refused (dead-lettered): audited on its own, the decision's transaction is gone.
+            method = "release." + type(event).__name__.removeprefix("Release").lower()
+            outcome, detail = exc.code.name, f"event {event_id}: {exc}"
+            self.db.write(
+                lambda s: audit.record(
+                    s,
+                    method,
+                    f"release:{event.release_id}",
+                    outcome=outcome,
+                    detail=detail,
+                    actor=_producer(event),
+                )
+            )
+            raise
         if recorded:
             log.info("release %s: recorded %s", event.release_id, event_id)
         return recorded
@@ -225,6 +249,14 @@ class ReleaseHistory:
                 releases=[convert.release(r, _history(s, r.release_id)) for r in page],
                 next_page_token=encode_token(offset + limit) if len(rows) > limit else "",
             )
+
+
+def _producer(
+    event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+) -> str:
+    """The audit actor of an event-driven change: no gRPC caller, the producer decided."""
+    meta = event.meta
+    return "/".join(p for p in (meta.producer_service, meta.producer_instance) if p) or "unknown"
 
 
 def _occurred(

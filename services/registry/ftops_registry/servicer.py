@@ -4,22 +4,29 @@ hands everything else to the core on the database thread pool."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_registry import convert
 from ftops_registry.artifacts import (
     ArtifactStore,
     UploadSession,
     read_verified,
     validate_manifest,
 )
+from ftops_registry.audit import AuditLog
 from ftops_registry.db import Database
 from ftops_registry.jobs import JobRecords
 from ftops_registry.registry import Registry, file_specs
 from ftops_registry.releases import ReleaseHistory
-from ftops_runtime.errors import InvalidArgument, Unavailable
+from ftops_registry.retention import Retention
+from ftops_runtime.errors import FtopsError, InvalidArgument, Unavailable
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 _DONE = object()
 
@@ -34,19 +41,65 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         jobs: JobRecords,
         *,
         max_artifact_bytes: int,
+        retention: Retention | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self._retention = retention or Retention(db, store, gc_grace=timedelta(hours=1))
         self._db = db
+        self._audit = audit or AuditLog(db)
         self._registry = registry
         self._releases = releases
         self._jobs = jobs
         self._store = store
         self._max_artifact_bytes = max_artifact_bytes
 
+    async def _audited(
+        self,
+        method: str,
+        resource: str,
+        adapter: str,
+        fn: Callable[..., T],
+        *args: Any,
+        team: str = "",
+    ) -> T:
+        """Run a mutation; a refused one is audited in its own transaction (a successful
+        one audits itself inside its transaction). The refusal's team is ``team``, else
+        the adapter's."""
+        try:
+            return await self._db.run(fn, *args)
+        except FtopsError as exc:
+            await self._audit_failure(method, resource, exc, adapter, team)
+            raise
+
+    async def _audit_failure(
+        self, method: str, resource: str, exc: FtopsError, adapter: str = "", team: str = ""
+    ) -> None:
+        if isinstance(exc, Unavailable):
+            return  # the database is what failed: nowhere to write the entry
+        try:
+            await self._db.run(
+                self._audit.record_failure,
+                method,
+                resource,
+                exc.code.name,
+                str(exc),
+                adapter,
+                team,
+            )
+        except Exception:  # the caller's error matters more than the audit entry's
+            log.exception("could not audit the refused %s on %s", method, resource)
+
     async def RegisterBaseModel(
         self, request: registry_pb2.RegisterBaseModelRequest, context: Any
     ) -> registry_pb2.BaseModel:
-        return await self._db.run(
-            self._registry.register_base_model, request.name, request.fingerprint, request.uri
+        return await self._audited(
+            "RegisterBaseModel",
+            f"base_model:{request.name}",
+            "",
+            self._registry.register_base_model,
+            request.name,
+            request.fingerprint,
+            request.uri,
         )
 
     async def GetBaseModel(
@@ -56,6 +109,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def UploadArtifact(
         self, request_iterator: AsyncIterator[registry_pb2.UploadArtifactRequest], context: Any
+    ) -> registry_pb2.Artifact:
+        try:
+            return await self._upload(request_iterator)
+        except FtopsError as exc:
+            # The id is the manifest's hash, unknown until a valid header: name the RPC.
+            await self._audit_failure("UploadArtifact", "artifact:", exc)
+            raise
+
+    async def _upload(
+        self, request_iterator: AsyncIterator[registry_pb2.UploadArtifactRequest]
     ) -> registry_pb2.Artifact:
         if not self._db.ready:  # fail before the client streams megabytes at us
             raise Unavailable("the registry database is not ready yet (starting or migrating)")
@@ -94,7 +157,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterVersion(
         self, request: registry_pb2.RegisterVersionRequest, context: Any
     ) -> registry_pb2.Version:
-        return await self._db.run(self._registry.register_version, request)
+        return await self._audited(
+            "RegisterVersion",
+            f"adapter:{request.adapter}",
+            request.adapter,
+            self._registry.register_version,
+            request,
+        )
 
     async def GetVersion(
         self, request: registry_pb2.GetVersionRequest, context: Any
@@ -119,8 +188,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def SetAlias(
         self, request: registry_pb2.SetAliasRequest, context: Any
     ) -> registry_pb2.Alias:
-        return await self._db.run(
-            self._registry.set_alias, request.adapter, request.name, request.version_id
+        return await self._audited(
+            "SetAlias",
+            f"alias:{request.adapter}/{request.name}",
+            request.adapter,
+            self._registry.set_alias,
+            request.adapter,
+            request.name,
+            request.version_id,
         )
 
     async def GetAlias(
@@ -143,7 +218,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def PutJob(
         self, request: registry_pb2.PutJobRequest, context: Any
     ) -> registry_pb2.JobRecord:
-        return await self._db.run(self._jobs.put, request.job, request.expected_revision)
+        return await self._audited(
+            "PutJob",
+            f"job:{request.job.job_id}",
+            "",
+            self._jobs.put,
+            request.job,
+            request.expected_revision,
+            team=request.job.spec.team,
+        )
 
     async def GetJob(
         self, request: registry_pb2.GetJobRecordRequest, context: Any
@@ -160,4 +243,41 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             list(request.states),
             request.page_size,
             request.page_token,
+        )
+
+    async def ListAudit(
+        self, request: registry_pb2.ListAuditRequest, context: Any
+    ) -> registry_pb2.ListAuditResponse:
+        since = convert.from_timestamp(request.since) if request.HasField("since") else None
+        return await self._db.run(
+            self._audit.list,
+            request.team,
+            request.resource_prefix,
+            since,
+            request.page_size,
+            request.page_token,
+        )
+
+    async def ArchiveVersions(
+        self, request: registry_pb2.ArchiveVersionsRequest, context: Any
+    ) -> registry_pb2.ArchiveVersionsResponse:
+        return await self._audited(
+            "ArchiveVersions",
+            f"adapter:{request.adapter}",
+            request.adapter,
+            self._retention.archive_versions,
+            request.adapter,
+            request.keep_last,
+            request.dry_run,
+        )
+
+    async def GarbageCollectArtifacts(
+        self, request: registry_pb2.GarbageCollectArtifactsRequest, context: Any
+    ) -> registry_pb2.GarbageCollectArtifactsResponse:
+        return await self._audited(
+            "GarbageCollectArtifacts",
+            "artifact:",
+            "",
+            self._retention.collect_artifacts,
+            request.dry_run,
         )

@@ -20,4 +20,10 @@ class RegistrySettings(ServiceSettings):
     max_artifact_mb: int = Field(
         4096, gt=0, description="Largest artifact (sum of its files) accepted by an upload."
     )
+    artifact_gc_grace_s: float = Field(
+        3600,
+        ge=0,
+        description="GarbageCollectArtifacts leaves artifacts and blobs younger than this "
+        "(an upload's version may not be registered yet).",
+    )
     db_pool_size: int = Field(8, gt=0, description="Database connections (and DB threads).")

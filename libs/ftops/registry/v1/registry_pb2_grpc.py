@@ -111,6 +111,21 @@ class RegistryServiceStub:
                 request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesRequest.SerializeToString,
                 response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/ListAudit',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.ArchiveVersions = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/ArchiveVersions',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsResponse.FromString,
+                _registered_method=True)
+        self.GarbageCollectArtifacts = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/GarbageCollectArtifacts',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -213,6 +228,29 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """Who changed what: one entry per mutation, refused ones included. Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveVersions(self, request, context):
+        """Retention: archive versions beyond the newest `keep_last` of an adapter, never one an
+        alias or a running release uses. Archived versions stay readable (lineage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GarbageCollectArtifacts(self, request, context):
+        """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
+        no unfinished job record needs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +328,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListReleases,
                     request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesRequest.FromString,
                     response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'ArchiveVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveVersions,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsResponse.SerializeToString,
+            ),
+            'GarbageCollectArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GarbageCollectArtifacts,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,6 +752,87 @@ class RegistryService:
             '/ftops.registry.v1.RegistryService/ListReleases',
             ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesRequest.SerializeToString,
             ftops_dot_registry_dot_v1_dot_registry__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/ListAudit',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/ArchiveVersions',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GarbageCollectArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/GarbageCollectArtifacts',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

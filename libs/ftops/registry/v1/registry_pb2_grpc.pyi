@@ -57,6 +57,16 @@ class RegistryServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetJobRecordRequest, _registry_pb2.JobRecord]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListJobRecordsRequest, _registry_pb2.ListJobRecordsResponse]
     ListReleases: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListReleasesRequest, _registry_pb2.ListReleasesResponse]
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAuditRequest, _registry_pb2.ListAuditResponse]
+    """Who changed what: one entry per mutation, refused ones included. Newest first."""
+    ArchiveVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ArchiveVersionsRequest, _registry_pb2.ArchiveVersionsResponse]
+    """Retention: archive versions beyond the newest `keep_last` of an adapter, never one an
+    alias or a running release uses. Archived versions stay readable (lineage).
+    """
+    GarbageCollectArtifacts: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GarbageCollectArtifactsRequest, _registry_pb2.GarbageCollectArtifactsResponse]
+    """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
+    no unfinished job record needs.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -87,6 +97,16 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetJobRecordRequest, _registry_pb2.JobRecord]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListJobRecordsRequest, _registry_pb2.ListJobRecordsResponse]  # type: ignore[assignment]
     ListReleases: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListReleasesRequest, _registry_pb2.ListReleasesResponse]  # type: ignore[assignment]
+    ListAudit: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAuditRequest, _registry_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """Who changed what: one entry per mutation, refused ones included. Newest first."""
+    ArchiveVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ArchiveVersionsRequest, _registry_pb2.ArchiveVersionsResponse]  # type: ignore[assignment]
+    """Retention: archive versions beyond the newest `keep_last` of an adapter, never one an
+    alias or a running release uses. Archived versions stay readable (lineage).
+    """
+    GarbageCollectArtifacts: _aio.UnaryUnaryMultiCallable[_registry_pb2.GarbageCollectArtifactsRequest, _registry_pb2.GarbageCollectArtifactsResponse]  # type: ignore[assignment]
+    """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
+    no unfinished job record needs.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The source of truth for base models, adapter versions, lineage, artifacts and release
@@ -204,5 +224,33 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListReleasesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListReleasesResponse, _abc.Awaitable[_registry_pb2.ListReleasesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _registry_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListAuditResponse, _abc.Awaitable[_registry_pb2.ListAuditResponse]]:
+        """Who changed what: one entry per mutation, refused ones included. Newest first."""
+
+    @_abc_1.abstractmethod
+    def ArchiveVersions(
+        self,
+        request: _registry_pb2.ArchiveVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ArchiveVersionsResponse, _abc.Awaitable[_registry_pb2.ArchiveVersionsResponse]]:
+        """Retention: archive versions beyond the newest `keep_last` of an adapter, never one an
+        alias or a running release uses. Archived versions stay readable (lineage).
+        """
+
+    @_abc_1.abstractmethod
+    def GarbageCollectArtifacts(
+        self,
+        request: _registry_pb2.GarbageCollectArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GarbageCollectArtifactsResponse, _abc.Awaitable[_registry_pb2.GarbageCollectArtifactsResponse]]:
+        """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
+        no unfinished job record needs.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

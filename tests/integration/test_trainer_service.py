@@ -375,8 +375,9 @@ async def test_a_job_interrupted_on_one_replica_resumes_on_another(env: Env) -> 
         adapter="resume-bot",
         base_model=BASE,
         dataset_jsonl=facts_jsonl(8),
+        # Long enough that it cannot finish while the replica shuts down.
         hyperparameters=trainer_pb2.Hyperparameters(
-            num_epochs=30, batch_size=4, checkpoint_every=5
+            num_epochs=300, batch_size=4, checkpoint_every=5
         ),
         gate=trainer_pb2.GateConfig(disabled=True),  # this test is about resuming
         replay=trainer_pb2.ReplayConfig(ratio=0),  # 8 records: 2 steps an epoch
@@ -396,7 +397,7 @@ async def test_a_job_interrupted_on_one_replica_resumes_on_another(env: Env) -> 
     assert final.attempts == 2
     assert final.worker != runner.settings.instance_id
     assert final.resumed_from_step >= 10
-    assert final.step == final.total_steps == 60
+    assert final.step == final.total_steps == 600
 
 
 async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url: str) -> None:

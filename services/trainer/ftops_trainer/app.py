@@ -75,6 +75,8 @@ class TrainerApp:
         return await self.server.start()
 
     async def stop(self) -> None:
+        # Running jobs start handing back at once; the server drains its RPCs meanwhile.
+        self.jobs.interrupt()
         await self.server.stop()
         await self.jobs.close()
         await self.registry_channel.close()

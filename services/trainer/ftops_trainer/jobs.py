@@ -97,13 +97,17 @@ class JobManager:
                 batch=1,
             )
 
-    async def close(self) -> None:
-        """Interrupt running jobs (they checkpoint-stop at their next step and go back to
-        the queue for another replica) and wait for their handlers to hand them back."""
+    def interrupt(self) -> None:
+        """Stop taking jobs and stop the running ones at their next step (they keep their
+        checkpoints and go back to the queue for another replica)."""
         self._closing = True
         for running in self._running.values():
             running.reason = StopReason.SHUTDOWN
             running.stop.set()
+
+    async def close(self) -> None:
+        """Interrupt running jobs and wait for their handlers to hand them back."""
+        self.interrupt()
         if self._running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(self._settings.shutdown_grace_s, 5.0))
@@ -262,6 +266,13 @@ class JobManager:
 
     async def _finish(self, running: _Running) -> None:
         job = running.job
+        if is_terminal(job):
+            # The runner finished (a version may exist) before any stop took effect: that
+            # outcome stands, whatever asked the job to stop meanwhile.
+            await self._write(running, force=True)
+            log.info("job %s ended %s %s", job.job_id, JobState.Name(job.state), job.error)
+            await self._job_event(job, job.error or JobState.Name(job.state))
+            return
         if running.reason == StopReason.SHUTDOWN:
             # Back to the queue: the nak (raised below) hands it to another replica.
             job.state = JobState.JOB_STATE_QUEUED
@@ -301,7 +312,8 @@ class JobManager:
         job.updated_at.GetCurrentTime()
 
         def change(stored: trainer_pb2.Job) -> bool:
-            if stored.state == JobState.JOB_STATE_CANCELLED:
+            # A cancel wins, unless a version was already registered: the record must say so.
+            if stored.state == JobState.JOB_STATE_CANCELLED and not job.version_id:
                 if running.reason == StopReason.NONE:
                     running.reason = StopReason.CANCELLED
                 running.stop.set()

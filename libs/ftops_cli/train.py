@@ -14,7 +14,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from ftops.events.v1 import events_pb2
@@ -51,15 +50,16 @@ async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> 
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        # The trainer's own estimate: it knows steps resumed from a checkpoint.
+        TextColumn("ETA {task.fields[eta]}"),
         console=Console(stderr=True),
         transient=False,
         disable=not progress,
     )
     with bar:
-        task: TaskID = bar.add_task(job_id, total=None, loss="-")
+        task: TaskID = bar.add_task(job_id, total=None, loss="-", tps="-", eta="-")
         async for update in client.watch_job(job_id):
             job = update
             bar.update(
@@ -68,8 +68,16 @@ async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> 
                 total=job.total_steps or None,
                 completed=job.step,
                 loss=f"{job.loss:.4f}" if job.step else "-",
+                tps=f"{job.tokens_per_second:.0f}" if job.step else "-",
+                eta=_duration(job.eta_seconds) if job.step and job.step < job.total_steps else "-",
             )
     return job
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _report(job: trainer_pb2.Job, output: Output) -> None:

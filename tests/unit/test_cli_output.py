@@ -52,3 +52,12 @@ def test_small_formatters() -> None:
     assert output.or_dash("") == "-"
     assert output.when(Timestamp()) == ""
     assert output.when(Timestamp(seconds=86400)) == "1970-01-02 00:00:00"
+
+
+def test_eta_is_shown_as_hours_minutes_seconds() -> None:
+    from ftops_cli.train import _duration
+
+    assert _duration(0) == "0:00:00"
+    assert _duration(75.4) == "0:01:15"
+    assert _duration(3 * 3600 + 61) == "3:01:01"
+    assert _duration(-5) == "0:00:00"

@@ -25,7 +25,7 @@ from ftops.registry.v1 import registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime import events
 from ftops_runtime.bus import Delivery, EventBus
-from ftops_runtime.errors import FailedPrecondition, PermanentEventError
+from ftops_runtime.errors import FailedPrecondition, NotFound, PermanentEventError
 from ftops_runtime.tasks import cancel_and_wait
 from ftops_trainer.intake import Intake
 from ftops_trainer.runner import JobRunner, StopReason, TransientJobError
@@ -71,7 +71,7 @@ class JobManager:
         self._bus = bus
         self._store = JobStore(registry)
         self._intake = Intake(settings, registry)
-        self._runner = JobRunner(settings, registry, bus.publish)
+        self._runner = JobRunner(settings, registry, bus.publish, self._intake)
         self._running: dict[str, _Running] = {}
         self._closing = False
         self._idle = asyncio.Event()  # set whenever no job runs here
@@ -209,7 +209,7 @@ class JobManager:
     async def _existing(self, job_id: str, key: str, fingerprint: str) -> trainer_pb2.Job | None:
         try:
             record = await self._store.get(job_id)
-        except Exception:
+        except NotFound:
             return None
         if record.job.spec_fingerprint != fingerprint:
             raise FailedPrecondition(
@@ -266,20 +266,15 @@ class JobManager:
 
     async def _finish(self, running: _Running) -> None:
         job = running.job
-        if is_terminal(job):
-            # The runner finished (a version may exist) before any stop took effect: that
-            # outcome stands, whatever asked the job to stop meanwhile.
-            await self._write(running, force=True)
-            log.info("job %s ended %s %s", job.job_id, JobState.Name(job.state), job.error)
-            await self._job_event(job, job.error or JobState.Name(job.state))
-            return
-        if running.reason == StopReason.SHUTDOWN:
+        # A job the runner finished (a version may exist) keeps that outcome, whatever
+        # asked it to stop meanwhile; only an unfinished one is requeued or cancelled.
+        if not is_terminal(job) and running.reason == StopReason.SHUTDOWN:
             # Back to the queue: the nak (raised below) hands it to another replica.
             job.state = JobState.JOB_STATE_QUEUED
             await self._write(running, force=True)
             await self._job_event(job, "interrupted; resumes from its last checkpoint")
             raise RuntimeError(f"job {job.job_id} interrupted by shutdown")
-        if running.reason == StopReason.CANCELLED:
+        if not is_terminal(job) and running.reason == StopReason.CANCELLED:
             job.state = JobState.JOB_STATE_CANCELLED
             job.error = job.error or "cancelled by request"
         await self._write(running, force=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ftops_trainer import partial
-from ftops_trainer.params import TrainParams
+from ftops_trainer.params import METHODS, TrainParams
 from ftops_trainer.partial import load_partial
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-METHODS = ("lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "partial", "qlora")
 _TARGETED = ("lora", "adalora", "ia3", "qlora")  # methods that wrap named modules
 _PROMPT = ("prompt_tuning", "prefix_tuning")
 _PEFT_TYPES = {

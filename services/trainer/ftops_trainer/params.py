@@ -10,6 +10,7 @@ from ftops_trainer.schedule import LR_SCHEDULERS
 
 # "Empty means the attention projections" (trainer.proto); Llama-family names.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+METHODS = ("lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "partial", "qlora")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 REGULARIZATION = ("none", "l2", "ewc")
 DEVICES = ("auto", "cpu", "cuda")

@@ -34,7 +34,7 @@ from ftops_runtime.errors import FtopsError
 from ftops_runtime.retry import retry_forever
 from ftops_trainer import artifacts
 from ftops_trainer.dataset import Record, load_dataset, parse_jsonl
-from ftops_trainer.evaluation import EvalResult, build_retention_set, evaluate_model
+from ftops_trainer.evaluation import build_retention_set, evaluate_sets
 from ftops_trainer.gate import GateConfig, evaluate_gate, split_holdout
 from ftops_trainer.intake import Intake
 from ftops_trainer.replay import REPLAY_FILES, lineage_buffer, mix_replay
@@ -101,11 +101,13 @@ class JobRunner:
         settings: TrainerSettings,
         registry: registry_pb2_grpc.RegistryServiceAsyncStub,
         publish: Publish,
+        intake: Intake,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._publish = publish
-        self._intake = Intake(settings, registry)
+        self._intake = intake
+        self._fingerprints: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
     async def run(
         self, job: trainer_pb2.Job, stop: threading.Event, report: Callable[[], None]
@@ -224,15 +226,20 @@ class JobRunner:
         cutoff = spec.hyperparameters.cutoff_len
 
         # -- scores before: the parent (or the base model for a first version) ---------
+        sets: dict[str, Sequence[Record]] = {"new": split.holdout}
+        if retention_set:
+            sets["retention"] = retention_set
         before = await asyncio.to_thread(
-            _score, base_dir, parent_dir, split.holdout, retention_set, cutoff
+            evaluate_sets, base_dir, sets, adapter_dir=parent_dir, cutoff_len=cutoff
         )
-        # The base model on its own held-out probes: the lineage-wide reference.
-        base_probes = (
-            await asyncio.to_thread(_score_one, base_dir, None, probe_held, cutoff)
-            if parent_dir is not None and probe_held
-            else None
-        )
+        # The base model on its own held-out probes: the lineage-wide reference (for a
+        # first version the parent *is* the base model, so there is nothing to add).
+        if parent_dir is not None and probe_held:
+            sets["probes"] = probe_held
+            base_scores = await asyncio.to_thread(
+                evaluate_sets, base_dir, {"probes": probe_held}, cutoff_len=cutoff
+            )
+            before["probes"] = base_scores["probes"]
 
         # -- training -----------------------------------------------------------------
         started = time.monotonic()
@@ -263,13 +270,13 @@ class JobRunner:
             world_size=max(1, spec.hyperparameters.world_size),
         )
         job.records_used = result.examples
-        job.records_truncated = getattr(result, "truncated", 0)
-        job.resumed_from_step = getattr(result, "resumed_from_step", 0)
+        job.records_truncated = result.truncated
+        job.resumed_from_step = result.resumed_from_step
         report()
 
         # -- the gate -----------------------------------------------------------------
         after = await asyncio.to_thread(
-            _score, base_dir, result.adapter_dir, split.holdout, retention_set, cutoff
+            evaluate_sets, base_dir, sets, adapter_dir=result.adapter_dir, cutoff_len=cutoff
         )
         gate = evaluate_gate(
             GateConfig(
@@ -277,19 +284,13 @@ class JobRunner:
                 max_new_loss_ratio=spec.gate.max_new_loss_ratio,
                 enabled=not spec.gate.disabled,
             ),
-            new_before=before[0],
-            new_after=after[0],
-            retention_before=before[1],
-            retention_after=after[1],
+            new_before=before["new"],
+            new_after=after["new"],
+            retention_before=before.get("retention"),
+            retention_after=after.get("retention"),
             new_on_training_data=split.holdout_is_training,
-            base_probes_before=base_probes,
-            base_probes_after=(
-                await asyncio.to_thread(
-                    _score_one, base_dir, result.adapter_dir, probe_held, cutoff
-                )
-                if base_probes is not None
-                else None
-            ),
+            base_probes_before=before.get("probes"),
+            base_probes_after=after.get("probes"),
         )
         evaluation = common_pb2.Evaluation(
             gate_passed=gate.passed, reasons=gate.reasons, metrics=gate.metrics
@@ -390,9 +391,22 @@ class JobRunner:
         # trying through a NATS outage.
         await retry_forever(f"publish {subject} for {version.version_id}", announce)
 
+    def _fingerprint(self, base_dir: Path) -> str:
+        """Hashing a base model reads all of its weights: do it once per set of files, not
+        once per job (a changed size or mtime means changed files, hashed again)."""
+        stats = tuple(
+            (path.name, path.stat().st_size, path.stat().st_mtime_ns)
+            for pattern in hashing.FINGERPRINT_PATTERNS
+            for path in sorted(base_dir.glob(pattern))
+        )
+        key = (str(base_dir.resolve()), stats)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = hashing.model_fingerprint(base_dir)
+        return self._fingerprints[key]
+
     async def _check_base(self, base: registry_pb2.BaseModel, base_dir: Path) -> None:
         try:
-            local = await asyncio.to_thread(hashing.model_fingerprint, base_dir)
+            local = await asyncio.to_thread(self._fingerprint, base_dir)
         except (FileNotFoundError, OSError) as exc:
             raise JobFailed(
                 f"base model {base.name!r} registered at {base.uri!r} is not readable on "
@@ -433,34 +447,6 @@ class JobRunner:
                 raise JobFailed("gate.retention_jsonl has bad lines:\n" + parsed.report())
             records += parsed.records
         return records
-
-
-def _score(
-    base_dir: Path,
-    adapter_dir: Path | None,
-    new_records: Sequence[Record],
-    retention_records: Sequence[Record],
-    cutoff_len: int,
-) -> tuple[EvalResult, EvalResult | None]:
-    from ftops_trainer.evaluation import load_model
-
-    model, tokenizer = load_model(base_dir, adapter_dir)
-    new = evaluate_model(model, tokenizer, new_records, cutoff_len=cutoff_len)
-    kept = (
-        evaluate_model(model, tokenizer, retention_records, cutoff_len=cutoff_len)
-        if retention_records
-        else None
-    )
-    return new, kept
-
-
-def _score_one(
-    base_dir: Path, adapter_dir: Path | None, records: Sequence[Record], cutoff_len: int
-) -> EvalResult:
-    from ftops_trainer.evaluation import load_model
-
-    model, tokenizer = load_model(base_dir, adapter_dir)
-    return evaluate_model(model, tokenizer, records, cutoff_len=cutoff_len)
 
 
 def _apply_metrics(job: trainer_pb2.Job, m: TrainMetrics, report: Callable[[], None]) -> None:

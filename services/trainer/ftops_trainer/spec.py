@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from typing import get_args
 
 from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime.errors import InvalidArgument
-from ftops_trainer.params import TrainParams
+from ftops_trainer.dataset import Overlong
+from ftops_trainer.gate import GateConfig
+from ftops_trainer.params import METHODS, MIXED_PRECISION, REGULARIZATION, TrainParams
 from ftops_trainer.pipeline import (
     BalanceConfig,
     CleaningConfig,
@@ -19,19 +22,15 @@ from ftops_trainer.pipeline import (
     PipelineConfig,
     QualityConfig,
 )
+from ftops_trainer.replay import DEFAULT_REPLAY_RATIO
+from ftops_trainer.schedule import LR_SCHEDULERS
 from ftops_trainer.settings import TrainerSettings
 
 ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
-METHODS = ("lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "partial", "qlora")
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-REGULARIZATIONS = ("none", "l2", "ewc")
-OVERLONG = ("truncate", "refuse")
-DEFAULT_REPLAY_RATIO = 0.1
-DEFAULT_MIN_RETENTION = 0.95
-DEFAULT_MAX_NEW_LOSS_RATIO = 1.0
+OVERLONG: tuple[str, ...] = get_args(Overlong)
+DEFAULT_GATE = GateConfig()
 DEFAULT_HOLDOUT_FRACTION = 0.1
-DEFAULT_NEAR_DUP_THRESHOLD = 0.8
+DEFAULT_NEAR_DUP_THRESHOLD = NearDedupConfig().threshold
 
 
 def spec_fingerprint(spec: trainer_pb2.JobSpec) -> str:
@@ -84,11 +83,13 @@ def validate_spec(spec: trainer_pb2.JobSpec) -> None:
         _in_unit(problems, "hyperparameters.warmup_ratio", hp.warmup_ratio, closed=False)
     if hp.HasField("max_grad_norm") and hp.max_grad_norm < 0:
         problems.append("hyperparameters.max_grad_norm must be >= 0 (0 disables clipping)")
-    if hp.mixed_precision and hp.mixed_precision not in PRECISIONS:
-        problems.append(f"hyperparameters.mixed_precision must be one of {', '.join(PRECISIONS)}")
-    if hp.regularization and hp.regularization not in REGULARIZATIONS:
+    if hp.mixed_precision and hp.mixed_precision not in MIXED_PRECISION:
         problems.append(
-            f"hyperparameters.regularization must be one of {', '.join(REGULARIZATIONS)}"
+            f"hyperparameters.mixed_precision must be one of {', '.join(MIXED_PRECISION)}"
+        )
+    if hp.regularization and hp.regularization not in REGULARIZATION:
+        problems.append(
+            f"hyperparameters.regularization must be one of {', '.join(REGULARIZATION)}"
         )
     if hp.regularization_weight < 0:
         problems.append("hyperparameters.regularization_weight must be >= 0")
@@ -157,9 +158,9 @@ def effective_spec(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> trai
         out.replay.ratio = DEFAULT_REPLAY_RATIO
     out.replay.capacity = out.replay.capacity or settings.replay_capacity
     if not out.gate.HasField("min_retention"):
-        out.gate.min_retention = DEFAULT_MIN_RETENTION
+        out.gate.min_retention = DEFAULT_GATE.min_retention
     if not out.gate.HasField("max_new_loss_ratio"):
-        out.gate.max_new_loss_ratio = DEFAULT_MAX_NEW_LOSS_RATIO
+        out.gate.max_new_loss_ratio = DEFAULT_GATE.max_new_loss_ratio
     if not out.gate.HasField("holdout_fraction"):
         out.gate.holdout_fraction = DEFAULT_HOLDOUT_FRACTION
     return out

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_registry.artifacts import LocalArtifactStore
+from ftops_registry.audit import AuditLog
 from ftops_registry.db import Database
 from ftops_registry.jobs import JobRecords
 from ftops_registry.registry import Registry
@@ -59,6 +60,7 @@ class RegistryApp:
                 retention=Retention(
                     self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
                 ),
+                audit=AuditLog(self.db),
             ),
             self.server.server,
         )

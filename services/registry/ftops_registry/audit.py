@@ -13,7 +13,6 @@ event's producer instead.
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 
 from sqlalchemy import select
@@ -23,7 +22,7 @@ from ftops.registry.v1 import registry_pb2
 from ftops_registry import convert
 from ftops_registry.db import Database
 from ftops_registry.models import AdapterRow, AuditRow, utcnow
-from ftops_runtime.errors import InvalidArgument
+from ftops_registry.paging import decode_token, encode_token
 from ftops_runtime.interceptors import current_principal
 
 OK = "ok"
@@ -59,22 +58,6 @@ def record(
     )
 
 
-def _encode(entry_id: int) -> str:
-    return base64.urlsafe_b64encode(f"a1:{entry_id}".encode()).decode()
-
-
-def _decode(token: str) -> int | None:
-    if not token:
-        return None
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "a1":
-            raise ValueError(kind)
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"page_token {token!r} is not one this server issued") from None
-
-
 class AuditLog:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -108,7 +91,7 @@ class AuditLog:
     ) -> registry_pb2.ListAuditResponse:
         """Newest first by id (ids grow with commit order closely enough, and unlike
         timestamps never tie), keyset-paginated so new entries do not shift pages."""
-        before = _decode(token)
+        before = decode_token(token) or None  # ids start at 1
         limit = DEFAULT_PAGE_SIZE if size == 0 else min(size, MAX_PAGE_SIZE)
         query = select(AuditRow)
         if team:
@@ -125,7 +108,7 @@ class AuditLog:
             page = rows[:limit]
             return registry_pb2.ListAuditResponse(
                 entries=[_entry(r) for r in page],
-                next_page_token=_encode(page[-1].id) if len(rows) > limit else "",
+                next_page_token=encode_token(page[-1].id) if len(rows) > limit else "",
             )
 
 

@@ -7,7 +7,6 @@ wants, and raise ``ftops_runtime.errors`` for the caller's mistakes.
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import uuid
@@ -31,6 +30,7 @@ from ftops_registry.models import (
     VersionRow,
     utcnow,
 )
+from ftops_registry.paging import decode_token, encode_token
 from ftops_runtime import hashing
 from ftops_runtime.errors import (
     FailedPrecondition,
@@ -84,23 +84,6 @@ def new_version_id() -> str:
 
 def page_size(requested: int) -> int:
     return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def encode_token(value: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode()
-
-
-def decode_token(token: str) -> int:
-    """Page tokens are opaque to clients; a bad one is the client's mistake."""
-    if not token:
-        return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "v1":
-            raise ValueError(kind)
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"page_token {token!r} is not one this server issued") from None
 
 
 class Registry:

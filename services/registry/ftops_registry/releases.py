@@ -26,14 +26,8 @@ from ftops.registry.v1 import registry_pb2
 from ftops_registry import audit, convert
 from ftops_registry.db import Database
 from ftops_registry.models import ReleaseDecisionRow, ReleaseRow, VersionRow
-from ftops_registry.registry import (
-    RejectedVersionError,
-    check_name,
-    check_servable,
-    decode_token,
-    encode_token,
-    page_size,
-)
+from ftops_registry.paging import decode_token, encode_token
+from ftops_registry.registry import RejectedVersionError, check_name, check_servable, page_size
 from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
 
 log = logging.getLogger(__name__)

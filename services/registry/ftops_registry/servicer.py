@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -41,12 +40,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         jobs: JobRecords,
         *,
         max_artifact_bytes: int,
-        retention: Retention | None = None,
-        audit: AuditLog | None = None,
+        retention: Retention,
+        audit: AuditLog,
     ) -> None:
-        self._retention = retention or Retention(db, store, gc_grace=timedelta(hours=1))
+        self._retention = retention
         self._db = db
-        self._audit = audit or AuditLog(db)
+        self._audit = audit
         self._registry = registry
         self._releases = releases
         self._jobs = jobs

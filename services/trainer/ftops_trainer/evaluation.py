@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftops_trainer.dataset import IGNORE_INDEX, Example, Record, tokenize
+from ftops_trainer.dataset import Example, Record, tokenize
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_CUTOFF_LEN = 256
@@ -159,26 +159,17 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _loss_sums(model: Any, examples: Sequence[Example], pad_id: int) -> tuple[float, int]:
-    """Summed completion-token cross-entropy and token count for one right-padded batch."""
+    """Summed completion-token cross-entropy and token count for one right-padded batch:
+    the training loop's own batching and loss (unit weights), so the score is exactly
+    what training optimises, virtual prompt-tuning positions included."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    shifted = labels[:, 1:]
-    total = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        shifted.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return float(total), int((shifted != IGNORE_INDEX).sum())
+    from ftops_trainer.loop import collate, label_tokens, weighted_token_loss
+
+    batch, weights = collate(examples, [1.0] * len(examples), pad_id, torch.device("cpu"))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total = weighted_token_loss(logits, batch["labels"], weights)
+    return float(total), sum(label_tokens(e) for e in examples)
 
 
 def _greedy_hits(

@@ -44,7 +44,6 @@ class _Running:
     """A job this replica is training right now."""
 
     job: trainer_pb2.Job  # the working copy the runner updates
-    revision: int
     stop: threading.Event = field(default_factory=threading.Event)
     reason: StopReason = StopReason.NONE
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,7 +75,6 @@ class JobManager:
         self._closing = False
         self._idle = asyncio.Event()  # set whenever no job runs here
         self._idle.set()
-        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -108,10 +106,8 @@ class JobManager:
     async def close(self) -> None:
         """Interrupt running jobs and wait for their handlers to hand them back."""
         self.interrupt()
-        if self._running:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(self._settings.shutdown_grace_s, 5.0))
-        await cancel_and_wait(list(self._background))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(self._settings.shutdown_grace_s, 5.0))
 
     # -- API -----------------------------------------------------------------------------
 
@@ -233,8 +229,8 @@ class JobManager:
         job.attempts += 1
         job.error = ""
         job.updated_at.GetCurrentTime()
-        record = await self._store.put(job, record.revision)
-        running = _Running(job=job, revision=record.revision)
+        await self._store.put(job, record.revision)
+        running = _Running(job=job)
         self._running[job.job_id] = running
         self._idle.clear()
         log.info(
@@ -317,8 +313,7 @@ class JobManager:
             return True
 
         try:
-            record = await self._store.update(job.job_id, change)
-            running.revision = record.revision
+            await self._store.update(job.job_id, change)
         except Exception as exc:
             if force:
                 raise

@@ -334,6 +334,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             name=spec.name,
             subjects=list(spec.subjects),
             max_age=spec.max_age_s or None,
+            max_msgs_per_subject=spec.max_msgs_per_subject or -1,
             duplicate_window=120,
             retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         )

@@ -17,9 +17,13 @@ ADAPTER_READY = "adapter.ready"
 ADAPTER_LOADED = "adapter.loaded"
 ADAPTER_LOAD_FAILED = "adapter.load_failed"
 ADAPTER_REJECTED = "adapter.rejected"
+ADAPTER_RETIRED = "adapter.retired"
 RELEASE_STARTED = "release.started"
 RELEASE_PROMOTE = "release.promote"
 RELEASE_ROLLBACK = "release.rollback"
+RELEASE_PAUSED = "release.paused"
+RELEASE_RESUMED = "release.resumed"
+MONITOR_ALERT = "monitor.alert"
 ROUTE_CHANGED = "route.changed"
 METRICS_REQUESTS = "metrics.requests"
 TRAINER_JOB = "trainer.job"
@@ -34,14 +38,30 @@ def trainer_job_queue(queue: str) -> str:
 
 DEAD_LETTER_PREFIX = "deadletter"
 
+# Replica announcements: one subject per replica; the stream keeps the last of each, so a
+# consumer with DeliverPolicy.LAST_PER_SUBJECT learns every live replica at once.
+REPLICA_PREFIX = "inference.replica"
+REPLICA_ANNOUNCEMENTS = f"{REPLICA_PREFIX}.>"
+
+
+def replica_subject(replica_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in replica_id)
+    return f"{REPLICA_PREFIX}.{safe}"
+
+
 PAYLOAD_TYPES: dict[str, type[Message]] = {
     ADAPTER_READY: events_pb2.AdapterReady,
     ADAPTER_LOADED: events_pb2.AdapterLoaded,
     ADAPTER_LOAD_FAILED: events_pb2.AdapterLoadFailed,
     ADAPTER_REJECTED: events_pb2.AdapterRejected,
+    ADAPTER_RETIRED: events_pb2.AdapterRetired,
     RELEASE_STARTED: events_pb2.ReleaseStarted,
     RELEASE_PROMOTE: events_pb2.ReleasePromote,
     RELEASE_ROLLBACK: events_pb2.ReleaseRollback,
+    RELEASE_PAUSED: events_pb2.ReleasePaused,
+    RELEASE_RESUMED: events_pb2.ReleaseResumed,
+    MONITOR_ALERT: events_pb2.Alert,
+    REPLICA_ANNOUNCEMENTS: events_pb2.ReplicaAnnounce,
     ROUTE_CHANGED: events_pb2.RouteChanged,
     METRICS_REQUESTS: events_pb2.RequestResultBatch,
     TRAINER_JOB: events_pb2.JobEvent,
@@ -56,6 +76,8 @@ class StreamSpec:
     max_age_s: float = 0
     # Work-queue retention: a message is removed once a consumer acks it.
     work_queue: bool = False
+    # Keep only the newest N messages of each subject (0 = no per-subject limit).
+    max_msgs_per_subject: int = 0
 
 
 STREAMS: tuple[StreamSpec, ...] = (
@@ -65,6 +87,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("FTOPS_METRICS", ("metrics.>",), max_age_s=3600),
     StreamSpec("FTOPS_TRAINER", ("trainer.>",), max_age_s=7 * 24 * 3600),
     StreamSpec("FTOPS_WORK", ("work.>",), work_queue=True),
+    # The last announcement of each replica; a replica silent for 5 minutes is forgotten.
+    StreamSpec("FTOPS_REPLICA", (REPLICA_ANNOUNCEMENTS,), max_age_s=300, max_msgs_per_subject=1),
+    StreamSpec("FTOPS_MONITOR", ("monitor.>",), max_age_s=7 * 24 * 3600),
     StreamSpec("FTOPS_DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",), max_age_s=30 * 24 * 3600),
 )
 

@@ -40,6 +40,30 @@ RELEASE_STRATEGY_BLUE_GREEN: ReleaseStrategy.ValueType  # 2
 RELEASE_STRATEGY_SHADOW: ReleaseStrategy.ValueType  # 3
 Global___ReleaseStrategy: _TypeAlias = ReleaseStrategy  # noqa: Y015
 
+class _InconclusiveAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InconclusiveActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InconclusiveAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INCONCLUSIVE_ACTION_UNSPECIFIED: _InconclusiveAction.ValueType  # 0
+    """the default: ROLLBACK"""
+    INCONCLUSIVE_ACTION_ROLLBACK: _InconclusiveAction.ValueType  # 1
+    INCONCLUSIVE_ACTION_PROMOTE: _InconclusiveAction.ValueType  # 2
+    INCONCLUSIVE_ACTION_HOLD: _InconclusiveAction.ValueType  # 3
+    """Keep waiting (only a manual decision ends the step)."""
+
+class InconclusiveAction(_InconclusiveAction, metaclass=_InconclusiveActionEnumTypeWrapper):
+    """What to do when a step is still inconclusive at its time limit."""
+
+INCONCLUSIVE_ACTION_UNSPECIFIED: InconclusiveAction.ValueType  # 0
+"""the default: ROLLBACK"""
+INCONCLUSIVE_ACTION_ROLLBACK: InconclusiveAction.ValueType  # 1
+INCONCLUSIVE_ACTION_PROMOTE: InconclusiveAction.ValueType  # 2
+INCONCLUSIVE_ACTION_HOLD: InconclusiveAction.ValueType  # 3
+"""Keep waiting (only a manual decision ends the step)."""
+Global___InconclusiveAction: _TypeAlias = InconclusiveAction  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -262,6 +286,72 @@ class AdapterLoadFailed(_message.Message):
 Global___AdapterLoadFailed: _TypeAlias = AdapterLoadFailed  # noqa: Y015
 
 @_typing.final
+class FlagRule(_message.Message):
+    """A routing rule evaluated before the weights: a request matching every condition given
+    (empty conditions are ignored; a rule with none matches nothing) goes to ``arm``.
+    For internal dogfooding and per-team opt-in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    arm: _builtins.str
+    """"candidate" (default) or "stable"."""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tenant ids (GenerateRequest.tenant / the caller's team)."""
+
+    @_builtins.property
+    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Explicit user or session keys (GenerateRequest.user)."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request metadata that must match exactly (GenerateRequest.metadata / HTTP headers)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        users: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        arm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "metadata", b"metadata", "name", b"name", "tenants", b"tenants", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagRule: _TypeAlias = FlagRule  # noqa: Y015
+
+@_typing.final
 class ReleaseStarted(_message.Message):
     """Subject: release.started. The gateway opened a release on an alias."""
 
@@ -276,12 +366,31 @@ class ReleaseStarted(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     CURRENT_WEIGHT_FIELD_NUMBER: _builtins.int
     ANALYSIS_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    SHADOW_PERCENT_FIELD_NUMBER: _builtins.int
+    STICKY_FIELD_NUMBER: _builtins.int
+    HOLD_SECONDS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     alias: _builtins.str
     stable_version_id: _builtins.str
     candidate_version_id: _builtins.str
     strategy: Global___ReleaseStrategy.ValueType
     current_weight: _builtins.int
+    shadow_percent: _builtins.int
+    """Percentage (0..100) of stable-arm requests mirrored to the candidate (shadow and the
+    blue-green check phase); the client only ever gets the stable answer.
+    """
+    sticky: _builtins.bool
+    """Weighted split by a hash of the request's user/session key instead of per request:
+    a user stays on its arm, and raising the weight only moves users stable -> candidate.
+    """
+    hold_seconds: _builtins.float
+    """Blue-green: seconds the old stable version stays loaded after the switch (instant
+    rollback), after which it is retired (adapter.retired).
+    """
+    actor: _builtins.str
+    """Who started it (key id or "dev"), for the release history."""
     @_builtins.property
     def meta(self) -> _common_pb2.EventMeta: ...
     @_builtins.property
@@ -290,6 +399,10 @@ class ReleaseStarted(_message.Message):
 
     @_builtins.property
     def analysis(self) -> Global___AnalysisSettings: ...
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlagRule]:
+        """Evaluated before the weights, in order; the first match decides the arm."""
+
     def __init__(
         self,
         *,
@@ -302,10 +415,15 @@ class ReleaseStarted(_message.Message):
         steps: _abc.Iterable[_builtins.int] | None = ...,
         current_weight: _builtins.int = ...,
         analysis: Global___AnalysisSettings | None = ...,
+        flags: _abc.Iterable[Global___FlagRule] | None = ...,
+        shadow_percent: _builtins.int = ...,
+        sticky: _builtins.bool = ...,
+        hold_seconds: _builtins.float = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "current_weight", b"current_weight", "meta", b"meta", "release_id", b"release_id", "stable_version_id", b"stable_version_id", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "current_weight", b"current_weight", "flags", b"flags", "hold_seconds", b"hold_seconds", "meta", b"meta", "release_id", b"release_id", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +437,15 @@ class AnalysisSettings(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
     AUTO_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    LATENCY_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    LATENCY_EFFECT_FIELD_NUMBER: _builtins.int
+    MIN_STABLE_REQUESTS_FIELD_NUMBER: _builtins.int
+    STEP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    ON_INCONCLUSIVE_FIELD_NUMBER: _builtins.int
+    MIN_FEEDBACK_FIELD_NUMBER: _builtins.int
+    MAX_FEEDBACK_DROP_FIELD_NUMBER: _builtins.int
+    MAX_DIVERGENCE_FIELD_NUMBER: _builtins.int
     min_requests: _builtins.int
     """Requests the candidate must have served in the current step before a decision."""
     max_error_rate: _builtins.float
@@ -327,6 +454,29 @@ class AnalysisSettings(_message.Message):
     """Candidate p95 latency may be at most this multiple of the stable p95 (0 = unchecked)."""
     auto: _builtins.bool
     """Decide automatically; when false only manual promote/rollback moves the release."""
+    alpha: _builtins.float
+    """False-alarm rate of the always-valid sequential test on the error rate (mSPRT /
+    confidence sequence), 0 = default 0.05.
+    """
+    latency_confidence: _builtins.float
+    """Confidence of the Mann-Whitney U latency comparison, 0 = default 0.98."""
+    latency_effect: _builtins.float
+    """Allowed relative latency increase before the test counts it (0.2 = 20%), 0 = default."""
+    min_stable_requests: _builtins.int
+    """Minimum stable-arm results in the same window before a step can pass, 0 = default."""
+    step_timeout_s: _builtins.float
+    """Seconds a step may stay inconclusive, 0 = default (300)."""
+    on_inconclusive: Global___InconclusiveAction.ValueType
+    min_feedback: _builtins.int
+    """Quality: minimum feedback scores on each arm before feedback counts, 0 = default."""
+    max_feedback_drop: _builtins.float
+    """Largest allowed drop of the candidate's mean feedback score below the stable's
+    (scores are 0..1), 0 = default 0.1.
+    """
+    max_divergence: _builtins.float
+    """Shadow: largest allowed mean output divergence (0..1) from the stable answers,
+    0 = unchecked.
+    """
     def __init__(
         self,
         *,
@@ -334,14 +484,247 @@ class AnalysisSettings(_message.Message):
         max_error_rate: _builtins.float = ...,
         max_latency_ratio: _builtins.float = ...,
         auto: _builtins.bool = ...,
+        alpha: _builtins.float = ...,
+        latency_confidence: _builtins.float = ...,
+        latency_effect: _builtins.float = ...,
+        min_stable_requests: _builtins.int = ...,
+        step_timeout_s: _builtins.float = ...,
+        on_inconclusive: Global___InconclusiveAction.ValueType = ...,
+        min_feedback: _builtins.int = ...,
+        max_feedback_drop: _builtins.float = ...,
+        max_divergence: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto", b"auto", "max_error_rate", b"max_error_rate", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "auto", b"auto", "latency_confidence", b"latency_confidence", "latency_effect", b"latency_effect", "max_divergence", b"max_divergence", "max_error_rate", b"max_error_rate", "max_feedback_drop", b"max_feedback_drop", "max_latency_ratio", b"max_latency_ratio", "min_feedback", b"min_feedback", "min_requests", b"min_requests", "min_stable_requests", b"min_stable_requests", "on_inconclusive", b"on_inconclusive", "step_timeout_s", b"step_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalysisSettings: _TypeAlias = AnalysisSettings  # noqa: Y015
+
+@_typing.final
+class ReleasePaused(_message.Message):
+    """Subject: release.paused. Automatic decisions stop for this release until resumed;
+    routing stays as it is; the step's time limit does not run meanwhile.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    alias: _builtins.str
+    reason: _builtins.str
+    actor: _builtins.str
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        release_id: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "meta", b"meta", "reason", b"reason", "release_id", b"release_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePaused: _TypeAlias = ReleasePaused  # noqa: Y015
+
+@_typing.final
+class ReleaseResumed(_message.Message):
+    """Subject: release.resumed. Automatic decisions continue; the current step starts over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    alias: _builtins.str
+    reason: _builtins.str
+    actor: _builtins.str
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        release_id: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "meta", b"meta", "reason", b"reason", "release_id", b"release_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseResumed: _TypeAlias = ReleaseResumed  # noqa: Y015
+
+@_typing.final
+class AdapterRetired(_message.Message):
+    """Subject: adapter.retired. Nothing routes to the version any more (a blue-green hold
+    ran out, an alias moved away): replicas may unload it. A request that still names it
+    reloads it on demand.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.str
+    reason: _builtins.str
+    release_id: _builtins.str
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        version_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        release_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "reason", b"reason", "release_id", b"release_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterRetired: _TypeAlias = AdapterRetired  # noqa: Y015
+
+@_typing.final
+class ReplicaAnnounce(_message.Message):
+    """Subject: inference.replica.<replica_id>. A replica announces itself on start, whenever
+    what it serves changes, by heartbeat, and when it drains or stops. The stream keeps the
+    last announcement per replica, so a starting gateway learns every replica at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LOADED_VERSIONS_FIELD_NUMBER: _builtins.int
+    CACHED_VERSIONS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    endpoint: _builtins.str
+    """gRPC address, host:port."""
+    base_model: _builtins.str
+    base_model_fingerprint: _builtins.str
+    max_concurrent: _builtins.int
+    in_flight: _builtins.int
+    serving: _builtins.bool
+    """False while starting, draining, stopped or after a backend crash until recovery."""
+    reason: _builtins.str
+    """"start", "change", "heartbeat", "drain", "stop"."""
+    heartbeat_interval_s: _builtins.float
+    """A replica silent for ~3 intervals is treated as gone."""
+    backend: _builtins.str
+    """"hf", "vllm", "echo"."""
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    @_builtins.property
+    def loaded_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In the model now: served without a load."""
+
+    @_builtins.property
+    def cached_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In the CPU cache tier: served after a fast reload."""
+
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        replica_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        base_model_fingerprint: _builtins.str = ...,
+        loaded_versions: _abc.Iterable[_builtins.str] | None = ...,
+        cached_versions: _abc.Iterable[_builtins.str] | None = ...,
+        max_concurrent: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        serving: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        heartbeat_interval_s: _builtins.float = ...,
+        backend: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base_model", b"base_model", "base_model_fingerprint", b"base_model_fingerprint", "cached_versions", b"cached_versions", "endpoint", b"endpoint", "heartbeat_interval_s", b"heartbeat_interval_s", "in_flight", b"in_flight", "loaded_versions", b"loaded_versions", "max_concurrent", b"max_concurrent", "meta", b"meta", "reason", b"reason", "replica_id", b"replica_id", "serving", b"serving"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaAnnounce: _TypeAlias = ReplicaAnnounce  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """Subject: monitor.alert. An alert rule changed state for a serving version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FOR_SECONDS_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    alias: _builtins.str
+    version_id: _builtins.str
+    state: _builtins.str
+    """"firing" or "resolved"."""
+    value: _builtins.float
+    threshold: _builtins.float
+    message: _builtins.str
+    for_seconds: _builtins.float
+    """Seconds the condition has held."""
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        rule: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        message: _builtins.str = ...,
+        for_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "for_seconds", b"for_seconds", "message", b"message", "meta", b"meta", "rule", b"rule", "state", b"state", "threshold", b"threshold", "value", b"value", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
 
 @_typing.final
 class ReleasePromote(_message.Message):
@@ -552,6 +935,13 @@ class RequestResult(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     RELEASE_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    SHADOW_OF_FIELD_NUMBER: _builtins.int
+    DIVERGENCE_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    FLAG_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     alias: _builtins.str
     version_id: _builtins.str
@@ -565,6 +955,22 @@ class RequestResult(_message.Message):
     """gRPC status code name, "OK" on success."""
     tenant: _builtins.str
     release_id: _builtins.str
+    replica_id: _builtins.str
+    """The inference replica that answered (empty when none was reached)."""
+    shadow: _builtins.bool
+    """A mirrored request (arm "shadow"): the client never saw this answer."""
+    shadow_of: _builtins.str
+    """For a shadow result: the request id of the stable request it mirrored."""
+    divergence: _builtins.float
+    """For a shadow result: output divergence from the stable answer in 0..1 (1 - similarity
+    of the token sequences); -1 when either side failed.
+    """
+    retried: _builtins.bool
+    """The first replica failed before the first token and another one answered."""
+    fallback: _builtins.bool
+    """The candidate could not answer; the stable version did (counts against the candidate)."""
+    flag: _builtins.str
+    """Which flag rule routed it, if any."""
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -582,10 +988,17 @@ class RequestResult(_message.Message):
         tenant: _builtins.str = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         release_id: _builtins.str = ...,
+        replica_id: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
+        shadow_of: _builtins.str = ...,
+        divergence: _builtins.float = ...,
+        retried: _builtins.bool = ...,
+        fallback: _builtins.bool = ...,
+        flag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "completion_tokens", b"completion_tokens", "finished_at", b"finished_at", "latency_ms", b"latency_ms", "prompt_tokens", b"prompt_tokens", "release_id", b"release_id", "request_id", b"request_id", "status", b"status", "tenant", b"tenant", "ttft_ms", b"ttft_ms", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "completion_tokens", b"completion_tokens", "divergence", b"divergence", "fallback", b"fallback", "finished_at", b"finished_at", "flag", b"flag", "latency_ms", b"latency_ms", "prompt_tokens", b"prompt_tokens", "release_id", b"release_id", "replica_id", b"replica_id", "request_id", b"request_id", "retried", b"retried", "shadow", b"shadow", "shadow_of", b"shadow_of", "status", b"status", "tenant", b"tenant", "ttft_ms", b"ttft_ms", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,6 +32,7 @@ validated into a ``trainer.v1.JobSpec``.
     regularization: none          # none | l2 | ewc (towards the parent adapter)
     regularization_weight: 0.1
     world_size: 2                 # data-parallel worker processes
+    parallelism: ddp              # ddp | fsdp (shard the frozen base over the workers)
     train_on_prompt: false
     overlong: truncate            # truncate | refuse
     near_dup_threshold: 0.8
@@ -69,6 +70,7 @@ STR_KEYS = (
     "mixed_precision",
     "regularization",
     "overlong",
+    "parallelism",
 )
 INT_KEYS = (
     "lora_r",
@@ -222,6 +224,7 @@ def build_job_spec(values: Mapping[str, Any]) -> trainer_pb2.JobSpec:
         regularization=values.get("regularization", ""),
         regularization_weight=values.get("regularization_weight", 0.0),
         world_size=values.get("world_size", 0),
+        parallelism=values.get("parallelism", ""),
     )
     if "warmup_ratio" in values:
         hyper.warmup_ratio = values["warmup_ratio"]

@@ -122,7 +122,7 @@ def test_method_data_replay_and_gate_keys(tmp_path: Path) -> None:
         "adapter: bot\ndataset: d.jsonl\nfinetuning_type: adalora\ntarget_r: 4\n"
         "use_rslora: true\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\n"
         "gradient_accumulation_steps: 2\nmax_grad_norm: 0.0\nsave_steps: 25\n"
-        "world_size: 2\nregularization: ewc\nregularization_weight: 0.5\n"
+        "world_size: 2\nparallelism: fsdp\nregularization: ewc\nregularization_weight: 0.5\n"
         "train_on_prompt: true\noverlong: refuse\nnear_dup_threshold: 0.9\n"
         "balance_targets: {faq: 1, orders: 3}\ndecay_half_life_days: 7\n"
         "replay_ratio: 0.0\nreplay_capacity: 500\nmin_retention: 0.9\ngate: false\n"
@@ -133,7 +133,12 @@ def test_method_data_replay_and_gate_keys(tmp_path: Path) -> None:
     assert (hp.lr_scheduler, hp.grad_accum_steps, hp.checkpoint_every) == ("cosine", 2, 25)
     assert hp.HasField("max_grad_norm")
     assert hp.max_grad_norm == 0.0
-    assert (hp.world_size, hp.regularization, hp.regularization_weight) == (2, "ewc", 0.5)
+    assert (hp.world_size, hp.parallelism, hp.regularization, hp.regularization_weight) == (
+        2,
+        "fsdp",
+        "ewc",
+        0.5,
+    )
     assert spec.data.train_on_prompt
     assert spec.data.overlong == "refuse"
     assert dict(spec.data.balance_targets) == {"faq": 1.0, "orders": 3.0}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import ftops_tinymodel
 from ftops_trainer.dataset import IGNORE_INDEX, Record
 from ftops_trainer.loop import weighted_token_loss
+from ftops_trainer.params import validate_training
 from ftops_trainer.schedule import lr_factor, resolve_warmup
 from ftops_trainer.training import (
     ADAPTER_FILES,
@@ -350,3 +351,37 @@ def test_two_workers_train_the_same_adapter_as_one_process(
     assert seen == [1, 2, 3, 4]
     assert data_parallel.losses == pytest.approx(single.losses, rel=1e-5)
     _assert_same_adapter(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_sharded_base_trains_the_same_adapter_as_one_process(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # FSDP: the frozen base is sharded over the two workers. The odd last batch leaves one
+    # worker's shard empty: it must still join every gather (a zero-weight pass) or the
+    # run would hang; the eval set (3 records over 2 workers) is uneven as well.
+    records = FACTS[:5]
+    params = TrainParams(num_epochs=2, batch_size=4, learning_rate=5e-3, eval_every=1)
+    single = train_adapter(
+        tiny_model_dir, records, params, tmp_path / "single", eval_records=FACTS[5:8]
+    )
+    sharded = train_adapter(
+        tiny_model_dir,
+        records,
+        replace(params, parallelism="fsdp"),
+        tmp_path / "fsdp",
+        eval_records=FACTS[5:8],
+        world_size=2,
+    )
+    assert sharded.world_size == 2
+    # Each worker holds about half of the base (the tiny model is one unit of embeddings
+    # plus its blocks; small tensors may round up to a full row).
+    assert sharded.base_bytes_per_worker < 0.6 * single.base_bytes_per_worker
+    assert sharded.losses == pytest.approx(single.losses, rel=1e-5)
+    assert [loss for _, loss in sharded.eval_losses] == pytest.approx(
+        [loss for _, loss in single.eval_losses], rel=1e-5
+    )
+    _assert_same_adapter(tmp_path / "single", tmp_path / "fsdp")
+
+
+def test_parallelism_must_be_known() -> None:
+    assert any("parallelism" in p for p in validate_training(TrainParams(parallelism="zero3")))

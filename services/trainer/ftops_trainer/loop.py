@@ -76,6 +76,8 @@ class TrainResult:
     tokens: int = 0  # input tokens trained on by this run
     truncated: int = 0  # examples cut to fit cutoff_len
     world_size: int = 1
+    # Bytes of frozen base weights one worker holds (1/N of them with a sharded base).
+    base_bytes_per_worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,14 @@ class _Run:
         if not self.trainable:
             raise ValueError(f"method {self.prepared.method} left no trainable parameter")
         self.tensors = [t for _, t in self.trainable]
+        # Sharded base: every rank must run the same number of passes (see sharding.py).
+        self.sharded = comm.world_size > 1 and p.parallelism == "fsdp"
         if comm.world_size > 1:
             comm.broadcast_([t.data for t in self.tensors])  # identical start on every rank
+            if self.sharded:
+                from ftops_trainer.sharding import shard_frozen_base
+
+                shard_frozen_base(self.prepared.model, self.tensors, comm.world_size)
             if comm.rank:
                 torch.manual_seed(p.seed + comm.rank)  # its own dropout masks
         self.regularizer = self._regularizer()
@@ -314,18 +322,32 @@ class _Run:
         model.eval()
         examples, weights = job.eval_examples, job.eval_weights
         denom = sum(w * label_tokens(e) for e, w in zip(examples, weights, strict=True))
-        mine = split(list(range(len(examples))), comm.world_size)[comm.rank]
+        shards = split(list(range(len(examples))), comm.world_size)
+        mine = shards[comm.rank]
         total = torch.zeros((), device=self.device)
         size = self.params.batch_size
-        for start in range(0, len(mine), size):
-            chunk = mine[start : start + size]
-            batch, w = collate(
-                [examples[i] for i in chunk], [weights[i] for i in chunk], job.pad_id, self.device
-            )
+        # Rank 0 holds the largest shard: with a sharded base every rank makes its passes.
+        passes = math.ceil(len(shards[0]) / size) if self.sharded else math.ceil(len(mine) / size)
+        for n in range(passes):
+            chunk = mine[n * size : (n + 1) * size]
+            if chunk:
+                batch, w = collate(
+                    [examples[i] for i in chunk],
+                    [weights[i] for i in chunk],
+                    job.pad_id,
+                    self.device,
+                )
+            else:
+                batch, w = self._idle_batch()
             total += _forward(self.prepared, batch, w, self.amp)
         comm.sum_([total])
         model.train()
         return float(total) / denom if denom else math.nan
+
+    def _idle_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A zero-weight pass for a rank with nothing to do: it contributes nothing but
+        takes part in the sharded base's gathers."""
+        return collate([self.job.examples[0]], [0.0], self.job.pad_id, self.device)
 
     def _train_step(self, step: int) -> tuple[float, float | None]:
         """One optimizer step; returns (loss, grad norm)."""
@@ -340,14 +362,17 @@ class _Run:
         numerator = torch.zeros((), device=self.device)
         shard = split(idx, comm.world_size)[comm.rank]
         for micro in split(shard, p.grad_accum_steps):
-            if not micro:
+            if micro:
+                batch, w = collate(
+                    [job.examples[i] for i in micro],
+                    [job.weights[i] for i in micro],
+                    job.pad_id,
+                    self.device,
+                )
+            elif self.sharded:
+                batch, w = self._idle_batch()
+            else:
                 continue
-            batch, w = collate(
-                [job.examples[i] for i in micro],
-                [job.weights[i] for i in micro],
-                job.pad_id,
-                self.device,
-            )
             num = _forward(self.prepared, batch, w, self.amp)
             loss = num / denom
             torch.autograd.backward(self.scaler.scale(loss) if self.scaler else loss)
@@ -517,7 +542,17 @@ class _Run:
             truncated=sum(bool(getattr(e, "truncated", False)) for e in job.examples),
             tokens=tokens,
             world_size=comm.world_size,
+            base_bytes_per_worker=self._base_bytes(),
         )
+
+    def _base_bytes(self) -> int:
+        total = 0
+        for param in self.prepared.model.parameters():
+            if param.requires_grad:
+                continue
+            local = param.to_local() if hasattr(param, "to_local") else param  # DTensor shard
+            total += local.numel() * local.element_size()
+        return total
 
     def _report(
         self,

@@ -14,6 +14,7 @@ METHODS = ("lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "partial"
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 REGULARIZATION = ("none", "l2", "ewc")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLELISM = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class TrainParams:
     regularization: str = "none"  # none|l2|ewc, towards the parent (or starting) weights
     regularization_weight: float = 0.0
     fisher_examples: int = 32  # EWC: examples the diagonal Fisher is estimated on
+    # With several workers: ddp replicates the base model, fsdp shards it across them.
+    parallelism: str = "ddp"
 
 
 def total_steps(n_examples: int, params: TrainParams) -> int:
@@ -111,4 +114,8 @@ def validate_training(params: TrainParams) -> list[str]:
     need(p.regularization_weight >= 0, "regularization_weight must be >= 0")
     need(p.fisher_examples >= 1, f"fisher_examples={p.fisher_examples} must be at least 1")
     need(0 <= p.dropout < 1, f"dropout={p.dropout} must be in [0, 1)")
+    need(
+        p.parallelism in PARALLELISM,
+        f"parallelism={p.parallelism!r} is not one of {', '.join(PARALLELISM)}",
+    )
     return problems

@@ -12,7 +12,13 @@ from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime.errors import InvalidArgument
 from ftops_trainer.dataset import Overlong
 from ftops_trainer.gate import GateConfig
-from ftops_trainer.params import METHODS, MIXED_PRECISION, REGULARIZATION, TrainParams
+from ftops_trainer.params import (
+    METHODS,
+    MIXED_PRECISION,
+    PARALLELISM,
+    REGULARIZATION,
+    TrainParams,
+)
 from ftops_trainer.pipeline import (
     BalanceConfig,
     CleaningConfig,
@@ -95,6 +101,8 @@ def validate_spec(spec: trainer_pb2.JobSpec) -> None:
         problems.append("hyperparameters.regularization_weight must be >= 0")
     if hp.world_size > 64:
         problems.append("hyperparameters.world_size is too large (at most 64)")
+    if hp.parallelism and hp.parallelism not in PARALLELISM:
+        problems.append(f"hyperparameters.parallelism must be one of {', '.join(PARALLELISM)}")
     data = spec.data
     if data.overlong and data.overlong not in OVERLONG:
         problems.append(f"data.overlong must be one of {', '.join(OVERLONG)}")
@@ -143,6 +151,7 @@ def effective_spec(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> trai
     hp.lr_scheduler = hp.lr_scheduler or d.lr_scheduler
     hp.mixed_precision = hp.mixed_precision or "auto"
     hp.regularization = hp.regularization or "none"
+    hp.parallelism = hp.parallelism or "ddp"
     hp.grad_accum_steps = hp.grad_accum_steps or 1
     hp.checkpoint_every = hp.checkpoint_every or settings.checkpoint_every
     if not hp.HasField("warmup_ratio"):
@@ -221,4 +230,5 @@ def train_params(spec: trainer_pb2.JobSpec) -> TrainParams:
         checkpoint_every=hp.checkpoint_every,
         regularization=hp.regularization or d.regularization,
         regularization_weight=hp.regularization_weight,
+        parallelism=hp.parallelism or d.parallelism,
     )

@@ -93,6 +93,7 @@ class Hyperparameters(_message.Message):
     REGULARIZATION_FIELD_NUMBER: _builtins.int
     REGULARIZATION_WEIGHT_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    PARALLELISM_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     num_epochs: _builtins.int
     batch_size: _builtins.int
@@ -118,6 +119,11 @@ class Hyperparameters(_message.Message):
     regularization_weight: _builtins.float
     world_size: _builtins.int
     """Data-parallel worker processes (DDP); 0 or 1 trains in the service process."""
+    parallelism: _builtins.str
+    """With world_size > 1: "ddp" (default: every worker holds the whole base model) or
+    "fsdp" (the frozen base model is sharded across the workers, for bases that do not
+    fit one worker's memory; the adapter stays replicated). Same adapter either way.
+    """
     def __init__(
         self,
         *,
@@ -138,10 +144,11 @@ class Hyperparameters(_message.Message):
         regularization: _builtins.str = ...,
         regularization_weight: _builtins.float = ...,
         world_size: _builtins.int = ...,
+        parallelism: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "cutoff_len", b"cutoff_len", "early_stopping_patience", b"early_stopping_patience", "eval_every", b"eval_every", "grad_accum_steps", b"grad_accum_steps", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "num_epochs", b"num_epochs", "regularization", b"regularization", "regularization_weight", b"regularization_weight", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "cutoff_len", b"cutoff_len", "early_stopping_patience", b"early_stopping_patience", "eval_every", b"eval_every", "grad_accum_steps", b"grad_accum_steps", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "num_epochs", b"num_epochs", "parallelism", b"parallelism", "regularization", b"regularization", "regularization_weight", b"regularization_weight", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015

@@ -13,6 +13,8 @@ collectives): the loop pads a worker whose shard of a step is empty with a zero-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -27,7 +29,7 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return set()
 
 
-def shard_frozen_base(model: nn.Module, trainable: list[torch.Tensor], world_size: int) -> int:
+def shard_frozen_base(model: nn.Module, trainable: Sequence[torch.Tensor], world_size: int) -> int:
     """Shard ``model``'s frozen weights over the default process group, one unit per
     transformer block plus the rest at the root. Returns the number of sharded blocks."""
     from torch.distributed.device_mesh import init_device_mesh

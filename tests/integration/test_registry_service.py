@@ -29,6 +29,7 @@ from ftops.trainer.v1 import trainer_pb2
 from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime import events
+from ftops_runtime.auth import new_api_key
 from ftops_runtime.client import channel
 
 pytestmark = pytest.mark.integration
@@ -46,6 +47,8 @@ def _settings(tmp_path: Path, nats_url: str, database_url: str) -> RegistrySetti
         health_interval_s=0.1,
         shutdown_grace_s=1,
         instance_id=f"test-{uuid.uuid4().hex[:6]}",
+        # These tests are about the registry's data; test_registry_auth covers access.
+        auth_mode="disabled",
     )
 
 
@@ -633,11 +636,14 @@ async def test_a_0001_database_upgrades_to_head(database_url: str) -> None:
 async def test_audit_log_records_mutations_and_refusals(
     tmp_path: Path, nats_url: str, database_url: str
 ) -> None:
-    settings = _settings(tmp_path, nats_url, database_url).model_copy(update={"api_keys": "key-1"})
+    admin_key = new_api_key()[1]
+    settings = _settings(tmp_path, nats_url, database_url).model_copy(
+        update={"auth_mode": "enabled", "bootstrap_admin_key": admin_key}
+    )
     app = await _start(settings)
     try:
         await app.wait_ready()
-        async with channel(app.address, api_key="key-1") as ch:
+        async with channel(app.address, api_key=admin_key) as ch:
             stub = _stub(ch)
             before = Timestamp()
             before.FromDatetime(datetime.now(UTC))
@@ -682,8 +688,12 @@ async def test_audit_log_records_mutations_and_refusals(
 
             everything = await stub.ListAudit(registry_pb2.ListAuditRequest(page_size=500))
             # Release events other tests published may be replayed to this app's consumers.
-            entries = [e for e in everything.entries if not e.method.startswith("release.")]
-            key_id = hashlib.sha256(b"key-1").hexdigest()[:12]
+            entries = [
+                e
+                for e in everything.entries
+                if not e.method.startswith("release.") and e.method != "BootstrapAdmin"
+            ]
+            key_id = admin_key.split("_")[1]
             assert {e.actor for e in entries} == {key_id}
             # Newest first.
             assert [e.id for e in entries] == sorted((e.id for e in entries), reverse=True)

@@ -12,13 +12,16 @@ from ftops_registry.artifacts import LocalArtifactStore
 from ftops_registry.audit import AuditLog
 from ftops_registry.db import Database
 from ftops_registry.jobs import JobRecords
+from ftops_registry.keys import Keys
 from ftops_registry.registry import Registry
 from ftops_registry.release_events import DEFAULT_DURABLE, subscribe_release_events
 from ftops_registry.releases import ReleaseHistory
 from ftops_registry.retention import Retention
 from ftops_registry.servicer import SERVICE_NAME, RegistryServicer
 from ftops_registry.settings import RegistrySettings
+from ftops_runtime import auth
 from ftops_runtime.bus import EventBus
+from ftops_runtime.errors import FtopsError
 from ftops_runtime.retry import retry_forever
 from ftops_runtime.server import GrpcServer
 from ftops_runtime.tasks import cancel_and_wait
@@ -37,6 +40,8 @@ class RegistryApp:
         self.registry = Registry(self.db)
         self.releases = ReleaseHistory(self.db)
         self.jobs = JobRecords(self.db)
+        self.keys = Keys(self.db)
+        self.auth_mode = auth.effective_mode(settings)
         self.bus = EventBus(
             settings.nats_url,
             service="registry",
@@ -44,26 +49,32 @@ class RegistryApp:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
         )
+        self.servicer = RegistryServicer(
+            self.db,
+            self.registry,
+            self.releases,
+            self.store,
+            self.jobs,
+            max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
+            retention=Retention(
+                self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
+            ),
+            audit=AuditLog(self.db),
+            keys=self.keys,
+        )
+        # Keys are resolved from this registry's own database; Authenticate itself is
+        # public (it is how the other services check their callers' keys).
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"database": self._database_ok, "nats": self._nats_ok},
-        )
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(
-                self.db,
-                self.registry,
-                self.releases,
-                self.store,
-                self.jobs,
-                max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
-                retention=Retention(
-                    self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
-                ),
-                audit=AuditLog(self.db),
+            authenticate=auth.authenticator(
+                self.servicer.resolve_key,
+                mode=self.auth_mode,
+                public={f"/{SERVICE_NAME}/Authenticate"},
             ),
-            self.server.server,
         )
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self.servicer, self.server.server)
         self._migrate_task: asyncio.Task[None] | None = None
 
     @property
@@ -82,6 +93,16 @@ class RegistryApp:
             lambda: self.db.run_unchecked(self.db.migrate),
         )
         log.info("registry database ready")
+        if self.settings.bootstrap_admin_key:
+            try:
+                _, created = await self.db.run(
+                    self.keys.bootstrap_admin, self.settings.bootstrap_admin_key
+                )
+                log.info("bootstrap platform-admin key %s", "created" if created else "present")
+            except FtopsError as exc:  # a bad setting must not stop the registry serving
+                log.error("FTOPS_BOOTSTRAP_ADMIN_KEY not applied: %s", exc)
+        if self.auth_mode is auth.AuthMode.disabled:
+            log.warning("authentication is DISABLED (development mode): every caller is admin")
         # Only now: an event handled before the schema exists would just fail and retry.
         subscribe_release_events(self.bus, self.db, self.releases, durable=self.durable)
 

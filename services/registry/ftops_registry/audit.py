@@ -13,6 +13,7 @@ event's producer instead.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import select
@@ -88,14 +89,18 @@ class AuditLog:
         since: datetime | None = None,
         size: int = 0,
         token: str = "",
+        teams: Collection[str] | None = None,
     ) -> registry_pb2.ListAuditResponse:
         """Newest first by id (ids grow with commit order closely enough, and unlike
-        timestamps never tie), keyset-paginated so new entries do not shift pages."""
+        timestamps never tie), keyset-paginated so new entries do not shift pages.
+        ``teams``: only entries of these teams (None: any)."""
         before = decode_token(token) or None  # ids start at 1
         limit = DEFAULT_PAGE_SIZE if size == 0 else min(size, MAX_PAGE_SIZE)
         query = select(AuditRow)
         if team:
             query = query.where(AuditRow.team == team)
+        if teams is not None:
+            query = query.where(AuditRow.team.in_(list(teams)))
         if resource_prefix:
             query = query.where(AuditRow.resource.startswith(resource_prefix, autoescape=True))
         if since is not None:

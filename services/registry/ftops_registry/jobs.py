@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -180,9 +181,11 @@ class JobRecords:
         states: list[int] | None = None,
         size: int = 0,
         token: str = "",
+        teams: Collection[str] | None = None,
     ) -> registry_pb2.ListJobRecordsResponse:
         """Newest first (job.created_at, then job_id), keyset-paginated so jobs created
-        while a client pages neither repeat nor shift entries."""
+        while a client pages neither repeat nor shift entries. ``teams``: only jobs of
+        these teams (None: any)."""
         after = decode_job_token(token)
         limit = page_size(size)
         query = select(JobRow)
@@ -190,6 +193,8 @@ class JobRecords:
             query = query.where(JobRow.adapter == adapter)
         if team:
             query = query.where(JobRow.team == team)
+        if teams is not None:
+            query = query.where(JobRow.team.in_(list(teams)))
         if states:
             query = query.where(JobRow.state.in_(states))
         if after is not None:

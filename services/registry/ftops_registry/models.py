@@ -201,3 +201,51 @@ class AuditRow(Base):
     resource: Mapped[str] = mapped_column(String(255), index=True)
     outcome: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class TeamRow(Base):
+    __tablename__ = "teams"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKeyRow(Base):
+    """An API key: the SHA-256 of its secret, never the secret (ftops_runtime.auth)."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    platform_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class ApiKeyRoleRow(Base):
+    __tablename__ = "api_key_roles"
+
+    key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.key_id", ondelete="CASCADE"), primary_key=True
+    )
+    team: Mapped[str] = mapped_column(ForeignKey("teams.name"), primary_key=True, index=True)
+    # ftops_runtime.auth.Role value.
+    role: Mapped[str] = mapped_column(String(16))
+
+
+class ArtifactTeamRow(Base):
+    """Which teams may use and download an artifact: the team it was uploaded for and the
+    teams whose versions or jobs reference it. Blobs are shared (content-addressed);
+    access is not."""
+
+    __tablename__ = "artifact_teams"
+
+    artifact_id: Mapped[str] = mapped_column(
+        ForeignKey("artifacts.artifact_id", ondelete="CASCADE"), primary_key=True
+    )
+    # No foreign key: adapters created before teams existed carry free-form team names.
+    team: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)

@@ -26,6 +26,7 @@ from ftops_registry.models import (
     AliasRow,
     ArtifactFileRow,
     ArtifactRow,
+    ArtifactTeamRow,
     BaseModelRow,
     VersionRow,
     utcnow,
@@ -137,8 +138,9 @@ class Registry:
 
     # -- artifacts -------------------------------------------------------------------
 
-    def record_artifact(self, files: Sequence[FileSpec]) -> registry_pb2.Artifact:
-        """Record an artifact whose blobs are stored (idempotent: same files, same id)."""
+    def record_artifact(self, files: Sequence[FileSpec], team: str = "") -> registry_pb2.Artifact:
+        """Record an artifact whose blobs are stored (idempotent: same files, same id),
+        usable by ``team`` from now on."""
         artifact_id = hashing.manifest_id([(f.path, f.sha256, f.size) for f in files])
 
         def work(s: Session) -> registry_pb2.Artifact:
@@ -165,8 +167,14 @@ class Registry:
                         )
                     )
                 s.flush()
+            if team:
+                grant_artifact(s, artifact_id, team)
             audit.record(
-                s, "UploadArtifact", f"artifact:{artifact_id}", detail=f"{row.total_bytes} bytes"
+                s,
+                "UploadArtifact",
+                f"artifact:{artifact_id}",
+                team=team,
+                detail=f"{row.total_bytes} bytes",
             )
             return convert.artifact(row, _files(s, artifact_id))
 
@@ -261,11 +269,12 @@ class Registry:
                     raise NotFound(f"base model {adapter.base_model!r} is not registered")
 
             # Same code for every referenced artifact: the caller must upload it first.
-            for field, artifact_id in (
+            referenced = (
                 ("artifact_id", req.artifact_id),
                 ("replay_artifact_id", req.replay_artifact_id),
                 ("dataset_artifact_id", req.dataset_artifact_id),
-            ):
+            )
+            for field, artifact_id in referenced:
                 # Shared lock: garbage collection (which locks artifacts for update) cannot
                 # collect it before this version commits (Postgres).
                 stored = (
@@ -288,6 +297,10 @@ class Registry:
                     )
                 parent_id = parent.version_id
 
+            if adapter.team:  # the team's versions use them: its members may download them
+                for _, artifact_id in referenced:
+                    if artifact_id:
+                        grant_artifact(s, artifact_id, adapter.team)
             adapter.last_number += 1
             row = VersionRow(
                 version_id=new_version_id(),
@@ -478,6 +491,13 @@ class Registry:
         adapter = s.get(AdapterRow, row.adapter)
         assert adapter is not None
         return convert.version(row, adapter, _files(s, row.artifact_id))
+
+
+def grant_artifact(s: Session, artifact_id: str, team: str) -> None:
+    """Let ``team`` use and download the artifact (idempotent)."""
+    if s.get(ArtifactTeamRow, (artifact_id, team)) is None:
+        s.add(ArtifactTeamRow(artifact_id=artifact_id, team=team))
+        s.flush()
 
 
 def _files(s: Session, artifact_id: str) -> list[ArtifactFileRow]:

@@ -14,7 +14,7 @@ is always recorded, since it takes traffic away.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_registry import audit, convert
 from ftops_registry.db import Database
-from ftops_registry.models import ReleaseDecisionRow, ReleaseRow, VersionRow
+from ftops_registry.models import AdapterRow, ReleaseDecisionRow, ReleaseRow, VersionRow
 from ftops_registry.paging import decode_token, encode_token
 from ftops_registry.registry import RejectedVersionError, check_name, check_servable, page_size
 from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
@@ -222,9 +222,30 @@ class ReleaseHistory:
                 raise NotFound(f"release {release_id!r} is not recorded")
             return convert.release(row, _history(s, release_id))
 
+    def team(self, release_id: str) -> str:
+        """The team whose adapter the release moves traffic to ("" when unknown)."""
+        with self.db.read() as s:
+            row = s.get(ReleaseRow, release_id)
+            if row is None:
+                return ""
+            for version_id in (row.candidate_version_id, row.stable_version_id):
+                team = s.scalar(
+                    select(AdapterRow.team)
+                    .join(VersionRow, VersionRow.adapter == AdapterRow.name)
+                    .where(VersionRow.version_id == version_id)
+                )
+                if team:
+                    return team
+            return ""
+
     def list(
-        self, alias: str = "", size: int = 0, token: str = ""
+        self,
+        alias: str = "",
+        size: int = 0,
+        token: str = "",
+        teams: Collection[str] | None = None,
     ) -> registry_pb2.ListReleasesResponse:
+        """Newest first. ``teams``: only releases of these teams' adapters (None: any)."""
         if alias:
             check_name("alias", alias)
         offset = decode_token(token)
@@ -233,6 +254,13 @@ class ReleaseHistory:
             query = select(ReleaseRow)
             if alias:
                 query = query.where(ReleaseRow.alias == alias)
+            if teams is not None:
+                theirs = (
+                    select(VersionRow.version_id)
+                    .join(AdapterRow, AdapterRow.name == VersionRow.adapter)
+                    .where(AdapterRow.team.in_(list(teams)))
+                )
+                query = query.where(ReleaseRow.candidate_version_id.in_(theirs))
             rows = s.scalars(
                 query.order_by(ReleaseRow.started_at.desc(), ReleaseRow.release_id)
                 .offset(offset)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(ServiceSettings, AuthSettings):
     database_url: str = Field(
         "sqlite:///.ftops/registry.db",
         description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db.",
@@ -27,3 +28,9 @@ class RegistrySettings(ServiceSettings):
         "(an upload's version may not be registered yet).",
     )
     db_pool_size: int = Field(8, gt=0, description="Database connections (and DB threads).")
+    bootstrap_admin_key: str = Field(
+        "",
+        description="A platform-admin API key ('ftk_<id>_<secret>') made sure to exist at start, "
+        "so a fresh installation has someone to create teams and keys. Stored hashed; or "
+        "run `ftops-registry bootstrap-admin` once instead.",
+    )

@@ -126,6 +126,36 @@ class RegistryServiceStub:
                 request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.SerializeToString,
                 response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.FromString,
                 _registered_method=True)
+        self.CreateTeam = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/CreateTeam',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateTeamRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Team.FromString,
+                _registered_method=True)
+        self.ListTeams = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/ListTeams',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/CreateApiKey',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/ListApiKeys',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/RevokeApiKey',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/ftops.registry.v1.RegistryService/Authenticate',
+                request_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Principal.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -251,6 +281,49 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTeam(self, request, context):
+        """Teams and API keys (docs/security.md). Creating a team needs a platform admin; a
+        team's admins manage its keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTeams(self, request, context):
+        """Platform admins see every team, everyone else the teams their key has a role in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """The response is the only place the full key ever appears: it is stored hashed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authenticate(self, request, context):
+        """Who a key is, for the other services' auth interceptors (which cache the answer).
+        Callable without credentials; UNAUTHENTICATED for a missing, unknown, revoked or
+        expired key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -343,6 +416,36 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.GarbageCollectArtifacts,
                     request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.FromString,
                     response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.SerializeToString,
+            ),
+            'CreateTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTeam,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateTeamRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Team.SerializeToString,
+            ),
+            'ListTeams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTeams,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.ApiKey.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=ftops_dot_registry_dot_v1_dot_registry__pb2.AuthenticateRequest.FromString,
+                    response_serializer=ftops_dot_registry_dot_v1_dot_registry__pb2.Principal.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -833,6 +936,168 @@ class RegistryService:
             '/ftops.registry.v1.RegistryService/GarbageCollectArtifacts',
             ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsRequest.SerializeToString,
             ftops_dot_registry_dot_v1_dot_registry__pb2.GarbageCollectArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/CreateTeam',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.CreateTeamRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.Team.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTeams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/ListTeams',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListTeamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/CreateApiKey',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/ListApiKeys',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/RevokeApiKey',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.registry.v1.RegistryService/Authenticate',
+            ftops_dot_registry_dot_v1_dot_registry__pb2.AuthenticateRequest.SerializeToString,
+            ftops_dot_registry_dot_v1_dot_registry__pb2.Principal.FromString,
             options,
             channel_credentials,
             insecure,

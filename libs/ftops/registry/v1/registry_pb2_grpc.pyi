@@ -67,6 +67,21 @@ class RegistryServiceStub:
     """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
     no unfinished job record needs.
     """
+    CreateTeam: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateTeamRequest, _registry_pb2.Team]
+    """Teams and API keys (docs/security.md). Creating a team needs a platform admin; a
+    team's admins manage its keys.
+    """
+    ListTeams: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListTeamsRequest, _registry_pb2.ListTeamsResponse]
+    """Platform admins see every team, everyone else the teams their key has a role in."""
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]
+    """The response is the only place the full key ever appears: it is stored hashed."""
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeApiKeyRequest, _registry_pb2.ApiKey]
+    Authenticate: _grpc.UnaryUnaryMultiCallable[_registry_pb2.AuthenticateRequest, _registry_pb2.Principal]
+    """Who a key is, for the other services' auth interceptors (which cache the answer).
+    Callable without credentials; UNAUTHENTICATED for a missing, unknown, revoked or
+    expired key.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -106,6 +121,21 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     GarbageCollectArtifacts: _aio.UnaryUnaryMultiCallable[_registry_pb2.GarbageCollectArtifactsRequest, _registry_pb2.GarbageCollectArtifactsResponse]  # type: ignore[assignment]
     """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
     no unfinished job record needs.
+    """
+    CreateTeam: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateTeamRequest, _registry_pb2.Team]  # type: ignore[assignment]
+    """Teams and API keys (docs/security.md). Creating a team needs a platform admin; a
+    team's admins manage its keys.
+    """
+    ListTeams: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListTeamsRequest, _registry_pb2.ListTeamsResponse]  # type: ignore[assignment]
+    """Platform admins see every team, everyone else the teams their key has a role in."""
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """The response is the only place the full key ever appears: it is stored hashed."""
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeApiKeyRequest, _registry_pb2.ApiKey]  # type: ignore[assignment]
+    Authenticate: _aio.UnaryUnaryMultiCallable[_registry_pb2.AuthenticateRequest, _registry_pb2.Principal]  # type: ignore[assignment]
+    """Who a key is, for the other services' auth interceptors (which cache the answer).
+    Callable without credentials; UNAUTHENTICATED for a missing, unknown, revoked or
+    expired key.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -251,6 +281,57 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_pb2.GarbageCollectArtifactsResponse, _abc.Awaitable[_registry_pb2.GarbageCollectArtifactsResponse]]:
         """Delete artifacts (and their now unreferenced blobs) that no non-archived version and
         no unfinished job record needs.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTeam(
+        self,
+        request: _registry_pb2.CreateTeamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Team, _abc.Awaitable[_registry_pb2.Team]]:
+        """Teams and API keys (docs/security.md). Creating a team needs a platform admin; a
+        team's admins manage its keys.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTeams(
+        self,
+        request: _registry_pb2.ListTeamsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListTeamsResponse, _abc.Awaitable[_registry_pb2.ListTeamsResponse]]:
+        """Platform admins see every team, everyone else the teams their key has a role in."""
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _registry_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateApiKeyResponse, _abc.Awaitable[_registry_pb2.CreateApiKeyResponse]]:
+        """The response is the only place the full key ever appears: it is stored hashed."""
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _registry_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListApiKeysResponse, _abc.Awaitable[_registry_pb2.ListApiKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _registry_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ApiKey, _abc.Awaitable[_registry_pb2.ApiKey]]: ...
+
+    @_abc_1.abstractmethod
+    def Authenticate(
+        self,
+        request: _registry_pb2.AuthenticateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Principal, _abc.Awaitable[_registry_pb2.Principal]]:
+        """Who a key is, for the other services' auth interceptors (which cache the answer).
+        Callable without credentials; UNAUTHENTICATED for a missing, unknown, revoked or
+        expired key.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,378 @@
+"""API keys, principals and authorization checks shared by every service.
+
+A key looks like ``ftk_<key id>_<secret>``: the key id is public (audit logs, listings,
+revocation), the secret is 256 random bits that the registry stores only as a SHA-256
+hash (a fast hash is enough: the secret is random, not a password). A caller sends the
+key as ``authorization: Bearer <key>`` or ``x-ftops-key: <key>``.
+
+Each service installs an authenticator on its ``GrpcServer`` (the runtime's auth
+interceptor puts the resolved principal in ``current_principal``); the registry resolves
+keys from its own database, every other service asks the registry's ``Authenticate`` and
+caches the answer for ``auth_cache_ttl_s`` (so a revocation takes effect within the TTL;
+an expiry takes effect at once, it is checked on every call). Handlers then call
+``require(team, role)``. Docs: docs/security.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, cast
+
+import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_runtime.errors import PermissionDenied, Unauthenticated, Unavailable
+from ftops_runtime.interceptors import Authenticator, Principal, current_principal
+
+KEY_PREFIX = "ftk"
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_KEY_RE = re.compile(r"^ftk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+METADATA_KEY = "x-ftops-key"
+MISSING_KEY = (
+    "missing API key: send 'authorization: Bearer <key>' or 'x-ftops-key: <key>' "
+    "(the CLI reads FTOPS_API_KEY)"
+)
+
+
+class Role(StrEnum):
+    viewer = "viewer"
+    trainer = "trainer"
+    releaser = "releaser"
+    admin = "admin"
+
+
+class _Grant(StrEnum):
+    read = "read"
+    train = "train"
+    release = "release"
+    manage = "manage"
+
+
+# Not a ladder: a trainer cannot release and a releaser cannot train (separation of
+# duties); admin holds every grant of its team.
+_GRANTS: dict[Role, frozenset[_Grant]] = {
+    Role.viewer: frozenset({_Grant.read}),
+    Role.trainer: frozenset({_Grant.read, _Grant.train}),
+    Role.releaser: frozenset({_Grant.read, _Grant.release}),
+    Role.admin: frozenset(_Grant),
+}
+
+
+def grants(held: Role, needed: Role) -> bool:
+    """Whether a key holding ``held`` in a team may do what ``needed`` is for."""
+    return _GRANTS[needed] <= _GRANTS[held]
+
+
+class AuthMode(StrEnum):
+    enabled = "enabled"
+    disabled = "disabled"
+
+
+@dataclass(frozen=True, eq=False)
+class AuthPrincipal(Principal):
+    """An authenticated key: its role per team, the platform-admin flag, its expiry."""
+
+    name: str = ""
+    roles: Mapping[str, Role] = field(default_factory=dict)
+    platform_admin: bool = False
+    expires_at: datetime | None = None
+
+    def can(self, team: str, role: Role) -> bool:
+        if self.platform_admin:
+            return True
+        held = self.roles.get(team) if team else None
+        return held is not None and grants(held, role)
+
+    def teams(self, role: Role = Role.viewer) -> frozenset[str]:
+        """The teams in which this key may act as ``role`` (platform admin: see ``can``)."""
+        return frozenset(t for t, held in self.roles.items() if grants(held, role))
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
+
+
+# Authentication off (development mode): the caller may do everything.
+DEVELOPMENT = AuthPrincipal(key_id="anonymous", anonymous=True, platform_admin=True)
+# A public method's caller when no key was sent: no roles at all.
+NOBODY = AuthPrincipal(key_id="anonymous", anonymous=True)
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    key_id: str
+    secret: str
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh ``(key_id, full key)``."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def parse_api_key(key: str) -> ParsedKey | None:
+    """The key's parts, or None when it is not an ftops key at all."""
+    match = _KEY_RE.match(key.strip())
+    return ParsedKey(match.group(1), match.group(2)) if match else None
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def key_from_metadata(md: Mapping[str, str]) -> str:
+    auth = md.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return (md.get(METADATA_KEY) or md.get("x-api-key") or "").strip()
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+class AuthSettings(BaseSettings):
+    """Mixed into a service's settings (``class Settings(ServiceSettings, AuthSettings)``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FTOPS_", extra="ignore")
+
+    auth_mode: AuthMode | None = Field(
+        None,
+        description="enabled: every call needs an API key; disabled: no checks (development "
+        "only). Unset: disabled in dev_mode, enabled otherwise.",
+    )
+    auth_cache_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a service trusts the registry's answer for a key (a revoked "
+        "key stops working within this time).",
+    )
+
+
+def effective_mode(settings: Any) -> AuthMode:
+    """The explicit ``auth_mode``, else disabled in development mode, else enabled."""
+    mode = getattr(settings, "auth_mode", None)
+    if mode is not None:
+        return AuthMode(mode)
+    return AuthMode.disabled if getattr(settings, "dev_mode", False) else AuthMode.enabled
+
+
+# -- authenticators ---------------------------------------------------------------------
+
+# (key, method) -> the principal; raises Unauthenticated for an unknown, revoked or
+# expired key, Unavailable when it cannot tell.
+Resolver = Callable[[str, str], Awaitable[AuthPrincipal]]
+
+
+def authenticator(
+    resolve: Resolver, *, mode: AuthMode = AuthMode.enabled, public: Collection[str] = ()
+) -> Authenticator:
+    """The hook for ``GrpcServer(authenticate=...)``. ``public`` are full method names
+    callable without a key (their caller is ``NOBODY`` unless it sends one)."""
+
+    async def authenticate(md: Mapping[str, str], method: str) -> Principal:
+        if mode is AuthMode.disabled:
+            return DEVELOPMENT
+        key = key_from_metadata(md)
+        if not key:
+            if method in public:
+                return NOBODY
+            raise Unauthenticated(MISSING_KEY)
+        principal = await resolve(key, method)
+        if principal.expired():
+            raise Unauthenticated(f"API key {principal.key_id} expired at {principal.expires_at}")
+        return principal
+
+    return authenticate
+
+
+class CachedResolver:
+    """Remembers answers for ``ttl_s`` (refusals for at most 5 s, so a key created a
+    moment ago works quickly), keyed by the key's hash, never the key itself."""
+
+    NEGATIVE_TTL_S = 5.0
+
+    def __init__(self, resolve: Resolver, *, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._resolve = resolve
+        self._ttl = ttl_s
+        self._negative_ttl = min(ttl_s, self.NEGATIVE_TTL_S)
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, AuthPrincipal | Unauthenticated]] = (
+            OrderedDict()
+        )
+
+    async def __call__(self, key: str, method: str) -> AuthPrincipal:
+        digest = hash_secret(key)
+        hit = self._entries.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            self._entries.move_to_end(digest)
+            if isinstance(hit[1], Unauthenticated):
+                raise Unauthenticated(str(hit[1]))
+            return hit[1]
+        try:
+            principal = await self._resolve(key, method)
+        except Unauthenticated as exc:
+            self._store(digest, now + self._negative_ttl, exc)
+            raise
+        self._store(digest, now + self._ttl, principal)
+        return principal
+
+    def _store(self, digest: str, until: float, value: AuthPrincipal | Unauthenticated) -> None:
+        self._entries[digest] = (until, value)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+
+class RegistryResolver:
+    """Asks the registry's ``Authenticate``. The channel is opened on first use (inside
+    the server's event loop); ``close()`` on shutdown."""
+
+    def __init__(self, registry_address: str, *, timeout_s: float = 5.0) -> None:
+        self._address = registry_address
+        self._timeout = timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._lock = asyncio.Lock()
+
+    async def _stub(self) -> registry_pb2_grpc.RegistryServiceAsyncStub:
+        async with self._lock:
+            if self._channel is None:
+                from ftops_runtime.client import channel  # client imports server: no cycle
+
+                self._channel = channel(self._address)
+        return cast(
+            "registry_pb2_grpc.RegistryServiceAsyncStub",
+            registry_pb2_grpc.RegistryServiceStub(self._channel),
+        )
+
+    async def __call__(self, key: str, method: str) -> AuthPrincipal:
+        stub = await self._stub()
+        try:
+            reply = await stub.Authenticate(
+                registry_pb2.AuthenticateRequest(api_key=key), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(exc.details() or "unknown API key") from exc
+            raise Unavailable(
+                f"cannot verify the API key: the registry at {self._address} answered "
+                f"{exc.code().name}: {exc.details()}"
+            ) from exc
+        return principal_from_proto(reply)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+def registry_authenticator(
+    settings: Any, registry_address: str
+) -> tuple[Authenticator, RegistryResolver]:
+    """What a service other than the registry installs: keys checked by the registry,
+    cached for ``settings.auth_cache_ttl_s``. Close the resolver on shutdown."""
+    remote = RegistryResolver(registry_address)
+    ttl = float(getattr(settings, "auth_cache_ttl_s", 30.0))
+    return authenticator(CachedResolver(remote, ttl_s=ttl), mode=effective_mode(settings)), remote
+
+
+# -- protobuf ---------------------------------------------------------------------------
+
+
+def role_from_proto(value: int) -> Role:
+    name = registry_pb2.Role.Name(value)  # type: ignore[arg-type]
+    return Role(name.removeprefix("ROLE_").lower())
+
+
+def role_to_proto(role: Role) -> registry_pb2.Role.ValueType:
+    return registry_pb2.Role.Value(f"ROLE_{role.value.upper()}")
+
+
+def principal_from_proto(msg: registry_pb2.Principal) -> AuthPrincipal:
+    return AuthPrincipal(
+        key_id=msg.key_id,
+        name=msg.name,
+        roles={r.team: role_from_proto(r.role) for r in msg.roles},
+        platform_admin=msg.platform_admin,
+        expires_at=msg.expires_at.ToDatetime(tzinfo=UTC) if msg.HasField("expires_at") else None,
+    )
+
+
+def principal_to_proto(p: AuthPrincipal) -> registry_pb2.Principal:
+    msg = registry_pb2.Principal(
+        key_id=p.key_id,
+        name=p.name,
+        roles=[
+            registry_pb2.TeamRole(team=t, role=role_to_proto(r)) for t, r in sorted(p.roles.items())
+        ],
+        platform_admin=p.platform_admin,
+    )
+    if p.expires_at is not None:
+        msg.expires_at.FromDatetime(p.expires_at)
+    return msg
+
+
+# -- authorization ----------------------------------------------------------------------
+
+
+def current() -> AuthPrincipal:
+    """The caller. A plain ``Principal`` (a service still on the static-key hook, or code
+    running outside a call) has no roles."""
+    p = current_principal.get()
+    if isinstance(p, AuthPrincipal):
+        return p
+    return AuthPrincipal(key_id=p.key_id, anonymous=p.anonymous)
+
+
+def _who(p: AuthPrincipal) -> str:
+    return "an anonymous caller" if p.anonymous else f"API key {p.key_id}"
+
+
+def require(team: str, role: Role, *, action: str = "this") -> AuthPrincipal:
+    """The caller, if it may act as ``role`` in ``team``; else PERMISSION_DENIED."""
+    p = current()
+    if p.can(team, role):
+        return p
+    if not team:
+        raise PermissionDenied(
+            f"{action} concerns a resource that belongs to no team: only a platform admin "
+            f"may do it, and {_who(p)} is not one"
+        )
+    held = p.roles.get(team)
+    has = f"has the {held} role there" if held else "has no role in that team"
+    raise PermissionDenied(
+        f"{action} needs the {role} (or admin) role in team {team!r}; {_who(p)} {has}"
+    )
+
+
+def require_any_team(role: Role, *, action: str = "this") -> AuthPrincipal:
+    """The caller, if it may act as ``role`` in at least one team."""
+    p = current()
+    if p.platform_admin or p.teams(role):
+        return p
+    raise PermissionDenied(f"{action} needs the {role} (or admin) role in some team")
+
+
+def require_platform_admin(*, action: str = "this") -> AuthPrincipal:
+    p = current()
+    if p.platform_admin:
+        return p
+    raise PermissionDenied(f"{action} needs a platform-admin key; {_who(p)} is not one")

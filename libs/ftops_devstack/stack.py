@@ -1,5 +1,12 @@
 """Start the five services as separate processes, wired to NATS and Redis, and wait until
-each answers grpc.health.v1 with SERVING. Used by ``ftops-dev up`` and the end-to-end test."""
+each answers grpc.health.v1 with SERVING. Used by ``ftops-dev up``, the end-to-end tests and
+the benchmarks.
+
+A service may run as several replicas (``replicas={"gateway": 2}``): the first keeps the
+service's name, the others are ``gateway-2``, ``gateway-3``, ... each with its own port,
+instance id and (for inference) adapter cache. ``restart(name)`` stops one process the way
+an orchestrator does (SIGTERM, then SIGKILL after the grace period) and starts it again on
+the same port."""
 
 from __future__ import annotations
 
@@ -55,24 +62,37 @@ class Stack:
     base_model_name: str = "tiny-llama"
     prefer_fixed_ports: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    _ports: dict[str, int] = field(default_factory=dict)
 
     def address(self, name: str) -> str:
         return self.processes[name].address
 
+    def names(self, service: str) -> list[str]:
+        """Process names of a service's replicas, the first being the service's own name."""
+        count = max(1, self.replicas.get(service, 1))
+        return [service] + [f"{service}-{i}" for i in range(2, count + 1)]
+
+    def addresses(self, service: str) -> list[str]:
+        return [self.address(name) for name in self.names(service)]
+
     def _port(self, name: str) -> int:
-        preferred = PREFERRED_PORTS[name]
-        if self.prefer_fixed_ports and not port_open("127.0.0.1", preferred):
+        preferred = PREFERRED_PORTS.get(name)
+        if preferred and self.prefer_fixed_ports and not port_open("127.0.0.1", preferred):
             return preferred
         return free_port()
 
     def _env(self, name: str, ports: dict[str, int]) -> dict[str, str]:
+        service = name.split("-")[0]
+        instance = name if "-" in name else f"{name}-1"
+        inference = ",".join(f"127.0.0.1:{ports[n]}" for n in self.names("inference"))
         env = dict(os.environ)
         env.update(
             {
                 "FTOPS_GRPC_HOST": "127.0.0.1",
                 "FTOPS_GRPC_PORT": str(ports[name]),
-                "FTOPS_INSTANCE_ID": f"{name}-1",
+                "FTOPS_INSTANCE_ID": instance,
                 "FTOPS_NATS_URL": self.nats_url,
                 "FTOPS_DEV_MODE": "true",
                 "FTOPS_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
@@ -80,10 +100,12 @@ class Stack:
                 "FTOPS_ARTIFACT_DIR": str(self.workdir / "artifacts"),
                 "FTOPS_BASE_MODEL_PATH": str(self.model_dir),
                 "FTOPS_BASE_MODEL_NAME": self.base_model_name,
-                "FTOPS_ADAPTER_CACHE_DIR": str(self.workdir / "adapter-cache"),
+                "FTOPS_ADAPTER_CACHE_DIR": str(
+                    self.workdir / ("adapter-cache" if service == name else f"adapter-cache-{name}")
+                ),
                 "FTOPS_WORK_DIR": str(self.workdir / "trainer"),
                 "FTOPS_REDIS_URL": self.redis_url,
-                "FTOPS_INFERENCE_ENDPOINTS": f"127.0.0.1:{ports['inference']}",
+                "FTOPS_INFERENCE_ENDPOINTS": inference,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -92,23 +114,47 @@ class Stack:
 
     def start(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        ports = {name: self._port(name) for name in SERVICES}
-        for name in SERVICES:
-            log_path = self.workdir / "logs" / f"{name}.log"
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", f"ftops_{name}"],
-                    env=self._env(name, ports),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            self.processes[name] = ServiceProcess(name, ports[name], proc, log_path)
+        self._ports = {name: self._port(name) for svc in SERVICES for name in self.names(svc)}
+        for svc in SERVICES:
+            for name in self.names(svc):
+                self._spawn(name)
 
-    async def wait_serving(self, timeout: float = 180.0) -> None:
-        """Wait until every service reports SERVING; fail early if one exits."""
+    def _spawn(self, name: str) -> None:
+        service = name.split("-")[0]
+        log_path = self.workdir / "logs" / f"{name}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"ftops_{service}"],
+                env=self._env(name, self._ports),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes[name] = ServiceProcess(name, self._ports[name], proc, log_path)
+
+    def terminate(self, name: str, grace: float = 10.0) -> int:
+        """SIGTERM one process (it drains), SIGKILL it after ``grace``; its exit code."""
+        proc = self.processes[name].proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return int(proc.returncode)
+
+    async def restart(self, name: str, grace: float = 10.0, timeout: float = 180.0) -> None:
+        """Stop one process gracefully and start it again on the same port, SERVING."""
+        await asyncio.to_thread(self.terminate, name, grace)
+        self._spawn(name)
+        await self.wait_serving(timeout, only=[name])
+
+    async def wait_serving(self, timeout: float = 180.0, only: list[str] | None = None) -> None:
+        """Wait until every service (or those named) reports SERVING; fail early if one
+        exits."""
         deadline = time.monotonic() + timeout
-        pending = set(self.processes)
+        pending = set(only if only is not None else self.processes)
         while pending:
             for name in sorted(pending):
                 sp = self.processes[name]

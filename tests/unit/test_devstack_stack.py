@@ -1,0 +1,37 @@
+"""The local stack's process layout: replica names, ports and per-replica settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftops_devstack.stack import SERVICES, Stack
+
+
+def _stack(tmp_path: Path, **replicas: int) -> Stack:
+    stack = Stack(tmp_path, "nats://127.0.0.1:1", "redis://127.0.0.1:2", tmp_path / "model")
+    stack.replicas = dict(replicas)
+    return stack
+
+
+def test_one_process_per_service_keeps_the_service_names(tmp_path: Path) -> None:
+    stack = _stack(tmp_path)
+    assert [n for s in SERVICES for n in stack.names(s)] == list(SERVICES)
+
+
+def test_replicas_get_their_own_port_instance_and_cache(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, inference=2, gateway=3)
+    assert stack.names("gateway") == ["gateway", "gateway-2", "gateway-3"]
+    ports = {name: 1000 + i for i, name in enumerate(n for s in SERVICES for n in stack.names(s))}
+    first, second = stack._env("inference", ports), stack._env("inference-2", ports)
+    assert first["FTOPS_GRPC_PORT"] != second["FTOPS_GRPC_PORT"]
+    assert (first["FTOPS_INSTANCE_ID"], second["FTOPS_INSTANCE_ID"]) == (
+        "inference-1",
+        "inference-2",
+    )
+    assert first["FTOPS_ADAPTER_CACHE_DIR"] != second["FTOPS_ADAPTER_CACHE_DIR"]
+    # Every gateway knows every inference replica.
+    gateway = stack._env("gateway-3", ports)
+    assert gateway["FTOPS_INFERENCE_ENDPOINTS"] == (
+        f"127.0.0.1:{ports['inference']},127.0.0.1:{ports['inference-2']}"
+    )
+    assert gateway["FTOPS_INSTANCE_ID"] == "gateway-3"

@@ -21,6 +21,7 @@ class Row:
     p50_ms: float
     p95_ms: float
     mean_ms: float
+    p99_ms: float = 0.0
     per_s: float
 
 
@@ -40,6 +41,7 @@ class Report:
             p50_ms=round(statistics.median(ms), 3),
             p95_ms=round(ms[min(len(ms) - 1, int(len(ms) * 0.95))], 3),
             mean_ms=round(statistics.fmean(ms), 3),
+            p99_ms=round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 3),
             per_s=round(len(ms) / (wall_s if wall_s else sum(samples_s)), 1),
         )
         self.rows.append(row)
@@ -49,11 +51,12 @@ class Report:
         lines = [
             f"{self.name}: {self.description}",
             f"baseline: {self.baseline}",
-            f"{'case':<34} {'n':>6} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} {'per s':>9}",
+            f"{'case':<34} {'n':>6} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9}"
+            f" {'per s':>9}",
         ]
         for r in self.rows:
             lines.append(
-                f"{r.case:<34} {r.n:>6} {r.p50_ms:>9.3f} {r.p95_ms:>9.3f}"
+                f"{r.case:<34} {r.n:>6} {r.p50_ms:>9.3f} {r.p95_ms:>9.3f} {r.p99_ms:>9.3f}"
                 f" {r.mean_ms:>9.3f} {r.per_s:>9.1f}"
             )
         for key, value in self.notes.items():

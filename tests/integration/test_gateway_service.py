@@ -25,8 +25,6 @@ from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_devstack.servers import free_port, start_redis
 from ftops_gateway.service import GatewayService
 from ftops_gateway.settings import GatewaySettings
-from ftops_monitor.service import MonitorService
-from ftops_monitor.settings import MonitorSettings
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.client import channel
 from ftops_runtime.events import (
@@ -46,22 +44,42 @@ VERSIONS = {
     "ver_bad": "bot:3",
     "ver_slow": "bot:4",
     "ver_rej": "bot:5",  # refused by the trainer's evaluation gate
+    "ver_other": "other:1",  # an adapter of another base model
 }
 
 
 class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self) -> None:
+        # Release history as the registry would have recorded it from release.* events.
+        self.releases: dict[str, registry_pb2.Release] = {}
+
     async def GetVersion(self, request: Any, context: Any) -> registry_pb2.Version:
         ref = request.version_id or request.name
         for vid, name in VERSIONS.items():
             if ref in (vid, name):
                 adapter, number = name.split(":")
-                version = registry_pb2.Version(version_id=vid, adapter=adapter, number=int(number))
+                version = registry_pb2.Version(
+                    version_id=vid,
+                    adapter=adapter,
+                    number=int(number),
+                    base_model="other-base" if vid == "ver_other" else "tiny-base",
+                )
                 if vid == "ver_rej":
                     version.state = "rejected"
                     version.evaluation.reasons.append("retention 0.80 < 0.95")
                 return version
         await context.abort(grpc.StatusCode.NOT_FOUND, f"version {ref!r} not found")
         raise AssertionError
+
+    async def GetRelease(self, request: Any, context: Any) -> registry_pb2.Release:
+        if request.release_id in self.releases:
+            return self.releases[request.release_id]
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"release {request.release_id} not found")
+        raise AssertionError
+
+    async def ListReleases(self, request: Any, context: Any) -> registry_pb2.ListReleasesResponse:
+        found = [r for r in self.releases.values() if r.alias == request.alias]
+        return registry_pb2.ListReleasesResponse(releases=found)
 
 
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -109,6 +127,7 @@ class Fakes:
     registry: str
     inference: str
     inference_impl: FakeInference
+    registry_impl: FakeRegistry
     servers: list[grpc.aio.Server] = field(default_factory=list)
 
 
@@ -131,7 +150,7 @@ async def fakes() -> AsyncIterator[Fakes]:
     inf_server, inf = await _fake_server(
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(impl, s)
     )
-    yield Fakes(reg, inf, impl, [reg_server, inf_server])
+    yield Fakes(reg, inf, impl, registry, [reg_server, inf_server])
     for server in (reg_server, inf_server):
         await server.stop(0)
 
@@ -537,6 +556,9 @@ async def test_monitor_closes_the_loop_with_the_gateway(
     nats_url: str, redis_url: str, fakes: Fakes
 ) -> None:
     """Gateway results feed the monitor, whose decisions move the gateway's route."""
+    from ftops_monitor.service import MonitorService
+    from ftops_monitor.settings import MonitorSettings
+
     gw = await _gateway(_settings(nats_url, redis_url, fakes))
     monitor = MonitorService(
         MonitorSettings(

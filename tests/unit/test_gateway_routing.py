@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
-from ftops_gateway import route_rules
+from ftops_gateway import release_spec, route_rules
 from ftops_gateway.chooser import ARM_CANDIDATE, ARM_STABLE, choose
 from ftops_gateway.endpoints import EndpointPool
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument
@@ -87,28 +88,34 @@ def _rollback(
     )
 
 
+def _spec(candidate: str = "ver_c", **fields: Any) -> release_spec.ReleaseSpec:
+    request = gateway_pb2.StartReleaseRequest(alias="bot", candidate_version_id=candidate, **fields)
+    return release_spec.from_request(request, candidate)
+
+
 def _started() -> gateway_pb2.Route:
     base = route_rules.set_route(None, "bot", "ver_s")
-    return route_rules.start_release(base, "bot", "ver_c", [], "rel_1")
+    return route_rules.start_release(base, _spec(), "rel_1")
 
 
 def test_start_release_defaults_and_preconditions() -> None:
     route = _started()
     assert list(route.steps) == [5, 25, 50, 100]
     assert (route.candidate_version_id, route.candidate_weight, route.step_index) == ("ver_c", 5, 0)
+    assert (route.release_state, route.hold_seconds, route.shadow_percent) == ("running", 300, 0)
     with pytest.raises(FailedPrecondition, match="already has release rel_1"):
-        route_rules.start_release(route, "bot", "ver_d", [], "rel_2")
+        route_rules.start_release(route, _spec("ver_d"), "rel_2")
     with pytest.raises(FailedPrecondition, match="SetRoute first"):
-        route_rules.start_release(None, "bot", "ver_c", [], "rel_2")
+        route_rules.start_release(None, _spec(), "rel_2")
     base = route_rules.set_route(None, "bot", "ver_s")
     with pytest.raises(InvalidArgument, match="already the stable"):
-        route_rules.start_release(base, "bot", "ver_s", [], "rel_2")
+        route_rules.start_release(base, _spec("ver_s"), "rel_2")
 
 
 @pytest.mark.parametrize("steps", [[0, 50], [50, 25], [10, 10], [50, 101]])
 def test_steps_are_validated(steps: list[int]) -> None:
     with pytest.raises(InvalidArgument):
-        route_rules.validate_steps(steps)
+        release_spec.validate_steps(steps)
 
 
 def test_promote_steps_then_final() -> None:
@@ -168,24 +175,30 @@ def test_rollback_after_completed_promotion_restores_previous() -> None:
     assert route_rules.apply_rollback(final, _rollback(stable="ver_x", candidate="ver_c")) is None
 
 
-def test_set_route_drops_release_and_keeps_previous() -> None:
+def test_set_route_ends_release_and_keeps_previous() -> None:
     route = route_rules.set_route(_started(), "bot", "ver_n")
     assert (route.stable_version_id, route.previous_version_id) == ("ver_n", "ver_s")
-    assert (route.candidate_version_id, route.release_id, list(route.steps)) == ("", "", [])
+    assert (route.candidate_version_id, route.candidate_weight) == ("", 0)
+    # The release stays on record as replaced; nothing routes to its candidate.
+    assert (route.release_id, route_rules.state_of(route)) == ("rel_1", "replaced")
+    assert route_rules.weights(route) == {"ver_n": 100}
 
 
 def test_analysis_defaults() -> None:
-    full = route_rules.analysis_with_defaults(None)
+    full = release_spec.analysis_with_defaults(None)
     assert (full.min_requests, full.max_error_rate, full.max_latency_ratio, full.auto) == (
         20,
         0.05,
         3.0,
         True,
     )
-    given = route_rules.analysis_with_defaults(
-        events_pb2.AnalysisSettings(min_requests=5, auto=True)
+    given = release_spec.analysis_with_defaults(
+        events_pb2.AnalysisSettings(min_requests=5, auto=True, alpha=0.01, max_divergence=0.3)
     )
     assert (given.min_requests, given.max_error_rate, given.max_latency_ratio) == (5, 0.05, 0.0)
+    # Settings the monitor interprets travel through unchanged.
+    assert given.alpha == 0.01
+    assert given.max_divergence == pytest.approx(0.3)
 
 
 def _picked(pool: EndpointPool, version: str, exclude: tuple[str, ...] = ()) -> str:

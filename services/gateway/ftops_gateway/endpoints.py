@@ -1,26 +1,41 @@
-"""Inference replicas known to this gateway and what each has loaded.
+"""Inference replicas known to this gateway and what each serves.
 
-Replicas come from settings (static) and from ``adapter.loaded`` events. A request goes
-to the least busy replica that already has its version loaded; if none has, to the least
-busy replica of all (inference loads versions on demand).
+Replicas come from settings (static), from ``adapter.loaded`` events and from the
+replicas' own announcements (``inference.replica.<id>``: serving or not, loaded and
+cached versions, heartbeat interval). A request goes to a usable replica — static, or
+announced serving and heard from within 3 heartbeat intervals — preferring one with the
+version loaded, then cached, then any (inference loads on demand); among those, the one
+with the fewest requests this gateway has outstanding on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
+from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops_runtime import client
+
+# A replica silent for this many heartbeat intervals is treated as gone.
+SILENT_INTERVALS = 3.0
 
 
 @dataclass
 class Endpoint:
     address: str
+    replica_id: str = ""
     loaded: set[str] = field(default_factory=set)
+    cached: set[str] = field(default_factory=set)
     outstanding: int = 0
+    static: bool = False
+    # From announcements; None = never announced (static or adapter.loaded only).
+    serving: bool | None = None
+    heartbeat_s: float = 0.0
+    last_heard: float = 0.0
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
 
@@ -30,6 +45,23 @@ class Endpoint:
             self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         return self._stub
 
+    def usable(self, now: float) -> bool:
+        if self.serving is None:
+            return True
+        if not self.serving:
+            return False
+        return self.heartbeat_s <= 0 or now - self.last_heard <= SILENT_INTERVALS * self.heartbeat_s
+
+    def preference(self, version_id: str) -> int:
+        """0 = loaded, 1 = in the CPU cache, 2 = would load it from scratch."""
+        if not version_id or version_id in self.loaded:
+            return 0
+        return 1 if version_id in self.cached else 2
+
+    @property
+    def name(self) -> str:
+        return self.replica_id or self.address
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
@@ -37,10 +69,13 @@ class Endpoint:
 
 
 class EndpointPool:
-    def __init__(self, static: Iterable[str] = ()) -> None:
+    def __init__(
+        self, static: Iterable[str] = (), *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._endpoints: dict[str, Endpoint] = {}
+        self._clock = clock
         for address in static:
-            self.add(address)
+            self.add(address).static = True
 
     def add(self, address: str, version_id: str = "") -> Endpoint:
         endpoint = self._endpoints.get(address)
@@ -53,20 +88,35 @@ class EndpointPool:
     def mark_loaded(self, address: str, version_id: str) -> None:
         self.add(address, version_id)
 
+    def announce(self, event: events_pb2.ReplicaAnnounce) -> Endpoint | None:
+        """Apply a replica's announcement (the newest one per replica wins)."""
+        if not event.endpoint:
+            return None
+        endpoint = self.add(event.endpoint)
+        endpoint.replica_id = event.replica_id
+        endpoint.serving = event.serving and event.reason not in ("drain", "stop")
+        endpoint.loaded = set(event.loaded_versions)
+        endpoint.cached = set(event.cached_versions)
+        endpoint.heartbeat_s = event.heartbeat_interval_s
+        endpoint.last_heard = self._clock()
+        return endpoint
+
     @property
     def addresses(self) -> list[str]:
         return list(self._endpoints)
 
+    def get(self, address: str) -> Endpoint | None:
+        return self._endpoints.get(address)
+
     def pick(self, version_id: str, exclude: Iterable[str] = ()) -> Endpoint | None:
-        """Fewest outstanding requests among replicas with the version loaded, else among
-        all; ties go to the first known (stable order keeps tests deterministic)."""
+        """Best usable replica not in ``exclude``: loaded, then cached, then any; fewest
+        outstanding requests; ties go to the first known (keeps tests deterministic)."""
         skip = set(exclude)
-        usable = [e for a, e in self._endpoints.items() if a not in skip]
+        now = self._clock()
+        usable = [e for a, e in self._endpoints.items() if a not in skip and e.usable(now)]
         if not usable:
             return None
-        loaded = [e for e in usable if version_id and version_id in e.loaded]
-        pool = loaded or usable
-        return min(pool, key=lambda e: e.outstanding)
+        return min(usable, key=lambda e: (e.preference(version_id), e.outstanding))
 
     async def close(self) -> None:
         for endpoint in self._endpoints.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -15,6 +16,14 @@ from ftops_runtime.errors import Unavailable
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2
+
+
+@dataclass
+class Attempt:
+    """Filled in by the forwarder: which replica answered, and whether it was a retry."""
+
+    replica: str = ""
+    retried: bool = False
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -36,11 +45,13 @@ class Forwarder:
         return endpoint
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest
+        self, request: inference_pb2.GenerateRequest, attempt: Attempt | None = None
     ) -> inference_pb2.GenerateResponse:
         tried: list[str] = []
+        attempt = attempt or Attempt()
         while True:
             endpoint = self._pick(request.version_id, tried)
+            attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
             endpoint.outstanding += 1
             try:
@@ -56,11 +67,13 @@ class Forwarder:
                 endpoint.outstanding -= 1
 
     async def generate_stream(
-        self, request: inference_pb2.GenerateRequest
+        self, request: inference_pb2.GenerateRequest, attempt: Attempt | None = None
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         tried: list[str] = []
+        attempt = attempt or Attempt()
         while True:
             endpoint = self._pick(request.version_id, tried)
+            attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
             endpoint.outstanding += 1
             produced = False

@@ -25,16 +25,37 @@ class RouteCache:
         self._refresh_s = refresh_s
         self._routes: dict[str, gateway_pb2.Route] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, set[asyncio.Queue[gateway_pb2.Route]]] = {}
         self.last_refresh_ok = False
 
     def get(self, alias: str) -> gateway_pb2.Route | None:
         return self._routes.get(alias)
 
     def put(self, route: gateway_pb2.Route) -> None:
-        """Keep the newer of the cached and the given route (by revision)."""
+        """Keep the newer of the cached and the given route (by revision); watchers of
+        the alias get every newer revision."""
         known = self._routes.get(route.alias)
         if known is None or route.revision >= known.revision:
             self._routes[route.alias] = route
+        if known is None or route.revision > known.revision:
+            for queue in self._watchers.get(route.alias, ()):
+                queue.put_nowait(route)
+
+    def routes(self) -> list[gateway_pb2.Route]:
+        return list(self._routes.values())
+
+    def watch(self, alias: str) -> asyncio.Queue[gateway_pb2.Route]:
+        """A queue receiving every newer revision of the alias's route; ``unwatch`` it."""
+        queue: asyncio.Queue[gateway_pb2.Route] = asyncio.Queue()
+        self._watchers.setdefault(alias, set()).add(queue)
+        return queue
+
+    def unwatch(self, alias: str, queue: asyncio.Queue[gateway_pb2.Route]) -> None:
+        watchers = self._watchers.get(alias)
+        if watchers is not None:
+            watchers.discard(queue)
+            if not watchers:
+                del self._watchers[alias]
 
     async def lookup(self, alias: str) -> gateway_pb2.Route | None:
         """The cached route, else a direct read (an alias created moments ago elsewhere).

@@ -2,22 +2,29 @@
 
 Kept free of Redis and gRPC so every rule is unit-tested directly. Each function returns a
 new Route (the input is never mutated) or ``None`` when the event must be ignored; the
-caller bumps ``revision`` when it stores the result.
+caller bumps ``revision`` when it stores the result. Functions behind the manual commands
+raise ``FailedPrecondition`` instead of returning ``None``: they run inside the store's
+compare-and-set, so of two conflicting commands exactly one sees the state it needs.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
+from ftops.registry.v1 import registry_pb2
+from ftops_gateway.release_spec import ReleaseSpec
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument
 
-DEFAULT_STEPS: tuple[int, ...] = (5, 25, 50, 100)
-DEFAULT_MIN_REQUESTS = 20
-DEFAULT_MAX_ERROR_RATE = 0.05
-DEFAULT_MAX_LATENCY_RATIO = 3.0
+RUNNING = "running"
+PAUSED = "paused"
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+REPLACED = "replaced"
+_ENDED = {
+    PROMOTED: "was promoted",
+    ROLLED_BACK: "was rolled back",
+    REPLACED: "was replaced by SetRoute",
+}
 
 
 def is_running(route: gateway_pb2.Route) -> bool:
@@ -25,66 +32,80 @@ def is_running(route: gateway_pb2.Route) -> bool:
     return bool(route.candidate_version_id)
 
 
-def validate_steps(steps: Sequence[int]) -> list[int]:
-    """Candidate weights: strictly increasing percentages within 1..100."""
-    if not steps:
-        return list(DEFAULT_STEPS)
-    values = list(steps)
-    for weight in values:
-        if not 1 <= weight <= 100:
-            raise InvalidArgument(f"release step {weight} is outside 1..100 (steps {values})")
-    for before, after in itertools.pairwise(values):
-        if after <= before:
-            raise InvalidArgument(f"release steps must be strictly increasing, got {values}")
-    return values
+def state_of(route: gateway_pb2.Route) -> str:
+    """The release's lifecycle state as clients see it ("" when the alias never had one)."""
+    if is_running(route):
+        return PAUSED if route.paused else RUNNING
+    return route.release_state
 
 
-def analysis_with_defaults(
-    analysis: events_pb2.AnalysisSettings | None,
-) -> events_pb2.AnalysisSettings:
-    """No settings given: all defaults (auto on). Given: zero min_requests/max_error_rate
-    take the default (neither makes sense as zero); max_latency_ratio 0 disables the
-    latency check and ``auto`` is taken as given."""
-    if analysis is None:
-        return events_pb2.AnalysisSettings(
-            min_requests=DEFAULT_MIN_REQUESTS,
-            max_error_rate=DEFAULT_MAX_ERROR_RATE,
-            max_latency_ratio=DEFAULT_MAX_LATENCY_RATIO,
-            auto=True,
-        )
-    if analysis.max_error_rate < 0 or analysis.max_latency_ratio < 0:
-        raise InvalidArgument("max_error_rate and max_latency_ratio must not be negative")
-    return events_pb2.AnalysisSettings(
-        min_requests=analysis.min_requests or DEFAULT_MIN_REQUESTS,
-        max_error_rate=analysis.max_error_rate or DEFAULT_MAX_ERROR_RATE,
-        max_latency_ratio=analysis.max_latency_ratio,
-        auto=analysis.auto,
+def _copy(route: gateway_pb2.Route, now: float) -> gateway_pb2.Route:
+    new = gateway_pb2.Route()
+    new.CopyFrom(route)
+    new.updated_at.FromNanoseconds(int(now * 1e9))
+    return new
+
+
+def _decision(
+    kind: str,
+    *,
+    event_id: str,
+    now: float,
+    weight: int = 0,
+    final: bool = False,
+    reason: str = "",
+    figures: dict[str, float] | None = None,
+    manual: bool = False,
+) -> registry_pb2.ReleaseDecision:
+    decision = registry_pb2.ReleaseDecision(
+        event_id=event_id,
+        kind=kind,
+        weight=weight,
+        final=final,
+        reason=reason,
+        figures=figures or {},
+        manual=manual,
     )
+    decision.occurred_at.FromNanoseconds(int(now * 1e9))
+    return decision
 
 
-def set_route(current: gateway_pb2.Route | None, alias: str, version_id: str) -> gateway_pb2.Route:
-    """All traffic to one version; any running release is dropped."""
-    previous = ""
-    revision = 0
-    if current is not None:
-        revision = current.revision
-        previous = (
-            current.stable_version_id
-            if current.stable_version_id != version_id
-            else current.previous_version_id
-        )
-    return gateway_pb2.Route(
-        alias=alias, stable_version_id=version_id, previous_version_id=previous, revision=revision
-    )
+def _end_candidate(route: gateway_pb2.Route, state: str) -> None:
+    route.candidate_version_id = ""
+    route.candidate_weight = 0
+    route.paused = False
+    route.release_state = state
+
+
+def set_route(
+    current: gateway_pb2.Route | None, alias: str, version_id: str, now: float = 0.0
+) -> gateway_pb2.Route:
+    """All traffic to one version; a running release ends as "replaced"."""
+    if current is None:
+        route = gateway_pb2.Route(alias=alias, stable_version_id=version_id)
+        route.updated_at.FromNanoseconds(int(now * 1e9))
+        return route
+    route = _copy(current, now)
+    if current.stable_version_id != version_id:
+        route.previous_version_id = current.stable_version_id
+        route.previous_retired = False
+    route.ClearField("hold_until")
+    route.stable_version_id = version_id
+    if is_running(current):
+        _end_candidate(route, REPLACED)
+    return route
 
 
 def start_release(
     current: gateway_pb2.Route | None,
-    alias: str,
-    candidate_version_id: str,
-    steps: Sequence[int],
+    spec: ReleaseSpec,
     release_id: str,
+    *,
+    event_id: str = "",
+    now: float = 0.0,
+    actor: str = "",
 ) -> gateway_pb2.Route:
+    alias = spec.alias
     if current is None or not current.stable_version_id:
         raise FailedPrecondition(
             f"alias {alias!r} has no route with a stable version; call SetRoute first"
@@ -94,67 +115,110 @@ def start_release(
             f"alias {alias!r} already has release {current.release_id} running "
             f"(candidate {current.candidate_version_id}); wait for it to finish or roll it back"
         )
-    if candidate_version_id == current.stable_version_id:
+    if spec.candidate_version_id == current.stable_version_id:
         raise InvalidArgument(
-            f"version {candidate_version_id} is already the stable version of {alias!r}"
+            f"version {spec.candidate_version_id} is already the stable version of {alias!r}"
         )
-    checked = validate_steps(steps)
-    route = gateway_pb2.Route()
-    route.CopyFrom(current)
-    route.candidate_version_id = candidate_version_id
-    route.candidate_weight = checked[0]
+    route = _copy(current, now)
+    route.candidate_version_id = spec.candidate_version_id
+    route.candidate_weight = spec.initial_weight
     route.release_id = release_id
     del route.steps[:]
-    route.steps.extend(checked)
+    route.steps.extend(spec.steps)
     route.step_index = 0
+    route.strategy = spec.strategy
+    del route.flags[:]
+    route.flags.extend(spec.flags)
+    route.shadow_percent = spec.shadow_percent
+    route.sticky = spec.sticky
+    route.paused = False
+    route.hold_seconds = spec.hold_seconds
+    route.analysis.CopyFrom(spec.analysis)
+    route.release_state = RUNNING
+    route.release_stable_version_id = current.stable_version_id
+    route.release_candidate_version_id = spec.candidate_version_id
+    route.started_at.FromNanoseconds(int(now * 1e9))
+    route.actor = actor
+    route.last_decision.CopyFrom(
+        _decision(
+            "started", event_id=event_id, now=now, weight=spec.initial_weight, reason="started"
+        )
+    )
     return route
 
 
 def apply_promote(
-    route: gateway_pb2.Route, event: events_pb2.ReleasePromote
+    route: gateway_pb2.Route, event: events_pb2.ReleasePromote, now: float = 0.0
 ) -> gateway_pb2.Route | None:
     """One step forward, or the final promotion. Ignored unless it belongs to the running
-    release and does not go backwards (events may arrive late or twice)."""
+    release and does not go backwards (events may arrive late or twice); an automatic
+    step of a paused release is ignored too (the monitor should not send one)."""
     if (
         not is_running(route)
         or event.release_id != route.release_id
         or event.candidate_version_id != route.candidate_version_id
         or event.step_index < route.step_index
+        or (route.paused and not event.manual)
     ):
         return None
-    new = gateway_pb2.Route()
-    new.CopyFrom(route)
+    if (
+        not event.final
+        and event.step_index == route.step_index
+        and event.weight == route.candidate_weight
+    ):
+        return None
+    new = _copy(route, now)
     new.step_index = event.step_index
+    weight = 100 if event.final else min(event.weight, 100)
+    new.last_decision.CopyFrom(
+        _decision(
+            "promote",
+            event_id=event.meta.event_id,
+            now=now,
+            weight=weight,
+            final=event.final,
+            reason=event.reason,
+            figures=dict(event.figures),
+            manual=event.manual,
+        )
+    )
     if event.final:
         new.previous_version_id = route.stable_version_id
+        new.previous_retired = False
         new.stable_version_id = route.candidate_version_id
-        new.candidate_version_id = ""
-        new.candidate_weight = 0
+        _end_candidate(new, PROMOTED)
+        new.hold_until.FromNanoseconds(int((now + route.hold_seconds) * 1e9))
     else:
-        if event.step_index == route.step_index and event.weight == route.candidate_weight:
-            return None
-        new.candidate_weight = min(event.weight, 100)
+        new.candidate_weight = weight
     return new
 
 
 def apply_rollback(
-    route: gateway_pb2.Route, event: events_pb2.ReleaseRollback
+    route: gateway_pb2.Route, event: events_pb2.ReleaseRollback, now: float = 0.0
 ) -> gateway_pb2.Route | None:
-    """All traffic back to ``event.stable_version_id``.
+    """All traffic back to ``event.stable_version_id`` (straight to 0%, never stepping
+    the weight back down).
 
     Applies to the running release, or, after a completed promotion, restores the previous
     stable version when the event names it (a rollback of the promotion itself)."""
+    decision = _decision(
+        "rollback",
+        event_id=event.meta.event_id,
+        now=now,
+        reason=event.reason,
+        figures=dict(event.figures),
+        manual=event.manual,
+    )
     if is_running(route):
         if event.release_id != route.release_id:
             return None
         target = event.stable_version_id or route.stable_version_id
-        new = gateway_pb2.Route()
-        new.CopyFrom(route)
+        new = _copy(route, now)
         if target != route.stable_version_id:
             new.previous_version_id = route.stable_version_id
         new.stable_version_id = target
-        new.candidate_version_id = ""
-        new.candidate_weight = 0
+        _end_candidate(new, ROLLED_BACK)
+        new.last_decision.CopyFrom(decision)
         return new
     promoted_back = (
         route.previous_version_id
@@ -163,14 +227,93 @@ def apply_rollback(
     )
     if not promoted_back:
         return None
-    new = gateway_pb2.Route()
-    new.CopyFrom(route)
+    new = _copy(route, now)
     new.stable_version_id = route.previous_version_id
     # Cleared so that a second copy of the same rollback cannot flip the route again.
     new.previous_version_id = ""
-    new.candidate_version_id = ""
-    new.candidate_weight = 0
+    new.previous_retired = False
+    new.ClearField("hold_until")
+    _end_candidate(new, ROLLED_BACK)
+    new.last_decision.CopyFrom(decision)
     return new
+
+
+def require_release(route: gateway_pb2.Route | None, alias: str, release_id: str) -> None:
+    """The guard of the manual commands: the alias has a release, the one named if any."""
+    if route is None or not route.release_id:
+        raise FailedPrecondition(f"alias {alias!r} has no release")
+    if release_id and release_id != route.release_id:
+        raise FailedPrecondition(
+            f"release {release_id} is not the latest release of {alias!r} "
+            f"({route.release_id} is); the command was not applied"
+        )
+
+
+def require_running(route: gateway_pb2.Route | None, alias: str, release_id: str) -> None:
+    require_release(route, alias, release_id)
+    assert route is not None
+    if not is_running(route):
+        ended = _ENDED.get(route.release_state, route.release_state)
+        raise FailedPrecondition(
+            f"release {route.release_id} of {alias!r} is not running (it {ended})"
+        )
+
+
+def set_paused(
+    route: gateway_pb2.Route | None,
+    alias: str,
+    release_id: str,
+    paused: bool,
+    *,
+    event_id: str,
+    reason: str,
+    now: float = 0.0,
+) -> gateway_pb2.Route:
+    require_running(route, alias, release_id)
+    assert route is not None
+    if route.paused == paused:
+        what = "paused" if paused else "not paused"
+        raise FailedPrecondition(f"release {route.release_id} of {alias!r} is already {what}")
+    new = _copy(route, now)
+    new.paused = paused
+    new.last_decision.CopyFrom(
+        _decision(
+            "paused" if paused else "resumed",
+            event_id=event_id,
+            now=now,
+            weight=route.candidate_weight,
+            reason=reason,
+            manual=True,
+        )
+    )
+    return new
+
+
+def retire_due(route: gateway_pb2.Route, now: float) -> bool:
+    """The held previous version's time is up and it has not been retired yet."""
+    return (
+        bool(route.previous_version_id)
+        and not route.previous_retired
+        and route.HasField("hold_until")
+        and route.hold_until.ToNanoseconds() <= now * 1e9
+    )
+
+
+def mark_retired(route: gateway_pb2.Route | None, version_id: str) -> gateway_pb2.Route | None:
+    if route is None or route.previous_version_id != version_id or route.previous_retired:
+        return None
+    new = gateway_pb2.Route()
+    new.CopyFrom(route)
+    new.previous_retired = True
+    return new
+
+
+def versions_in_use(route: gateway_pb2.Route) -> set[str]:
+    """Versions a route may still send traffic to (held previous versions included)."""
+    used = {route.stable_version_id, route.candidate_version_id}
+    if route.previous_version_id and not route.previous_retired:
+        used.add(route.previous_version_id)
+    return used - {""}
 
 
 def weights(route: gateway_pb2.Route) -> dict[str, int]:

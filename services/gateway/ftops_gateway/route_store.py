@@ -3,6 +3,7 @@
 Layout:
   ``ftops:route:<alias>``    the Route as protobuf JSON (``revision`` bumps on each change)
   ``ftops:event:<event_id>`` dedupe marker of an applied release decision (with TTL)
+  ``ftops:claim:<name>``     a short lease: which replica does a once-only job (retiring)
   channel ``ftops:routes``   "<alias> <revision>" announced after each change
 
 Changes are read-modify-write under WATCH/MULTI, so two replicas applying decisions at
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "ftops:route:"
 EVENT_PREFIX = "ftops:event:"
+CLAIM_PREFIX = "ftops:claim:"
 ROUTES_CHANNEL = "ftops:routes"
 
 # Returns the new route, or None to leave it unchanged.
@@ -68,13 +70,23 @@ class RouteStore:
             routes[route.alias] = route
         return routes
 
+    async def claim(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lease ``name`` unless another owner holds it (it expires after
+        ``ttl_s``, so a replica that dies holding it does not block the job forever)."""
+        key = f"{CLAIM_PREFIX}{name}"
+        if await self.redis.set(key, owner, nx=True, px=int(ttl_s * 1000)):
+            return True
+        held = await self.redis.get(key)
+        return held is not None and (held.decode() if isinstance(held, bytes) else held) == owner
+
     async def update(
         self, alias: str, mutate: Mutation, *, event_id: str = ""
     ) -> tuple[gateway_pb2.Route | None, bool]:
         """Apply ``mutate`` atomically. Returns (route after, changed).
 
         With ``event_id``, an already applied event changes nothing (and is not mutated
-        again); the marker is set even when the mutation ignores the event."""
+        again); the marker is set even when the mutation ignores the event. An exception
+        from ``mutate`` (a refused command) leaves everything as it was."""
         key = route_key(alias)
         marker = f"{EVENT_PREFIX}{event_id}" if event_id else ""
         async with self.redis.pipeline(transaction=True) as pipe:

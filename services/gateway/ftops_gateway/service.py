@@ -16,15 +16,23 @@ from ftops_gateway.endpoints import EndpointPool
 from ftops_gateway.forwarder import Forwarder
 from ftops_gateway.gateway import Gateway
 from ftops_gateway.metrics_reporter import MetricsReporter
+from ftops_gateway.release_history import ReleaseHistory
 from ftops_gateway.releases import ReleaseManager
+from ftops_gateway.retirement import Retirer
 from ftops_gateway.route_cache import RouteCache
 from ftops_gateway.route_store import RouteStore
 from ftops_gateway.servicer import GatewayServicer
 from ftops_gateway.settings import GatewaySettings
+from ftops_gateway.shadow import ShadowMirror
 from ftops_gateway.versions import VersionResolver
 from ftops_runtime import client
 from ftops_runtime.bus import Delivery, EventBus
-from ftops_runtime.events import ADAPTER_LOADED, RELEASE_PROMOTE, RELEASE_ROLLBACK
+from ftops_runtime.events import (
+    ADAPTER_LOADED,
+    RELEASE_PROMOTE,
+    RELEASE_ROLLBACK,
+    REPLICA_ANNOUNCEMENTS,
+)
 from ftops_runtime.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -52,9 +60,8 @@ class GatewayService:
             nak_delay_s=settings.event_nak_delay_s,
         )
         self._registry_channel = client.channel(settings.registry_address)
-        self.versions = VersionResolver(
-            registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
-        )
+        registry = registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
+        self.versions = VersionResolver(registry)
         self.pool = EndpointPool(settings.inference_endpoint_list())
         self.reporter = MetricsReporter(
             self.bus,
@@ -62,8 +69,23 @@ class GatewayService:
             batch_max=settings.metrics_batch_max,
             queue_max=settings.metrics_queue_max,
         )
-        self.gateway = Gateway(self.routes, self.versions, Forwarder(self.pool), self.reporter)
-        self.releases = ReleaseManager(self.store, self.routes, self.versions, self.bus)
+        forwarder = Forwarder(self.pool)
+        self.shadow = ShadowMirror(
+            forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight
+        )
+        self.gateway = Gateway(
+            self.routes, self.versions, forwarder, self.reporter, shadow=self.shadow
+        )
+        self.releases = ReleaseManager(
+            self.store, self.routes, self.versions, self.bus, ReleaseHistory(registry)
+        )
+        self.retirer = Retirer(
+            self.store,
+            self.routes,
+            self.bus,
+            owner=settings.instance_id,
+            interval_s=settings.retire_interval_s,
+        )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
@@ -83,6 +105,9 @@ class GatewayService:
         if event.endpoint:
             self.pool.mark_loaded(event.endpoint, event.version_id)
 
+    async def _on_announce(self, event: events_pb2.ReplicaAnnounce, delivery: Delivery) -> None:
+        self.pool.announce(event)
+
     @property
     def address(self) -> str:
         return self.server.address
@@ -96,6 +121,17 @@ class GatewayService:
             deliver_policy=DeliverPolicy.ALL,
             inactive_threshold_s=self.settings.endpoint_inactive_s,
         )
+        # The stream keeps each replica's last announcement: starting from those, this
+        # replica learns every live inference replica at once.
+        self.bus.subscribe(
+            REPLICA_ANNOUNCEMENTS,
+            f"gateway-replicas-{self.settings.instance_id}",
+            self._on_announce,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold_s=self.settings.endpoint_inactive_s,
+            ack_wait_s=5.0,
+            batch=64,
+        )
         # Decisions are applied once for all replicas (shared durables; Redis dedupes).
         # One durable per subject: a JetStream consumer has a single filter subject.
         durable = self.settings.releases_durable
@@ -104,10 +140,14 @@ class GatewayService:
         await self.bus.start()
         await self.routes.start()
         await self.reporter.start()
+        await self.retirer.start()
         return await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop()
+        await self.retirer.close()
+        await self.releases.close()
+        await self.shadow.close()
         await self.reporter.close()
         await self.routes.close()
         await self.bus.close()

@@ -28,6 +28,12 @@ class GatewaySettings(ServiceSettings):
         300.0, gt=0, description="A stopped replica's adapter.loaded consumer vanishes after this."
     )
     event_dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Decision dedupe key TTL.")
+    shadow_max_in_flight: int = Field(
+        64, ge=0, description="Mirrored requests in flight at most; more are dropped, not queued."
+    )
+    retire_interval_s: float = Field(
+        1.0, gt=0, description="How often held versions are checked for retirement."
+    )
 
     def inference_endpoint_list(self) -> list[str]:
         return [e.strip() for e in self.inference_endpoints.split(",") if e.strip()]

@@ -15,10 +15,14 @@ class VersionResolver:
     def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, *, timeout_s: float = 5.0):
         self._stub = stub
         self._timeout_s = timeout_s
-        self._cache: dict[str, str] = {}
+        self._cache: dict[str, registry_pb2.Version] = {}
 
     async def resolve(self, ref: str, *, what: str = "version") -> str:
         """The version id ``ref`` names; NotFound (naming ``ref``) if the registry has none."""
+        return str((await self.get(ref, what=what)).version_id)
+
+    async def get(self, ref: str, *, what: str = "version") -> registry_pb2.Version:
+        """The registry's record of ``ref`` (a servable version: rejected ones fail)."""
         cached = self._cache.get(ref)
         if cached is not None:
             return cached
@@ -39,6 +43,6 @@ class VersionResolver:
                 f"{what} {ref!r} ({version.version_id}) failed its evaluation gate and is never "
                 f"served: {reasons}"
             )
-        self._cache[ref] = version.version_id
-        self._cache[version.version_id] = version.version_id
-        return str(version.version_id)
+        self._cache[ref] = version
+        self._cache[version.version_id] = version
+        return version  # type: ignore[no-any-return]

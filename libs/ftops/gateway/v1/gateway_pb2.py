@@ -24,29 +24,47 @@ _sym_db = _symbol_database.Default()
 
 from ftops.common.v1 import common_pb2 as ftops_dot_common_dot_v1_dot_common__pb2
 from ftops.events.v1 import events_pb2 as ftops_dot_events_dot_v1_dot_events__pb2
+from ftops.registry.v1 import registry_pb2 as ftops_dot_registry_dot_v1_dot_registry__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/gateway/v1/gateway.proto\x12\x10\x66tops.gateway.v1\x1a\x1c\x66tops/common/v1/common.proto\x1a\x1c\x66tops/events/v1/events.proto\"\x87\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x34\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xa3\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xcf\x01\n\x05Route\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x19\n\x11stable_version_id\x18\x02 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x03 \x01(\t\x12\x18\n\x10\x63\x61ndidate_weight\x18\x04 \x01(\r\x12\x12\n\nrelease_id\x18\x05 \x01(\t\x12\r\n\x05steps\x18\x06 \x03(\r\x12\x12\n\nstep_index\x18\x07 \x01(\r\x12\x1b\n\x13previous_version_id\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x04\"4\n\x0fSetRouteRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\" \n\x0fGetRouteRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\xba\x01\n\x13StartReleaseRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x02 \x01(\t\x12\x32\n\x08strategy\x18\x03 \x01(\x0e\x32 .ftops.events.v1.ReleaseStrategy\x12\r\n\x05steps\x18\x04 \x03(\r\x12\x33\n\x08\x61nalysis\x18\x05 \x01(\x0b\x32!.ftops.events.v1.AnalysisSettings2\x9b\x03\n\x0eGatewayService\x12Q\n\x08Generate\x12!.ftops.gateway.v1.GenerateRequest\x1a\".ftops.gateway.v1.GenerateResponse\x12V\n\x0eGenerateStream\x12!.ftops.gateway.v1.GenerateRequest\x1a\x1f.ftops.gateway.v1.GenerateChunk0\x01\x12\x46\n\x08SetRoute\x12!.ftops.gateway.v1.SetRouteRequest\x1a\x17.ftops.gateway.v1.Route\x12\x46\n\x08GetRoute\x12!.ftops.gateway.v1.GetRouteRequest\x1a\x17.ftops.gateway.v1.Route\x12N\n\x0cStartRelease\x12%.ftops.gateway.v1.StartReleaseRequest\x1a\x17.ftops.gateway.v1.Routeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/gateway/v1/gateway.proto\x12\x10\x66tops.gateway.v1\x1a\x1c\x66tops/common/v1/common.proto\x1a\x1c\x66tops/events/v1/events.proto\x1a ftops/registry/v1/registry.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x41\n\x08metadata\x18\x07 \x03(\x0b\x32/.ftops.gateway.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x34\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xa3\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\x84\x06\n\x05Route\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x19\n\x11stable_version_id\x18\x02 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x03 \x01(\t\x12\x18\n\x10\x63\x61ndidate_weight\x18\x04 \x01(\r\x12\x12\n\nrelease_id\x18\x05 \x01(\t\x12\r\n\x05steps\x18\x06 \x03(\r\x12\x12\n\nstep_index\x18\x07 \x01(\r\x12\x1b\n\x13previous_version_id\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x04\x12\x32\n\x08strategy\x18\n \x01(\x0e\x32 .ftops.events.v1.ReleaseStrategy\x12(\n\x05\x66lags\x18\x0b \x03(\x0b\x32\x19.ftops.events.v1.FlagRule\x12\x16\n\x0eshadow_percent\x18\x0c \x01(\r\x12\x0e\n\x06sticky\x18\r \x01(\x08\x12\x0e\n\x06paused\x18\x0e \x01(\x08\x12\x14\n\x0chold_seconds\x18\x0f \x01(\x01\x12.\n\nhold_until\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10previous_retired\x18\x11 \x01(\x08\x12\x39\n\rlast_decision\x18\x12 \x01(\x0b\x32\".ftops.registry.v1.ReleaseDecision\x12\x33\n\x08\x61nalysis\x18\x13 \x01(\x0b\x32!.ftops.events.v1.AnalysisSettings\x12\x15\n\rrelease_state\x18\x14 \x01(\t\x12!\n\x19release_stable_version_id\x18\x15 \x01(\t\x12$\n\x1crelease_candidate_version_id\x18\x16 \x01(\t\x12.\n\nstarted_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x19 \x01(\t\"4\n\x0fSetRouteRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\" \n\x0fGetRouteRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\xd0\x02\n\x13StartReleaseRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x02 \x01(\t\x12\x32\n\x08strategy\x18\x03 \x01(\x0e\x32 .ftops.events.v1.ReleaseStrategy\x12\r\n\x05steps\x18\x04 \x03(\r\x12\x33\n\x08\x61nalysis\x18\x05 \x01(\x0b\x32!.ftops.events.v1.AnalysisSettings\x12(\n\x05\x66lags\x18\x06 \x03(\x0b\x32\x19.ftops.events.v1.FlagRule\x12\x1b\n\x0eshadow_percent\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06sticky\x18\x08 \x01(\x08\x12\x19\n\x0chold_seconds\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_shadow_percentB\x0f\n\r_hold_seconds\"6\n\x11GetReleaseRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\"u\n\x07Release\x12&\n\x05route\x18\x01 \x01(\x0b\x32\x17.ftops.gateway.v1.Route\x12\r\n\x05state\x18\x02 \x01(\t\x12\x33\n\x07history\x18\x03 \x03(\x0b\x32\".ftops.registry.v1.ReleaseDecision\"H\n\x13ListReleasesRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\"C\n\x14ListReleasesResponse\x12+\n\x08releases\x18\x01 \x03(\x0b\x32\x19.ftops.gateway.v1.Release\"d\n\x15ReleaseCommandRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10revert_promotion\x18\x04 \x01(\x08\"$\n\x13WatchReleaseRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t2\xf2\x07\n\x0eGatewayService\x12Q\n\x08Generate\x12!.ftops.gateway.v1.GenerateRequest\x1a\".ftops.gateway.v1.GenerateResponse\x12V\n\x0eGenerateStream\x12!.ftops.gateway.v1.GenerateRequest\x1a\x1f.ftops.gateway.v1.GenerateChunk0\x01\x12\x46\n\x08SetRoute\x12!.ftops.gateway.v1.SetRouteRequest\x1a\x17.ftops.gateway.v1.Route\x12\x46\n\x08GetRoute\x12!.ftops.gateway.v1.GetRouteRequest\x1a\x17.ftops.gateway.v1.Route\x12N\n\x0cStartRelease\x12%.ftops.gateway.v1.StartReleaseRequest\x1a\x17.ftops.gateway.v1.Route\x12L\n\nGetRelease\x12#.ftops.gateway.v1.GetReleaseRequest\x1a\x19.ftops.gateway.v1.Release\x12]\n\x0cListReleases\x12%.ftops.gateway.v1.ListReleasesRequest\x1a&.ftops.gateway.v1.ListReleasesResponse\x12R\n\x0cPauseRelease\x12\'.ftops.gateway.v1.ReleaseCommandRequest\x1a\x19.ftops.gateway.v1.Release\x12S\n\rResumeRelease\x12\'.ftops.gateway.v1.ReleaseCommandRequest\x1a\x19.ftops.gateway.v1.Release\x12T\n\x0ePromoteRelease\x12\'.ftops.gateway.v1.ReleaseCommandRequest\x1a\x19.ftops.gateway.v1.Release\x12U\n\x0fRollbackRelease\x12\'.ftops.gateway.v1.ReleaseCommandRequest\x1a\x19.ftops.gateway.v1.Release\x12R\n\x0cWatchRelease\x12%.ftops.gateway.v1.WatchReleaseRequest\x1a\x19.ftops.gateway.v1.Release0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=113
-  _globals['_GENERATEREQUEST']._serialized_end=248
-  _globals['_GENERATERESPONSE']._serialized_start=251
-  _globals['_GENERATERESPONSE']._serialized_end=455
-  _globals['_GENERATECHUNK']._serialized_start=458
-  _globals['_GENERATECHUNK']._serialized_end=621
-  _globals['_ROUTE']._serialized_start=624
-  _globals['_ROUTE']._serialized_end=831
-  _globals['_SETROUTEREQUEST']._serialized_start=833
-  _globals['_SETROUTEREQUEST']._serialized_end=885
-  _globals['_GETROUTEREQUEST']._serialized_start=887
-  _globals['_GETROUTEREQUEST']._serialized_end=919
-  _globals['_STARTRELEASEREQUEST']._serialized_start=922
-  _globals['_STARTRELEASEREQUEST']._serialized_end=1108
-  _globals['_GATEWAYSERVICE']._serialized_start=1111
-  _globals['_GATEWAYSERVICE']._serialized_end=1522
+  _globals['_GENERATEREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_GENERATEREQUEST']._serialized_start=180
+  _globals['_GENERATEREQUEST']._serialized_end=445
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=398
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=445
+  _globals['_GENERATERESPONSE']._serialized_start=448
+  _globals['_GENERATERESPONSE']._serialized_end=652
+  _globals['_GENERATECHUNK']._serialized_start=655
+  _globals['_GENERATECHUNK']._serialized_end=818
+  _globals['_ROUTE']._serialized_start=821
+  _globals['_ROUTE']._serialized_end=1593
+  _globals['_SETROUTEREQUEST']._serialized_start=1595
+  _globals['_SETROUTEREQUEST']._serialized_end=1647
+  _globals['_GETROUTEREQUEST']._serialized_start=1649
+  _globals['_GETROUTEREQUEST']._serialized_end=1681
+  _globals['_STARTRELEASEREQUEST']._serialized_start=1684
+  _globals['_STARTRELEASEREQUEST']._serialized_end=2020
+  _globals['_GETRELEASEREQUEST']._serialized_start=2022
+  _globals['_GETRELEASEREQUEST']._serialized_end=2076
+  _globals['_RELEASE']._serialized_start=2078
+  _globals['_RELEASE']._serialized_end=2195
+  _globals['_LISTRELEASESREQUEST']._serialized_start=2197
+  _globals['_LISTRELEASESREQUEST']._serialized_end=2269
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=2271
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=2338
+  _globals['_RELEASECOMMANDREQUEST']._serialized_start=2340
+  _globals['_RELEASECOMMANDREQUEST']._serialized_end=2440
+  _globals['_WATCHRELEASEREQUEST']._serialized_start=2442
+  _globals['_WATCHRELEASEREQUEST']._serialized_end=2478
+  _globals['_GATEWAYSERVICE']._serialized_start=2481
+  _globals['_GATEWAYSERVICE']._serialized_end=3491
 # @@protoc_insertion_point(module_scope)

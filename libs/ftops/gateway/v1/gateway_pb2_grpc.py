@@ -61,6 +61,41 @@ class GatewayServiceStub:
                 request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.StartReleaseRequest.SerializeToString,
                 response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Route.FromString,
                 _registered_method=True)
+        self.GetRelease = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/GetRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.GetReleaseRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
+        self.ListReleases = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/ListReleases',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesResponse.FromString,
+                _registered_method=True)
+        self.PauseRelease = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/PauseRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
+        self.ResumeRelease = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/ResumeRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
+        self.PromoteRelease = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/PromoteRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
+        self.RollbackRelease = channel.unary_unary(
+                '/ftops.gateway.v1.GatewayService/RollbackRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
+        self.WatchRelease = channel.unary_stream(
+                '/ftops.gateway.v1.GatewayService/WatchRelease',
+                request_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.WatchReleaseRequest.SerializeToString,
+                response_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -95,6 +130,57 @@ class GatewayServiceServicer:
 
     def StartRelease(self, request, context):
         """Opens a release of a candidate version on an alias; the monitor moves it forward.
+        One active release per alias: a second is refused with FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRelease(self, request, context):
+        """The alias's active (or latest) release, or one release by id (then from the
+        registry's history when it is no longer the alias's latest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReleases(self, request, context):
+        """Active releases on every alias; with an alias, that alias's history too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRelease(self, request, context):
+        """Stops automatic decisions (the monitor waits); routing stays as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRelease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRelease(self, request, context):
+        """Manual final promotion: skips the remaining steps, all traffic to the candidate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackRelease(self, request, context):
+        """Manual rollback: all traffic back to the stable version at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRelease(self, request, context):
+        """The release's state now and after every step change or decision; ends once the
+        release has finished (promoted or rolled back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +213,41 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.StartRelease,
                     request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.StartReleaseRequest.FromString,
                     response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Route.SerializeToString,
+            ),
+            'GetRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.GetReleaseRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
+            ),
+            'ListReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReleases,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'PauseRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
+            ),
+            'ResumeRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
+            ),
+            'PromoteRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
+            ),
+            'RollbackRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
+            ),
+            'WatchRelease': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRelease,
+                    request_deserializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.WatchReleaseRequest.FromString,
+                    response_serializer=ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +387,195 @@ class GatewayService:
             '/ftops.gateway.v1.GatewayService/StartRelease',
             ftops_dot_gateway_dot_v1_dot_gateway__pb2.StartReleaseRequest.SerializeToString,
             ftops_dot_gateway_dot_v1_dot_gateway__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/GetRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.GetReleaseRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/ListReleases',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/PauseRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/ResumeRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/PromoteRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/RollbackRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.ReleaseCommandRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ftops.gateway.v1.GatewayService/WatchRelease',
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.WatchReleaseRequest.SerializeToString,
+            ftops_dot_gateway_dot_v1_dot_gateway__pb2.Release.FromString,
             options,
             channel_credentials,
             insecure,

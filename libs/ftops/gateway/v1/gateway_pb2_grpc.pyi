@@ -41,7 +41,26 @@ class GatewayServiceStub:
     """Points an alias at one version with all traffic (first deployment, or a direct switch)."""
     GetRoute: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetRouteRequest, _gateway_pb2.Route]
     StartRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.StartReleaseRequest, _gateway_pb2.Route]
-    """Opens a release of a candidate version on an alias; the monitor moves it forward."""
+    """Opens a release of a candidate version on an alias; the monitor moves it forward.
+    One active release per alias: a second is refused with FAILED_PRECONDITION.
+    """
+    GetRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetReleaseRequest, _gateway_pb2.Release]
+    """The alias's active (or latest) release, or one release by id (then from the
+    registry's history when it is no longer the alias's latest).
+    """
+    ListReleases: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListReleasesRequest, _gateway_pb2.ListReleasesResponse]
+    """Active releases on every alias; with an alias, that alias's history too."""
+    PauseRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
+    """Stops automatic decisions (the monitor waits); routing stays as it is."""
+    ResumeRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
+    PromoteRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
+    """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+    RollbackRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
+    """Manual rollback: all traffic back to the stable version at once."""
+    WatchRelease: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchReleaseRequest, _gateway_pb2.Release]
+    """The release's state now and after every step change or decision; ends once the
+    release has finished (promoted or rolled back).
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -56,7 +75,26 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Points an alias at one version with all traffic (first deployment, or a direct switch)."""
     GetRoute: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetRouteRequest, _gateway_pb2.Route]  # type: ignore[assignment]
     StartRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.StartReleaseRequest, _gateway_pb2.Route]  # type: ignore[assignment]
-    """Opens a release of a candidate version on an alias; the monitor moves it forward."""
+    """Opens a release of a candidate version on an alias; the monitor moves it forward.
+    One active release per alias: a second is refused with FAILED_PRECONDITION.
+    """
+    GetRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetReleaseRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    """The alias's active (or latest) release, or one release by id (then from the
+    registry's history when it is no longer the alias's latest).
+    """
+    ListReleases: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListReleasesRequest, _gateway_pb2.ListReleasesResponse]  # type: ignore[assignment]
+    """Active releases on every alias; with an alias, that alias's history too."""
+    PauseRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    """Stops automatic decisions (the monitor waits); routing stays as it is."""
+    ResumeRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    PromoteRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+    RollbackRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    """Manual rollback: all traffic back to the stable version at once."""
+    WatchRelease: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchReleaseRequest, _gateway_pb2.Release]  # type: ignore[assignment]
+    """The release's state now and after every step change or decision; ends once the
+    release has finished (promoted or rolled back).
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """The clients' entry point: routes each request to a version by the alias's routing
@@ -98,6 +136,67 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.StartReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Route, _abc.Awaitable[_gateway_pb2.Route]]:
-        """Opens a release of a candidate version on an alias; the monitor moves it forward."""
+        """Opens a release of a candidate version on an alias; the monitor moves it forward.
+        One active release per alias: a second is refused with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRelease(
+        self,
+        request: _gateway_pb2.GetReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]:
+        """The alias's active (or latest) release, or one release by id (then from the
+        registry's history when it is no longer the alias's latest).
+        """
+
+    @_abc_1.abstractmethod
+    def ListReleases(
+        self,
+        request: _gateway_pb2.ListReleasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListReleasesResponse, _abc.Awaitable[_gateway_pb2.ListReleasesResponse]]:
+        """Active releases on every alias; with an alias, that alias's history too."""
+
+    @_abc_1.abstractmethod
+    def PauseRelease(
+        self,
+        request: _gateway_pb2.ReleaseCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]:
+        """Stops automatic decisions (the monitor waits); routing stays as it is."""
+
+    @_abc_1.abstractmethod
+    def ResumeRelease(
+        self,
+        request: _gateway_pb2.ReleaseCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteRelease(
+        self,
+        request: _gateway_pb2.ReleaseCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]:
+        """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+
+    @_abc_1.abstractmethod
+    def RollbackRelease(
+        self,
+        request: _gateway_pb2.ReleaseCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]:
+        """Manual rollback: all traffic back to the stable version at once."""
+
+    @_abc_1.abstractmethod
+    def WatchRelease(
+        self,
+        request: _gateway_pb2.WatchReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.Release], _abc.AsyncIterator[_gateway_pb2.Release]]:
+        """The release's state now and after every step change or decision; ends once the
+        release has finished (promoted or rolled back).
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,275 @@
+"""Release rules without I/O: flag rules, the sticky split, mirroring, release specs,
+pause, hold and retirement, manual-command guards, replica choice, divergence."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops.gateway.v1 import gateway_pb2
+from ftops_gateway import release_spec, route_rules
+from ftops_gateway.chooser import (
+    ARM_CANDIDATE,
+    ARM_STABLE,
+    Caller,
+    choose,
+    mirrors,
+    sticky_bucket,
+)
+from ftops_gateway.endpoints import EndpointPool
+from ftops_gateway.shadow import divergence
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument
+
+
+def _start(**fields: Any) -> gateway_pb2.Route:
+    request = gateway_pb2.StartReleaseRequest(alias="bot", candidate_version_id="ver_c", **fields)
+    spec = release_spec.from_request(request, "ver_c")
+    base = route_rules.set_route(None, "bot", "ver_s")
+    return route_rules.start_release(base, spec, "rel_1", now=1000.0)
+
+
+def _promote(step: int, weight: int, *, final: bool = False, manual: bool = False):  # type: ignore[no-untyped-def]
+    return events_pb2.ReleasePromote(
+        meta=common_pb2.EventMeta(event_id=f"p{step}{final}{manual}"),
+        release_id="rel_1",
+        alias="bot",
+        candidate_version_id="ver_c",
+        stable_version_id="ver_s",
+        step_index=step,
+        weight=weight,
+        final=final,
+        manual=manual,
+    )
+
+
+# -- flag rules ---------------------------------------------------------------------------
+
+
+def test_flag_rules_come_before_weights() -> None:
+    flags = [
+        events_pb2.FlagRule(name="dogfood", tenants=["acme"]),
+        events_pb2.FlagRule(name="beta", users=["u1", "u2"], metadata={"plan": "beta"}),
+        events_pb2.FlagRule(name="optout", users=["u9"], arm="stable"),
+    ]
+    route = _start(flags=flags, steps=[50, 100])
+    route.candidate_weight = 0  # weights alone would send nobody to the candidate
+    rng = random.Random(1)
+    acme = choose(route, rng, Caller(tenant="acme"))
+    assert (acme.arm, acme.flag) == (ARM_CANDIDATE, "dogfood")
+    # Every condition of a rule must hold.
+    assert choose(route, rng, Caller(user="u1")).arm == ARM_STABLE
+    beta = choose(route, rng, Caller(user="u1", metadata={"plan": "beta"}))
+    assert (beta.arm, beta.flag, beta.version_id) == (ARM_CANDIDATE, "beta", "ver_c")
+    route.candidate_weight = 100
+    optout = choose(route, rng, Caller(user="u9"))
+    assert (optout.arm, optout.flag) == (ARM_STABLE, "optout")
+    assert choose(route, rng, Caller(user="u3")).arm == ARM_CANDIDATE
+
+
+def test_flag_rules_are_validated() -> None:
+    with pytest.raises(InvalidArgument, match="no condition"):
+        _start(flags=[events_pb2.FlagRule(name="all")])
+    with pytest.raises(InvalidArgument, match="arm must be"):
+        _start(flags=[events_pb2.FlagRule(tenants=["a"], arm="shadow")])
+    route = _start(flags=[events_pb2.FlagRule(tenants=["a"])])
+    assert (route.flags[0].name, route.flags[0].arm) == ("#1", "candidate")
+
+
+# -- sticky split -------------------------------------------------------------------------
+
+
+def test_sticky_split_keeps_users_and_only_moves_them_forward() -> None:
+    route = _start(sticky=True, steps=[10, 30, 60, 100])
+    users = [f"user-{i}" for i in range(2000)]
+    rng = random.Random(3)
+    arms: dict[int, dict[str, str]] = {}
+    for weight in (10, 30, 60):
+        route.candidate_weight = weight
+        arms[weight] = {u: choose(route, rng, Caller(user=u)).arm for u in users}
+        share = sum(a == ARM_CANDIDATE for a in arms[weight].values()) / len(users)
+        assert abs(share - weight / 100) < 0.04, (weight, share)
+        # The same user always lands on the same arm at a given weight.
+        assert all(choose(route, rng, Caller(user=u)).arm == arms[weight][u] for u in users[:50])
+    for low, high in ((10, 30), (30, 60)):
+        moved_back = [u for u in users if arms[low][u] == ARM_CANDIDATE != arms[high][u]]
+        assert moved_back == []
+    # A session key in the metadata works when there is no user.
+    session = Caller(metadata={"session": "user-7"})
+    assert choose(route, rng, session).arm == arms[60]["user-7"]
+    assert sticky_bucket("bot", "rel_1", "k") == sticky_bucket("bot", "rel_1", "k")
+
+
+# -- mirroring ----------------------------------------------------------------------------
+
+
+def test_mirroring_share_and_only_stable_requests() -> None:
+    route = _start(strategy=events_pb2.RELEASE_STRATEGY_SHADOW, shadow_percent=30)
+    assert (route.candidate_weight, route.shadow_percent, list(route.steps)) == (0, 30, [100])
+    rng = random.Random(5)
+    stable = choose(route, rng)
+    assert stable.arm == ARM_STABLE
+    share = sum(mirrors(route, stable, rng) for _ in range(5000)) / 5000
+    assert abs(share - 0.3) < 0.03
+    route.candidate_weight = 100
+    candidate = choose(route, rng)
+    assert not mirrors(route, candidate, rng)
+
+
+# -- release specs ------------------------------------------------------------------------
+
+
+def test_blue_green_spec_defaults() -> None:
+    route = _start(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN)
+    assert (route.candidate_weight, list(route.steps), route.shadow_percent) == (0, [100], 100)
+    assert route.hold_seconds == 300
+    assert route_rules.weights(route) == {"ver_s": 100}
+    explicit = _start(
+        strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN, shadow_percent=0, hold_seconds=0
+    )
+    assert (explicit.shadow_percent, explicit.hold_seconds) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"shadow_percent": 101}, "shadow_percent 101"),
+        ({"strategy": events_pb2.RELEASE_STRATEGY_BLUE_GREEN, "steps": [50, 100]}, "steps"),
+        ({"strategy": events_pb2.RELEASE_STRATEGY_SHADOW, "shadow_percent": 0}, "shadow_percent"),
+        ({"hold_seconds": -1}, "hold_seconds"),
+        ({"steps": [5, 105]}, "outside 1..100"),
+        ({"analysis": events_pb2.AnalysisSettings(alpha=1.5)}, "alpha"),
+        ({"strategy": 9}, "strategy"),
+    ],
+)
+def test_bad_release_specs(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        _start(**fields)
+
+
+# -- pause, promotion hold, retirement ----------------------------------------------------
+
+
+def test_pause_stops_automatic_steps_but_not_manual_or_rollback() -> None:
+    route = _start()
+    paused = route_rules.set_paused(
+        route, "bot", "", True, event_id="e1", reason="investigating", now=1001.0
+    )
+    assert route_rules.state_of(paused) == "paused"
+    assert (paused.last_decision.kind, paused.last_decision.reason) == ("paused", "investigating")
+    with pytest.raises(FailedPrecondition, match="already paused"):
+        route_rules.set_paused(paused, "bot", "", True, event_id="e2", reason="")
+    assert route_rules.apply_promote(paused, _promote(1, 25)) is None
+    manual = route_rules.apply_promote(paused, _promote(3, 100, final=True, manual=True))
+    assert manual is not None
+    assert manual.stable_version_id == "ver_c"
+    rollback = events_pb2.ReleaseRollback(
+        meta=common_pb2.EventMeta(event_id="r"), release_id="rel_1", alias="bot"
+    )
+    back = route_rules.apply_rollback(paused, rollback)
+    assert back is not None
+    assert (route_rules.state_of(back), back.paused) == ("rolled_back", False)
+    resumed = route_rules.set_paused(paused, "bot", "", False, event_id="e3", reason="")
+    assert route_rules.state_of(resumed) == "running"
+
+
+def test_final_switch_holds_previous_then_retires_it() -> None:
+    route = _start(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN, hold_seconds=60)
+    final = route_rules.apply_promote(route, _promote(0, 100, final=True), now=2000.0)
+    assert final is not None
+    assert (final.stable_version_id, final.previous_version_id) == ("ver_c", "ver_s")
+    assert route_rules.state_of(final) == "promoted"
+    assert final.last_decision.final
+    assert route_rules.versions_in_use(final) == {"ver_c", "ver_s"}
+    assert not route_rules.retire_due(final, 2059.0)
+    assert route_rules.retire_due(final, 2060.0)
+    retired = route_rules.mark_retired(final, "ver_s")
+    assert retired is not None
+    assert not route_rules.retire_due(retired, 3000.0)
+    assert route_rules.versions_in_use(retired) == {"ver_c"}
+    assert route_rules.mark_retired(retired, "ver_s") is None
+
+
+def test_manual_command_guards() -> None:
+    route = _start()
+    route_rules.require_running(route, "bot", "rel_1")
+    with pytest.raises(FailedPrecondition, match="not the latest release"):
+        route_rules.require_running(route, "bot", "rel_0")
+    final = route_rules.apply_promote(route, _promote(3, 100, final=True))
+    with pytest.raises(FailedPrecondition, match="was promoted"):
+        route_rules.require_running(final, "bot", "")
+    with pytest.raises(FailedPrecondition, match="has no release"):
+        route_rules.require_running(route_rules.set_route(None, "bot", "ver_s"), "bot", "")
+
+
+# -- replica choice -----------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _announce(replica: str, **fields: object) -> events_pb2.ReplicaAnnounce:
+    values: dict[str, object] = {
+        "replica_id": replica,
+        "endpoint": f"{replica}:1",
+        "serving": True,
+        "heartbeat_interval_s": 2.0,
+        "reason": "heartbeat",
+    }
+    values.update(fields)
+    return events_pb2.ReplicaAnnounce(**values)  # type: ignore[arg-type]
+
+
+def test_replicas_from_announcements() -> None:
+    clock = _Clock()
+    pool = EndpointPool(clock=clock)
+    pool.announce(_announce("r1", loaded_versions=["ver_a"]))
+    pool.announce(_announce("r2", cached_versions=["ver_a"]))
+    pool.announce(_announce("r3"))
+
+    def picked(version: str, exclude: tuple[str, ...] = ()) -> str:
+        endpoint = pool.pick(version, exclude=exclude)
+        return endpoint.name if endpoint else ""
+
+    assert picked("ver_a") == "r1"
+    # Loaded beats cached beats nothing, even when busier.
+    pool.add("r1:1").outstanding = 5
+    assert picked("ver_a") == "r1"
+    assert picked("ver_a", exclude=("r1:1",)) == "r2"
+    # Nobody has ver_b: the least busy.
+    pool.add("r2:1").outstanding = 1
+    assert picked("ver_b") == "r3"
+    # Draining or not serving: skipped.
+    pool.announce(_announce("r1", loaded_versions=["ver_a"], reason="drain"))
+    assert picked("ver_a") == "r2"
+    # Silent for more than 3 heartbeat intervals: skipped until heard again.
+    clock.now += 7.0
+    pool.announce(_announce("r3"))
+    assert picked("ver_a") == "r3"
+    pool.announce(_announce("r2", cached_versions=["ver_a"]))
+    assert picked("ver_a") == "r2"
+
+
+def test_static_endpoints_stay_usable() -> None:
+    pool = EndpointPool(["a:1"])
+    pool.mark_loaded("b:2", "ver_x")
+    assert pool.pick("ver_x").address == "b:2"  # type: ignore[union-attr]
+    assert pool.pick("ver_y").address == "a:1"  # type: ignore[union-attr]
+
+
+# -- divergence ---------------------------------------------------------------------------
+
+
+def test_divergence() -> None:
+    assert divergence("the cat sat", "the cat sat") == 0.0
+    assert divergence("", "") == 0.0
+    assert divergence("a b c d", "w x y z") == 1.0
+    assert divergence("a b c d", "a b c e") == pytest.approx(0.25)

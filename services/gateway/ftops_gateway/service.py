@@ -16,6 +16,7 @@ from ftops_gateway.endpoints import EndpointPool
 from ftops_gateway.forwarder import Forwarder
 from ftops_gateway.gateway import Gateway
 from ftops_gateway.metrics_reporter import MetricsReporter
+from ftops_gateway.openai_http import OpenAIHttpServer
 from ftops_gateway.release_history import ReleaseHistory
 from ftops_gateway.releases import ReleaseManager
 from ftops_gateway.retirement import Retirer
@@ -94,6 +95,7 @@ class GatewayService:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             GatewayServicer(self.gateway, self.releases), self.server.server
         )
+        self.http = OpenAIHttpServer(self.gateway, self.store.load_all, settings)
 
     async def _redis_ok(self) -> bool:
         return await self.store.ping()
@@ -141,9 +143,12 @@ class GatewayService:
         await self.routes.start()
         await self.reporter.start()
         await self.retirer.start()
-        return await self.server.start()
+        port = await self.server.start()
+        await self.http.start()
+        return port
 
     async def stop(self) -> None:
+        await self.http.stop()
         await self.server.stop()
         await self.retirer.close()
         await self.releases.close()

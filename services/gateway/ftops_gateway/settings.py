@@ -34,6 +34,12 @@ class GatewaySettings(ServiceSettings):
     retire_interval_s: float = Field(
         1.0, gt=0, description="How often held versions are checked for retirement."
     )
+    http_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="OpenAI-compatible HTTP port on grpc_host; -1 = off, 0 = a free port.",
+    )
 
     def inference_endpoint_list(self) -> list[str]:
         return [e.strip() for e in self.inference_endpoints.split(",") if e.strip()]

@@ -75,7 +75,7 @@ class Retirer:
             if not route_rules.retire_due(route, now):
                 continue
             try:
-                if await self._retire(route, routes):
+                if await self._retire(route, routes, now):
                     done += 1
             except Exception as exc:
                 log.warning(
@@ -83,13 +83,15 @@ class Retirer:
                 )
         return done
 
-    async def _retire(self, route: gateway_pb2.Route, routes: list[gateway_pb2.Route]) -> bool:
+    async def _retire(
+        self, route: gateway_pb2.Route, routes: list[gateway_pb2.Route], now: float
+    ) -> bool:
         version = route.previous_version_id
         lease = f"retire:{route.alias}:{route.release_id}:{version}"
         if not await self._store.claim(lease, self._owner, self._lease_s):
             return False
         fresh = await self._store.get(route.alias)
-        if fresh is None or not route_rules.retire_due(fresh, time.time() + 1):
+        if fresh is None or not route_rules.retire_due(fresh, now):
             return False  # rolled back, re-promoted or already retired meanwhile
         in_use = any(
             version in route_rules.versions_in_use(other)

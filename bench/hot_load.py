@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from bench.report import Report
-from ftops_inference.backend import GenerationRequest, HFPeftBackend
+from ftops_inference.backend import GenerationRequest
+from ftops_inference.hf_backend import HFPeftBackend
 from ftops_inference.sampling import SamplingConfig
 
 ROUNDS = 8

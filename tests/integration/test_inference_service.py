@@ -22,7 +22,8 @@ from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
-from ftops_inference.backend import GenerationRequest, HFPeftBackend
+from ftops_inference.backend import GenerationRequest
+from ftops_inference.hf_backend import HFPeftBackend
 from ftops_inference.sampling import SamplingConfig
 from ftops_inference.service import InferenceService
 from ftops_inference.settings import InferenceSettings

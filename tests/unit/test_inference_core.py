@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 
 import pytest
 
 from ftops.common.v1 import common_pb2
-from ftops_inference.backend import Chunk, Completion, GenerationRequest, ModuleShape
+from ftops_inference.backend import (
+    AdapterStats,
+    Chunk,
+    Completion,
+    GenerationRequest,
+    ModuleShape,
+    complete,
+)
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.sampling import FinishReason
@@ -44,12 +51,27 @@ class FakeBackend:
     def loaded(self) -> list[str]:
         return []
 
+    def cached(self) -> list[str]:
+        return []
+
+    def holds(self, version_id: str) -> bool:
+        return False
+
+    def adapter_stats(self, version_id: str) -> AdapterStats:
+        return AdapterStats()
+
+    def watch(self, on_change: Callable[[], None], on_event: Callable[[str, str], None]) -> None:
+        pass
+
+    failure: str | None = None
+    kind = "fake"
+
     async def generate(self, request: GenerationRequest) -> Completion:
-        self.requests.append(request)
-        await self.gate.wait()
-        return Completion("ok", 1, 1, FinishReason.EOS)
+        return await complete(self.stream(request))
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        self.requests.append(request)
+        await self.gate.wait()
         yield Chunk("ok", 1, 1, FinishReason.EOS)
 
 

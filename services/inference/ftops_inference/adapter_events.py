@@ -1,4 +1,5 @@
-"""adapter.ready in, adapter.loaded / adapter.load_failed out.
+"""adapter.ready in, adapter.loaded / adapter.load_failed out; adapter.retired in, the
+version unloaded (once no in-flight request uses it).
 
 Every replica consumes every adapter.ready (a durable per replica), so each one loads the
 version and says so; the gateway routes only to replicas that announced it."""
@@ -51,6 +52,26 @@ class AdapterEvents:
             ack_wait_s=120,
             inactive_threshold_s=3600,
         )
+        self._bus.subscribe(
+            events.ADAPTER_RETIRED,
+            f"inference-retired-{self._instance}",
+            self.on_adapter_retired,
+            # A replica started after a retirement never loaded that version.
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait_s=120,
+            inactive_threshold_s=3600,
+        )
+
+    async def on_adapter_retired(
+        self, event: events_pb2.AdapterRetired, delivery: Delivery
+    ) -> None:
+        # Idempotent: a version not held here (or unloaded already) needs nothing.
+        heartbeat = asyncio.create_task(_keep_alive(delivery), name="ack-heartbeat")
+        try:
+            if await self._core.retire(event.version_id):
+                log.info("retired adapter version %s (%s)", event.version_id, event.reason)
+        finally:
+            heartbeat.cancel()
 
     async def on_adapter_ready(self, event: events_pb2.AdapterReady, delivery: Delivery) -> None:
         if event.base_model_fingerprint and event.base_model_fingerprint != self._fingerprint:

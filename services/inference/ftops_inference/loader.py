@@ -207,7 +207,7 @@ class AdapterLoader:
                 GenerationRequest(WARMUP_PROMPT, SamplingConfig(max_tokens=1), version_id)
             )
         except BaseException:
-            if version_id in self._backend.loaded():
+            if self._backend.holds(version_id):
                 with contextlib.suppress(Exception):
                     await self._backend.unload_adapter(version_id)
             raise

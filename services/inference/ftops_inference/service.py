@@ -8,11 +8,14 @@ import socket
 from pathlib import Path
 from typing import cast
 
+from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_inference.adapter_events import AdapterEvents
-from ftops_inference.backend import Backend, HFPeftBackend
+from ftops_inference.announce import Announcer
+from ftops_inference.backend import Backend
 from ftops_inference.core import InferenceCore
+from ftops_inference.faults import Faults
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.servicer import InferenceServicer
 from ftops_inference.settings import InferenceSettings
@@ -36,7 +39,7 @@ class InferenceService:
             raise ValueError("FTOPS_BASE_MODEL_PATH is not set")
         self.settings = settings
         self.model_dir = Path(settings.base_model_path).resolve()
-        self.backend: Backend = backend or HFPeftBackend(self.model_dir, device=settings.device)
+        self.backend: Backend = backend or make_backend(settings, self.model_dir)
         self.bus = EventBus(
             settings.nats_url,
             service="inference",
@@ -50,7 +53,19 @@ class InferenceService:
             max_new_tokens_limit=settings.max_new_tokens_limit,
             default_max_tokens=settings.default_max_tokens,
             max_concurrent_requests=settings.max_concurrent_requests,
+            faults=Faults(
+                error_rate=settings.fault_error_rate,
+                delay_factor=settings.fault_delay_factor,
+                versions=settings.fault_version_set(),
+            ),
         )
+        if self.core.faults.active:
+            log.warning(
+                "FAULT INJECTION ON: error rate %.2f, delay x%.1f, versions %s",
+                settings.fault_error_rate,
+                settings.fault_delay_factor,
+                settings.fault_versions or "all",
+            )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
@@ -61,7 +76,10 @@ class InferenceService:
             },
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.core, base_model=settings.base_model_name), self.server.server
+            InferenceServicer(
+                self.core, base_model=settings.base_model_name, replica_id=settings.instance_id
+            ),
+            self.server.server,
         )
         self._registry_channel = client.channel(settings.registry_address)
         self.registry = cast(
@@ -71,13 +89,28 @@ class InferenceService:
         self.base_registered = False
         self.base_fingerprint = ""
         self.events: AdapterEvents | None = None
+        self.announcer = Announcer(
+            self.bus,
+            self._announcement,
+            replica_id=settings.instance_id,
+            interval_s=settings.announce_interval_s,
+        )
+        self.backend.watch(self.announcer.changed, self.core.metrics.adapter_event)
         self._startup: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._last_model_ok = False
 
     async def _nats_ok(self) -> bool:
         return self.bus.ready
 
     async def _model_ok(self) -> bool:
-        return self.backend.ready and self.core.loader is not None
+        # A crashed backend reports NOT_SERVING (health and announcements) until its probe
+        # pass succeeds again; draining is NOT_SERVING too.
+        ok = self.core.serving
+        if ok != self._last_model_ok:
+            self._last_model_ok = ok
+            self.announcer.changed()
+        return ok
 
     async def _registry_ok(self) -> bool:
         return self.base_registered
@@ -99,7 +132,30 @@ class InferenceService:
         port = await self.server.start()
         await self.bus.start()
         self._startup = asyncio.create_task(self._start_model(), name="load-base-model")
+        # Announced from the start (serving=false while the model loads).
+        self.announcer.start()
         return port
+
+    def _announcement(self) -> events_pb2.ReplicaAnnounce:
+        loader = self.core.loader
+        loaded = set(self.backend.loaded())
+        cached = set(self.backend.cached())
+        # Only versions that passed every check; a backend tier alone is not enough.
+        servable = [
+            r.version_id for r in self.core.adapters() if loader and loader.loaded_id(r.version_id)
+        ]
+        return events_pb2.ReplicaAnnounce(
+            replica_id=self.settings.instance_id,
+            endpoint=self.endpoint,
+            base_model=self.settings.base_model_name,
+            base_model_fingerprint=self.base_fingerprint,
+            loaded_versions=[v for v in servable if v in loaded],
+            cached_versions=[v for v in servable if v in cached],
+            max_concurrent=self.core.max_concurrent,
+            in_flight=self.core.in_flight,
+            serving=self.core.serving and self.base_registered and self.bus.ready,
+            backend=self.backend.kind,
+        )
 
     async def wait_ready(self) -> None:
         """Until the model is loaded, registered, and adapter.ready is consumed."""
@@ -142,13 +198,56 @@ class InferenceService:
         )
         log.info("registered base model %s", self.settings.base_model_name)
 
+    async def drain(self) -> None:
+        """Stop taking requests and let in-flight ones finish, within drain_timeout_s."""
+        if self.core.draining:
+            return
+        self.core.draining = True
+        log.info("draining: %d requests in flight", self.core.in_flight)
+        await self.announcer.announce("drain")
+        await self.server.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.core.wait_idle(), self.settings.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: %d requests still in flight", self.core.in_flight)
+
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain()
+        await self.announcer.stop()
         await self.server.stop()
         if self._startup is not None and not self._startup.done():
             await cancel_and_wait([self._startup])
+        await self.announcer.announce("stop")
         await self.bus.close()
         await self._registry_channel.close()
         await self.backend.close()
+
+
+def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:
+    """The backend the settings name; heavy imports only for the one chosen."""
+    if settings.backend == "echo":
+        from ftops_inference.echo_backend import EchoBackend
+
+        return EchoBackend(model_dir)
+    if settings.backend == "vllm":
+        raise ValueError("backend = vllm is not part of this build yet; use hf or echo")
+    from ftops_inference.hf_backend import HFPeftBackend
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return HFPeftBackend(
+        model_dir,
+        device=settings.device,
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_ms=settings.max_batch_wait_ms,
+        max_loaded=settings.max_loaded,
+        max_cached=settings.max_cached,
+    )
 
 
 async def serve(settings: InferenceSettings, stop: asyncio.Event) -> None:

@@ -8,12 +8,25 @@ from typing import Any
 from ftops.common.v1 import common_pb2
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops_inference.core import InferenceCore
+from ftops_inference.loader import AdapterRecord
+from ftops_inference.metrics import VersionCounts
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, core: InferenceCore, *, base_model: str) -> None:
+    def __init__(self, core: InferenceCore, *, base_model: str, replica_id: str = "") -> None:
         self._core = core
         self._base_model = base_model
+        self._replica_id = replica_id
+
+    def _status(self, record: AdapterRecord) -> inference_pb2.AdapterStatus:
+        status = record.to_proto()
+        stats = self._core.backend.adapter_stats(record.version_id)
+        counts = self._core.metrics.by_version.get(record.version_id, VersionCounts())
+        status.tier = stats.tier
+        status.loads, status.reloads, status.evictions = stats.loads, stats.reloads, stats.evictions
+        status.requests, status.errors = counts.requests, counts.errors
+        status.completion_tokens = counts.completion_tokens
+        return status
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
@@ -52,19 +65,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def LoadAdapter(
         self, request: inference_pb2.LoadAdapterRequest, context: Any
     ) -> inference_pb2.AdapterStatus:
-        return (await self._core.load(request.version_id)).record.to_proto()
+        return self._status((await self._core.load(request.version_id)).record)
 
     async def UnloadAdapter(
         self, request: inference_pb2.UnloadAdapterRequest, context: Any
     ) -> inference_pb2.AdapterStatus:
-        return (await self._core.unload(request.version_id)).to_proto()
+        return self._status(await self._core.unload(request.version_id))
 
     async def ListAdapters(
         self, request: inference_pb2.ListAdaptersRequest, context: Any
     ) -> inference_pb2.ListAdaptersResponse:
-        loader = self._core.loader
+        core = self._core
+        loader = core.loader
         return inference_pb2.ListAdaptersResponse(
             base_model=self._base_model,
             base_model_fingerprint=loader.base_fingerprint if loader else "",
-            adapters=[r.to_proto() for r in self._core.adapters()],
+            adapters=[self._status(r) for r in core.adapters()],
+            replica_id=self._replica_id,
+            serving=core.serving,
+            in_flight=core.in_flight,
+            max_concurrent=core.max_concurrent,
+            backend=core.backend.kind,
+            base_requests=core.metrics.by_version.get("", VersionCounts()).requests,
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ftops_runtime.settings import ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
+    """One inference replica: a base model, adapters hot-loaded beside it, batching,
+    residency bounds, announcements, drain, and opt-in fault injection."""
+
     registry_address: str = Field("127.0.0.1:50051", description="Registry gRPC host:port.")
     base_model_path: str = Field("", description="Local directory of the HF base model.")
     base_model_name: str = Field("tiny-llama", description="Name registered for the base model.")
@@ -25,3 +30,87 @@ class InferenceSettings(ServiceSettings):
         16, gt=0, description="Generations in flight (queued included) before RESOURCE_EXHAUSTED."
     )
     registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of registry calls.")
+    backend: Literal["hf", "echo", "vllm"] = Field(
+        "hf",
+        description=(
+            "Model backend: hf (transformers + PEFT, CPU or GPU), vllm (GPU; needs the vllm "
+            "extra), echo (no model: answers with the prompt's words, for gateway benchmarks)."
+        ),
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Intra-op threads of torch; 0 keeps torch's default. On a shared CPU host, 1-2 "
+            "avoids oversubscription, which costs far more than it gains."
+        ),
+    )
+    max_batch_size: int = Field(
+        8, gt=0, description="Rows in one forward pass (hf backend); requests beyond wait."
+    )
+    max_batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "How long an idle model waits for more requests to fill a batch. Requests also "
+            "join a running batch between two decode steps, so this only shapes bursts."
+        ),
+    )
+    max_loaded: int = Field(
+        8, gt=0, description="Adapter versions in the model at once (LRU beyond, never in use)."
+    )
+    max_cached: int = Field(
+        32,
+        ge=0,
+        description=(
+            "Verified adapter versions kept as CPU weights outside the model (LRU); beyond "
+            "that they are reloaded from the verified files on disk. Reloads are counted."
+        ),
+    )
+    announce_interval_s: float = Field(
+        2.0, gt=0, description="Heartbeat of the replica announcement (inference.replica.<id>)."
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: how long in-flight requests may take to finish before exit.",
+    )
+    fault_error_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Fault injection for tests and benchmarks (off by default): share of Generate "
+            "requests failing with UNAVAILABLE before their first token."
+        ),
+    )
+    fault_delay_factor: float = Field(
+        1.0,
+        ge=1,
+        description=(
+            "Fault injection: multiplies each request's generation time (1 = off), by "
+            "delaying every chunk by (factor - 1) x the time it took."
+        ),
+    )
+    fault_versions: str = Field(
+        "",
+        description=(
+            "Fault injection scope: comma separated version ids the faults apply to (a "
+            "misbehaving candidate); empty = every request, base included."
+        ),
+    )
+    # vLLM backend only (backend = "vllm").
+    vllm_max_loras: int = Field(8, gt=0, description="vLLM: adapters in one batch on the GPU.")
+    vllm_max_lora_rank: int = Field(64, gt=0, description="vLLM: largest LoRA rank served.")
+    vllm_max_cpu_loras: int = Field(32, gt=0, description="vLLM: adapters cached in CPU memory.")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="vLLM: GPUs per model.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM: share of GPU memory the engine may take."
+    )
+    vllm_max_model_len: int = Field(
+        0, ge=0, description="vLLM: context length; 0 = the model's own."
+    )
+    vllm_dtype: str = Field("auto", description="vLLM: weight dtype (auto, float16, bfloat16).")
+
+    def fault_version_set(self) -> frozenset[str]:
+        return frozenset(v.strip() for v in self.fault_versions.split(",") if v.strip())

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from ftops.common.v1 import common_pb2 as ftops_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ftops/inference/v1/inference.proto\x12\x12\x66tops.inference.v1\x1a\x1c\x66tops/common/v1/common.proto\"|\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xad\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"(\n\x12LoadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"*\n\x14UnloadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"\x8a\x01\n\rAdapterStatus\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .ftops.inference.v1.AdapterState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\"\x15\n\x13ListAdaptersRequest\"\x7f\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x33\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32!.ftops.inference.v1.AdapterStatus*\x98\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_STATE_UNLOADED\x10\x04\x32\xe0\x03\n\x10InferenceService\x12U\n\x08Generate\x12#.ftops.inference.v1.GenerateRequest\x1a$.ftops.inference.v1.GenerateResponse\x12Z\n\x0eGenerateStream\x12#.ftops.inference.v1.GenerateRequest\x1a!.ftops.inference.v1.GenerateChunk0\x01\x12X\n\x0bLoadAdapter\x12&.ftops.inference.v1.LoadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\\\n\rUnloadAdapter\x12(.ftops.inference.v1.UnloadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\x61\n\x0cListAdapters\x12\'.ftops.inference.v1.ListAdaptersRequest\x1a(.ftops.inference.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ftops/inference/v1/inference.proto\x12\x12\x66tops.inference.v1\x1a\x1c\x66tops/common/v1/common.proto\"|\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xad\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"(\n\x12LoadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"*\n\x14UnloadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"\x88\x02\n\rAdapterStatus\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .ftops.inference.v1.AdapterState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\r\n\x05loads\x18\x07 \x01(\x04\x12\x0f\n\x07reloads\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0b \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0c \x01(\x04\"\x15\n\x13ListAdaptersRequest\"\xf7\x01\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x33\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32!.ftops.inference.v1.AdapterStatus\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x16\n\x0emax_concurrent\x18\x07 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x15\n\rbase_requests\x18\t \x01(\x04*\x98\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_STATE_UNLOADED\x10\x04\x32\xe0\x03\n\x10InferenceService\x12U\n\x08Generate\x12#.ftops.inference.v1.GenerateRequest\x1a$.ftops.inference.v1.GenerateResponse\x12Z\n\x0eGenerateStream\x12#.ftops.inference.v1.GenerateRequest\x1a!.ftops.inference.v1.GenerateChunk0\x01\x12X\n\x0bLoadAdapter\x12&.ftops.inference.v1.LoadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\\\n\rUnloadAdapter\x12(.ftops.inference.v1.UnloadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\x61\n\x0cListAdapters\x12\'.ftops.inference.v1.ListAdaptersRequest\x1a(.ftops.inference.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATE']._serialized_start=949
-  _globals['_ADAPTERSTATE']._serialized_end=1101
+  _globals['_ADAPTERSTATE']._serialized_start=1196
+  _globals['_ADAPTERSTATE']._serialized_end=1348
   _globals['_GENERATEREQUEST']._serialized_start=88
   _globals['_GENERATEREQUEST']._serialized_end=212
   _globals['_GENERATERESPONSE']._serialized_start=215
@@ -45,11 +45,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADADAPTERREQUEST']._serialized_start=611
   _globals['_UNLOADADAPTERREQUEST']._serialized_end=653
   _globals['_ADAPTERSTATUS']._serialized_start=656
-  _globals['_ADAPTERSTATUS']._serialized_end=794
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=796
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=817
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=819
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=946
-  _globals['_INFERENCESERVICE']._serialized_start=1104
-  _globals['_INFERENCESERVICE']._serialized_end=1584
+  _globals['_ADAPTERSTATUS']._serialized_end=920
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=922
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=943
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=946
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1193
+  _globals['_INFERENCESERVICE']._serialized_start=1351
+  _globals['_INFERENCESERVICE']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

@@ -188,11 +188,31 @@ class AdapterStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    LOADS_FIELD_NUMBER: _builtins.int
+    RELOADS_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     adapter: _builtins.str
     state: Global___AdapterState.ValueType
     error: _builtins.str
     load_seconds: _builtins.float
+    tier: _builtins.str
+    """Where the weights are now: "model" (served at once), "cpu" (cached weights, a fast
+    reload), "disk" (verified files, a reload); empty when not held.
+    """
+    loads: _builtins.int
+    """Since this replica started: loads into the model (the first one included), on-demand
+    reloads of an evicted version, evictions from the model.
+    """
+    reloads: _builtins.int
+    evictions: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    completion_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -201,10 +221,17 @@ class AdapterStatus(_message.Message):
         state: Global___AdapterState.ValueType = ...,
         error: _builtins.str = ...,
         load_seconds: _builtins.float = ...,
+        tier: _builtins.str = ...,
+        loads: _builtins.int = ...,
+        reloads: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "error", b"error", "load_seconds", b"load_seconds", "state", b"state", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "error", b"error", "errors", b"errors", "evictions", b"evictions", "load_seconds", b"load_seconds", "loads", b"loads", "reloads", b"reloads", "requests", b"requests", "state", b"state", "tier", b"tier", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,8 +259,23 @@ class ListAdaptersResponse(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    BASE_REQUESTS_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     base_model_fingerprint: _builtins.str
+    replica_id: _builtins.str
+    serving: _builtins.bool
+    """False while starting, draining, or after a backend failure until it recovers."""
+    in_flight: _builtins.int
+    max_concurrent: _builtins.int
+    backend: _builtins.str
+    """"hf", "vllm" or "echo"."""
+    base_requests: _builtins.int
+    """Requests to the base model alone (no adapter)."""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterStatus]: ...
     def __init__(
@@ -242,10 +284,16 @@ class ListAdaptersResponse(_message.Message):
         base_model: _builtins.str = ...,
         base_model_fingerprint: _builtins.str = ...,
         adapters: _abc.Iterable[Global___AdapterStatus] | None = ...,
+        replica_id: _builtins.str = ...,
+        serving: _builtins.bool = ...,
+        in_flight: _builtins.int = ...,
+        max_concurrent: _builtins.int = ...,
+        backend: _builtins.str = ...,
+        base_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "base_model", b"base_model", "base_model_fingerprint", b"base_model_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "backend", b"backend", "base_model", b"base_model", "base_model_fingerprint", b"base_model_fingerprint", "base_requests", b"base_requests", "in_flight", b"in_flight", "max_concurrent", b"max_concurrent", "replica_id", b"replica_id", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,178 @@
+"""Mixed-adapter continuous batching of the HF backend with the tiny model: a request's
+output inside a batch equals its output alone, whatever shares the batch or joins it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ftops_inference.backend import Completion, GenerationRequest
+from ftops_inference.hf_backend import HFPeftBackend
+from ftops_inference.sampling import FinishReason, SamplingConfig
+from ftops_runtime.errors import Unavailable
+
+PROMPTS = ("The capital of", "Product LZ-59 costs", "Hello there my friend, how", "A")
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("batch-adapters")
+    return [make_adapter(tiny_model_dir, root / f"a{seed}", seed) for seed in (1, 2)]
+
+
+@pytest.fixture
+async def backend(tiny_model_dir: Path, adapter_dirs: list[Path]) -> AsyncIterator[HFPeftBackend]:
+    hf = HFPeftBackend(
+        tiny_model_dir, max_batch_size=8, max_batch_wait_ms=20, recovery_probe_s=0.05
+    )
+    await hf.start()
+    for i, path in enumerate(adapter_dirs):
+        await hf.load_adapter(f"v{i}", path)
+    yield hf
+    await hf.close()
+
+
+def mixed_requests() -> list[GenerationRequest]:
+    requests = []
+    for j in range(8):
+        sampling = SamplingConfig(
+            max_tokens=6 + j,
+            temperature=0.9 if j % 2 else 0.0,
+            top_k=40,
+            seed=j,
+            stop=(".",) if j == 5 else (),
+        )
+        adapter = (None, "v0", "v1")[j % 3]
+        requests.append(GenerationRequest(PROMPTS[j % len(PROMPTS)], sampling, adapter))
+    return requests
+
+
+def same(a: Completion, b: Completion) -> bool:
+    return (a.text, a.completion_tokens, a.finish_reason) == (
+        b.text,
+        b.completion_tokens,
+        b.finish_reason,
+    )
+
+
+async def test_batched_output_equals_output_alone(backend: HFPeftBackend) -> None:
+    requests = mixed_requests()
+    alone = [await backend.generate(r) for r in requests]
+    together = await asyncio.gather(*(backend.generate(r) for r in requests))
+    assert all(same(a, b) for a, b in zip(alone, together, strict=True))
+    # The adapters really differ from the base and from each other on sampled output.
+    sampled = SamplingConfig(max_tokens=16, temperature=1.0, seed=3)
+    texts = {
+        (await backend.generate(GenerationRequest(PROMPTS[0], sampled, a))).text
+        for a in (None, "v0", "v1")
+    }
+    assert len(texts) == 3
+
+
+async def test_requests_joining_a_running_batch_are_unaffected(backend: HFPeftBackend) -> None:
+    requests = mixed_requests()
+    alone = [await backend.generate(r) for r in requests]
+    long = GenerationRequest(PROMPTS[2], SamplingConfig(max_tokens=40, seed=9), "v1")
+    long_alone = await backend.generate(long)
+
+    async def join_after_first_chunk() -> list[Completion]:
+        # The long request is decoding when each of the others joins.
+        return list(await asyncio.gather(*(backend.generate(r) for r in requests)))
+
+    chunks = backend.stream(long)
+    parts: list[str] = []
+    async with contextlib.aclosing(chunks):
+        first = await anext(chunks)
+        parts.append(first.text)
+        joined = asyncio.create_task(join_after_first_chunk())
+        last = first
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+    results = await joined
+    assert "".join(parts) == long_alone.text
+    assert last.completion_tokens == long_alone.completion_tokens
+    assert all(same(a, b) for a, b in zip(alone, results, strict=True))
+
+
+async def test_stream_in_a_batch_concatenates_to_generate(backend: HFPeftBackend) -> None:
+    request = GenerationRequest(PROMPTS[1], SamplingConfig(max_tokens=20, stop=("ts",)), "v0")
+    full = await backend.generate(request)
+    others = [asyncio.create_task(backend.generate(r)) for r in mixed_requests()]
+    chunks = [c async for c in backend.stream(request)]
+    await asyncio.gather(*others)
+    assert "".join(c.text for c in chunks) == full.text
+    assert chunks[-1].finish_reason == full.finish_reason
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def test_max_tokens_caps_and_eos_or_length_finish(backend: HFPeftBackend) -> None:
+    done = await backend.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=3)))
+    assert done.completion_tokens <= 3
+    assert done.finish_reason in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP)
+
+
+async def test_cancelled_stream_leaves_the_batch_at_the_next_step(
+    backend: HFPeftBackend,
+) -> None:
+    request = GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=200, temperature=1.0))
+    left = asyncio.Event()
+    engine = backend.engine
+    original = engine._select
+
+    def select(keep: list[int]) -> None:
+        original(keep)
+        if not engine._active:
+            left.set()
+
+    engine._select = select  # type: ignore[method-assign]
+    async with contextlib.aclosing(backend.stream(request)) as chunks:
+        await anext(chunks)
+        assert engine.batch_size == 1
+    await asyncio.wait_for(left.wait(), 10)
+    assert engine.batch_size == 0
+
+
+async def test_a_failed_forward_fails_its_rows_with_unavailable_then_recovers(
+    backend: HFPeftBackend,
+) -> None:
+    runtime: Any = backend._rt
+    original = runtime.forward
+    calls = 0
+
+    def broken(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(*args)
+
+    runtime.forward = broken
+    with pytest.raises(Unavailable, match="illegal memory access"):
+        await backend.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4), "v0"))
+    assert backend.failure is not None
+    # The probe pass succeeds (the fault was transient): serving again.
+    for _ in range(200):
+        if backend.failure is None:
+            break
+        await asyncio.sleep(0.01)
+    assert backend.failure is None
+    done = await backend.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4)))
+    assert done.completion_tokens > 0

@@ -1,12 +1,17 @@
-"""The monitor over real NATS and gRPC: request results in, release decisions out."""
+"""The monitor over real NATS and gRPC: request results in, release decisions, alerts,
+feedback and metrics out."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from google.protobuf.message import Message
@@ -21,7 +26,10 @@ from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.client import channel
 from ftops_runtime.events import (
     METRICS_REQUESTS,
+    MONITOR_ALERT,
+    RELEASE_PAUSED,
     RELEASE_PROMOTE,
+    RELEASE_RESUMED,
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
     new_meta,
@@ -33,17 +41,24 @@ pytestmark = pytest.mark.integration
 class Collector:
     def __init__(self) -> None:
         self.events: list[Any] = []
+        self._changed = asyncio.Event()
 
     async def handler(self, event: Message, delivery: Delivery) -> None:
         self.events.append(event)
+        self._changed.set()
 
     async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> Any:
-        for _ in range(int(timeout / 0.05)):
+        deadline = time.monotonic() + timeout
+        while True:
             found = [e for e in self.events if predicate(e)]
             if found:
                 return found[0]
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no matching event among {len(self.events)}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching event among {len(self.events)}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
 
 
 @pytest.fixture
@@ -58,28 +73,48 @@ async def _collect(bus: EventBus, subject: str) -> Collector:
     bus.subscribe(
         subject, f"t-{uuid.uuid4().hex[:8]}", collector.handler, deliver_policy=DeliverPolicy.NEW
     )
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # consumer bound (the bus offers no signal for it)
     return collector
 
 
-async def _monitor(nats_url: str, *, metrics_durable: str = "") -> MonitorService:
-    service = MonitorService(
-        MonitorSettings(
-            grpc_port=0,
-            nats_url=nats_url,
-            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            metrics_durable=metrics_durable or f"mon-{uuid.uuid4().hex[:6]}",
-            analysis_interval_s=0.1,
-            shutdown_grace_s=0.5,
-        )
-    )
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def _monitor(nats_url: str, **overrides: Any) -> MonitorService:
+    settings: dict[str, Any] = {
+        "grpc_port": 0,
+        "nats_url": nats_url,
+        "instance_id": f"mon-{uuid.uuid4().hex[:6]}",
+        "metrics_durable": f"mon-{uuid.uuid4().hex[:6]}",
+        "analysis_interval_s": 0.1,
+        "shutdown_grace_s": 0.5,
+        "metrics_port": 0,
+        # Nothing listens there: evaluations are skipped (and the release judged anyway).
+        "registry_address": f"127.0.0.1:{_closed_port()}",
+        "registry_timeout_s": 0.5,
+    }
+    settings.update(overrides)
+    service = MonitorService(MonitorSettings(**settings))
     await service.start()
     await service.bus.wait_ready(10)
     await asyncio.sleep(0.3)  # consumers bound
     return service
 
 
-def _started(alias: str, candidate: str, *, auto: bool = True) -> events_pb2.ReleaseStarted:
+def _started(
+    alias: str,
+    candidate: str,
+    *,
+    auto: bool = True,
+    steps: tuple[int, ...] = (10, 50, 100),
+    **analysis: Any,
+) -> events_pb2.ReleaseStarted:
+    settings: dict[str, Any] = {"min_requests": 10, "max_error_rate": 0.1, "auto": auto}
+    settings.update(analysis)
     return events_pb2.ReleaseStarted(
         meta=new_meta("gateway", "test"),
         release_id=f"rel_{uuid.uuid4().hex[:8]}",
@@ -87,17 +122,20 @@ def _started(alias: str, candidate: str, *, auto: bool = True) -> events_pb2.Rel
         stable_version_id="ver_s",
         candidate_version_id=candidate,
         strategy=events_pb2.RELEASE_STRATEGY_CANARY,
-        steps=[10, 50, 100],
-        current_weight=10,
-        analysis=events_pb2.AnalysisSettings(
-            min_requests=10, max_error_rate=0.1, max_latency_ratio=3.0, auto=auto
-        ),
+        steps=list(steps),
+        current_weight=steps[0],
+        analysis=events_pb2.AnalysisSettings(**settings),
     )
 
 
-def _batch(
-    started: events_pb2.ReleaseStarted, version: str, arm: str, n: int, status: str = "OK"
-) -> events_pb2.RequestResultBatch:
+def _results(
+    started: events_pb2.ReleaseStarted,
+    version: str,
+    arm: str,
+    n: int,
+    status: str = "OK",
+    latency: float = 40.0,
+) -> list[events_pb2.RequestResult]:
     results = []
     for i in range(n):
         result = events_pb2.RequestResult(
@@ -105,7 +143,7 @@ def _batch(
             alias=started.alias,
             version_id=version,
             arm=arm,
-            latency_ms=40.0 + i % 5,
+            latency_ms=latency + i % 5,
             ttft_ms=5.0,
             completion_tokens=8,
             status=status,
@@ -113,7 +151,13 @@ def _batch(
         )
         result.finished_at.GetCurrentTime()
         results.append(result)
-    return events_pb2.RequestResultBatch(meta=new_meta("gateway", "test"), results=results)
+    return results
+
+
+def _batch(*parts: list[events_pb2.RequestResult]) -> events_pb2.RequestResultBatch:
+    return events_pb2.RequestResultBatch(
+        meta=new_meta("gateway", "test"), results=[r for part in parts for r in part]
+    )
 
 
 async def test_monitor_promotes_healthy_and_rolls_back_failing(
@@ -129,11 +173,12 @@ async def test_monitor_promotes_healthy_and_rolls_back_failing(
         await bus.publish(RELEASE_STARTED, bad)
         await asyncio.sleep(0.3)
         for started in (good, bad):
-            await bus.publish(METRICS_REQUESTS, _batch(started, "ver_s", "stable", 30))
-        await bus.publish(METRICS_REQUESTS, _batch(good, "ver_c", "candidate", 12))
-        await bus.publish(METRICS_REQUESTS, _batch(bad, "ver_bad", "candidate", 4))
+            await bus.publish(METRICS_REQUESTS, _batch(_results(started, "ver_s", "stable", 30)))
+        await bus.publish(METRICS_REQUESTS, _batch(_results(good, "ver_c", "candidate", 12)))
+        await bus.publish(METRICS_REQUESTS, _batch(_results(bad, "ver_bad", "candidate", 4)))
         await bus.publish(
-            METRICS_REQUESTS, _batch(bad, "ver_bad", "candidate", 4, status="UNAVAILABLE")
+            METRICS_REQUESTS,
+            _batch(_results(bad, "ver_bad", "candidate", 8, status="UNAVAILABLE")),
         )
 
         promote = await promotes.wait_for(lambda e: e.release_id == good.release_id)
@@ -144,18 +189,15 @@ async def test_monitor_promotes_healthy_and_rolls_back_failing(
         rollback = await rollbacks.wait_for(lambda e: e.release_id == bad.release_id)
         assert rollback.stable_version_id == "ver_s"
         assert rollback.candidate_version_id == "ver_bad"
-        assert rollback.figures["errors"] == 4
-        assert "error" in rollback.reason
-        await asyncio.sleep(0.3)
-        # Nothing more for the good release until the next step has its own traffic.
-        assert len([e for e in promotes.events if e.release_id == good.release_id]) == 1
+        assert rollback.figures["errors"] == 8
+        assert "error rate above the cap" in rollback.reason
 
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
             stats = await stub.GetVersionStats(
                 monitor_pb2.GetVersionStatsRequest(alias=bad.alias, version_id="ver_bad")
             )
-            assert (stats.requests, stats.errors, stats.error_rate) == (8, 4, 0.5)
+            assert (stats.requests, stats.errors, stats.ok_requests) == (12, 8, 4)
             assert stats.window_seconds == 60
             listed = await stub.ListVersionStats(
                 monitor_pb2.ListVersionStatsRequest(alias=good.alias)
@@ -166,17 +208,253 @@ async def test_monitor_promotes_healthy_and_rolls_back_failing(
             )
             assert (analysis.state, analysis.step_index, analysis.weight) == ("running", 1, 50)
             assert analysis.last_decision == "promote"
-            assert analysis.candidate.requests == 12
+            assert analysis.verdict == "inconclusive"  # the new step has no results yet
+            assert {c.name for c in analysis.checks} >= {"errors", "latency", "samples"}
             analysis = await stub.GetReleaseAnalysis(
                 monitor_pb2.GetReleaseAnalysisRequest(alias=bad.alias)
             )
             assert analysis.state == "rolled_back"
+            assert "cap" in analysis.last_reason
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GetReleaseAnalysis(
                     monitor_pb2.GetReleaseAnalysisRequest(alias="no-such-alias")
                 )
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "no-such-alias" in (info.value.details() or "")
+        # Nothing more for the good release: its next step has no traffic of its own.
+        assert len([e for e in promotes.events if e.release_id == good.release_id]) == 1
+    finally:
+        await monitor.stop()
+
+
+async def test_healthy_candidate_walks_every_step(nats_url: str, bus: EventBus) -> None:
+    promotes = await _collect(bus, RELEASE_PROMOTE)
+    monitor = await _monitor(nats_url)
+    started = _started(f"walk-{uuid.uuid4().hex[:6]}", "ver_c", steps=(5, 25, 50, 100))
+    try:
+        await bus.publish(RELEASE_STARTED, started)
+        seen = 0
+        for expected in ((1, 25, False), (2, 50, False), (3, 100, True)):
+            # Results of this step are newer than the promotion that began it.
+            await bus.publish(
+                METRICS_REQUESTS,
+                _batch(
+                    _results(started, "ver_s", "stable", 20),
+                    _results(started, "ver_c", "candidate", 10, latency=42.0),
+                ),
+            )
+
+            def moved_on(e: Any, after: int = seen) -> bool:
+                return bool(e.release_id == started.release_id and e.step_index > after)
+
+            event = await promotes.wait_for(moved_on)
+            assert (event.step_index, event.weight, event.final) == expected
+            assert not event.manual
+            seen = event.step_index
+        analysis = monitor.monitor.analysis(started.alias)
+        assert analysis.state == "promoted"
+    finally:
+        await monitor.stop()
+
+
+async def test_two_times_slower_candidate_is_rolled_back_on_latency(
+    nats_url: str, bus: EventBus
+) -> None:
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    monitor = await _monitor(nats_url)
+    started = _started(f"slow-{uuid.uuid4().hex[:6]}", "ver_slow", max_latency_ratio=0)
+    try:
+        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(
+            METRICS_REQUESTS,
+            _batch(
+                _results(started, "ver_s", "stable", 60, latency=100.0),
+                _results(started, "ver_slow", "candidate", 8, latency=200.0),
+            ),
+        )
+        rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+        assert "latency worse at 98% confidence" in rollback.reason
+        assert rollback.figures["latency_p_value"] < 0.02
+        assert rollback.figures["p50_ms"] > 1.9 * rollback.figures["stable_p50_ms"]
+    finally:
+        await monitor.stop()
+
+
+async def test_pause_stops_decisions_and_resume_restarts_the_step(
+    nats_url: str, bus: EventBus
+) -> None:
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    monitor = await _monitor(nats_url)
+    started = _started(f"pause-{uuid.uuid4().hex[:6]}", "ver_c")
+    try:
+        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(
+            RELEASE_PAUSED,
+            events_pb2.ReleasePaused(
+                meta=new_meta("gateway", "test"),
+                release_id=started.release_id,
+                alias=started.alias,
+                reason="investigating",
+            ),
+        )
+        async with channel(monitor.address) as ch:
+            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+            request = monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
+            await _until(lambda: _paused(stub, request))
+            failing = _results(started, "ver_c", "candidate", 20, status="INTERNAL")
+            await bus.publish(
+                METRICS_REQUESTS, _batch(_results(started, "ver_s", "stable", 30), failing)
+            )
+            stats = monitor_pb2.GetVersionStatsRequest(alias=started.alias, version_id="ver_c")
+            await _until(lambda: _requests(stub, stats, 20))
+            await monitor.monitor.analyze_once()  # a tick that sees those results
+            assert not [e for e in rollbacks.events if e.release_id == started.release_id]
+            analysis = await stub.GetReleaseAnalysis(request)
+            assert analysis.paused
+            assert analysis.figures["requests"] == 0  # results while paused do not count
+
+            await bus.publish(
+                RELEASE_RESUMED,
+                events_pb2.ReleaseResumed(
+                    meta=new_meta("gateway", "test"),
+                    release_id=started.release_id,
+                    alias=started.alias,
+                ),
+            )
+            await _until(lambda: _paused(stub, request, False))
+            await bus.publish(
+                METRICS_REQUESTS,
+                _batch(
+                    _results(started, "ver_s", "stable", 30),
+                    _results(started, "ver_c", "candidate", 10, status="INTERNAL"),
+                ),
+            )
+            rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+            assert rollback.figures["requests"] == 10  # only the resumed step's results
+    finally:
+        await monitor.stop()
+
+
+async def _until(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def _paused(
+    stub: monitor_pb2_grpc.MonitorServiceStub,
+    request: monitor_pb2.GetReleaseAnalysisRequest,
+    paused: bool = True,
+) -> bool:
+    try:
+        analysis = await stub.GetReleaseAnalysis(request)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(analysis.release_id) and analysis.paused == paused
+
+
+async def _requests(
+    stub: monitor_pb2_grpc.MonitorServiceStub,
+    request: monitor_pb2.GetVersionStatsRequest,
+    n: int,
+) -> bool:
+    try:
+        stats = await stub.GetVersionStats(request)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(stats.requests >= n)
+
+
+async def test_feedback_over_grpc_changes_the_verdict(nats_url: str, bus: EventBus) -> None:
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    monitor = await _monitor(nats_url)
+    # min_requests high: the step cannot pass before the feedback is in.
+    started = _started(f"fb-{uuid.uuid4().hex[:6]}", "ver_c", min_requests=100, min_feedback=3)
+    stable = _results(started, "ver_s", "stable", 10)
+    candidate = _results(started, "ver_c", "candidate", 5)
+    try:
+        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(METRICS_REQUESTS, _batch(stable, candidate))
+        async with channel(monitor.address) as ch:
+            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+            stats = monitor_pb2.GetVersionStatsRequest(alias=started.alias, version_id="ver_c")
+            await _until(lambda: _requests(stub, stats, 5))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SubmitFeedback(
+                    monitor_pb2.SubmitFeedbackRequest(request_id="unknown", score=1)
+                )
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SubmitFeedback(
+                    monitor_pb2.SubmitFeedbackRequest(request_id=stable[0].request_id, score=2)
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "0..1" in (info.value.details() or "")
+            for r in stable[:3]:
+                await stub.SubmitFeedback(
+                    monitor_pb2.SubmitFeedbackRequest(request_id=r.request_id, score=0.9)
+                )
+            for r in candidate[:3]:
+                reply = await stub.SubmitFeedback(
+                    monitor_pb2.SubmitFeedbackRequest(
+                        request_id=r.request_id, score=0.2, comment="wrong price"
+                    )
+                )
+                assert (reply.version_id, reply.arm, reply.replaced) == (
+                    "ver_c",
+                    "candidate",
+                    False,
+                )
+            rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+            assert "mean score 0.200" in rollback.reason
+            assert rollback.figures["stable_feedback_mean"] == pytest.approx(0.9)
+            window = await stub.GetVersionStats(stats)
+            assert window.feedback_count == 3
+    finally:
+        await monitor.stop()
+
+
+async def test_alert_fires_and_resolves_and_metrics_scrape(nats_url: str, bus: EventBus) -> None:
+    alerts = await _collect(bus, MONITOR_ALERT)
+    monitor = await _monitor(nats_url, alert_error_rate=0.2, alert_for_s=0.2, alert_min_requests=5)
+    started = _started(f"alert-{uuid.uuid4().hex[:6]}", "ver_c")
+    try:
+        await bus.publish(
+            METRICS_REQUESTS,
+            _batch(
+                _results(started, "ver_s", "stable", 5),
+                _results(started, "ver_s", "stable", 5, status="INTERNAL"),
+            ),
+        )
+        firing = await alerts.wait_for(lambda e: e.alias == started.alias and e.state == "firing")
+        assert (firing.rule, firing.version_id) == ("error_rate", "ver_s")
+        assert firing.value == pytest.approx(0.5)
+        assert firing.for_seconds >= 0.2
+        async with channel(monitor.address) as ch:
+            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+            active = await stub.ListAlerts(monitor_pb2.ListAlertsRequest(alias=started.alias))
+            assert [(a.rule, a.state) for a in active.alerts] == [("error_rate", "firing")]
+
+        url = f"http://127.0.0.1:{monitor.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            text = await response.text()
+        labels = f'alias="{started.alias}",rule="error_rate",version="ver_s"'
+        assert f"ftops_monitor_alert_active{{{labels}}} 1.0" in text
+        assert (
+            f'ftops_monitor_window_requests{{alias="{started.alias}",version="ver_s"}} 10.0' in text
+        )
+
+        # 5 errors in 35 results: 14%, below the 20% threshold.
+        await bus.publish(METRICS_REQUESTS, _batch(_results(started, "ver_s", "stable", 25)))
+        resolved = await alerts.wait_for(
+            lambda e: e.alias == started.alias and e.state == "resolved"
+        )
+        assert resolved.rule == "error_rate"
+        assert len([e for e in alerts.events if e.alias == started.alias]) == 2
+        assert monitor.monitor.list_alerts(started.alias).alerts == []
     finally:
         await monitor.stop()
 
@@ -192,14 +470,12 @@ async def test_manual_decisions_and_state_rebuilt_after_restart(
         await bus.publish(RELEASE_STARTED, started)
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
-            for _ in range(40):
-                if monitor.monitor.release_for(started.alias) is not None:
-                    break
-                await asyncio.sleep(0.05)
-            request = monitor_pb2.ReleaseDecisionRequest(alias=started.alias, reason="by hand")
-            analysis = await stub.PromoteRelease(request)
+            request = monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
+            await _until(lambda: _paused(stub, request, False))
+            decision = monitor_pb2.ReleaseDecisionRequest(alias=started.alias, reason="by hand")
+            analysis = await stub.PromoteRelease(decision)
             assert (analysis.step_index, analysis.weight) == (1, 50)
-            analysis = await stub.PromoteRelease(request)
+            analysis = await stub.PromoteRelease(decision)
             assert analysis.state == "promoted"
             final = await promotes.wait_for(
                 lambda e: e.release_id == started.release_id and e.final
@@ -207,7 +483,7 @@ async def test_manual_decisions_and_state_rebuilt_after_restart(
             assert final.manual
             assert final.reason == "by hand"
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.PromoteRelease(request)
+                await stub.PromoteRelease(decision)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         await monitor.stop()

@@ -1,268 +1,252 @@
-"""Monitor decisions (pure rule) and release state kept from events (fake bus)."""
+"""The verdict on a release step (pure rule) and release state transitions."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from google.protobuf.message import Message
 
-from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops_monitor.analysis import (
+    Config,
     DecisionKind,
+    Inconclusive,
     Release,
     ReleaseState,
-    Thresholds,
+    Strategy,
     decide,
     next_step,
 )
-from ftops_monitor.monitor import Monitor
-from ftops_monitor.windows import Figures, Sample, figures
-from ftops_runtime.bus import EventBus
-from ftops_runtime.errors import FailedPrecondition, NotFound
+from ftops_monitor.windows import Sample
 
 
-def _release(step_index: int = 0, **limits: Any) -> Release:
+def _release(step_index: int = 0, strategy: Strategy = Strategy.CANARY, **config: Any) -> Release:
     release = Release(
         release_id="rel_1",
         alias="bot",
         stable_version_id="ver_s",
         candidate_version_id="ver_c",
         steps=[5, 25, 50, 100],
-        thresholds=Thresholds(**limits),
-        started_at=0.0,
+        config=Config(**config),
+        started_at=1000.0,
+        strategy=strategy,
     )
     release.step_index = step_index
     release.weight = release.steps[step_index]
     return release
 
 
-def _figs(n: int, errors: int = 0, latency: float = 100.0) -> Figures:
-    return figures(
-        [Sample(at=1, latency_ms=latency, ok=i >= errors) for i in range(n)],
+def _feed(release: Release, arm: str, n: int, *, errors: int = 0, latency: float = 100.0) -> None:
+    data = release.candidate if arm == "candidate" else release.stable
+    for i in range(n):
+        # Spread latencies a little so rank tests see no wall of ties.
+        data.add(Sample(at=1001.0, latency_ms=latency + i % 7, ok=i >= errors))
+
+
+def _healthy(release: Release, n: int = 20, stable: int = 200) -> Release:
+    _feed(release, "stable", stable)
+    _feed(release, "candidate", n, latency=105.0)
+    return release
+
+
+def test_config_defaults_for_zero_settings() -> None:
+    c = Config.from_proto(events_pb2.AnalysisSettings(auto=True))
+    assert (c.min_requests, c.min_stable_requests, c.alpha) == (20, 20, 0.05)
+    assert (c.latency_confidence, c.latency_effect, c.step_timeout_s) == (0.98, 0.2, 300.0)
+    assert c.on_inconclusive is Inconclusive.ROLLBACK
+    assert (c.min_feedback, c.max_feedback_drop, c.max_divergence) == (20, 0.1, 0.0)
+    assert c.max_error_rate == 0.0
+    custom = Config.from_proto(
+        events_pb2.AnalysisSettings(
+            min_requests=8,
+            alpha=0.01,
+            on_inconclusive=events_pb2.INCONCLUSIVE_ACTION_HOLD,
+            min_stable_requests=50,
+        )
     )
+    assert (custom.min_requests, custom.min_stable_requests, custom.alpha) == (8, 50, 0.01)
+    assert custom.on_inconclusive is Inconclusive.HOLD
+    assert not custom.auto
+    assert Strategy.from_proto(events_pb2.RELEASE_STRATEGY_SHADOW) is Strategy.SHADOW
+    assert Strategy.from_proto(0) is Strategy.CANARY
 
 
-STABLE = _figs(50, latency=100.0)
-
-
-def test_waits_below_min_requests() -> None:
-    decision = decide(_release(), _figs(19), STABLE)
+def test_waits_for_minimum_samples_on_both_arms() -> None:
+    release = _release()
+    _feed(release, "candidate", 19)
+    _feed(release, "stable", 200)
+    decision = decide(release, 1002.0)
     assert decision.kind is DecisionKind.WAIT
+    assert decision.verdict == "inconclusive"
+    assert "candidate 19/20" in decision.reason
+    few_stable = _release()
+    _feed(few_stable, "candidate", 30)
+    _feed(few_stable, "stable", 10)
+    assert decide(few_stable, 1002.0).kind is DecisionKind.WAIT
 
 
 def test_promotes_healthy_candidate_step_by_step() -> None:
-    decision = decide(_release(), _figs(20, latency=120.0), STABLE)
+    decision = decide(_healthy(_release()), 1002.0)
     assert decision.kind is DecisionKind.PROMOTE
     assert decision.next is not None
     assert (decision.next.step_index, decision.next.weight, decision.next.final) == (1, 25, False)
     assert decision.figures["requests"] == 20
-    assert decision.figures["p95_ms"] == pytest.approx(120.0)
-    assert decision.figures["stable_p95_ms"] == pytest.approx(100.0)
-    last = decide(_release(step_index=2), _figs(20), STABLE)
+    assert decision.figures["stable_requests"] == 200
+    assert decision.figures["stable_p95_ms"] > 0
+    assert {c.name: c.status for c in decision.checks}["latency"] == "pass"
+    last = decide(_healthy(_release(step_index=2)), 1002.0)
     assert last.next is not None
     assert (last.next.step_index, last.next.weight, last.next.final) == (3, 100, True)
 
 
-def test_final_when_next_is_last_step_even_below_100() -> None:
+def test_next_step_final_when_last_even_below_100_and_blue_green_at_once() -> None:
     release = _release()
     release.steps = [10, 40]
     step = next_step(release)
     assert (step.step_index, step.weight, step.final) == (1, 40, True)
+    blue_green = _release(strategy=Strategy.BLUE_GREEN)
+    step = next_step(blue_green)
+    assert (step.weight, step.final) == (100, True)
 
 
-def test_rolls_back_on_error_rate() -> None:
-    decision = decide(_release(), _figs(40, errors=3), STABLE)  # 7.5% > 5%
+def test_rolls_back_clear_error_regression_with_reasons_and_figures() -> None:
+    release = _release()
+    _feed(release, "stable", 400)
+    _feed(release, "candidate", 15, errors=6)  # the step is not even at min_requests
+    decision = decide(release, 1002.0)
     assert decision.kind is DecisionKind.ROLLBACK
-    assert decision.figures["error_rate"] == pytest.approx(0.075)
-    ok = decide(_release(), _figs(40, errors=2), STABLE)  # 5% is not above 5%
-    assert ok.kind is DecisionKind.PROMOTE
+    assert "error rate above stable" in decision.reason
+    assert decision.figures["errors"] == 6
+    assert decision.figures["errors_log_lr"] >= decision.figures["errors_log_threshold"]
+    # A single error among 20 is no evidence.
+    ok = _release()
+    _feed(ok, "stable", 400)
+    _feed(ok, "candidate", 20, errors=1)
+    assert decide(ok, 1002.0).kind is DecisionKind.PROMOTE
 
 
-def test_early_rollback_when_errors_already_exceed_budget() -> None:
-    # Budget 0.05 * 20 = 1 error; 2 errors after 5 results cannot pass any more.
-    assert decide(_release(), _figs(5, errors=2), STABLE).kind is DecisionKind.ROLLBACK
-    assert decide(_release(), _figs(4, errors=4), STABLE).kind is DecisionKind.WAIT
-    assert decide(_release(), _figs(10, errors=1), STABLE).kind is DecisionKind.WAIT
+def test_absolute_cap_fails_significant_excess_and_holds_back_a_marginal_one() -> None:
+    release = _release(max_error_rate=0.05)
+    _feed(release, "stable", 10)  # too little stable data for the two-sample test
+    _feed(release, "candidate", 12, errors=5)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "cap" in decision.reason
+    marginal = _release(max_error_rate=0.05)
+    _feed(marginal, "stable", 400, errors=8)
+    _feed(marginal, "candidate", 20, errors=2)  # 10% > 5%, not significant yet
+    decision = decide(marginal, 1002.0)
+    assert decision.kind is DecisionKind.WAIT
+    assert {c.name: c.status for c in decision.checks}["error_cap"] == "pending"
 
 
-def test_latency_ratio() -> None:
-    slow = _figs(20, latency=350.0)
-    assert decide(_release(), slow, STABLE).kind is DecisionKind.ROLLBACK
-    # Ratio 0 disables; no stable data disables.
-    assert decide(_release(max_latency_ratio=0), slow, STABLE).kind is DecisionKind.PROMOTE
-    assert decide(_release(), slow, None).kind is DecisionKind.PROMOTE
-    assert decide(_release(), slow, Figures()).kind is DecisionKind.PROMOTE
+def test_two_times_slower_candidate_rolls_back_on_latency() -> None:
+    release = _release()
+    _feed(release, "stable", 200, latency=100.0)
+    _feed(release, "candidate", 8, latency=200.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "latency worse at 98% confidence" in decision.reason
+    assert decision.figures["latency_p_value"] < 0.02
+    # 15% slower is within the allowed 20%.
+    fine = _release()
+    _feed(fine, "stable", 200, latency=100.0)
+    _feed(fine, "candidate", 20, latency=115.0)
+    assert decide(fine, 1002.0).kind is DecisionKind.PROMOTE
 
 
-# -- Monitor state from events -----------------------------------------------------------
+def test_legacy_latency_ratio_guard() -> None:
+    release = _release(max_latency_ratio=1.1, latency_effect=5.0)
+    _feed(release, "stable", 200, latency=100.0)
+    _feed(release, "candidate", 20, latency=150.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "p95" in decision.reason
 
 
-class FakeBus:
-    service = "monitor"
-    instance = "t"
-    ready = True
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, Message]] = []
-
-    async def publish(self, subject: str, event: Message, **_: Any) -> None:
-        self.published.append((subject, event))
-
-
-def _meta(event_id: str, at: float = 1000.0) -> common_pb2.EventMeta:
-    meta = common_pb2.EventMeta(event_id=event_id)
-    meta.occurred_at.FromNanoseconds(int(at * 1e9))
-    return meta
-
-
-def _started(min_requests: int = 4, auto: bool = True) -> events_pb2.ReleaseStarted:
-    return events_pb2.ReleaseStarted(
-        meta=_meta("started"),
-        release_id="rel_1",
-        alias="bot",
-        stable_version_id="ver_s",
-        candidate_version_id="ver_c",
-        steps=[5, 50, 100],
-        current_weight=5,
-        analysis=events_pb2.AnalysisSettings(
-            min_requests=min_requests, max_error_rate=0.05, max_latency_ratio=3.0, auto=auto
-        ),
-    )
-
-
-def _results(version: str, arm: str, n: int, status: str = "OK", at: float = 1001.0) -> list[Any]:
-    out = []
+def _scores(release: Release, arm: str, n: int, score: float) -> None:
+    data = release.candidate if arm == "candidate" else release.stable
     for i in range(n):
-        r = events_pb2.RequestResult(
-            request_id=f"{version}-{i}",
-            alias="bot",
-            version_id=version,
-            arm=arm,
-            latency_ms=50.0,
-            status=status,
-            release_id="rel_1",
-        )
-        r.finished_at.FromNanoseconds(int(at * 1e9))
-        out.append(r)
-    return out
+        data.feedback.put(f"{arm}-{i}", score, 1001.0)
 
 
-def _monitor() -> tuple[Monitor, FakeBus]:
-    bus = FakeBus()
-    return Monitor(cast(EventBus, bus), window_s=1e9, clock=lambda: 1002.0), bus
-
-
-async def test_monitor_promotes_through_steps_and_finishes() -> None:
-    monitor, bus = _monitor()
-    monitor.apply_started(_started())
-    monitor.ingest(_results("ver_s", "stable", 10))
-    monitor.ingest(_results("ver_c", "candidate", 3))
-    assert await monitor.analyze_once() == []
-    monitor.ingest(_results("ver_c", "candidate", 1))
-    [decision] = await monitor.analyze_once()
-    assert decision.kind is DecisionKind.PROMOTE
-    subject, event = bus.published[-1]
-    assert subject == "release.promote"
-    assert isinstance(event, events_pb2.ReleasePromote)
-    assert (event.step_index, event.weight, event.final) == (1, 50, False)
-    release = monitor.release_for("bot")
-    assert release is not None
-    assert (release.step_index, release.weight, release.step_samples) == (1, 50, [])
-    # Our own event coming back from NATS changes nothing.
-    monitor.apply_promote(event)
-    assert release.step_index == 1
-    # Results finished before the step began do not count for it.
-    monitor.ingest(_results("ver_c", "candidate", 10, at=999.0))
-    assert await monitor.analyze_once() == []
-    monitor.ingest(_results("ver_c", "candidate", 4, at=release.step_started_at + 0.1))
-    [final] = await monitor.analyze_once()
-    assert final.next is not None
-    assert final.next.final
-    assert release.state is ReleaseState.PROMOTED
-    assert monitor.analysis("bot").state == "promoted"
-
-
-async def test_client_faults_do_not_count_against_a_version() -> None:
-    monitor, _ = _monitor()
-    monitor.apply_started(_started(min_requests=4))
-    monitor.ingest(_results("ver_c", "candidate", 10, status="INVALID_ARGUMENT"))
-    monitor.ingest(_results("ver_c", "candidate", 10, status="CANCELLED"))
-    assert await monitor.analyze_once() == []
-    monitor.ingest(_results("ver_c", "candidate", 4))
-    [decision] = await monitor.analyze_once()
-    assert decision.kind is DecisionKind.PROMOTE
-
-
-async def test_monitor_rolls_back_failing_candidate() -> None:
-    monitor, bus = _monitor()
-    monitor.apply_started(_started(min_requests=20))
-    monitor.ingest(_results("ver_c", "candidate", 5, status="UNAVAILABLE"))
-    [decision] = await monitor.analyze_once()
+def test_feedback_drop_fails_only_with_enough_scores() -> None:
+    release = _healthy(_release(min_feedback=5))
+    _scores(release, "stable", 5, 0.9)
+    _scores(release, "candidate", 4, 0.2)
+    assert decide(release, 1002.0).kind is DecisionKind.PROMOTE  # 4 < 5 scores: not counted
+    release.candidate.feedback.put("candidate-9", 0.2, 1001.0)
+    decision = decide(release, 1002.0)
     assert decision.kind is DecisionKind.ROLLBACK
-    _, event = bus.published[-1]
-    assert isinstance(event, events_pb2.ReleaseRollback)
-    assert event.stable_version_id == "ver_s"
-    assert event.figures["errors"] == 5
-    assert monitor.analysis("bot").state == "rolled_back"
-    with pytest.raises(FailedPrecondition):
-        await monitor.rollback("bot", "again")
+    assert "mean score 0.200" in decision.reason
+    assert decision.figures["feedback_mean"] == pytest.approx(0.2)
+    close = _healthy(_release(min_feedback=5))
+    _scores(close, "stable", 5, 0.9)
+    _scores(close, "candidate", 5, 0.85)
+    assert decide(close, 1002.0).kind is DecisionKind.PROMOTE
 
 
-async def test_decision_before_started_is_parked_and_order_tolerated() -> None:
-    monitor, _ = _monitor()
-    promote = events_pb2.ReleasePromote(
-        meta=_meta("p1"), release_id="rel_1", alias="bot", step_index=1, weight=50
+def test_shadow_strategy_reports_and_divergence_fails() -> None:
+    release = _healthy(_release(strategy=Strategy.SHADOW, max_divergence=0.3))
+    decision = decide(release, 1002.0)
+    # Healthy but no divergence figures yet: divergence pending does not block reporting.
+    assert decision.kind is DecisionKind.REPORT
+    diverging = _release(strategy=Strategy.SHADOW, max_divergence=0.3)
+    _feed(diverging, "stable", 100)
+    for i in range(20):
+        diverging.candidate.add(Sample(at=1001.0, latency_ms=100.0 + i, ok=True, divergence=0.6))
+    decision = decide(diverging, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "divergence" in decision.reason
+
+
+def test_evaluation_refusal_fails_the_release() -> None:
+    release = _healthy(_release())
+    release.evaluation_failure = "registry evaluation refused the candidate: retention 0.2"
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "retention 0.2" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("action", "kind"),
+    [
+        (Inconclusive.ROLLBACK, DecisionKind.ROLLBACK),
+        (Inconclusive.PROMOTE, DecisionKind.PROMOTE),
+        (Inconclusive.HOLD, DecisionKind.WAIT),
+    ],
+)
+def test_inconclusive_step_at_its_time_limit(action: Inconclusive, kind: DecisionKind) -> None:
+    release = _release(step_timeout_s=60, on_inconclusive=action)
+    _feed(release, "candidate", 3)
+    assert decide(release, 1059.0).kind is DecisionKind.WAIT
+    decision = decide(release, 1060.0)
+    assert decision.kind is kind
+    assert "inconclusive after 60 s" in decision.reason
+
+
+def test_shadow_never_promotes_even_when_told_to_on_timeout() -> None:
+    release = _release(
+        strategy=Strategy.SHADOW, step_timeout_s=1, on_inconclusive=Inconclusive.PROMOTE
     )
-    monitor.apply_promote(promote)
-    assert monitor.release_for("bot") is None
-    monitor.apply_started(_started())
-    monitor.apply_started(_started())  # redelivered: idempotent
-    release = monitor.release_for("bot")
-    assert release is not None
-    assert (release.step_index, release.weight) == (1, 50)
-    # A stale earlier step arriving late does not go backwards.
-    monitor.apply_promote(
-        events_pb2.ReleasePromote(
-            meta=_meta("p0"), release_id="rel_1", alias="bot", step_index=0, weight=5
-        )
-    )
-    assert release.step_index == 1
+    assert decide(release, 2000.0).kind is DecisionKind.WAIT
 
 
-async def test_manual_decisions_and_rollback_after_promotion() -> None:
-    monitor, bus = _monitor()
-    with pytest.raises(NotFound, match="bot"):
-        await monitor.promote("bot", "")
-    monitor.apply_started(_started(auto=False))
-    monitor.ingest(_results("ver_c", "candidate", 50))
-    assert await monitor.analyze_once() == []  # manual release: no automatic decision
-    analysis = await monitor.promote("bot", "looks good")
-    assert (analysis.step_index, analysis.weight, analysis.state) == (1, 50, "running")
-    analysis = await monitor.promote("bot", "ship it")
-    assert analysis.state == "promoted"
-    _, final = bus.published[-1]
-    assert isinstance(final, events_pb2.ReleasePromote)
-    assert final.final
-    assert final.manual
-    analysis = await monitor.rollback("bot", "users complain")
-    assert analysis.state == "rolled_back"
-    _, back = bus.published[-1]
-    assert isinstance(back, events_pb2.ReleaseRollback)
-    # Back to the version that was stable before the promotion.
-    assert (back.stable_version_id, back.candidate_version_id) == ("ver_s", "ver_c")
-    assert back.manual
-
-
-def test_stats_queries() -> None:
-    monitor, _ = _monitor()
-    monitor.ingest(_results("ver_s", "stable", 3) + _results("ver_s", "stable", 1, status="X"))
-    stats = monitor.version_stats("bot", "ver_s")
-    assert (stats.requests, stats.errors) == (4, 1)
-    assert [s.version_id for s in monitor.list_stats("bot").stats] == ["ver_s"]
-    assert monitor.analysis("bot").state == "none"
-    with pytest.raises(NotFound, match="ghost"):
-        monitor.version_stats("ghost", "ver_s")
-    with pytest.raises(NotFound, match="ghost"):
-        monitor.analysis("ghost")
+def test_release_state_transitions() -> None:
+    release = _healthy(_release())
+    assert not release.apply_promote(0, 5, False, 1001.0)  # nothing changes
+    assert release.apply_promote(1, 25, False, 1003.0)
+    assert (release.candidate.requests, release.step_started_at) == (0, 1003.0)
+    assert not release.apply_promote(0, 5, False, 1004.0)  # never backwards
+    # Pause/resume: an older event arriving late is ignored; resume restarts the step.
+    assert release.apply_pause(True, 1010.0)
+    assert not release.counts(Sample(at=1011.0, latency_ms=1.0, ok=True))
+    assert not release.apply_pause(False, 1005.0)
+    assert release.paused
+    assert release.apply_pause(False, 1020.0)
+    assert release.step_started_at == 1020.0
+    assert release.counts(Sample(at=1021.0, latency_ms=1.0, ok=True))
+    assert release.apply_rollback()
+    assert (release.state, release.weight) == (ReleaseState.ROLLED_BACK, 0)
+    assert not release.apply_rollback()
+    assert not release.counts(Sample(at=1030.0, latency_ms=1.0, ok=True))

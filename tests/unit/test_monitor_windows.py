@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ftops_monitor.windows import Sample, SlidingWindow, StatsBook, figures, percentile
+from ftops_monitor.windows import (
+    FeedbackScores,
+    Sample,
+    SlidingWindow,
+    StatsBook,
+    figures,
+    percentile,
+)
 
 
 def test_percentile_interpolates() -> None:
@@ -51,3 +58,42 @@ def test_stats_book_keys_per_alias_and_version() -> None:
     assert not book.has_alias("nope")
     assert book.figures("bot", "ver_b", 2).errors == 1
     assert book.figures("bot", "ver_zzz", 2).requests == 0
+
+
+def test_window_feedback_divergence_and_cache() -> None:
+    window = SlidingWindow(10)
+    window.add(Sample(at=1.0, latency_ms=10, ok=True, divergence=0.2))
+    window.add(Sample(at=2.0, latency_ms=20, ok=True, divergence=0.4))
+    window.add(Sample(at=3.0, latency_ms=30, ok=False))  # no divergence known
+    window.add_feedback("r1", 1.0, at=2.0)
+    window.add_feedback("r2", 0.0, at=2.0)
+    f = window.figures(now=5.0)
+    assert f.divergence_count == 2
+    assert f.divergence_mean == pytest.approx(0.3)
+    assert f.feedback_count == 2
+    assert f.feedback_mean == pytest.approx(0.5)
+    assert window.figures(now=5.0) is f  # unchanged window: cached
+    window.add_feedback("r2", 1.0, at=4.0)  # replaces, keeps its place in time
+    f = window.figures(now=5.0)
+    assert f.feedback_count == 2
+    assert f.feedback_mean == pytest.approx(1.0)
+    assert window.figures(now=12.5).feedback_count == 0  # scores given at 2.0 slid out
+    assert window.figures(now=12.5).requests == 1
+    assert window.empty(now=20.0)
+
+
+def test_feedback_scores_bounded() -> None:
+    scores = FeedbackScores(max_items=3)
+    for i in range(5):
+        scores.put(f"r{i}", i / 10, at=float(i))
+    assert scores.scores() == [0.2, 0.3, 0.4]
+    assert scores.prune(cutoff=3.5)
+    assert scores.scores() == [0.4]
+
+
+def test_active_versions() -> None:
+    book = StatsBook(10)
+    book.add("bot", "ver_a", Sample(at=1, latency_ms=5, ok=True))
+    book.add("bot", "ver_b", Sample(at=9, latency_ms=5, ok=True))
+    book.add_feedback("bot", "ver_c", "r1", 0.5, at=9)
+    assert book.active(now=12) == [("bot", "ver_b"), ("bot", "ver_c")]

@@ -1,24 +1,36 @@
-"""Release state and the promote / rollback / wait rule. Pure Python, unit-tested.
+"""Release state and the verdict on its current step. Pure Python, unit-tested.
 
-Rules for a running release with automatic analysis, over the candidate's results since
-its current step began:
-  * fewer than ``min_requests`` results: wait, except an early rollback once at least
-    ``EARLY_MIN_RESULTS`` results are in and the errors alone already exceed
-    ``max_error_rate * min_requests`` (the step can no longer pass);
-  * error rate above ``max_error_rate``: rollback;
-  * ``max_latency_ratio`` > 0 and the stable version has latency data and the candidate
-    p95 exceeds ratio * stable p95: rollback;
-  * otherwise promote to the next step (final when its weight is 100 or it is the last).
+The candidate is judged against the stable version over the same period: the results of
+both since the current step began (for blue-green and shadow, the candidate's mirrored
+"shadow" results). Checks, each able to fail the step at any moment:
+
+  * evaluation: the registry's evaluation of the candidate refused it;
+  * errors: always-valid sequential test, candidate error rate above the stable's (alpha);
+  * error_cap: always-valid test of the candidate error rate above ``max_error_rate``;
+  * latency: one-sided Mann-Whitney U of the candidate against stable x (1 + effect);
+  * latency_ratio: candidate p95 above ``max_latency_ratio`` x stable p95 (legacy guard);
+  * feedback: candidate mean score more than ``max_feedback_drop`` below the stable's;
+  * divergence: mean shadow divergence above ``max_divergence``.
+
+A step passes once both arms have their minimum results, no check failed and the observed
+error rate is within the cap. Until then it is inconclusive; at ``step_timeout_s`` the
+release's ``on_inconclusive`` action applies. Details and defaults: docs/analysis.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from ftops_monitor.windows import Figures, Sample, figures
+from ftops.events.v1 import events_pb2
+from ftops_monitor.stats import compare_error_rates, exceeds_rate, mann_whitney_greater
+from ftops_monitor.windows import FeedbackScores, Figures, Sample, figures
 
-EARLY_MIN_RESULTS = 5
+# Latency comparisons need a few successful results per arm before they mean anything.
+MIN_LATENCY_SAMPLES = 5
+# Per arm and step: enough for minutes at hundreds of requests/s.
+MAX_STEP_SAMPLES = 20_000
 
 
 class ReleaseState(StrEnum):
@@ -27,18 +39,118 @@ class ReleaseState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+class Strategy(StrEnum):
+    CANARY = "canary"
+    BLUE_GREEN = "blue_green"
+    SHADOW = "shadow"
+
+    @classmethod
+    def from_proto(cls, value: int) -> Strategy:
+        if value == events_pb2.RELEASE_STRATEGY_BLUE_GREEN:
+            return cls.BLUE_GREEN
+        if value == events_pb2.RELEASE_STRATEGY_SHADOW:
+            return cls.SHADOW
+        return cls.CANARY
+
+    @property
+    def judges_shadow(self) -> bool:
+        """Blue-green and shadow judge the candidate on mirrored traffic."""
+        return self is not Strategy.CANARY
+
+
+class Inconclusive(StrEnum):
+    ROLLBACK = "rollback"
+    PROMOTE = "promote"
+    HOLD = "hold"
+
+    @classmethod
+    def from_proto(cls, value: int) -> Inconclusive:
+        if value == events_pb2.INCONCLUSIVE_ACTION_PROMOTE:
+            return cls.PROMOTE
+        if value == events_pb2.INCONCLUSIVE_ACTION_HOLD:
+            return cls.HOLD
+        return cls.ROLLBACK
+
+
 class DecisionKind(StrEnum):
     PROMOTE = "promote"
     ROLLBACK = "rollback"
     WAIT = "wait"
+    # Shadow releases never promote: a passing step is reported, not acted on.
+    REPORT = "report"
 
 
 @dataclass(frozen=True)
-class Thresholds:
+class Config:
+    """One release's analysis settings with the defaults resolved (0 = default)."""
+
     min_requests: int = 20
-    max_error_rate: float = 0.05
-    max_latency_ratio: float = 3.0
+    min_stable_requests: int = 20
+    max_error_rate: float = 0.0  # 0 = no absolute cap
+    max_latency_ratio: float = 0.0  # 0 = off
     auto: bool = True
+    alpha: float = 0.05
+    latency_confidence: float = 0.98
+    latency_effect: float = 0.2
+    step_timeout_s: float = 300.0
+    on_inconclusive: Inconclusive = Inconclusive.ROLLBACK
+    min_feedback: int = 20
+    max_feedback_drop: float = 0.1
+    max_divergence: float = 0.0  # 0 = off
+
+    @classmethod
+    def from_proto(cls, a: events_pb2.AnalysisSettings) -> Config:
+        d = cls()
+        min_requests = a.min_requests or d.min_requests
+        return cls(
+            min_requests=min_requests,
+            # Unset: as many stable results as candidate ones (stable traffic is plentiful).
+            min_stable_requests=a.min_stable_requests or min_requests,
+            max_error_rate=a.max_error_rate,
+            max_latency_ratio=a.max_latency_ratio,
+            auto=a.auto,
+            alpha=a.alpha if 0 < a.alpha < 1 else d.alpha,
+            latency_confidence=(
+                a.latency_confidence if 0 < a.latency_confidence < 1 else d.latency_confidence
+            ),
+            latency_effect=a.latency_effect if a.latency_effect > 0 else d.latency_effect,
+            step_timeout_s=a.step_timeout_s if a.step_timeout_s > 0 else d.step_timeout_s,
+            on_inconclusive=Inconclusive.from_proto(a.on_inconclusive),
+            min_feedback=a.min_feedback or d.min_feedback,
+            max_feedback_drop=(
+                a.max_feedback_drop if a.max_feedback_drop > 0 else d.max_feedback_drop
+            ),
+            max_divergence=a.max_divergence,
+        )
+
+
+class ArmData:
+    """One arm's results and feedback since the step began: running counts for the error
+    tests, latencies for Mann-Whitney (bounded)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.samples: deque[Sample] = deque(maxlen=MAX_STEP_SAMPLES)
+        self.feedback = FeedbackScores()
+
+    def add(self, sample: Sample) -> None:
+        self.requests += 1
+        self.errors += 0 if sample.ok else 1
+        self.samples.append(sample)
+
+    def latencies(self) -> list[float]:
+        return [s.latency_ms for s in self.samples if s.ok]
+
+    def figures(self) -> Figures:
+        f = figures(self.samples, self.feedback.scores())
+        # The counts cover every result even when the sample buffer is full.
+        return replace(
+            f,
+            requests=self.requests,
+            errors=self.errors,
+            error_rate=self.errors / self.requests if self.requests else 0.0,
+        )
 
 
 @dataclass
@@ -48,16 +160,26 @@ class Release:
     stable_version_id: str
     candidate_version_id: str
     steps: list[int]
-    thresholds: Thresholds
+    config: Config
     started_at: float
+    strategy: Strategy = Strategy.CANARY
     step_index: int = 0
     weight: int = 0
     state: ReleaseState = ReleaseState.RUNNING
+    paused: bool = False
+    # occurred_at of the newest pause/resume applied: an older one arriving late is stale.
+    pause_changed_at: float = 0.0
     step_started_at: float = 0.0
-    # Candidate results since the current step began.
-    step_samples: list[Sample] = field(default_factory=list)
+    candidate: ArmData = field(default_factory=ArmData)
+    stable: ArmData = field(default_factory=ArmData)
+    # Set once the registry's evaluation of the candidate is known to refuse it.
+    evaluation_failure: str = ""
+    evaluation_figures: dict[str, float] = field(default_factory=dict)
     last_decision: str = ""
     last_reason: str = ""
+    verdict: str = ""
+    checks: list[Check] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.weight and self.steps:
@@ -65,23 +187,28 @@ class Release:
         if not self.step_started_at:
             self.step_started_at = self.started_at
 
-    def add_candidate_sample(self, sample: Sample) -> None:
-        if self.state is ReleaseState.RUNNING and sample.at >= self.step_started_at:
-            self.step_samples.append(sample)
+    @property
+    def running(self) -> bool:
+        return self.state is ReleaseState.RUNNING
 
-    def step_figures(self) -> Figures:
-        return figures(self.step_samples)
+    def counts(self, sample: Sample) -> bool:
+        """Whether a result finished at ``sample.at`` belongs to the current step."""
+        return self.running and not self.paused and sample.at >= self.step_started_at
+
+    def restart_step(self, at: float) -> None:
+        self.candidate = ArmData()
+        self.stable = ArmData()
+        self.step_started_at = max(at, self.step_started_at)
 
     def apply_promote(self, step_index: int, weight: int, final: bool, at: float) -> bool:
         """Move forward (never backwards); False when the promotion changes nothing."""
-        if self.state is not ReleaseState.RUNNING or step_index < self.step_index:
+        if not self.running or step_index < self.step_index:
             return False
         if not final and step_index == self.step_index and weight == self.weight:
             return False
         self.step_index = step_index
         self.weight = 100 if final else weight
-        self.step_samples = []
-        self.step_started_at = max(at, self.step_started_at)
+        self.restart_step(at)
         if final:
             self.state = ReleaseState.PROMOTED
         return True
@@ -91,7 +218,18 @@ class Release:
         if self.state is ReleaseState.ROLLED_BACK:
             return False
         self.state = ReleaseState.ROLLED_BACK
-        self.step_samples = []
+        self.weight = 0
+        self.restart_step(self.step_started_at)
+        return True
+
+    def apply_pause(self, paused: bool, at: float) -> bool:
+        """Pause or resume as of ``at``; a resume starts the step over."""
+        if at < self.pause_changed_at or paused == self.paused:
+            return False
+        self.pause_changed_at = at
+        self.paused = paused
+        if not paused:
+            self.restart_step(at)
         return True
 
 
@@ -103,6 +241,9 @@ class NextStep:
 
 
 def next_step(release: Release) -> NextStep:
+    if release.strategy is Strategy.BLUE_GREEN:
+        # Checked on mirrored traffic, then all traffic at once.
+        return NextStep(max(len(release.steps) - 1, release.step_index), 100, True)
     following = release.step_index + 1
     if following >= len(release.steps):
         return NextStep(release.step_index, 100, True)
@@ -111,74 +252,251 @@ def next_step(release: Release) -> NextStep:
 
 
 @dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "pass", "fail", "pending", "off"
+    detail: str
+
+
+@dataclass(frozen=True)
 class Decision:
     kind: DecisionKind
     reason: str
     figures: dict[str, float]
     next: NextStep | None = None
+    checks: tuple[Check, ...] = ()
+    verdict: str = ""
 
 
-def decision_figures(candidate: Figures, stable_p95_ms: float | None) -> dict[str, float]:
+def arm_figures(candidate: Figures, stable: Figures | None) -> dict[str, float]:
     out = {
         "requests": float(candidate.requests),
         "errors": float(candidate.errors),
         "error_rate": candidate.error_rate,
         "p50_ms": candidate.latency_p50_ms,
         "p95_ms": candidate.latency_p95_ms,
+        "p99_ms": candidate.latency_p99_ms,
     }
-    if stable_p95_ms is not None:
-        out["stable_p95_ms"] = stable_p95_ms
+    if candidate.feedback_count:
+        out["feedback_count"] = float(candidate.feedback_count)
+        out["feedback_mean"] = candidate.feedback_mean
+    if candidate.divergence_count:
+        out["divergence_mean"] = candidate.divergence_mean
+    if stable is not None and stable.requests:
+        out["stable_requests"] = float(stable.requests)
+        out["stable_errors"] = float(stable.errors)
+        out["stable_error_rate"] = stable.error_rate
+    if stable is not None and stable.ok_requests:
+        out["stable_p50_ms"] = stable.latency_p50_ms
+        out["stable_p95_ms"] = stable.latency_p95_ms
+    if stable is not None and stable.feedback_count:
+        out["stable_feedback_count"] = float(stable.feedback_count)
+        out["stable_feedback_mean"] = stable.feedback_mean
     return out
 
 
-def decide(release: Release, candidate: Figures, stable: Figures | None) -> Decision:
-    """The decision for a running release given the candidate's figures in this step and
-    the stable version's window figures (None or empty when it has no data)."""
-    limits = release.thresholds
-    stable_p95 = stable.latency_p95_ms if stable is not None and stable.ok_requests else None
-    numbers = decision_figures(candidate, stable_p95)
-    numbers["min_requests"] = float(limits.min_requests)
-    numbers["weight"] = float(release.weight)
-    error_budget = limits.max_error_rate * limits.min_requests
-    if candidate.requests < limits.min_requests:
-        if candidate.requests >= EARLY_MIN_RESULTS and candidate.errors > error_budget:
-            return Decision(
-                DecisionKind.ROLLBACK,
-                f"candidate errors: {candidate.errors} of its first {candidate.requests} "
-                f"requests failed, more than the {error_budget:g} allowed in "
-                f"{limits.min_requests} (max error rate {limits.max_error_rate:.2%})",
-                numbers,
+class _Judge:
+    """Runs the checks of one release at one moment and collects figures and reasons."""
+
+    def __init__(self, release: Release, now: float) -> None:
+        self.release = release
+        self.config = release.config
+        self.now = now
+        self.cand = release.candidate.figures()
+        self.stab = release.stable.figures()
+        self.numbers = arm_figures(self.cand, self.stab)
+        self.numbers["weight"] = float(release.weight)
+        self.numbers["min_requests"] = float(self.config.min_requests)
+        self.numbers["step_seconds"] = max(0.0, now - release.step_started_at)
+        self.numbers.update(release.evaluation_figures)
+        self.checks: list[Check] = []
+        self.failures: list[str] = []
+
+    def _add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+        if status == "fail":
+            self.failures.append(detail)
+
+    def evaluation(self) -> None:
+        if self.release.evaluation_failure:
+            self._add("evaluation", "fail", self.release.evaluation_failure)
+        elif self.release.evaluation_figures:
+            self._add("evaluation", "pass", "registry evaluation passed")
+
+    def errors(self) -> None:
+        c, s, alpha = self.cand, self.stab, self.config.alpha
+        if not c.requests or not s.requests:
+            self._add("errors", "pending", "no results on one of the arms yet")
+            return
+        test = compare_error_rates(c.errors, c.requests, s.errors, s.requests, alpha)
+        self.numbers["errors_log_lr"] = test.log_lr
+        self.numbers["errors_log_threshold"] = test.log_threshold
+        self.numbers["stable_error_upper"] = test.bound
+        what = (
+            f"candidate {c.errors}/{c.requests} errors ({c.error_rate:.1%}) vs stable "
+            f"{s.errors}/{s.requests} ({s.error_rate:.1%}, upper bound {test.bound:.1%})"
+        )
+        if test.rejected:
+            self._add("errors", "fail", f"error rate above stable at alpha {alpha:g}: {what}")
+        else:
+            self._add("errors", "pass", what)
+
+    def error_cap(self) -> None:
+        cap, c = self.config.max_error_rate, self.cand
+        if cap <= 0:
+            self._add("error_cap", "off", "no absolute error-rate cap")
+            return
+        test = exceeds_rate(c.errors, c.requests, cap, self.config.alpha)
+        self.numbers["cap_log_lr"] = test.log_lr
+        what = f"candidate {c.errors}/{c.requests} errors ({c.error_rate:.1%}), cap {cap:.1%}"
+        if test.rejected:
+            self._add("error_cap", "fail", f"error rate above the cap: {what}")
+        elif c.requests and c.error_rate > cap:
+            self._add("error_cap", "pending", f"above the cap, not yet significant: {what}")
+        else:
+            self._add("error_cap", "pass", what)
+
+    def latency(self) -> None:
+        config = self.config
+        cand_lat = self.release.candidate.latencies()
+        stab_lat = self.release.stable.latencies()
+        if len(cand_lat) < MIN_LATENCY_SAMPLES or len(stab_lat) < MIN_LATENCY_SAMPLES:
+            self._add("latency", "pending", "too few successful results to compare")
+        else:
+            test = mann_whitney_greater(cand_lat, stab_lat, scale=1 + config.latency_effect)
+            self.numbers["latency_z"] = test.z
+            self.numbers["latency_p_value"] = test.p_value
+            what = (
+                f"candidate p50 {self.cand.latency_p50_ms:.1f} ms vs stable p50 "
+                f"{self.stab.latency_p50_ms:.1f} ms x {1 + config.latency_effect:g} "
+                f"(Mann-Whitney p={test.p_value:.4f})"
             )
-        return Decision(
-            DecisionKind.WAIT,
-            f"waiting for {limits.min_requests} candidate requests ({candidate.requests} so far)",
-            numbers,
+            if test.p_value < 1 - config.latency_confidence:
+                self._add(
+                    "latency",
+                    "fail",
+                    f"latency worse at {config.latency_confidence:.0%} confidence: {what}",
+                )
+            else:
+                self._add("latency", "pass", what)
+        ratio = config.max_latency_ratio
+        if ratio > 0 and self.cand.ok_requests >= config.min_requests and self.stab.ok_requests:
+            limit = ratio * self.stab.latency_p95_ms
+            what = (
+                f"candidate p95 {self.cand.latency_p95_ms:.1f} ms vs {ratio:g} x stable p95 "
+                f"{self.stab.latency_p95_ms:.1f} ms"
+            )
+            self._add("latency_ratio", "fail" if self.cand.latency_p95_ms > limit else "pass", what)
+
+    def feedback(self) -> None:
+        config, c, s = self.config, self.cand, self.stab
+        if min(c.feedback_count, s.feedback_count) < config.min_feedback:
+            self._add(
+                "feedback",
+                "pending",
+                f"{c.feedback_count} candidate / {s.feedback_count} stable scores "
+                f"({config.min_feedback} needed on each)",
+            )
+            return
+        what = (
+            f"candidate mean score {c.feedback_mean:.3f} ({c.feedback_count}) vs stable "
+            f"{s.feedback_mean:.3f} ({s.feedback_count}), allowed drop {config.max_feedback_drop:g}"
         )
-    if candidate.error_rate > limits.max_error_rate:
-        return Decision(
-            DecisionKind.ROLLBACK,
-            f"candidate error rate {candidate.error_rate:.2%} over {candidate.requests} "
-            f"requests exceeds {limits.max_error_rate:.2%}",
-            numbers,
+        dropped = c.feedback_mean < s.feedback_mean - config.max_feedback_drop
+        self._add("feedback", "fail" if dropped else "pass", what)
+
+    def divergence(self) -> None:
+        limit, c = self.config.max_divergence, self.cand
+        if limit <= 0:
+            return
+        if c.divergence_count < self.config.min_requests:
+            self._add("divergence", "pending", f"{c.divergence_count} compared answers")
+            return
+        what = f"mean divergence {c.divergence_mean:.3f} over {c.divergence_count}, max {limit:g}"
+        self._add("divergence", "fail" if c.divergence_mean > limit else "pass", what)
+
+    def samples(self) -> bool:
+        config, c, s = self.config, self.cand, self.stab
+        enough = c.requests >= config.min_requests and s.requests >= config.min_stable_requests
+        self._add(
+            "samples",
+            "pass" if enough else "pending",
+            f"candidate {c.requests}/{config.min_requests}, "
+            f"stable {s.requests}/{config.min_stable_requests} results",
         )
-    if (
-        limits.max_latency_ratio > 0
-        and stable_p95 is not None
-        and stable_p95 > 0
-        and candidate.latency_p95_ms > limits.max_latency_ratio * stable_p95
-    ):
+        return enough
+
+
+def decide(release: Release, now: float) -> Decision:
+    """The verdict on a running release's current step at ``now``."""
+    judge = _Judge(release, now)
+    judge.evaluation()
+    judge.errors()
+    judge.error_cap()
+    judge.latency()
+    judge.feedback()
+    judge.divergence()
+    enough = judge.samples()
+    checks, numbers = tuple(judge.checks), judge.numbers
+    arm = "shadow results" if release.strategy.judges_shadow else "requests"
+    if judge.failures:
         return Decision(
-            DecisionKind.ROLLBACK,
-            f"candidate p95 latency {candidate.latency_p95_ms:.1f} ms exceeds "
-            f"{limits.max_latency_ratio:g} x stable p95 {stable_p95:.1f} ms",
-            numbers,
+            DecisionKind.ROLLBACK, "; ".join(judge.failures), numbers, checks=checks, verdict="fail"
         )
-    step = next_step(release)
-    what = "final promotion" if step.final else f"step {step.step_index} at {step.weight}%"
+    pending = [c.name for c in checks if c.status == "pending" and c.name in _BLOCKING]
+    if enough and not pending:
+        summary = (
+            f"candidate healthy over {judge.cand.requests} {arm} "
+            f"(error rate {judge.cand.error_rate:.2%}, p95 {judge.cand.latency_p95_ms:.1f} ms)"
+        )
+        if release.strategy is Strategy.SHADOW:
+            return Decision(DecisionKind.REPORT, summary, numbers, checks=checks, verdict="pass")
+        step = next_step(release)
+        what = "final promotion" if step.final else f"step {step.step_index} at {step.weight}%"
+        return Decision(
+            DecisionKind.PROMOTE, f"{summary}: {what}", numbers, step, checks, verdict="pass"
+        )
+    waited = now - release.step_started_at
+    waiting = ", ".join(c.detail for c in checks if c.status == "pending" and c.name in _BLOCKING)
+    if waited >= release.config.step_timeout_s:
+        return _timed_out(release, waited, waiting, numbers, checks)
     return Decision(
-        DecisionKind.PROMOTE,
-        f"candidate healthy over {candidate.requests} requests "
-        f"(error rate {candidate.error_rate:.2%}, p95 {candidate.latency_p95_ms:.1f} ms): {what}",
+        DecisionKind.WAIT,
+        f"inconclusive: {waiting}",
         numbers,
-        step,
+        checks=checks,
+        verdict="inconclusive",
+    )
+
+
+# Checks whose pending state keeps a step from passing (feedback and divergence need data
+# many releases never get: without it they simply do not count).
+_BLOCKING = frozenset({"samples", "error_cap"})
+
+
+def _timed_out(
+    release: Release,
+    waited: float,
+    waiting: str,
+    numbers: dict[str, float],
+    checks: tuple[Check, ...],
+) -> Decision:
+    action = release.config.on_inconclusive
+    reason = f"step still inconclusive after {waited:.0f} s ({waiting})"
+    if action is Inconclusive.ROLLBACK:
+        return Decision(
+            DecisionKind.ROLLBACK, reason, numbers, checks=checks, verdict="inconclusive"
+        )
+    if action is Inconclusive.PROMOTE and release.strategy is not Strategy.SHADOW:
+        step = next_step(release)
+        return Decision(
+            DecisionKind.PROMOTE,
+            f"{reason}: promoting as configured",
+            numbers,
+            step,
+            checks,
+            verdict="inconclusive",
+        )
+    return Decision(
+        DecisionKind.WAIT, f"{reason}: holding", numbers, checks=checks, verdict="inconclusive"
     )

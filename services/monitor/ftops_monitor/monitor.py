@@ -1,46 +1,63 @@
 """The monitor's core: consumes request results and release events, keeps per-version
-windows and release state, runs the analysis, and publishes decisions.
+windows and release state, runs the analysis and the alert rules, publishes decisions.
 
 Release state is rebuilt from the release events alone (the release stream keeps them),
 and every update is idempotent on the event id and tolerant of order: the events of one
-release come through different consumers, so a decision may arrive before its
-``release.started`` (it is parked until then), and promotions never move backwards.
+release come through different consumers, so a decision or a pause may arrive before its
+``release.started`` (it is parked until then), promotions never move backwards, and a
+pause/resume older than the one applied is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
+from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
 from ftops_monitor.analysis import (
+    Config,
     Decision,
     DecisionKind,
     Release,
     ReleaseState,
-    Thresholds,
+    Strategy,
+    arm_figures,
     decide,
-    decision_figures,
     next_step,
 )
+from ftops_monitor.evaluation import EvaluationLookup, judge_evaluations
+from ftops_monitor.feedback import RequestIndex, Served
+from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from ftops_runtime.events import RELEASE_PROMOTE, RELEASE_ROLLBACK, new_meta
+from ftops_runtime.events import MONITOR_ALERT, RELEASE_PROMOTE, RELEASE_ROLLBACK, new_meta
+from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 # gRPC status names of results caused by the request, not by the version that served it.
 CLIENT_FAULTS = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "CANCELLED"})
 
 ARM_CANDIDATE = "candidate"
+ARM_STABLE = "stable"
+ARM_SHADOW = "shadow"
 SEEN_MAX = 200_000
+
+ParkedEvent = (
+    events_pb2.ReleasePromote
+    | events_pb2.ReleaseRollback
+    | events_pb2.ReleasePaused
+    | events_pb2.ReleaseResumed
+)
 
 
 def _seconds(ts: Timestamp, default: float) -> float:
@@ -73,15 +90,32 @@ class Monitor:
         *,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        alert_rules: AlertRules | None = None,
+        evaluations: EvaluationLookup | None = None,
+        requests: RequestIndex | None = None,
     ) -> None:
         self.bus = bus
         self.stats = StatsBook(window_s)
         self.clock = clock
+        self.alerts = AlertBook(alert_rules or AlertRules())
+        self.requests = requests or RequestIndex()
         self.releases: dict[str, Release] = {}
+        # Counters for the scrape endpoint: results by (alias, version, arm, outcome),
+        # decisions by (alias, kind), alert transitions by (rule, state).
+        self.results_total: Counter[tuple[str, str, str, str]] = Counter()
+        self.decisions_total: Counter[tuple[str, str]] = Counter()
+        self.alerts_total: Counter[tuple[str, str]] = Counter()
+        self._evaluations = evaluations
+        self._evaluated: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._latest: dict[str, str] = {}  # alias -> release_id of its newest release
-        self._parked: dict[str, list[Message]] = {}
+        self._parked: dict[str, list[ParkedEvent]] = {}
         self._seen = SeenEvents()
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        # Per release: the data its last verdict saw (nothing new -> no need to re-judge).
+        self._judged: dict[str, tuple[object, ...]] = {}
 
     # -- state queries ---------------------------------------------------------------
 
@@ -89,15 +123,19 @@ class Monitor:
         release_id = self._latest.get(alias)
         return self.releases.get(release_id) if release_id else None
 
+    def latest_releases(self) -> list[Release]:
+        return [self.releases[r] for r in self._latest.values()]
+
     def _known_alias(self, alias: str) -> bool:
         return alias in self._latest or self.stats.has_alias(alias)
 
-    # -- event handlers --------------------------------------------------------------
+    # -- request results -------------------------------------------------------------
 
     async def on_metrics(self, batch: events_pb2.RequestResultBatch, delivery: Delivery) -> None:
         if not self._seen.add(batch.meta.event_id):
             return
         self.ingest(batch.results)
+        self._wake.set()  # judge now rather than at the next tick
 
     def ingest(self, results: Iterable[events_pb2.RequestResult]) -> None:
         now = self.clock()
@@ -105,23 +143,90 @@ class Monitor:
             if result.status in CLIENT_FAULTS:
                 # A malformed or abandoned request says nothing about the version.
                 continue
+            shadow = result.shadow or result.arm == ARM_SHADOW
             sample = Sample(
                 at=_seconds(result.finished_at, now),
                 latency_ms=result.latency_ms,
                 ok=result.status == "OK",
                 ttft_ms=result.ttft_ms,
                 completion_tokens=result.completion_tokens,
+                divergence=result.divergence if shadow else -1.0,
             )
+            outcome = "ok" if sample.ok else "error"
+            self.results_total[(result.alias, result.version_id, result.arm, outcome)] += 1
             self.stats.add(result.alias, result.version_id, sample)
-            if result.arm != ARM_CANDIDATE:
-                continue
+            if not shadow:
+                # Users only rate answers they saw.
+                served = Served(
+                    result.alias, result.version_id, result.arm, result.release_id, sample.at
+                )
+                self.requests.add(result.request_id, served)
             release = self.release_for(result.alias)
             if (
                 release is not None
-                and result.version_id == release.candidate_version_id
                 and result.release_id in ("", release.release_id)
+                and release.counts(sample)
             ):
-                release.add_candidate_sample(sample)
+                self._add_to_step(release, result, shadow, sample)
+        self.requests.prune(now)
+
+    @staticmethod
+    def _add_to_step(
+        release: Release, result: events_pb2.RequestResult, shadow: bool, sample: Sample
+    ) -> None:
+        if result.version_id == release.candidate_version_id:
+            # Canary judges the candidate's own traffic; blue-green and shadow the mirror.
+            wanted_shadow = release.strategy.judges_shadow
+            if shadow == wanted_shadow and (shadow or result.arm == ARM_CANDIDATE):
+                release.candidate.add(sample)
+        elif (
+            result.version_id == release.stable_version_id
+            and result.arm == ARM_STABLE
+            and not shadow
+        ):
+            release.stable.add(sample)
+
+    # -- feedback --------------------------------------------------------------------
+
+    def submit_feedback(
+        self, request_id: str, score: float, comment: str = ""
+    ) -> monitor_pb2.SubmitFeedbackResponse:
+        if not request_id:
+            raise InvalidArgument("request_id is required")
+        if not math.isfinite(score) or not 0.0 <= score <= 1.0:
+            raise InvalidArgument(f"score must be within 0..1, got {score}")
+        now = self.clock()
+        self.requests.prune(now)
+        feedback = self.requests.score(request_id, score)
+        if feedback is None:
+            raise NotFound(
+                f"request {request_id!r} is unknown: its result has not reached the monitor "
+                f"yet or is older than {self.requests.max_age_s:g} s"
+            )
+        served = feedback.served
+        self.stats.add_feedback(served.alias, served.version_id, request_id, score, now)
+        release = self.release_for(served.alias)
+        if (
+            release is not None
+            and served.release_id in ("", release.release_id)
+            and release.counts(Sample(at=served.at, latency_ms=0.0, ok=True))
+        ):
+            if served.version_id == release.candidate_version_id:
+                release.candidate.feedback.put(request_id, score, now)
+            elif served.version_id == release.stable_version_id:
+                release.stable.feedback.put(request_id, score, now)
+        if comment:
+            log.info("feedback %.2f on %s (%s): %s", score, request_id, served.version_id, comment)
+        self._wake.set()
+        return monitor_pb2.SubmitFeedbackResponse(
+            request_id=request_id,
+            alias=served.alias,
+            version_id=served.version_id,
+            arm=served.arm,
+            replaced=feedback.replaced,
+        )
+
+    # -- release events --------------------------------------------------------------
 
     async def on_started(self, event: events_pb2.ReleaseStarted, delivery: Delivery) -> None:
         self.apply_started(event)
@@ -132,23 +237,24 @@ class Monitor:
     async def on_rollback(self, event: events_pb2.ReleaseRollback, delivery: Delivery) -> None:
         self.apply_rollback(event)
 
+    async def on_paused(self, event: events_pb2.ReleasePaused, delivery: Delivery) -> None:
+        self.apply_pause(event)
+
+    async def on_resumed(self, event: events_pb2.ReleaseResumed, delivery: Delivery) -> None:
+        self.apply_pause(event)
+
     def apply_started(self, event: events_pb2.ReleaseStarted) -> None:
         if not self._seen.add(event.meta.event_id) or event.release_id in self.releases:
             return
-        analysis = event.analysis
         release = Release(
             release_id=event.release_id,
             alias=event.alias,
             stable_version_id=event.stable_version_id,
             candidate_version_id=event.candidate_version_id,
             steps=list(event.steps) or [event.current_weight or 100],
-            thresholds=Thresholds(
-                min_requests=analysis.min_requests or 20,
-                max_error_rate=analysis.max_error_rate,
-                max_latency_ratio=analysis.max_latency_ratio,
-                auto=analysis.auto,
-            ),
+            config=Config.from_proto(event.analysis),
             started_at=_seconds(event.meta.occurred_at, self.clock()),
+            strategy=Strategy.from_proto(event.strategy),
             weight=event.current_weight,
         )
         self.releases[release.release_id] = release
@@ -156,69 +262,95 @@ class Monitor:
         if newest is None or release.started_at >= newest.started_at:
             self._latest[event.alias] = release.release_id
         log.info(
-            "release %s of %s: %s -> %s steps %s",
+            "release %s of %s (%s): %s -> %s steps %s",
             release.release_id,
             release.alias,
+            release.strategy.value,
             release.stable_version_id,
             release.candidate_version_id,
             release.steps,
         )
         for parked in self._parked.pop(release.release_id, []):
-            if isinstance(parked, events_pb2.ReleasePromote):
-                self._promote(release, parked)
-            elif isinstance(parked, events_pb2.ReleaseRollback):
-                self._rollback(release, parked)
+            self._apply(release, parked)
 
     def apply_promote(self, event: events_pb2.ReleasePromote) -> None:
-        if not self._seen.add(event.meta.event_id):
-            return
-        release = self.releases.get(event.release_id)
-        if release is None:
-            self._parked.setdefault(event.release_id, []).append(event)
-            return
-        self._promote(release, event)
+        self._apply_or_park(event)
 
     def apply_rollback(self, event: events_pb2.ReleaseRollback) -> None:
+        self._apply_or_park(event)
+
+    def apply_pause(self, event: events_pb2.ReleasePaused | events_pb2.ReleaseResumed) -> None:
+        self._apply_or_park(event)
+
+    def _apply_or_park(self, event: ParkedEvent) -> None:
         if not self._seen.add(event.meta.event_id):
             return
         release = self.releases.get(event.release_id)
         if release is None:
             self._parked.setdefault(event.release_id, []).append(event)
             return
-        self._rollback(release, event)
+        self._apply(release, event)
 
-    def _promote(self, release: Release, event: events_pb2.ReleasePromote) -> None:
+    def _apply(self, release: Release, event: ParkedEvent) -> None:
         at = _seconds(event.meta.occurred_at, self.clock())
-        if release.apply_promote(event.step_index, event.weight, event.final, at):
-            release.last_decision = "promote"
-            release.last_reason = event.reason
-
-    def _rollback(self, release: Release, event: events_pb2.ReleaseRollback) -> None:
-        if release.apply_rollback():
-            release.last_decision = "rollback"
-            release.last_reason = event.reason
+        if isinstance(event, events_pb2.ReleasePromote):
+            if release.apply_promote(event.step_index, event.weight, event.final, at):
+                release.last_decision, release.last_reason = "promote", event.reason
+        elif isinstance(event, events_pb2.ReleaseRollback):
+            if release.apply_rollback():
+                release.last_decision, release.last_reason = "rollback", event.reason
+        elif release.apply_pause(isinstance(event, events_pb2.ReleasePaused), at):
+            what = "paused" if release.paused else "resumed"
+            log.info(
+                "release %s of %s %s: %s", release.release_id, release.alias, what, event.reason
+            )
 
     # -- decisions -------------------------------------------------------------------
 
+    def _judged_key(self, release: Release) -> tuple[object, ...]:
+        c, s = release.candidate, release.stable
+        return (
+            c.requests,
+            s.requests,
+            len(c.feedback),
+            len(s.feedback),
+            release.step_started_at,
+            release.evaluation_failure,
+        )
+
     async def analyze_once(self) -> list[Decision]:
-        """Decide for every running automatic release; publishes what is decided."""
+        """Judge every running automatic release (publishing promotions and rollbacks),
+        then the alert rules."""
         made: list[Decision] = []
         async with self._lock:
-            for alias, release_id in list(self._latest.items()):
-                release = self.releases[release_id]
-                if release.state is not ReleaseState.RUNNING or not release.thresholds.auto:
+            now = self.clock()
+            for release in self.latest_releases():
+                if not release.running or not release.config.auto or release.paused:
                     continue
-                stable = self.stats.figures(alias, release.stable_version_id, self.clock())
-                decision = decide(release, release.step_figures(), stable)
+                self._ensure_evaluation(release)
+                key = self._judged_key(release)
+                timed_out = now - release.step_started_at >= release.config.step_timeout_s
+                if self._judged.get(release.release_id) == key and not timed_out:
+                    continue
+                self._judged[release.release_id] = key
+                decision = decide(release, now)
                 if decision.kind is DecisionKind.WAIT:
+                    continue
+                if decision.kind is DecisionKind.REPORT:
+                    if release.last_reason != decision.reason:
+                        release.last_decision, release.last_reason = "report", decision.reason
                     continue
                 await self._publish(release, decision, manual=False)
                 made.append(decision)
+            await self._evaluate_alerts(now)
         return made
 
     async def run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        # A flag as well as cancellation: wait_for can swallow a cancel (runtime/tasks.py).
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval_s)
+            self._wake.clear()
             try:
                 await self.analyze_once()
             except asyncio.CancelledError:
@@ -226,6 +358,32 @@ class Monitor:
             except Exception as exc:
                 # NATS down: the same decision is taken again on a later tick.
                 log.warning("release analysis failed: %s", exc)
+
+    async def settled(self) -> None:
+        """Waits for the background lookups started so far (tests, orderly shutdown)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await cancel_and_wait(list(self._tasks))
+
+    def _ensure_evaluation(self, release: Release) -> None:
+        """Fetch the registry's evaluations once per release, in the background."""
+        if self._evaluations is None or release.release_id in self._evaluated:
+            return
+        self._evaluated.add(release.release_id)
+        task = asyncio.create_task(self._fetch_evaluation(release, self._evaluations))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_evaluation(self, release: Release, lookup: EvaluationLookup) -> None:
+        candidate = await lookup(release.candidate_version_id)
+        stable = await lookup(release.stable_version_id) if release.stable_version_id else None
+        verdict = judge_evaluations(candidate, stable)
+        release.evaluation_failure = verdict.failure
+        release.evaluation_figures = verdict.figures
+        self._wake.set()
 
     async def _publish(self, release: Release, decision: Decision, *, manual: bool) -> None:
         meta = new_meta(self.bus.service, self.bus.instance)
@@ -259,6 +417,7 @@ class Monitor:
             )
             await self.bus.publish(RELEASE_ROLLBACK, rollback)
             self.apply_rollback(rollback)
+        self.decisions_total[(release.alias, decision.kind.value)] += 1
         log.info(
             "%s%s of %s (%s): %s",
             "manual " if manual else "",
@@ -268,17 +427,50 @@ class Monitor:
             decision.reason,
         )
 
+    # -- alerts ----------------------------------------------------------------------
+
+    async def _evaluate_alerts(self, now: float) -> None:
+        figures = {key: self.stats.figures(*key, now) for key in self.stats.active(now)}
+        for transition in self.alerts.evaluate(figures, now):
+            event = alert_event(transition.alert, transition.state, transition.for_seconds)
+            event.meta.CopyFrom(new_meta(self.bus.service, self.bus.instance))
+            self.alerts_total[(transition.alert.rule, transition.state)] += 1
+            log.log(
+                logging.WARNING if transition.state == FIRING else logging.INFO,
+                "alert %s %s for %s/%s: %s",
+                transition.alert.rule,
+                transition.state,
+                transition.alert.alias,
+                transition.alert.version_id,
+                transition.alert.message,
+            )
+            try:
+                await self.bus.publish(MONITOR_ALERT, event)
+            except Exception as exc:
+                # The transition is not repeated; the alert stays visible via ListAlerts.
+                log.warning("alert event not published: %s", exc)
+
+    def active_alerts(self, alias: str = "") -> list[AlertState]:
+        return self.alerts.active(alias)
+
+    def list_alerts(self, alias: str) -> monitor_pb2.ListAlertsResponse:
+        now = self.clock()
+        return monitor_pb2.ListAlertsResponse(
+            alerts=[alert_event(s, FIRING, now - s.since) for s in self.alerts.active(alias)]
+        )
+
+    # -- manual decisions ------------------------------------------------------------
+
     def _require_release(self, alias: str) -> Release:
+        if not alias:
+            raise InvalidArgument("alias is required")
         release = self.release_for(alias)
         if release is None:
             raise NotFound(f"no release known for alias {alias!r}")
         return release
 
     def _manual_figures(self, release: Release) -> dict[str, float]:
-        stable = self.stats.figures(release.alias, release.stable_version_id, self.clock())
-        return decision_figures(
-            release.step_figures(), stable.latency_p95_ms if stable.ok_requests else None
-        )
+        return arm_figures(release.candidate.figures(), release.stable.figures())
 
     async def promote(self, alias: str, reason: str) -> monitor_pb2.ReleaseAnalysis:
         async with self._lock:
@@ -315,20 +507,12 @@ class Monitor:
 
     # -- read API --------------------------------------------------------------------
 
+    def window_figures(self, alias: str, version_id: str) -> Figures:
+        return self.stats.figures(alias, version_id, self.clock())
+
     def _version_stats(self, alias: str, version_id: str) -> monitor_pb2.VersionStats:
-        f: Figures = self.stats.figures(alias, version_id, self.clock())
-        return monitor_pb2.VersionStats(
-            alias=alias,
-            version_id=version_id,
-            requests=f.requests,
-            errors=f.errors,
-            error_rate=f.error_rate,
-            latency_p50_ms=f.latency_p50_ms,
-            latency_p95_ms=f.latency_p95_ms,
-            latency_p99_ms=f.latency_p99_ms,
-            ttft_p50_ms=f.ttft_p50_ms,
-            tokens_per_second=f.tokens_per_second,
-            window_seconds=self.stats.window_s,
+        return version_stats(
+            alias, version_id, self.window_figures(alias, version_id), self.stats.window_s
         )
 
     def version_stats(self, alias: str, version_id: str) -> monitor_pb2.VersionStats:
@@ -347,19 +531,18 @@ class Monitor:
         )
 
     def analysis(self, alias: str) -> monitor_pb2.ReleaseAnalysis:
+        if not alias:
+            raise InvalidArgument("alias is required")
         release = self.release_for(alias)
         if release is None:
             if not self._known_alias(alias):
                 raise NotFound(f"no metrics or release known for alias {alias!r}")
             return monitor_pb2.ReleaseAnalysis(alias=alias, state="none")
-        return monitor_pb2.ReleaseAnalysis(
-            alias=alias,
-            release_id=release.release_id,
-            state=release.state.value,
-            step_index=release.step_index,
-            weight=release.weight,
-            stable=self._version_stats(alias, release.stable_version_id),
-            candidate=self._version_stats(alias, release.candidate_version_id),
-            last_decision=release.last_decision,
-            last_reason=release.last_reason,
+        now = self.clock()
+        return release_analysis(
+            release,
+            self._version_stats(alias, release.stable_version_id),
+            self._version_stats(alias, release.candidate_version_id),
+            decide(release, now) if release.running else None,
+            now,
         )

@@ -1,4 +1,5 @@
-"""Wires the monitor together: NATS consumers, the analysis loop and the gRPC server."""
+"""Wires the monitor together: NATS consumers, the analysis loop, the registry lookup of
+evaluations, the gRPC server and the metrics endpoint."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ import asyncio
 import logging
 
 from nats.js.api import DeliverPolicy
+from opentelemetry import metrics
 
 from ftops.monitor.v1 import monitor_pb2_grpc
+from ftops.registry.v1 import registry_pb2_grpc
+from ftops_monitor.alerts import AlertRules
+from ftops_monitor.evaluation import registry_lookup
+from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
+from ftops_monitor.feedback import RequestIndex
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.servicer import MonitorServicer
 from ftops_monitor.settings import MonitorSettings
+from ftops_runtime import client
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
     METRICS_REQUESTS,
+    RELEASE_PAUSED,
     RELEASE_PROMOTE,
+    RELEASE_RESUMED,
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
 )
@@ -24,6 +34,18 @@ from ftops_runtime.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "ftops.monitor.v1.MonitorService"
+METRICS_PORT_FALLBACK = 0
+
+
+def alert_rules(settings: MonitorSettings) -> AlertRules:
+    return AlertRules(
+        error_rate_above=settings.alert_error_rate,
+        p99_latency_above_ms=settings.alert_latency_p99_ms,
+        feedback_below=settings.alert_feedback_below,
+        for_s=settings.alert_for_s,
+        min_requests=settings.alert_min_requests,
+        min_feedback=settings.alert_min_requests,
+    )
 
 
 class MonitorService:
@@ -38,13 +60,27 @@ class MonitorService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
         )
-        self.monitor = Monitor(self.bus, window_s=settings.window_s)
+        self._registry_channel = client.channel(settings.registry_address)
+        self.monitor = Monitor(
+            self.bus,
+            window_s=settings.window_s,
+            alert_rules=alert_rules(settings),
+            evaluations=registry_lookup(
+                registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
+                timeout_s=settings.registry_timeout_s,
+            ),
+            requests=RequestIndex(
+                max_age_s=settings.feedback_max_age_s, max_items=settings.feedback_max_requests
+            ),
+        )
         self.server = GrpcServer(
             settings, service_names=[SERVICE_NAME], checks={"nats": self._nats_ok}
         )
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(self.monitor), self.server.server
         )
+        self.metrics: MetricsServer | None = None
+        register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
         self._loop: asyncio.Task[None] | None = None
 
     async def _nats_ok(self) -> bool:
@@ -53,6 +89,26 @@ class MonitorService:
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.port if self.metrics is not None else -1
+
+    async def _start_metrics(self) -> None:
+        port = self.settings.metrics_port
+        if port < 0:
+            return
+        registry = prometheus_registry(self.monitor)
+        self.metrics = MetricsServer(registry, self.settings.grpc_host, port)
+        try:
+            await self.metrics.start()
+        except OSError as exc:
+            if port == METRICS_PORT_FALLBACK:
+                raise
+            # Another process has the preferred port (a second replica on one host).
+            log.warning("metrics port %d unavailable (%s); taking a free one", port, exc)
+            self.metrics = MetricsServer(registry, self.settings.grpc_host, METRICS_PORT_FALLBACK)
+            await self.metrics.start()
 
     async def start(self) -> int:
         self.bus.subscribe(
@@ -65,11 +121,14 @@ class MonitorService:
         # per-instance consumer (one per subject: a consumer has one filter subject).
         prefix = f"monitor-{self.settings.instance_id}"
         inactive = self.settings.release_consumer_inactive_s
-        for subject, handler, suffix in (
+        handlers = (
             (RELEASE_STARTED, self.monitor.on_started, "started"),
             (RELEASE_PROMOTE, self.monitor.on_promote, "promote"),
             (RELEASE_ROLLBACK, self.monitor.on_rollback, "rollback"),
-        ):
+            (RELEASE_PAUSED, self.monitor.on_paused, "paused"),
+            (RELEASE_RESUMED, self.monitor.on_resumed, "resumed"),
+        )
+        for subject, handler, suffix in handlers:
             self.bus.subscribe(
                 subject,
                 f"{prefix}-{suffix}",
@@ -81,13 +140,18 @@ class MonitorService:
         self._loop = asyncio.create_task(
             self.monitor.run(self.settings.analysis_interval_s), name="release-analysis"
         )
+        await self._start_metrics()
         return await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop()
+        await self.monitor.close()
         if self._loop is not None:
             await cancel_and_wait([self._loop])
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.bus.close()
+        await self._registry_channel.close()
 
 
 async def serve(settings: MonitorSettings, stop: asyncio.Event) -> None:

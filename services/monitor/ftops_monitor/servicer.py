@@ -36,3 +36,13 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_pb2.ReleaseDecisionRequest, context: Any
     ) -> monitor_pb2.ReleaseAnalysis:
         return await self._monitor.rollback(request.alias, request.reason)
+
+    async def SubmitFeedback(
+        self, request: monitor_pb2.SubmitFeedbackRequest, context: Any
+    ) -> monitor_pb2.SubmitFeedbackResponse:
+        return self._monitor.submit_feedback(request.request_id, request.score, request.comment)
+
+    async def ListAlerts(
+        self, request: monitor_pb2.ListAlertsRequest, context: Any
+    ) -> monitor_pb2.ListAlertsResponse:
+        return self._monitor.list_alerts(request.alias)

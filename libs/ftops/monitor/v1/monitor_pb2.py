@@ -22,29 +22,44 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ftops.events.v1 import events_pb2 as ftops_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/monitor/v1/monitor.proto\x12\x10\x66tops.monitor.v1\"\xf7\x01\n\x0cVersionStats\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x08 \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\t \x01(\x01\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x0b \x01(\x01\";\n\x16GetVersionStatsRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\"(\n\x17ListVersionStatsRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"I\n\x18ListVersionStatsResponse\x12-\n\x05stats\x18\x01 \x03(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\"*\n\x19GetReleaseAnalysisRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\xf6\x01\n\x0fReleaseAnalysis\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12.\n\x06stable\x18\x06 \x01(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\x12\x31\n\tcandidate\x18\x07 \x01(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\x12\x15\n\rlast_decision\x18\x08 \x01(\t\x12\x13\n\x0blast_reason\x18\t \x01(\t\"7\n\x16ReleaseDecisionRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xfd\x03\n\x0eMonitorService\x12[\n\x0fGetVersionStats\x12(.ftops.monitor.v1.GetVersionStatsRequest\x1a\x1e.ftops.monitor.v1.VersionStats\x12i\n\x10ListVersionStats\x12).ftops.monitor.v1.ListVersionStatsRequest\x1a*.ftops.monitor.v1.ListVersionStatsResponse\x12\x64\n\x12GetReleaseAnalysis\x12+.ftops.monitor.v1.GetReleaseAnalysisRequest\x1a!.ftops.monitor.v1.ReleaseAnalysis\x12]\n\x0ePromoteRelease\x12(.ftops.monitor.v1.ReleaseDecisionRequest\x1a!.ftops.monitor.v1.ReleaseAnalysis\x12^\n\x0fRollbackRelease\x12(.ftops.monitor.v1.ReleaseDecisionRequest\x1a!.ftops.monitor.v1.ReleaseAnalysisb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66tops/monitor/v1/monitor.proto\x12\x10\x66tops.monitor.v1\x1a\x1c\x66tops/events/v1/events.proto\"\x83\x03\n\x0cVersionStats\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x08 \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\t \x01(\x01\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x0b \x01(\x01\x12\x13\n\x0bttft_p95_ms\x18\x0c \x01(\x01\x12\x13\n\x0bok_requests\x18\r \x01(\x04\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_count\x18\x0e \x01(\x04\x12\x15\n\rfeedback_mean\x18\x0f \x01(\x01\x12\x18\n\x10\x64ivergence_count\x18\x10 \x01(\x04\x12\x17\n\x0f\x64ivergence_mean\x18\x11 \x01(\x01\";\n\x16GetVersionStatsRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\"(\n\x17ListVersionStatsRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"I\n\x18ListVersionStatsResponse\x12-\n\x05stats\x18\x01 \x03(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\"*\n\x19GetReleaseAnalysisRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"\x92\x04\n\x0fReleaseAnalysis\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstep_index\x18\x04 \x01(\r\x12\x0e\n\x06weight\x18\x05 \x01(\r\x12.\n\x06stable\x18\x06 \x01(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\x12\x31\n\tcandidate\x18\x07 \x01(\x0b\x32\x1e.ftops.monitor.v1.VersionStats\x12\x15\n\rlast_decision\x18\x08 \x01(\t\x12\x13\n\x0blast_reason\x18\t \x01(\t\x12\x10\n\x08strategy\x18\n \x01(\t\x12\x0e\n\x06paused\x18\x0b \x01(\x08\x12\x19\n\x11stable_version_id\x18\x0c \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\r \x01(\t\x12\x14\n\x0cstep_seconds\x18\x0e \x01(\x01\x12?\n\x07\x66igures\x18\x0f \x03(\x0b\x32..ftops.monitor.v1.ReleaseAnalysis.FiguresEntry\x12\'\n\x06\x63hecks\x18\x10 \x03(\x0b\x32\x17.ftops.monitor.v1.Check\x12\x0f\n\x07verdict\x18\x11 \x01(\t\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"K\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"n\n\x16SubmitFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x10\n\x08replaced\x18\x05 \x01(\x08\"\"\n\x11ListAlertsRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"<\n\x12ListAlertsResponse\x12&\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x16.ftops.events.v1.Alert\"7\n\x16ReleaseDecisionRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xbb\x05\n\x0eMonitorService\x12[\n\x0fGetVersionStats\x12(.ftops.monitor.v1.GetVersionStatsRequest\x1a\x1e.ftops.monitor.v1.VersionStats\x12i\n\x10ListVersionStats\x12).ftops.monitor.v1.ListVersionStatsRequest\x1a*.ftops.monitor.v1.ListVersionStatsResponse\x12\x64\n\x12GetReleaseAnalysis\x12+.ftops.monitor.v1.GetReleaseAnalysisRequest\x1a!.ftops.monitor.v1.ReleaseAnalysis\x12]\n\x0ePromoteRelease\x12(.ftops.monitor.v1.ReleaseDecisionRequest\x1a!.ftops.monitor.v1.ReleaseAnalysis\x12^\n\x0fRollbackRelease\x12(.ftops.monitor.v1.ReleaseDecisionRequest\x1a!.ftops.monitor.v1.ReleaseAnalysis\x12\x63\n\x0eSubmitFeedback\x12\'.ftops.monitor.v1.SubmitFeedbackRequest\x1a(.ftops.monitor.v1.SubmitFeedbackResponse\x12W\n\nListAlerts\x12#.ftops.monitor.v1.ListAlertsRequest\x1a$.ftops.monitor.v1.ListAlertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftops.monitor.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATS']._serialized_start=53
-  _globals['_VERSIONSTATS']._serialized_end=300
-  _globals['_GETVERSIONSTATSREQUEST']._serialized_start=302
-  _globals['_GETVERSIONSTATSREQUEST']._serialized_end=361
-  _globals['_LISTVERSIONSTATSREQUEST']._serialized_start=363
-  _globals['_LISTVERSIONSTATSREQUEST']._serialized_end=403
-  _globals['_LISTVERSIONSTATSRESPONSE']._serialized_start=405
-  _globals['_LISTVERSIONSTATSRESPONSE']._serialized_end=478
-  _globals['_GETRELEASEANALYSISREQUEST']._serialized_start=480
-  _globals['_GETRELEASEANALYSISREQUEST']._serialized_end=522
-  _globals['_RELEASEANALYSIS']._serialized_start=525
-  _globals['_RELEASEANALYSIS']._serialized_end=771
-  _globals['_RELEASEDECISIONREQUEST']._serialized_start=773
-  _globals['_RELEASEDECISIONREQUEST']._serialized_end=828
-  _globals['_MONITORSERVICE']._serialized_start=831
-  _globals['_MONITORSERVICE']._serialized_end=1340
+  _globals['_RELEASEANALYSIS_FIGURESENTRY']._loaded_options = None
+  _globals['_RELEASEANALYSIS_FIGURESENTRY']._serialized_options = b'8\001'
+  _globals['_VERSIONSTATS']._serialized_start=83
+  _globals['_VERSIONSTATS']._serialized_end=470
+  _globals['_GETVERSIONSTATSREQUEST']._serialized_start=472
+  _globals['_GETVERSIONSTATSREQUEST']._serialized_end=531
+  _globals['_LISTVERSIONSTATSREQUEST']._serialized_start=533
+  _globals['_LISTVERSIONSTATSREQUEST']._serialized_end=573
+  _globals['_LISTVERSIONSTATSRESPONSE']._serialized_start=575
+  _globals['_LISTVERSIONSTATSRESPONSE']._serialized_end=648
+  _globals['_GETRELEASEANALYSISREQUEST']._serialized_start=650
+  _globals['_GETRELEASEANALYSISREQUEST']._serialized_end=692
+  _globals['_RELEASEANALYSIS']._serialized_start=695
+  _globals['_RELEASEANALYSIS']._serialized_end=1225
+  _globals['_RELEASEANALYSIS_FIGURESENTRY']._serialized_start=1179
+  _globals['_RELEASEANALYSIS_FIGURESENTRY']._serialized_end=1225
+  _globals['_CHECK']._serialized_start=1227
+  _globals['_CHECK']._serialized_end=1280
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1282
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1357
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1359
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1469
+  _globals['_LISTALERTSREQUEST']._serialized_start=1471
+  _globals['_LISTALERTSREQUEST']._serialized_end=1505
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1507
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1567
+  _globals['_RELEASEDECISIONREQUEST']._serialized_start=1569
+  _globals['_RELEASEDECISIONREQUEST']._serialized_end=1624
+  _globals['_MONITORSERVICE']._serialized_start=1627
+  _globals['_MONITORSERVICE']._serialized_end=2326
 # @@protoc_insertion_point(module_scope)

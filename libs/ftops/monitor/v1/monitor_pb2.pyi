@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from ftops.events.v1 import events_pb2 as _events_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -33,6 +34,12 @@ class VersionStats(_message.Message):
     TTFT_P50_MS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    TTFT_P95_MS_FIELD_NUMBER: _builtins.int
+    OK_REQUESTS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_COUNT_FIELD_NUMBER: _builtins.int
+    FEEDBACK_MEAN_FIELD_NUMBER: _builtins.int
+    DIVERGENCE_COUNT_FIELD_NUMBER: _builtins.int
+    DIVERGENCE_MEAN_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     version_id: _builtins.str
     requests: _builtins.int
@@ -45,6 +52,15 @@ class VersionStats(_message.Message):
     tokens_per_second: _builtins.float
     window_seconds: _builtins.float
     """Length of the sliding window the figures cover."""
+    ttft_p95_ms: _builtins.float
+    ok_requests: _builtins.int
+    """Successful requests (the latency figures cover only these)."""
+    feedback_count: _builtins.int
+    """Feedback scores (0..1) given in the window and their mean."""
+    feedback_mean: _builtins.float
+    divergence_count: _builtins.int
+    """Shadow results with a known output divergence from the stable answer, and its mean."""
+    divergence_mean: _builtins.float
     def __init__(
         self,
         *,
@@ -59,10 +75,16 @@ class VersionStats(_message.Message):
         ttft_p50_ms: _builtins.float = ...,
         tokens_per_second: _builtins.float = ...,
         window_seconds: _builtins.float = ...,
+        ttft_p95_ms: _builtins.float = ...,
+        ok_requests: _builtins.int = ...,
+        feedback_count: _builtins.int = ...,
+        feedback_mean: _builtins.float = ...,
+        divergence_count: _builtins.int = ...,
+        divergence_mean: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "error_rate", b"error_rate", "errors", b"errors", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "requests", b"requests", "tokens_per_second", b"tokens_per_second", "ttft_p50_ms", b"ttft_p50_ms", "version_id", b"version_id", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "divergence_count", b"divergence_count", "divergence_mean", b"divergence_mean", "error_rate", b"error_rate", "errors", b"errors", "feedback_count", b"feedback_count", "feedback_mean", b"feedback_mean", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "ok_requests", b"ok_requests", "requests", b"requests", "tokens_per_second", b"tokens_per_second", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p95_ms", b"ttft_p95_ms", "version_id", b"version_id", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +174,26 @@ Global___GetReleaseAnalysisRequest: _TypeAlias = GetReleaseAnalysisRequest  # no
 class ReleaseAnalysis(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FiguresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ALIAS_FIELD_NUMBER: _builtins.int
     RELEASE_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -161,6 +203,14 @@ class ReleaseAnalysis(_message.Message):
     CANDIDATE_FIELD_NUMBER: _builtins.int
     LAST_DECISION_FIELD_NUMBER: _builtins.int
     LAST_REASON_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     release_id: _builtins.str
     state: _builtins.str
@@ -169,10 +219,26 @@ class ReleaseAnalysis(_message.Message):
     weight: _builtins.int
     last_decision: _builtins.str
     last_reason: _builtins.str
+    strategy: _builtins.str
+    """"canary", "blue_green" or "shadow"."""
+    paused: _builtins.bool
+    """Paused: no automatic decisions until resumed."""
+    stable_version_id: _builtins.str
+    candidate_version_id: _builtins.str
+    step_seconds: _builtins.float
+    """Seconds since the current step began (results before it do not count for it)."""
+    verdict: _builtins.str
+    """The latest automatic verdict: "pass", "fail", "inconclusive" or "" before the first."""
     @_builtins.property
     def stable(self) -> Global___VersionStats: ...
     @_builtins.property
     def candidate(self) -> Global___VersionStats: ...
+    @_builtins.property
+    def figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The current step's figures for both arms and the test statistics behind the verdict."""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Check]: ...
     def __init__(
         self,
         *,
@@ -185,14 +251,151 @@ class ReleaseAnalysis(_message.Message):
         candidate: Global___VersionStats | None = ...,
         last_decision: _builtins.str = ...,
         last_reason: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        stable_version_id: _builtins.str = ...,
+        candidate_version_id: _builtins.str = ...,
+        step_seconds: _builtins.float = ...,
+        figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        checks: _abc.Iterable[Global___Check] | None = ...,
+        verdict: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "stable", b"stable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "candidate", b"candidate", "last_decision", b"last_decision", "last_reason", b"last_reason", "release_id", b"release_id", "stable", b"stable", "state", b"state", "step_index", b"step_index", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "candidate", b"candidate", "candidate_version_id", b"candidate_version_id", "checks", b"checks", "figures", b"figures", "last_decision", b"last_decision", "last_reason", b"last_reason", "paused", b"paused", "release_id", b"release_id", "stable", b"stable", "stable_version_id", b"stable_version_id", "state", b"state", "step_index", b"step_index", "step_seconds", b"step_seconds", "strategy", b"strategy", "verdict", b"verdict", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseAnalysis: _TypeAlias = ReleaseAnalysis  # noqa: Y015
+
+@_typing.final
+class Check(_message.Message):
+    """One part of the analysis of the current step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"errors", "error_cap", "latency", "latency_ratio", "feedback", "divergence",
+    "evaluation", "samples".
+    """
+    status: _builtins.str
+    """"pass", "fail", "pending" (not enough data yet) or "off"."""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Check: _TypeAlias = Check  # noqa: Y015
+
+@_typing.final
+class SubmitFeedbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    score: _builtins.float
+    """0 (bad) .. 1 (good)."""
+    comment: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "request_id", b"request_id", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitFeedbackRequest: _TypeAlias = SubmitFeedbackRequest  # noqa: Y015
+
+@_typing.final
+class SubmitFeedbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    alias: _builtins.str
+    version_id: _builtins.str
+    arm: _builtins.str
+    replaced: _builtins.bool
+    """A score for this request was already recorded and has been replaced."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        arm: _builtins.str = ...,
+        replaced: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "replaced", b"replaced", "request_id", b"request_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitFeedbackResponse: _TypeAlias = SubmitFeedbackResponse  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Empty: every alias."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.Alert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[_events_pb2.Alert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseDecisionRequest(_message.Message):

@@ -61,6 +61,16 @@ class MonitorServiceStub:
                 request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
                 response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/ftops.monitor.v1.MonitorService/SubmitFeedback',
+                request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/ftops.monitor.v1.MonitorService/ListAlerts',
+                request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -99,6 +109,22 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """A user's score (0..1) of one answer, by the request id the gateway returned. The
+        monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
+        second score for the same request replaces the first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts firing now (the monitor.alert events carry every transition).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +152,16 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.RollbackRelease,
                     request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.FromString,
                     response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.FromString,
+                    response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +301,60 @@ class MonitorService:
             '/ftops.monitor.v1.MonitorService/RollbackRelease',
             ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
             ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.monitor.v1.MonitorService/SubmitFeedback',
+            ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackRequest.SerializeToString,
+            ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftops.monitor.v1.MonitorService/ListAlerts',
+            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
+            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,13 @@ class MonitorServiceStub:
     PromoteRelease: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]
     """Manual decisions; they publish the same events as the automatic ones."""
     RollbackRelease: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]
+    SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.SubmitFeedbackRequest, _monitor_pb2.SubmitFeedbackResponse]
+    """A user's score (0..1) of one answer, by the request id the gateway returned. The
+    monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
+    second score for the same request replaces the first.
+    """
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]
+    """Alerts firing now (the monitor.alert events carry every transition)."""
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -55,6 +62,13 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     PromoteRelease: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]  # type: ignore[assignment]
     """Manual decisions; they publish the same events as the automatic ones."""
     RollbackRelease: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]  # type: ignore[assignment]
+    SubmitFeedback: _aio.UnaryUnaryMultiCallable[_monitor_pb2.SubmitFeedbackRequest, _monitor_pb2.SubmitFeedbackResponse]  # type: ignore[assignment]
+    """A user's score (0..1) of one answer, by the request id the gateway returned. The
+    monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
+    second score for the same request replaces the first.
+    """
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """Alerts firing now (the monitor.alert events carry every transition)."""
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Per-version metrics from the gateway's request results, release analysis, and the
@@ -96,5 +110,24 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_pb2.ReleaseDecisionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.ReleaseAnalysis, _abc.Awaitable[_monitor_pb2.ReleaseAnalysis]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitFeedback(
+        self,
+        request: _monitor_pb2.SubmitFeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.SubmitFeedbackResponse, _abc.Awaitable[_monitor_pb2.SubmitFeedbackResponse]]:
+        """A user's score (0..1) of one answer, by the request id the gateway returned. The
+        monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
+        second score for the same request replaces the first.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _monitor_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_pb2.ListAlertsResponse]]:
+        """Alerts firing now (the monitor.alert events carry every transition)."""
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,188 @@
+"""Per-version figures, release state and active alerts for Prometheus and OpenTelemetry.
+
+Both read the monitor's state when they are collected (a scrape, an OTel export), so the
+request path pays nothing for them: a result costs one counter increment in the monitor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from aiohttp import web
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ftops_monitor.monitor import Monitor
+from ftops_monitor.windows import Figures
+
+log = logging.getLogger(__name__)
+
+# (metric suffix, help, value of the window's figures)
+WINDOW_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("requests", "Results in the sliding window.", "requests"),
+    ("error_rate", "Error rate (0..1) in the sliding window.", "error_rate"),
+    ("latency_p50_ms", "Median latency of successful requests, ms.", "latency_p50_ms"),
+    ("latency_p95_ms", "p95 latency of successful requests, ms.", "latency_p95_ms"),
+    ("latency_p99_ms", "p99 latency of successful requests, ms.", "latency_p99_ms"),
+    ("ttft_p50_ms", "Median time to first token, ms.", "ttft_p50_ms"),
+    ("tokens_per_second", "Completion tokens per second of generation.", "tokens_per_second"),
+    ("feedback_mean", "Mean user feedback score (0..1) in the window.", "feedback_mean"),
+    ("feedback_count", "Feedback scores in the window.", "feedback_count"),
+    ("divergence_mean", "Mean shadow output divergence (0..1).", "divergence_mean"),
+)
+RELEASE_STATES = ("running", "paused", "promoted", "rolled_back")
+
+
+def _window_values(monitor: Monitor) -> Iterator[tuple[str, str, Figures]]:
+    for alias, version_id in monitor.stats.keys(None):
+        yield alias, version_id, monitor.window_figures(alias, version_id)
+
+
+class MonitorCollector(Collector):
+    """A Prometheus collector over the monitor's live state."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        m = self.monitor
+        version = ["alias", "version"]
+        gauges = {
+            name: GaugeMetricFamily(f"ftops_monitor_window_{name}", text, labels=version)
+            for name, text, _ in WINDOW_GAUGES
+        }
+        for alias, version_id, f in _window_values(m):
+            for name, _, attr in WINDOW_GAUGES:
+                gauges[name].add_metric([alias, version_id], float(getattr(f, attr)))
+        yield from gauges.values()
+
+        results = CounterMetricFamily(
+            "ftops_monitor_results",
+            "Request results received, by arm and outcome (ok or error).",
+            labels=["alias", "version", "arm", "outcome"],
+        )
+        for (alias, version_id, arm, outcome), n in sorted(m.results_total.items()):
+            results.add_metric([alias, version_id, arm, outcome], n)
+        yield results
+
+        decisions = CounterMetricFamily(
+            "ftops_monitor_decisions",
+            "Release decisions published by this monitor.",
+            labels=["alias", "kind"],
+        )
+        for (alias, kind), n in sorted(m.decisions_total.items()):
+            decisions.add_metric([alias, kind], n)
+        yield decisions
+
+        weight = GaugeMetricFamily(
+            "ftops_monitor_release_weight",
+            "Candidate traffic percentage of the alias's latest release.",
+            labels=["alias", "release", "stable", "candidate", "strategy"],
+        )
+        state = GaugeMetricFamily(
+            "ftops_monitor_release_state",
+            "1 for the state the alias's latest release is in.",
+            labels=["alias", "release", "state"],
+        )
+        for r in m.latest_releases():
+            weight.add_metric(
+                [r.alias, r.release_id, r.stable_version_id, r.candidate_version_id, r.strategy],
+                r.weight,
+            )
+            current = "paused" if r.running and r.paused else r.state.value
+            for s in RELEASE_STATES:
+                state.add_metric([r.alias, r.release_id, s], 1.0 if s == current else 0.0)
+        yield weight
+        yield state
+
+        alerts = GaugeMetricFamily(
+            "ftops_monitor_alert_active",
+            "1 while an alert rule is firing for a version.",
+            labels=["alias", "version", "rule"],
+        )
+        for a in m.active_alerts():
+            alerts.add_metric([a.alias, a.version_id, a.rule], 1.0)
+        yield alerts
+
+
+def prometheus_registry(monitor: Monitor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MonitorCollector(monitor))
+    return registry
+
+
+def register_otel(monitor: Monitor, meter: Meter) -> None:
+    """Observable gauges over the same figures, exported wherever telemetry is set up."""
+
+    def window_callback(attr: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(float(getattr(f, attr)), {"alias": alias, "version": version_id})
+                for alias, version_id, f in _window_values(monitor)
+            ]
+
+        return callback
+
+    for name, text, attr in WINDOW_GAUGES:
+        meter.create_observable_gauge(
+            f"ftops.monitor.window.{name}",
+            callbacks=[window_callback(attr)],
+            description=text,
+        )
+
+    def release_weight(options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(float(r.weight), {"alias": r.alias, "release": r.release_id})
+            for r in monitor.latest_releases()
+        ]
+
+    def active_alerts(options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(1.0, {"alias": a.alias, "version": a.version_id, "rule": a.rule})
+            for a in monitor.active_alerts()
+        ]
+
+    meter.create_observable_gauge(
+        "ftops.monitor.release.weight",
+        callbacks=[release_weight],
+        description="Candidate traffic percentage of each alias's latest release.",
+    )
+    meter.create_observable_gauge(
+        "ftops.monitor.alert.active",
+        callbacks=[active_alerts],
+        description="1 while an alert rule is firing for a version.",
+    )
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text format) on ``host:port``; port 0 takes a free one."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._registry = registry
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

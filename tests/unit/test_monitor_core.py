@@ -1,0 +1,409 @@
+"""The monitor's state from events, its decisions, feedback and alerts (a fake bus that
+records what is published; the real NATS path is in the integration tests)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+from google.protobuf.message import Message
+
+from ftops.common.v1 import common_pb2
+from ftops.events.v1 import events_pb2
+from ftops_monitor.alerts import AlertRules
+from ftops_monitor.analysis import DecisionKind, ReleaseState
+from ftops_monitor.monitor import Monitor
+from ftops_runtime.bus import EventBus
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+
+class FakeBus:
+    service = "monitor"
+    instance = "t"
+    ready = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, Message]] = []
+
+    async def publish(self, subject: str, event: Message, **_: Any) -> None:
+        self.published.append((subject, event))
+
+    def of(self, subject: str) -> list[Any]:
+        return [e for s, e in self.published if s == subject]
+
+
+class Clock:
+    def __init__(self, now: float = 1002.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _meta(event_id: str, at: float = 1000.0) -> common_pb2.EventMeta:
+    meta = common_pb2.EventMeta(event_id=event_id)
+    meta.occurred_at.FromNanoseconds(int(at * 1e9))
+    return meta
+
+
+def _started(
+    min_requests: int = 4,
+    auto: bool = True,
+    strategy: int = events_pb2.RELEASE_STRATEGY_CANARY,
+    **analysis: Any,
+) -> events_pb2.ReleaseStarted:
+    return events_pb2.ReleaseStarted(
+        meta=_meta("started"),
+        release_id="rel_1",
+        alias="bot",
+        stable_version_id="ver_s",
+        candidate_version_id="ver_c",
+        strategy=strategy,  # type: ignore[arg-type]
+        steps=[5, 50, 100],
+        current_weight=5,
+        analysis=events_pb2.AnalysisSettings(min_requests=min_requests, auto=auto, **analysis),
+    )
+
+
+_counter = iter(range(10**9))
+
+
+def _results(
+    version: str,
+    arm: str,
+    n: int,
+    status: str = "OK",
+    at: float = 1001.0,
+    latency: float = 50.0,
+    release_id: str = "rel_1",
+    **extra: Any,
+) -> list[Any]:
+    out = []
+    for i in range(n):
+        r = events_pb2.RequestResult(
+            request_id=f"{version}-{arm}-{next(_counter)}",
+            alias="bot",
+            version_id=version,
+            arm=arm,
+            latency_ms=latency + i % 5,
+            status=status,
+            release_id=release_id,
+            **extra,
+        )
+        r.finished_at.FromNanoseconds(int(at * 1e9))
+        out.append(r)
+    return out
+
+
+def _monitor(clock: Clock | None = None, **kwargs: Any) -> tuple[Monitor, FakeBus]:
+    bus = FakeBus()
+    monitor = Monitor(cast(EventBus, bus), window_s=1e9, clock=clock or Clock(), **kwargs)
+    return monitor, bus
+
+
+async def test_monitor_promotes_through_steps_and_finishes() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started())
+    monitor.ingest(_results("ver_s", "stable", 10))
+    monitor.ingest(_results("ver_c", "candidate", 3))
+    assert await monitor.analyze_once() == []
+    monitor.ingest(_results("ver_c", "candidate", 1))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    [event] = bus.of("release.promote")
+    assert (event.step_index, event.weight, event.final) == (1, 50, False)
+    assert event.figures["stable_requests"] == 10
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert (release.step_index, release.weight, release.candidate.requests) == (1, 50, 0)
+    # Our own event coming back from NATS changes nothing.
+    monitor.apply_promote(event)
+    assert release.step_index == 1
+    # Results finished before the step began do not count for it.
+    monitor.ingest(_results("ver_c", "candidate", 10, at=999.0))
+    monitor.ingest(_results("ver_s", "stable", 10, at=999.0))
+    assert await monitor.analyze_once() == []
+    after = release.step_started_at + 0.1
+    monitor.ingest(_results("ver_c", "candidate", 4, at=after))
+    monitor.ingest(_results("ver_s", "stable", 4, at=after))
+    [final] = await monitor.analyze_once()
+    assert final.next is not None
+    assert final.next.final
+    assert release.state is ReleaseState.PROMOTED
+    assert monitor.analysis("bot").state == "promoted"
+
+
+async def test_client_faults_and_other_releases_do_not_count() -> None:
+    monitor, _ = _monitor()
+    monitor.apply_started(_started(min_requests=4))
+    monitor.ingest(_results("ver_s", "stable", 4))
+    monitor.ingest(_results("ver_c", "candidate", 10, status="INVALID_ARGUMENT"))
+    monitor.ingest(_results("ver_c", "candidate", 10, status="CANCELLED"))
+    monitor.ingest(_results("ver_c", "candidate", 10, release_id="rel_other"))
+    assert await monitor.analyze_once() == []
+    monitor.ingest(_results("ver_c", "candidate", 4))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+
+
+async def test_monitor_rolls_back_failing_candidate_with_reasons() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(min_requests=20))
+    monitor.ingest(_results("ver_s", "stable", 300))
+    monitor.ingest(_results("ver_c", "candidate", 10, status="UNAVAILABLE"))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    [event] = bus.of("release.rollback")
+    assert event.stable_version_id == "ver_s"
+    assert event.figures["errors"] == 10
+    assert "error rate above stable" in event.reason
+    assert not event.manual
+    assert monitor.analysis("bot").state == "rolled_back"
+    with pytest.raises(FailedPrecondition):
+        await monitor.rollback("bot", "again")
+
+
+async def test_blue_green_judges_shadow_results_and_switches_at_once() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN))
+    monitor.ingest(_results("ver_s", "stable", 10))
+    monitor.ingest(_results("ver_c", "candidate", 10))  # not how blue-green judges
+    assert await monitor.analyze_once() == []
+    monitor.ingest(_results("ver_c", "shadow", 4, shadow=True, divergence=0.1))
+    [decision] = await monitor.analyze_once()
+    assert decision.next is not None
+    assert (decision.next.weight, decision.next.final) == (100, True)
+    assert "shadow results" in decision.reason
+    assert bus.of("release.promote")[0].final
+
+
+async def test_shadow_release_reports_and_rolls_back_on_failure() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(strategy=events_pb2.RELEASE_STRATEGY_SHADOW))
+    monitor.ingest(_results("ver_s", "stable", 200))
+    monitor.ingest(_results("ver_c", "shadow", 4, shadow=True))
+    assert await monitor.analyze_once() == []
+    assert bus.published == []
+    analysis = monitor.analysis("bot")
+    assert (analysis.last_decision, analysis.verdict, analysis.strategy) == (
+        "report",
+        "pass",
+        "shadow",
+    )
+    monitor.ingest(_results("ver_c", "shadow", 10, status="INTERNAL", shadow=True))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+
+
+async def test_pause_stops_decisions_and_resume_restarts_the_step() -> None:
+    clock = Clock(1002.0)
+    monitor, _ = _monitor(clock)
+    # The pause arrives before its release: parked, then applied.
+    monitor.apply_pause(
+        events_pb2.ReleasePaused(meta=_meta("pause", 1000.5), release_id="rel_1", alias="bot")
+    )
+    monitor.apply_started(_started(step_timeout_s=5))
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert release.paused
+    monitor.ingest(_results("ver_s", "stable", 10))
+    monitor.ingest(_results("ver_c", "candidate", 10, status="INTERNAL"))
+    clock.now = 2000.0  # far past the step's time limit
+    assert await monitor.analyze_once() == []
+    assert release.candidate.requests == 0  # results while paused do not count
+    assert monitor.analysis("bot").paused
+    monitor.apply_pause(
+        events_pb2.ReleaseResumed(meta=_meta("resume", 1999.0), release_id="rel_1", alias="bot")
+    )
+    assert not release.paused
+    assert release.step_started_at == 1999.0
+    assert await monitor.analyze_once() == []  # the step clock restarted
+    monitor.ingest(_results("ver_s", "stable", 10, at=1999.5))
+    monitor.ingest(_results("ver_c", "candidate", 4, at=1999.5))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    # Manual decisions still work on a paused release.
+    monitor.apply_pause(
+        events_pb2.ReleasePaused(meta=_meta("pause2", 2000.0), release_id="rel_1", alias="bot")
+    )
+    analysis = await monitor.promote("bot", "by hand")
+    assert analysis.state == "promoted"
+
+
+async def test_decision_before_started_is_parked_and_order_tolerated() -> None:
+    monitor, _ = _monitor()
+    promote = events_pb2.ReleasePromote(
+        meta=_meta("p1"), release_id="rel_1", alias="bot", step_index=1, weight=50
+    )
+    monitor.apply_promote(promote)
+    assert monitor.release_for("bot") is None
+    monitor.apply_started(_started())
+    monitor.apply_started(_started())  # redelivered: idempotent
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert (release.step_index, release.weight) == (1, 50)
+    monitor.apply_promote(
+        events_pb2.ReleasePromote(
+            meta=_meta("p0"), release_id="rel_1", alias="bot", step_index=0, weight=5
+        )
+    )
+    assert release.step_index == 1
+
+
+async def test_manual_decisions_and_rollback_after_promotion() -> None:
+    monitor, bus = _monitor()
+    with pytest.raises(NotFound, match="bot"):
+        await monitor.promote("bot", "")
+    with pytest.raises(InvalidArgument):
+        await monitor.promote("", "")
+    monitor.apply_started(_started(auto=False))
+    monitor.ingest(_results("ver_c", "candidate", 50))
+    assert await monitor.analyze_once() == []  # manual release: no automatic decision
+    analysis = await monitor.promote("bot", "looks good")
+    assert (analysis.step_index, analysis.weight, analysis.state) == (1, 50, "running")
+    analysis = await monitor.promote("bot", "ship it")
+    assert analysis.state == "promoted"
+    final = bus.of("release.promote")[-1]
+    assert final.final
+    assert final.manual
+    analysis = await monitor.rollback("bot", "users complain")
+    assert analysis.state == "rolled_back"
+    back = bus.of("release.rollback")[-1]
+    assert (back.stable_version_id, back.candidate_version_id) == ("ver_s", "ver_c")
+    assert back.manual
+
+
+async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(min_requests=4, min_feedback=3))
+    stable = _results("ver_s", "stable", 10)
+    candidate = _results("ver_c", "candidate", 4)
+    shadow = _results("ver_c", "shadow", 1, shadow=True)
+    monitor.ingest(stable + candidate + shadow)
+    with pytest.raises(NotFound, match="unknown"):
+        monitor.submit_feedback("nope", 0.5)
+    with pytest.raises(NotFound):
+        monitor.submit_feedback(shadow[0].request_id, 0.5)  # nobody saw a shadow answer
+    with pytest.raises(InvalidArgument, match=r"0\.\.1"):
+        monitor.submit_feedback(stable[0].request_id, 1.5)
+    with pytest.raises(InvalidArgument, match=r"0\.\.1"):
+        monitor.submit_feedback(stable[0].request_id, float("nan"))
+    with pytest.raises(InvalidArgument):
+        monitor.submit_feedback("", 0.5)
+    for r in stable[:3]:
+        monitor.submit_feedback(r.request_id, 0.9)
+    first = monitor.submit_feedback(candidate[0].request_id, 0.9)
+    assert (first.version_id, first.arm, first.replaced) == ("ver_c", "candidate", False)
+    again = monitor.submit_feedback(candidate[0].request_id, 0.1, "changed my mind")
+    assert again.replaced
+    for r in candidate[1:3]:
+        monitor.submit_feedback(r.request_id, 0.1)
+    stats = monitor.version_stats("bot", "ver_c")
+    assert stats.feedback_count == 3
+    assert stats.feedback_mean == pytest.approx(0.1)
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "mean score 0.100" in bus.of("release.rollback")[0].reason
+
+
+async def test_feedback_forgets_old_requests() -> None:
+    clock = Clock(1002.0)
+    monitor, _ = _monitor(clock)
+    [result] = _results("ver_s", "stable", 1)
+    monitor.ingest([result])
+    clock.now += 3601
+    with pytest.raises(NotFound):
+        monitor.submit_feedback(result.request_id, 1.0)
+
+
+async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped() -> None:
+    refused = common_pb2.Evaluation(
+        gate_passed=False, reasons=["retention 0.2 < 0.95"], metrics={"retention": 0.2}
+    )
+    lookups: list[str] = []
+
+    async def lookup(version_id: str) -> common_pb2.Evaluation | None:
+        lookups.append(version_id)
+        return refused if version_id == "ver_c" else None
+
+    monitor, _ = _monitor(evaluations=lookup)
+    monitor.apply_started(_started())
+    assert await monitor.analyze_once() == []  # starts the lookup in the background
+    await monitor.settled()
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "retention 0.2 < 0.95" in decision.reason
+    assert decision.figures["eval_retention"] == 0.2
+    assert lookups == ["ver_c", "ver_s"]
+
+    async def unreachable(version_id: str) -> common_pb2.Evaluation | None:
+        return None
+
+    healthy, _ = _monitor(evaluations=unreachable)
+    healthy.apply_started(_started())
+    await healthy.analyze_once()
+    await healthy.settled()
+    healthy.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
+    [decision] = await healthy.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+
+
+async def test_alert_fires_once_and_resolves_once() -> None:
+    clock = Clock(1000.0)
+    bus = FakeBus()
+    monitor = Monitor(
+        cast(EventBus, bus),
+        window_s=10,
+        clock=clock,
+        alert_rules=AlertRules(error_rate_above=0.2, for_s=3, min_requests=5),
+    )
+    monitor.ingest(_results("ver_s", "stable", 5, at=1000.0))
+    monitor.ingest(_results("ver_s", "stable", 5, status="INTERNAL", at=1000.0))
+    await monitor.analyze_once()
+    clock.now = 1002.0
+    await monitor.analyze_once()
+    assert bus.of("monitor.alert") == []  # not yet held for 3 s
+    clock.now = 1003.5
+    await monitor.analyze_once()
+    await monitor.analyze_once()
+    [firing] = bus.of("monitor.alert")
+    assert (firing.rule, firing.state, firing.version_id) == ("error_rate", "firing", "ver_s")
+    assert firing.value == pytest.approx(0.5)
+    assert firing.for_seconds >= 3
+    assert [a.rule for a in monitor.list_alerts("bot").alerts] == ["error_rate"]
+    assert monitor.list_alerts("other").alerts == []
+    monitor.ingest(_results("ver_s", "stable", 40, at=1004.0))  # 10 errors of 50: 20%
+    clock.now = 1005.0
+    await monitor.analyze_once()
+    await monitor.analyze_once()
+    _, resolved = bus.of("monitor.alert")
+    assert resolved.state == "resolved"
+    assert monitor.list_alerts("").alerts == []
+
+
+def test_stats_queries() -> None:
+    monitor, _ = _monitor()
+    monitor.ingest(_results("ver_s", "stable", 3) + _results("ver_s", "stable", 1, status="X"))
+    stats = monitor.version_stats("bot", "ver_s")
+    assert (stats.requests, stats.errors, stats.ok_requests) == (4, 1, 3)
+    assert [s.version_id for s in monitor.list_stats("bot").stats] == ["ver_s"]
+    assert monitor.analysis("bot").state == "none"
+    with pytest.raises(NotFound, match="ghost"):
+        monitor.version_stats("ghost", "ver_s")
+    with pytest.raises(NotFound, match="ghost"):
+        monitor.analysis("ghost")
+    with pytest.raises(InvalidArgument):
+        monitor.version_stats("bot", "")
+
+
+def test_analysis_shows_checks_of_the_running_step() -> None:
+    monitor, _ = _monitor()
+    monitor.apply_started(_started(min_requests=4))
+    monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 2))
+    analysis = monitor.analysis("bot")
+    checks = {c.name: c.status for c in analysis.checks}
+    assert checks["samples"] == "pending"
+    assert checks["errors"] == "pass"
+    assert analysis.verdict == "inconclusive"
+    assert analysis.figures["requests"] == 2
+    assert (analysis.stable_version_id, analysis.candidate_version_id) == ("ver_s", "ver_c")

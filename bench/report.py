@@ -21,7 +21,7 @@ class Row:
     p50_ms: float
     p95_ms: float
     mean_ms: float
-    p99_ms: float = 0.0
+    p99_ms: float
     per_s: float
 
 

@@ -212,29 +212,123 @@ class FtopsClient:
         alias: str,
         candidate: str,
         *,
+        strategy: events_pb2.ReleaseStrategy.ValueType = events_pb2.RELEASE_STRATEGY_CANARY,
         steps: Sequence[int] = (),
         min_requests: int = 0,
         max_error_rate: float = 0.0,
         max_latency_ratio: float = 0.0,
         auto: bool = True,
+        analysis: events_pb2.AnalysisSettings | None = None,
+        flags: Sequence[events_pb2.FlagRule] = (),
+        shadow_percent: int | None = None,
+        sticky: bool = False,
+        hold_seconds: float | None = None,
     ) -> gateway_pb2.Route:
-        """A canary of ``candidate``; empty steps and zero thresholds take the server's
-        defaults. ``auto=False`` leaves every promotion to :meth:`promote`."""
+        """A release of ``candidate`` on ``alias``; empty steps and zero thresholds take the
+        server's defaults. ``auto=False`` leaves every promotion to :meth:`promote_release`.
+        ``analysis`` replaces the individual threshold arguments when given."""
+        settings = analysis or events_pb2.AnalysisSettings(
+            min_requests=min_requests,
+            max_error_rate=max_error_rate,
+            max_latency_ratio=max_latency_ratio,
+            auto=auto,
+        )
         request = gateway_pb2.StartReleaseRequest(
             alias=alias,
             candidate_version_id=candidate,
-            strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+            strategy=strategy,
             steps=list(steps),
-            analysis=events_pb2.AnalysisSettings(
-                min_requests=min_requests,
-                max_error_rate=max_error_rate,
-                max_latency_ratio=max_latency_ratio,
-                auto=auto,
-            ),
+            analysis=settings,
+            flags=list(flags),
+            sticky=sticky,
         )
+        if shadow_percent is not None:
+            request.shadow_percent = shadow_percent
+        if hold_seconds is not None:
+            request.hold_seconds = hold_seconds
         return await self._call(
             "gateway", self._gateway.StartRelease(request, timeout=self.timeout)
         )
+
+    async def get_release(self, alias: str = "", release_id: str = "") -> gateway_pb2.Release:
+        """The alias's active or latest release, or one release by id (any alias)."""
+        request = gateway_pb2.GetReleaseRequest(alias=alias, release_id=release_id)
+        return await self._call("gateway", self._gateway.GetRelease(request, timeout=self.timeout))
+
+    async def gateway_releases(
+        self, alias: str = "", *, active_only: bool = False, limit: int = 0
+    ) -> gateway_pb2.ListReleasesResponse:
+        """Active releases of every alias; with ``alias``, its history from the registry too."""
+        request = gateway_pb2.ListReleasesRequest(alias=alias, active_only=active_only, limit=limit)
+        return await self._call(
+            "gateway", self._gateway.ListReleases(request, timeout=self.timeout)
+        )
+
+    async def pause_release(
+        self, alias: str, reason: str = "", *, release_id: str = ""
+    ) -> gateway_pb2.Release:
+        request = gateway_pb2.ReleaseCommandRequest(
+            alias=alias, reason=reason, release_id=release_id
+        )
+        return await self._call(
+            "gateway", self._gateway.PauseRelease(request, timeout=self.timeout)
+        )
+
+    async def resume_release(
+        self, alias: str, reason: str = "", *, release_id: str = ""
+    ) -> gateway_pb2.Release:
+        request = gateway_pb2.ReleaseCommandRequest(
+            alias=alias, reason=reason, release_id=release_id
+        )
+        return await self._call(
+            "gateway", self._gateway.ResumeRelease(request, timeout=self.timeout)
+        )
+
+    async def promote_release(
+        self, alias: str, reason: str = "", *, release_id: str = "", one_step: bool = False
+    ) -> gateway_pb2.Release:
+        """The final promotion (all traffic to the candidate), or with ``one_step`` the
+        next step only."""
+        request = gateway_pb2.ReleaseCommandRequest(
+            alias=alias, reason=reason, release_id=release_id, one_step=one_step
+        )
+        return await self._call(
+            "gateway", self._gateway.PromoteRelease(request, timeout=self.timeout)
+        )
+
+    async def rollback_release(
+        self,
+        alias: str,
+        reason: str = "",
+        *,
+        release_id: str = "",
+        revert_promotion: bool = False,
+    ) -> gateway_pb2.Release:
+        """All traffic back to the stable version of the running release, or with
+        ``revert_promotion`` back to the version the latest completed promotion replaced."""
+        request = gateway_pb2.ReleaseCommandRequest(
+            alias=alias, reason=reason, release_id=release_id, revert_promotion=revert_promotion
+        )
+        return await self._call(
+            "gateway", self._gateway.RollbackRelease(request, timeout=self.timeout)
+        )
+
+    def watch_release(self, alias: str) -> AsyncIterator[gateway_pb2.Release]:
+        """The release now and after every change; ends when the release has finished."""
+        request = gateway_pb2.WatchReleaseRequest(alias=alias)
+        return self._stream("gateway", self._gateway.WatchRelease(request))
+
+    async def release_analysis(self, alias: str) -> monitor_pb2.ReleaseAnalysis:
+        """The monitor's live figures for the alias (state "none" when it has none yet)."""
+        request = monitor_pb2.GetReleaseAnalysisRequest(alias=alias)
+        try:
+            return await self._call(
+                "monitor", self._monitor.GetReleaseAnalysis(request, timeout=self.timeout)
+            )
+        except FtopsClientError as exc:
+            if exc.code_name != "NOT_FOUND":
+                raise
+            return monitor_pb2.ReleaseAnalysis(alias=alias, state="none")
 
     def _generate_request(
         self,
@@ -303,17 +397,7 @@ class FtopsClient:
 
     async def release_status(self, alias: str) -> ReleaseStatus:
         route = await self.get_route(alias)
-        request = monitor_pb2.GetReleaseAnalysisRequest(alias=alias)
-        try:
-            analysis = await self._call(
-                "monitor", self._monitor.GetReleaseAnalysis(request, timeout=self.timeout)
-            )
-        except FtopsClientError as exc:
-            if exc.code_name != "NOT_FOUND":
-                raise
-            # The monitor has seen neither traffic nor a release for this alias yet.
-            analysis = monitor_pb2.ReleaseAnalysis(alias=alias, state="none")
-        return ReleaseStatus(route=route, analysis=analysis)
+        return ReleaseStatus(route=route, analysis=await self.release_analysis(alias))
 
     async def promote(self, alias: str, reason: str = "") -> monitor_pb2.ReleaseAnalysis:
         request = monitor_pb2.ReleaseDecisionRequest(alias=alias, reason=reason)

@@ -273,3 +273,13 @@ def test_divergence() -> None:
     assert divergence("", "") == 0.0
     assert divergence("a b c d", "w x y z") == 1.0
     assert divergence("a b c d", "a b c e") == pytest.approx(0.25)
+
+
+def test_manual_next_step() -> None:
+    route = _start(steps=[10, 50, 100])
+    assert route_rules.next_step(route, one=False) == (2, 100, True)
+    assert route_rules.next_step(route, one=True) == (1, 50, False)
+    route.step_index = 1
+    assert route_rules.next_step(route, one=True) == (2, 100, True)
+    blue_green = _start(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN)
+    assert route_rules.next_step(blue_green, one=True) == (0, 100, True)

@@ -343,7 +343,7 @@ class ReleaseManager:
         return gateway_pb2.Release(route=route, state=route_rules.state_of(route))
 
     async def promote(self, request: gateway_pb2.ReleaseCommandRequest) -> gateway_pb2.Release:
-        """The final promotion, whatever step the release is at."""
+        """The final promotion, whatever step the release is at (or just the next step)."""
         alias = request.alias
         _check_alias(alias)
         meta = new_meta(self.bus.service, self.bus.instance)
@@ -352,16 +352,17 @@ class ReleaseManager:
         def mutate(current: gateway_pb2.Route | None) -> gateway_pb2.Route | None:
             route_rules.require_running(current, alias, request.release_id)
             assert current is not None
+            step_index, weight, final = route_rules.next_step(current, one=request.one_step)
             event = events_pb2.ReleasePromote(
                 meta=meta,
                 release_id=current.release_id,
                 alias=alias,
                 candidate_version_id=current.candidate_version_id,
                 stable_version_id=current.stable_version_id,
-                step_index=max(len(current.steps) - 1, current.step_index),
-                weight=100,
-                final=True,
-                reason=request.reason or "promoted by hand",
+                step_index=step_index,
+                weight=weight,
+                final=final,
+                reason=request.reason or ("stepped" if not final else "promoted") + " by hand",
                 manual=True,
             )
             decided[:] = [event]

@@ -193,6 +193,17 @@ def apply_promote(
     return new
 
 
+def next_step(route: gateway_pb2.Route, *, one: bool) -> tuple[int, int, bool]:
+    """(step_index, weight, final) of a manual promotion: the final one, or with ``one``
+    the next step (final when it is the last or reaches 100%)."""
+    last = max(len(route.steps) - 1, route.step_index)
+    following = route.step_index + 1
+    if not one or following >= len(route.steps):
+        return last, 100, True
+    weight = route.steps[following]
+    return following, weight, weight >= 100 or following == last
+
+
 def apply_rollback(
     route: gateway_pb2.Route, event: events_pb2.ReleaseRollback, now: float = 0.0
 ) -> gateway_pb2.Route | None:

@@ -495,6 +495,7 @@ class ReleaseCommandRequest(_message.Message):
     RELEASE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REVERT_PROMOTION_FIELD_NUMBER: _builtins.int
+    ONE_STEP_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     release_id: _builtins.str
     """Optional guard: act only if this is the alias's release (a stale command fails
@@ -506,6 +507,10 @@ class ReleaseCommandRequest(_message.Message):
     """Rollback only: undo the latest release's completed promotion (back to the previous
     stable version) instead of rolling back a running release.
     """
+    one_step: _builtins.bool
+    """Promote only: move to the next step instead of skipping the remaining ones (the
+    final promotion when the next step is the last).
+    """
     def __init__(
         self,
         *,
@@ -513,10 +518,11 @@ class ReleaseCommandRequest(_message.Message):
         release_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         revert_promotion: _builtins.bool = ...,
+        one_step: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "reason", b"reason", "release_id", b"release_id", "revert_promotion", b"revert_promotion"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "one_step", b"one_step", "reason", b"reason", "release_id", b"release_id", "revert_promotion", b"revert_promotion"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -165,7 +165,8 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PromoteRelease(self, request, context):
-        """Manual final promotion: skips the remaining steps, all traffic to the candidate.
+        """Manual final promotion: skips the remaining steps, all traffic to the candidate
+        (with one_step: only the next step).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

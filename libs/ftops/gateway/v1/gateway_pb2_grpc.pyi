@@ -54,7 +54,9 @@ class GatewayServiceStub:
     """Stops automatic decisions (the monitor waits); routing stays as it is."""
     ResumeRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
     PromoteRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
-    """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+    """Manual final promotion: skips the remaining steps, all traffic to the candidate
+    (with one_step: only the next step).
+    """
     RollbackRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]
     """Manual rollback: all traffic back to the stable version at once."""
     WatchRelease: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchReleaseRequest, _gateway_pb2.Release]
@@ -88,7 +90,9 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Stops automatic decisions (the monitor waits); routing stays as it is."""
     ResumeRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
     PromoteRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
-    """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+    """Manual final promotion: skips the remaining steps, all traffic to the candidate
+    (with one_step: only the next step).
+    """
     RollbackRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReleaseCommandRequest, _gateway_pb2.Release]  # type: ignore[assignment]
     """Manual rollback: all traffic back to the stable version at once."""
     WatchRelease: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchReleaseRequest, _gateway_pb2.Release]  # type: ignore[assignment]
@@ -179,7 +183,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ReleaseCommandRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Release, _abc.Awaitable[_gateway_pb2.Release]]:
-        """Manual final promotion: skips the remaining steps, all traffic to the candidate."""
+        """Manual final promotion: skips the remaining steps, all traffic to the candidate
+        (with one_step: only the next step).
+        """
 
     @_abc_1.abstractmethod
     def RollbackRelease(

@@ -161,6 +161,8 @@ class Residency(Generic[W]):
         return len(self._model) < self.max_loaded or any(self._pins[v] == 0 for v in self._model)
 
     async def _bring_in(self, version_id: str) -> None:
+        # Taken out of the CPU tier first, so the victim moving in cannot push it out.
+        cached = self._cpu.pop(version_id, None)
         evicted = False
         while len(self._model) >= self.max_loaded:
             if not self._has_room():
@@ -174,7 +176,6 @@ class Residency(Generic[W]):
             self._cache(victim, weights)
             evicted = True
             log.info("evicted adapter version %s from the model", victim)
-        cached = self._cpu.pop(version_id, None)
         weights = cached if cached is not None else await self._tiers.read(self._dirs[version_id])
         await self._tiers.attach(version_id, weights)
         del weights  # the model holds its own copy now

@@ -1,17 +1,20 @@
 """deploy/docker-compose.yml cannot run here (no Docker engine), so check its wiring:
-every service, port, healthcheck, dependency, and every FTOPS_ variable it sets is a real
-setting of that service."""
+every service, image, port, healthcheck and dependency, every FTOPS_ variable it sets is
+a real setting of that service, and telemetry flows services -> collector -> Jaeger and
+Prometheus on ports that agree with the configs."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 SERVICES = ("registry", "trainer", "inference", "gateway", "monitor")
 SETTINGS = {
     "registry": "ftops_registry.settings:RegistrySettings",
@@ -28,24 +31,40 @@ REQUIRED_DEPS = {
     "gateway": {"nats", "redis", "registry", "inference"},
     "monitor": {"nats"},
 }
+OBSERVABILITY = ("otel-collector", "jaeger", "prometheus")
+
+
+def settings_fields(name: str) -> dict[str, Any]:
+    module, _, cls = SETTINGS[name].partition(":")
+    fields: dict[str, Any] = getattr(importlib.import_module(module), cls).model_fields
+    return fields
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def collector() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(
+        (DEPLOY / "observability/otel-collector.yaml").read_text()
+    )
     return data
 
 
 def test_all_services_and_infrastructure_present(compose: dict[str, Any]) -> None:
-    assert set(SERVICES) | {"nats", "redis", "postgres"} <= set(compose["services"])
+    assert {*SERVICES, "nats", "redis", "postgres", *OBSERVABILITY} <= set(compose["services"])
     assert "-js" in compose["services"]["nats"]["command"]
 
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_service_is_built_checked_and_ordered(compose: dict[str, Any], name: str) -> None:
     svc = compose["services"][name]
-    assert svc["build"]["args"]["SERVICE"] == name
-    assert (ROOT / svc["build"]["context"].replace("..", ".") / svc["build"]["dockerfile"]).exists()
+    assert svc["build"]["dockerfile"] == f"deploy/docker/{name}.Dockerfile"
+    assert (DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve().exists()
+    assert svc["image"].split(":")[0] == f"ftops/{name}"
     assert importlib.util.find_spec(f"ftops_{name}") is not None
     assert "ftops_runtime.healthcheck" in " ".join(svc["healthcheck"]["test"])
     deps = svc["depends_on"]
@@ -66,8 +85,7 @@ def test_host_ports_are_unique(compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_environment_names_real_settings(compose: dict[str, Any], name: str) -> None:
-    module, _, cls = SETTINGS[name].partition(":")
-    fields = set(getattr(importlib.import_module(module), cls).model_fields)
+    fields = settings_fields(name)
     env = compose["services"][name]["environment"]
     for key in env:
         assert key.startswith("FTOPS_"), key
@@ -81,3 +99,68 @@ def test_addresses_point_at_compose_services(compose: dict[str, Any]) -> None:
             if key in {"FTOPS_REGISTRY_ADDRESS", "FTOPS_INFERENCE_ENDPOINTS"}:
                 for address in str(value).split(","):
                     assert address.split(":")[0] in names, f"{key}={value}"
+
+
+def test_mounted_config_files_exist(compose: dict[str, Any]) -> None:
+    for svc in compose["services"].values():
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).is_file(), source
+
+
+def test_services_export_telemetry_to_the_collector(
+    compose: dict[str, Any], collector: dict[str, Any]
+) -> None:
+    endpoint = compose["x-env"]["FTOPS_OTLP_ENDPOINT"]
+    # "${FTOPS_OTLP_ENDPOINT:-http://otel-collector:4317}": the default is the collector.
+    url = urlparse(endpoint.split(":-", 1)[1].rstrip("}"))
+    assert url.hostname == "otel-collector"
+    grpc_receiver = collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    assert grpc_receiver.rsplit(":", 1)[1] == str(url.port)
+    for name in SERVICES:
+        env = compose["services"][name]["environment"]
+        assert env["FTOPS_OTLP_ENDPOINT"] == endpoint
+
+
+def test_collector_pipelines_use_what_it_defines(collector: dict[str, Any]) -> None:
+    pipelines = collector["service"]["pipelines"]
+    assert {"traces", "metrics"} <= set(pipelines)
+    for pipeline in pipelines.values():
+        assert set(pipeline["receivers"]) <= set(collector["receivers"])
+        assert set(pipeline.get("processors", [])) <= set(collector["processors"])
+        assert set(pipeline["exporters"]) <= set(collector["exporters"])
+    assert set(collector["service"]["extensions"]) <= set(collector["extensions"])
+
+
+def test_traces_reach_jaeger(compose: dict[str, Any], collector: dict[str, Any]) -> None:
+    [exporter] = collector["service"]["pipelines"]["traces"]["exporters"]
+    host, port = collector["exporters"][exporter]["endpoint"].split(":")
+    assert host == "jaeger"
+    assert port == "4317"  # Jaeger v2 takes OTLP/gRPC on 4317
+    assert compose["services"]["jaeger"]["image"].startswith("jaegertracing/jaeger:2")
+
+
+def test_prometheus_scrapes_the_collector_and_the_monitor(
+    compose: dict[str, Any], collector: dict[str, Any]
+) -> None:
+    config = yaml.safe_load((DEPLOY / "observability/prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: target
+        for job in config["scrape_configs"]
+        for group in job["static_configs"]
+        for target in group["targets"]
+    }
+    exporter_port = collector["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
+    assert targets["otel-collector"] == f"otel-collector:{exporter_port}"
+    monitor_port = compose["services"]["monitor"]["environment"]["FTOPS_METRICS_PORT"]
+    assert targets["ftops-monitor"] == f"monitor:{monitor_port}"
+    assert str(settings_fields("monitor")["metrics_port"].default) == monitor_port
+    for target in targets.values():
+        assert target.split(":")[0] in compose["services"]
+
+
+def test_gateway_publishes_the_openai_endpoint(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    port = gateway["environment"]["FTOPS_HTTP_PORT"]
+    assert f"{port}:{port}" in gateway["ports"]

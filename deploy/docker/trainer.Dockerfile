@@ -1,0 +1,23 @@
+# The ftops trainer service, CPU image: torch 2.13.0 from PyTorch's CPU wheel index, so
+# no multi-GB CUDA build is pulled. The GPU inference image is inference-gpu.Dockerfile.
+#   docker build -f deploy/docker/trainer.Dockerfile -t ftops/trainer:0.1.0 .
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY libs ./libs
+COPY services ./services
+RUN python -m venv /opt/ftops \
+    && /opt/ftops/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[trainer]"
+
+FROM python:3.11-slim
+COPY --from=build /opt/ftops /opt/ftops
+# A fixed numeric uid: Kubernetes' runAsNonRoot can only verify a number.
+RUN useradd --create-home --uid 10001 ftops && mkdir -p /data /models && chown 10001 /data
+USER 10001
+# HF_HOME: the model cache lives on the data volume, not in the read-only image layers.
+ENV PATH=/opt/ftops/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/data/hf \
+    FTOPS_GRPC_HOST=0.0.0.0 FTOPS_GRPC_PORT=50051
+EXPOSE 50051
+HEALTHCHECK --interval=5s --timeout=3s --retries=24 CMD ["python", "-m", "ftops_runtime.healthcheck", "127.0.0.1:50051"]
+ENTRYPOINT ["ftops-trainer"]

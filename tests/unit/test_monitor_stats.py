@@ -12,6 +12,7 @@ import pytest
 from ftops_monitor.stats import (
     compare_error_rates,
     exceeds_rate,
+    leans_worse,
     mann_whitney_greater,
     rate_upper_bound,
 )
@@ -103,6 +104,15 @@ def test_small_regressions_need_more_evidence_than_large_ones() -> None:
         for _ in range(30)
     ]
     assert statistics.median(n or 401 for n in big) < statistics.median(n or 401 for n in small)
+
+
+def test_leaning_worse_is_the_bar_for_passing() -> None:
+    assert leans_worse(2, 20, 0, 300)  # 10% against a clean stable
+    assert leans_worse(1, 20, 0, 400)
+    assert not leans_worse(1, 40, 0, 400)  # a one-off among more results
+    assert not leans_worse(1, 20, 4, 200)  # the stable fails as often
+    assert not leans_worse(0, 20, 0, 20)
+    assert not leans_worse(0, 0, 0, 0)
 
 
 def test_rate_upper_bound_is_a_valid_bound() -> None:

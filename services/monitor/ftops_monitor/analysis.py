@@ -24,7 +24,12 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from ftops.events.v1 import events_pb2
-from ftops_monitor.stats import compare_error_rates, exceeds_rate, mann_whitney_greater
+from ftops_monitor.stats import (
+    compare_error_rates,
+    exceeds_rate,
+    leans_worse,
+    mann_whitney_greater,
+)
 from ftops_monitor.windows import FeedbackScores, Figures, Sample, figures
 
 # Latency comparisons need a few successful results per arm before they mean anything.
@@ -338,6 +343,10 @@ class _Judge:
         )
         if test.rejected:
             self._add("errors", "fail", f"error rate above stable at alpha {alpha:g}: {what}")
+        elif leans_worse(c.errors, c.requests, s.errors, s.requests):
+            # Not significant yet, but the data favour "worse than stable": a step must not
+            # pass on it (2 errors in 20 against a clean stable is no pass).
+            self._add("errors", "pending", f"leaning worse than stable: {what}")
         else:
             self._add("errors", "pass", what)
 
@@ -471,7 +480,7 @@ def decide(release: Release, now: float) -> Decision:
 
 # Checks whose pending state keeps a step from passing (feedback and divergence need data
 # many releases never get: without it they simply do not count).
-_BLOCKING = frozenset({"samples", "error_cap"})
+_BLOCKING = frozenset({"samples", "errors", "error_cap"})
 
 
 def _timed_out(

@@ -119,6 +119,16 @@ def compare_error_rates(
     return exceeds_rate(candidate_errors, candidate_n, bound, alpha / 2)
 
 
+def leans_worse(candidate_errors: int, candidate_n: int, stable_errors: int, stable_n: int) -> bool:
+    """Whether the data favour "candidate worse than stable" (mixture likelihood ratio
+    above 1 against the stable's smoothed point estimate). Not a test: the bar a step must
+    clear to pass, so a candidate does not pass on too little evidence of being fine."""
+    if candidate_n <= 0:
+        return False
+    stable_rate = (stable_errors + 1) / (stable_n + 2)
+    return exceeds_rate(candidate_errors, candidate_n, stable_rate, 1.0).log_lr > 0
+
+
 @dataclass(frozen=True)
 class MannWhitney:
     """``u`` counts (candidate, baseline) pairs where the candidate is slower (ties 1/2)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -74,17 +75,24 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self.wrap_stream(handler.unary_stream, method, metadata),
+                self._wrap_streaming(handler.unary_stream, method, metadata),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                self.wrap_stream(handler.stream_stream, method, metadata),
+                self._wrap_streaming(handler.stream_stream, method, metadata),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _wrap_streaming(self, behavior: Behavior, method: str, md: Mapping[str, str]) -> Behavior:
+        # A streaming handler is an async generator, or a coroutine that sends with
+        # context.write() (grpc's own health Watch): the latter is wrapped like a unary one.
+        if inspect.isasyncgenfunction(behavior):
+            return self.wrap_stream(behavior, method, md)
+        return self.wrap_unary(behavior, method, md)
 
     def wrap_unary(self, behavior: Behavior, method: str, md: Mapping[str, str]) -> Behavior:
         raise NotImplementedError

@@ -73,6 +73,33 @@ async def test_health_follows_dependencies_and_shutdown(dependency: dict[str, bo
             await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
 
 
+async def test_health_watch_streams_status_changes(dependency: dict[str, bool]) -> None:
+    # Client-side health checking (grpc's healthCheckConfig) and some load balancers use
+    # Watch, a streaming handler that writes with context.write(): the interceptors must
+    # pass it through, not treat it as an async generator.
+    import asyncio
+
+    server = await _server(dependency)
+    try:
+        async with channel(server.address) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE)
+            )
+            seen = []
+            async for resp in watch:
+                seen.append(resp.status)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    dependency["up"] = False
+                if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            watch.cancel()
+            assert health_pb2.HealthCheckResponse.SERVING in seen
+            assert seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+            await asyncio.sleep(0)
+    finally:
+        await server.stop()
+
+
 async def test_reflection_lists_services(dependency: dict[str, bool]) -> None:
     server = await _server(dependency)
     try:

@@ -5,8 +5,6 @@ against a real registry, a real inference service on the tiny model and a real g
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import json
 import time
 import uuid
@@ -30,6 +28,7 @@ from ftops_gateway.openai_http import OpenAIHttpServer
 from ftops_gateway.service import GatewayService
 from ftops_gateway.settings import GatewaySettings
 from ftops_inference.backend import Backend
+from ftops_inference.hf_backend import HFPeftBackend
 from ftops_inference.service import InferenceService
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime import events, hashing
@@ -41,16 +40,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 KEY = "sk-team-a"
 # The tiny model answers this prompt greedily with several tokens before its EOS.
 PROMPT = "Once upon a time"
-
-
-def _hf_backend(model_dir: Path) -> Any:
-    # The transformers backend moved to its own module; either layout works here.
-    for name in ("ftops_inference.hf_backend", "ftops_inference.backend"):
-        with contextlib.suppress(ImportError):
-            module = importlib.import_module(name)
-            if hasattr(module, "HFPeftBackend"):
-                return module.HFPeftBackend(model_dir)
-    raise AssertionError("no HFPeftBackend found")
 
 
 class SpyBackend:
@@ -194,7 +183,7 @@ async def stack(
     registry = grpc.aio.server()
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(fake, registry)
     registry_address = f"127.0.0.1:{registry.add_insecure_port('127.0.0.1:0')}"
-    backend = SpyBackend(_hf_backend(tiny_model_dir))
+    backend = SpyBackend(HFPeftBackend(tiny_model_dir))
     inference: InferenceService | None = None
     nc = await nats.connect(nats_url)
     results: asyncio.Queue[events_pb2.RequestResult] = asyncio.Queue()

@@ -22,6 +22,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, cast
 
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from ftops.gateway.v1 import gateway_pb2
 from ftops_gateway.gateway import BASE_MODEL, Gateway
@@ -29,6 +31,7 @@ from ftops_gateway.openai_errors import OpenAIError, from_exception, invalid
 from ftops_gateway.openai_responses import Shape
 from ftops_gateway.openai_schema import ChatCompletionRequest, CompletionRequest, parse
 from ftops_gateway.settings import GatewaySettings
+from ftops_runtime import telemetry
 from ftops_runtime.errors import NotFound, Unavailable
 from ftops_runtime.interceptors import (
     Authenticator,
@@ -38,6 +41,7 @@ from ftops_runtime.interceptors import (
 )
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("ftops.openai")
 
 RouteLister = Callable[[], Awaitable[Mapping[str, gateway_pb2.Route]]]
 # The gRPC methods whose authorization an HTTP call shares.
@@ -69,6 +73,28 @@ def tenant_of(principal: Principal, authorization: str) -> str:
     if authorization.lower().startswith("bearer ") and authorization[7:].strip():
         return hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:12]
     return ""
+
+
+@web.middleware
+async def _traced(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A SERVER span per request, child of the caller's (W3C traceparent header), as the
+    gRPC front end's tracing interceptor makes; the data plane's spans nest inside."""
+    resource = request.match_info.route.resource
+    # The route template ("/v1/models/{model}"), not the path: span names stay few.
+    name = f"{request.method} {resource.canonical if resource else 'unmatched'}"
+    with tracer.start_as_current_span(
+        name,
+        context=telemetry.extract({k.lower(): v for k, v in request.headers.items()}),
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return response
 
 
 @web.middleware
@@ -115,7 +141,7 @@ class OpenAIHttpServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[_openai_errors],
+            middlewares=[_traced, _openai_errors],
             client_max_size=self._settings.max_message_mb * 1024 * 1024,
         )
         app.router.add_get("/v1/models", self._list_models)
@@ -151,11 +177,8 @@ class OpenAIHttpServer:
     # -- helpers ---------------------------------------------------------------------
 
     async def _principal(self, request: web.Request, method: str) -> Principal:
-        metadata = {
-            key: request.headers[header]
-            for key, header in (("authorization", "Authorization"), ("x-api-key", "X-Api-Key"))
-            if header in request.headers
-        }
+        # HTTP headers are what gRPC metadata is on the other front end (lower-cased).
+        metadata = {key.lower(): value for key, value in request.headers.items()}
         return await self._authenticate(metadata, method)
 
     async def _route_table(self) -> Mapping[str, gateway_pb2.Route]:

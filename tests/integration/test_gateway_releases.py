@@ -5,6 +5,7 @@ retirement across two replicas."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -415,4 +416,57 @@ async def test_blue_green_mirrors_then_switches_and_retires_once(
     finally:
         for gw in gws:
             await gw.stop()
+        redis_server.stop()
+
+
+async def test_decisions_wait_for_redis_and_commands_say_unavailable(
+    nats_url: str, fakes: Fakes, bus: EventBus
+) -> None:
+    redis_server = start_redis()
+    assert redis_server.proc is not None
+    gw: GatewayService = await _gateway(
+        _settings(nats_url, redis_server.url, fakes, redis_timeout_s=0.3, route_refresh_s=0.2)
+    )
+    alias = _alias()
+    frozen = False
+    try:
+        await gw.releases.set_route(alias, "ver_s")
+        route = await gw.releases.start_release(
+            gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id="ver_c")
+        )
+        redis_server.proc.send_signal(signal.SIGSTOP)  # unreachable: connections hang
+        frozen = True
+        await bus.publish(
+            RELEASE_PROMOTE,
+            events_pb2.ReleasePromote(
+                meta=new_meta("monitor", "t"),
+                release_id=route.release_id,
+                alias=alias,
+                candidate_version_id="ver_c",
+                stable_version_id="ver_s",
+                step_index=1,
+                weight=25,
+            ),
+        )
+        async with channel(gw.address) as ch:
+            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+            code, details = await _code_of(stub.PauseRelease(_cmd(alias)))
+            assert (code, "Redis" in details) == (grpc.StatusCode.UNAVAILABLE, True)
+            # Requests keep flowing on the last known table meanwhile.
+            for _ in range(3):
+                reply = await stub.Generate(gateway_pb2.GenerateRequest(model=alias, prompt="x"))
+                assert reply.version_id in ("ver_s", "ver_c")
+        cached = gw.routes.get(alias)
+        assert cached is not None
+        assert cached.candidate_weight == 5
+        redis_server.proc.send_signal(signal.SIGCONT)
+        frozen = False
+        # The decision that arrived during the outage is applied once Redis is back.
+        await _until(
+            lambda: (r := gw.routes.get(alias)) is not None and r.candidate_weight == 25, 15
+        )
+    finally:
+        if frozen:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        await gw.stop()
         redis_server.stop()

@@ -11,11 +11,13 @@ when it comes back through the decision consumers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import redis.exceptions
 from google.protobuf.message import Message
 
 from ftops.events.v1 import events_pb2
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LIST_LIMIT = 50
 # A decision that could not be published at once is retried in the background this long.
 REPUBLISH_FOR_S = 600.0
+# A monitor decision waits this long for Redis to come back before the event is retried
+# through NATS (and, after the bus's redeliveries, dead-lettered).
+DECISION_WAIT_S = 600.0
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 Mutation = Callable[[gateway_pb2.Route | None], gateway_pb2.Route | None]
 
@@ -124,7 +130,13 @@ class ReleaseManager:
     async def _change(
         self, alias: str, mutate: Mutation, *, event_id: str = ""
     ) -> tuple[gateway_pb2.Route | None, bool]:
-        route, changed = await self.store.update(alias, mutate, event_id=event_id)
+        try:
+            route, changed = await self.store.update(alias, mutate, event_id=event_id)
+        except REDIS_DOWN as exc:
+            raise Unavailable(
+                f"the routing store (Redis) is unreachable ({exc}); retry later (requests "
+                "are still served from the last known routes)"
+            ) from exc
         if route is not None:
             self.cache.put(route)
         return route, changed
@@ -419,24 +431,46 @@ class ReleaseManager:
     # -- decisions from the monitor (at-least-once; deduplicated by event id) ------------
 
     async def on_promote(self, event: events_pb2.ReleasePromote, delivery: Delivery) -> None:
-        route, changed = await self._change(
+        route, changed = await self._apply_decision(
             event.alias,
             lambda current: (
                 route_rules.apply_promote(current, event, time.time()) if current else None
             ),
-            event_id=event.meta.event_id,
+            event.meta.event_id,
+            delivery,
         )
         await self._after_decision(route, changed, event.meta.event_id, "promote", event.alias)
 
     async def on_rollback(self, event: events_pb2.ReleaseRollback, delivery: Delivery) -> None:
-        route, changed = await self._change(
+        route, changed = await self._apply_decision(
             event.alias,
             lambda current: (
                 route_rules.apply_rollback(current, event, time.time()) if current else None
             ),
-            event_id=event.meta.event_id,
+            event.meta.event_id,
+            delivery,
         )
         await self._after_decision(route, changed, event.meta.event_id, "rollback", event.alias)
+
+    async def _apply_decision(
+        self, alias: str, mutate: Mutation, event_id: str, delivery: Delivery | None
+    ) -> tuple[gateway_pb2.Route | None, bool]:
+        """Apply a decision, waiting out a Redis outage rather than burning the event's
+        redeliveries: decisions wait, nothing is lost."""
+        deadline = time.monotonic() + DECISION_WAIT_S
+        delay = 0.2
+        while True:
+            try:
+                return await self._change(alias, mutate, event_id=event_id)
+            except Unavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("decision %s for %s waits for Redis: %s", event_id, alias, exc)
+                if delivery is not None:
+                    with contextlib.suppress(Exception):
+                        await delivery.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _after_decision(
         self, route: gateway_pb2.Route | None, changed: bool, event_id: str, kind: str, alias: str

@@ -51,6 +51,7 @@ ARM_CANDIDATE = "candidate"
 ARM_STABLE = "stable"
 ARM_SHADOW = "shadow"
 SEEN_MAX = 200_000
+COALESCE_S = 0.02
 
 ParkedEvent = (
     events_pb2.ReleasePromote
@@ -350,6 +351,9 @@ class Monitor:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval_s)
+            if self._wake.is_set():
+                # Batches from several gateways come in bursts: judge them together.
+                await asyncio.sleep(COALESCE_S)
             self._wake.clear()
             try:
                 await self.analyze_once()

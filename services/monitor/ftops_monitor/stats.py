@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 # Mixing prior for the candidate's error rate under the alternative. Beta(1, 3) (mean 0.25)
 # puts more weight on the rates a broken candidate shows (10-50%) than the uniform prior
@@ -138,18 +140,9 @@ class MannWhitney:
     p_value: float  # one-sided: candidate slower than the scaled baseline
 
 
-def _tie_term(ordered: Sequence[float]) -> float:
-    """Sum of t^3 - t over the groups of equal values of a sorted sequence."""
-    total = 0.0
-    run = 1
-    for i in range(1, len(ordered) + 1):
-        if i < len(ordered) and ordered[i] == ordered[i - 1]:
-            run += 1
-            continue
-        if run > 1:
-            total += run**3 - run
-        run = 1
-    return total
+def _tie_term(values: Iterable[float]) -> float:
+    """Sum of t^3 - t over the groups of equal values."""
+    return float(sum(t**3 - t for t in Counter(values).values() if t > 1))
 
 
 def mann_whitney_greater(
@@ -168,7 +161,7 @@ def mann_whitney_greater(
         equal = bisect_right(base, value, lo=below) - below
         u += below + 0.5 * equal
     n = n1 + n2
-    ties = _tie_term(sorted([*candidate, *base]))
+    ties = _tie_term(chain(candidate, base))
     variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1)))
     if variance <= 0:
         return MannWhitney(u, 0.0, 1.0)

@@ -622,3 +622,61 @@ async def test_rejected_versions_are_never_routed_or_served(
         assert "ver_rej" not in fakes.inference_impl.calls
     finally:
         await gw.stop()
+
+
+async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
+    nats_url: str, redis_url: str, fakes: Fakes
+) -> None:
+    """Blue-green: mirrored answers pass, the monitor's promotion switches 100% at once.
+    Shadow: the mirrored candidate fails, the monitor rolls it back; clients never see it."""
+    from ftops_monitor.service import MonitorService
+    from ftops_monitor.settings import MonitorSettings
+
+    gw = await _gateway(_settings(nats_url, redis_url, fakes))
+    monitor = MonitorService(
+        MonitorSettings(
+            grpc_port=0,
+            nats_url=nats_url,
+            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
+            metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
+            registry_address=fakes.registry,
+            metrics_port=-1,
+            analysis_interval_s=0.1,
+            shutdown_grace_s=0.5,
+        )
+    )
+    await monitor.start()
+    await monitor.bus.wait_ready(10)
+    green, shadowed = _alias(), _alias()
+    try:
+        await asyncio.sleep(0.5)  # the monitor's release consumers are bound
+        analysis = events_pb2.AnalysisSettings(min_requests=10, auto=True)
+        for alias, candidate, strategy in (
+            (green, "ver_c", events_pb2.RELEASE_STRATEGY_BLUE_GREEN),
+            (shadowed, "ver_bad", events_pb2.RELEASE_STRATEGY_SHADOW),
+        ):
+            await gw.releases.set_route(alias, "ver_s")
+            await gw.releases.start_release(
+                gateway_pb2.StartReleaseRequest(
+                    alias=alias,
+                    candidate_version_id=candidate,
+                    strategy=strategy,
+                    analysis=analysis,
+                )
+            )
+        await asyncio.sleep(0.3)  # release.started reached the monitor
+        for _ in range(60):
+            for alias in (green, shadowed):
+                reply = await gw.gateway.generate(
+                    gateway_pb2.GenerateRequest(model=alias, prompt="x")
+                )
+                assert reply.version_id in ("ver_s", "ver_c")
+        await _wait_route(gw, green, lambda r: r.stable_version_id == "ver_c", 10)
+        await _wait_route(gw, shadowed, lambda r: r.release_state == "rolled_back", 10)
+        switched = gw.routes.get(green)
+        assert switched is not None
+        assert (switched.previous_version_id, switched.release_state) == ("ver_s", "promoted")
+        assert "ver_bad" not in {gw.routes.get(shadowed).stable_version_id}  # type: ignore[union-attr]
+    finally:
+        await monitor.stop()
+        await gw.stop()

@@ -257,6 +257,50 @@ async def test_healthy_candidate_walks_every_step(nats_url: str, bus: EventBus) 
         await monitor.stop()
 
 
+def _mirrored(
+    started: events_pb2.ReleaseStarted, n: int, divergence: float
+) -> list[events_pb2.RequestResult]:
+    results = _results(started, started.candidate_version_id, "shadow", n)
+    for r in results:
+        r.shadow = True
+        r.shadow_of = uuid.uuid4().hex
+        r.divergence = divergence
+    return results
+
+
+async def test_blue_green_switches_at_once_and_shadow_stops_on_divergence(
+    nats_url: str, bus: EventBus
+) -> None:
+    promotes = await _collect(bus, RELEASE_PROMOTE)
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    monitor = await _monitor(nats_url)
+    blue_green = _started(f"bg-{uuid.uuid4().hex[:6]}", "ver_c", steps=(100,))
+    blue_green.strategy = events_pb2.RELEASE_STRATEGY_BLUE_GREEN
+    blue_green.shadow_percent = 20
+    shadow = _started(f"sh-{uuid.uuid4().hex[:6]}", "ver_c", steps=(100,), max_divergence=0.3)
+    shadow.strategy = events_pb2.RELEASE_STRATEGY_SHADOW
+    try:
+        await bus.publish(RELEASE_STARTED, blue_green)
+        await bus.publish(RELEASE_STARTED, shadow)
+        for started, divergence in ((blue_green, 0.1), (shadow, 0.6)):
+            await bus.publish(
+                METRICS_REQUESTS,
+                _batch(
+                    _results(started, "ver_s", "stable", 20), _mirrored(started, 12, divergence)
+                ),
+            )
+        switched = await promotes.wait_for(lambda e: e.release_id == blue_green.release_id)
+        assert (switched.weight, switched.final) == (100, True)
+        assert "12 shadow results" in switched.reason
+        stopped = await rollbacks.wait_for(lambda e: e.release_id == shadow.release_id)
+        assert "mean divergence 0.600" in stopped.reason
+        assert stopped.figures["divergence_mean"] == pytest.approx(0.6)
+        # A shadow release never promotes.
+        assert not [e for e in promotes.events if e.release_id == shadow.release_id]
+    finally:
+        await monitor.stop()
+
+
 async def test_two_times_slower_candidate_is_rolled_back_on_latency(
     nats_url: str, bus: EventBus
 ) -> None:

@@ -477,7 +477,7 @@ async def test_bad_requests_get_openai_errors(stack: Stack) -> None:
 
 async def test_api_keys_are_enforced_when_configured(stack: Stack) -> None:
     settings = stack.gateway.settings.model_copy(update={"api_keys": KEY, "http_port": 0})
-    server = OpenAIHttpServer(stack.gateway.gateway, stack.gateway.store.load_all, settings)
+    server = OpenAIHttpServer(stack.gateway.gateway, settings)
     await server.start()
     try:
         url = f"http://{server.address}/v1"

@@ -32,7 +32,7 @@ from ftops_gateway.openai_responses import Shape
 from ftops_gateway.openai_schema import ChatCompletionRequest, CompletionRequest, parse
 from ftops_gateway.settings import GatewaySettings
 from ftops_runtime import telemetry
-from ftops_runtime.errors import NotFound, Unavailable
+from ftops_runtime.errors import NotFound
 from ftops_runtime.interceptors import (
     Authenticator,
     Principal,
@@ -43,7 +43,6 @@ from ftops_runtime.interceptors import (
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ftops.openai")
 
-RouteLister = Callable[[], Awaitable[Mapping[str, gateway_pb2.Route]]]
 # The gRPC methods whose authorization an HTTP call shares.
 _GRPC = "/ftops.gateway.v1.GatewayService/"
 METHOD_GENERATE = _GRPC + "Generate"
@@ -119,13 +118,11 @@ class OpenAIHttpServer:
     def __init__(
         self,
         gateway: Gateway,
-        routes: RouteLister,
         settings: GatewaySettings,
         *,
         authenticate: Authenticator | None = None,
     ) -> None:
         self._gateway = gateway
-        self._routes = routes
         self._settings = settings
         self._authenticate = authenticate or api_key_authenticator(settings.api_key_set())
         self._runner: web.AppRunner | None = None
@@ -181,11 +178,10 @@ class OpenAIHttpServer:
         metadata = {key.lower(): value for key, value in request.headers.items()}
         return await self._authenticate(metadata, method)
 
-    async def _route_table(self) -> Mapping[str, gateway_pb2.Route]:
-        try:
-            return await self._routes()
-        except Exception as exc:
-            raise Unavailable(f"the routing tables cannot be read: {exc}") from exc
+    def _route_table(self) -> dict[str, gateway_pb2.Route]:
+        # This replica's copy of the tables (what it routes by): no Redis round trip,
+        # and the list keeps working while Redis is down.
+        return {route.alias: route for route in self._gateway.routes.routes()}
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
@@ -216,7 +212,7 @@ class OpenAIHttpServer:
 
     async def _list_models(self, request: web.Request) -> web.Response:
         await self._principal(request, METHOD_ROUTES)
-        routes = await self._route_table()
+        routes = self._route_table()
         data = [self._model(BASE_MODEL, kind="base")]
         pointed_at: dict[str, list[str]] = {}
         for alias in sorted(routes):
@@ -236,7 +232,7 @@ class OpenAIHttpServer:
         name = request.match_info["model"]
         if name == BASE_MODEL:
             return _json(self._model(BASE_MODEL, kind="base"))
-        route = None if ":" in name else (await self._route_table()).get(name)
+        route = None if ":" in name else await self._gateway.routes.lookup(name)
         if route is not None and route.stable_version_id:
             return _json(self._alias_model(route))
         try:

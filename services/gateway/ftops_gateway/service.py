@@ -95,7 +95,7 @@ class GatewayService:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             GatewayServicer(self.gateway, self.releases), self.server.server
         )
-        self.http = OpenAIHttpServer(self.gateway, self.store.load_all, settings)
+        self.http = OpenAIHttpServer(self.gateway, settings)
 
     async def _redis_ok(self) -> bool:
         return await self.store.ping()

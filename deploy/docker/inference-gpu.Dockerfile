@@ -26,7 +26,9 @@ COPY --from=build /opt/ftops /opt/ftops
 # A fixed numeric uid: Kubernetes' runAsNonRoot can only verify a number.
 RUN useradd --create-home --uid 10001 ftops && mkdir -p /data /models && chown 10001 /data
 USER 10001
-ENV PATH=/opt/ftops/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/data/hf \
+# HOME, HF_HOME: caches (Hugging Face, torch, Triton, vLLM) go to the data volume; the
+# root filesystem is read-only in Kubernetes.
+ENV PATH=/opt/ftops/bin:$PATH PYTHONUNBUFFERED=1 HOME=/data HF_HOME=/data/hf \
     FTOPS_GRPC_HOST=0.0.0.0 FTOPS_GRPC_PORT=50051 \
     FTOPS_BACKEND=vllm FTOPS_DEVICE=cuda
 EXPOSE 50051

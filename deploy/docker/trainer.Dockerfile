@@ -15,8 +15,9 @@ COPY --from=build /opt/ftops /opt/ftops
 # A fixed numeric uid: Kubernetes' runAsNonRoot can only verify a number.
 RUN useradd --create-home --uid 10001 ftops && mkdir -p /data /models && chown 10001 /data
 USER 10001
-# HF_HOME: the model cache lives on the data volume, not in the read-only image layers.
-ENV PATH=/opt/ftops/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/data/hf \
+# HOME, HF_HOME: caches (Hugging Face, torch, Triton, vLLM) go to the data volume; the
+# root filesystem is read-only in Kubernetes.
+ENV PATH=/opt/ftops/bin:$PATH PYTHONUNBUFFERED=1 HOME=/data HF_HOME=/data/hf \
     FTOPS_GRPC_HOST=0.0.0.0 FTOPS_GRPC_PORT=50051
 EXPOSE 50051
 HEALTHCHECK --interval=5s --timeout=3s --retries=24 CMD ["python", "-m", "ftops_runtime.healthcheck", "127.0.0.1:50051"]

@@ -173,6 +173,11 @@ def check_service_deployments(docs: Docs) -> None:
         dockerfile = dockerfile_of(container["image"])
         assert dockerfile.exists(), container["image"]
         assert set(ports(container).values()) <= exposed(dockerfile), service
+        if container["securityContext"].get("readOnlyRootFilesystem"):
+            # What the image writes to must be a volume: temp files and its HOME (caches).
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            home = re.findall(r"\bHOME=(\S+)", dockerfile.read_text())
+            assert {"/tmp", *home} <= mounts, f"{service}: {mounts}"
 
 
 def check_references(docs: Docs) -> None:

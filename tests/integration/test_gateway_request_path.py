@@ -11,6 +11,8 @@ import uuid
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from test_gateway_service import (  # type: ignore[import-not-found]
     FakeInference,
     Fakes,
@@ -230,3 +232,18 @@ async def test_route_change_reaches_every_replica_within_100_ms(
     finally:
         for gw in gws:
             await gw.stop()
+
+
+async def test_trace_context_reaches_the_inference_replica(
+    nats_url: str, redis_url: str, fakes: Fakes
+) -> None:
+    gw: GatewayService = await _gateway(_settings(nats_url, redis_url, fakes))
+    span = NonRecordingSpan(
+        SpanContext(trace_id=0x1234, span_id=0x5678, is_remote=False, trace_flags=TraceFlags(1))
+    )
+    try:
+        with trace.use_span(span):
+            await gw.gateway.generate(gateway_pb2.GenerateRequest(model="ver_s", prompt="x"))
+        assert fakes.inference_impl.traceparents[-1].startswith(f"00-{0x1234:032x}-")
+    finally:
+        await gw.stop()

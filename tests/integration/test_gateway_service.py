@@ -87,14 +87,18 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.traceparents: list[str] = []
 
-    def _check(self, version_id: str) -> None:
+    def _check(self, version_id: str, context: Any = None) -> None:
         self.calls.append(version_id)
+        if context is not None:
+            headers = dict(context.invocation_metadata() or ())
+            self.traceparents.append(str(headers.get("traceparent", "")))
         if version_id == "ver_bad":
             raise RuntimeError("adapter is broken")
 
     async def Generate(self, request: Any, context: Any) -> inference_pb2.GenerateResponse:
-        self._check(request.version_id)
+        self._check(request.version_id, context)
         if request.prompt == "too-long":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is too long")
         return inference_pb2.GenerateResponse(

@@ -11,6 +11,7 @@ import grpc
 
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
+from ftops_runtime import telemetry
 from ftops_runtime.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ class Attempt:
 
     replica: str = ""
     retried: bool = False
+
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    carrier: dict[str, str] = {}
+    telemetry.inject(carrier)
+    return tuple(carrier.items())
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -56,7 +63,7 @@ class Forwarder:
             endpoint.outstanding += 1
             try:
                 response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
-                    request, timeout=self._timeout_s
+                    request, timeout=self._timeout_s, metadata=_trace_metadata()
                 )
                 return response
             except grpc.aio.AioRpcError as exc:
@@ -78,7 +85,9 @@ class Forwarder:
             endpoint.outstanding += 1
             produced = False
             try:
-                call = endpoint.stub().GenerateStream(request, timeout=self._timeout_s)
+                call = endpoint.stub().GenerateStream(
+                    request, timeout=self._timeout_s, metadata=_trace_metadata()
+                )
                 async for chunk in call:
                     produced = True
                     yield chunk

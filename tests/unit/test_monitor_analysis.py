@@ -245,13 +245,13 @@ def test_release_state_transitions() -> None:
     assert not release.apply_promote(0, 5, False, 1004.0)  # never backwards
     # Pause/resume: an older event arriving late is ignored; resume restarts the step.
     assert release.apply_pause(True, 1010.0)
-    assert not release.counts(Sample(at=1011.0, latency_ms=1.0, ok=True))
+    assert not release.in_step(1011.0)
     assert not release.apply_pause(False, 1005.0)
     assert release.paused
     assert release.apply_pause(False, 1020.0)
     assert release.step_started_at == 1020.0
-    assert release.counts(Sample(at=1021.0, latency_ms=1.0, ok=True))
+    assert release.in_step(1021.0)
     assert release.apply_rollback()
     assert (release.state, release.weight) == (ReleaseState.ROLLED_BACK, 0)
     assert not release.apply_rollback()
-    assert not release.counts(Sample(at=1030.0, latency_ms=1.0, ok=True))
+    assert not release.in_step(1030.0)

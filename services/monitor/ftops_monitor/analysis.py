@@ -184,9 +184,6 @@ class Release:
     evaluation_figures: dict[str, float] = field(default_factory=dict)
     last_decision: str = ""
     last_reason: str = ""
-    verdict: str = ""
-    checks: list[Check] = field(default_factory=list)
-    figures: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.weight and self.steps:
@@ -198,9 +195,9 @@ class Release:
     def running(self) -> bool:
         return self.state is ReleaseState.RUNNING
 
-    def counts(self, sample: Sample) -> bool:
-        """Whether a result finished at ``sample.at`` belongs to the current step."""
-        return self.running and not self.paused and sample.at >= self.step_started_at
+    def in_step(self, at: float) -> bool:
+        """Whether a result that finished at ``at`` is evidence for the current step."""
+        return self.running and not self.paused and at >= self.step_started_at
 
     def restart_step(self, at: float) -> None:
         self.candidate = ArmData()

@@ -166,7 +166,7 @@ class Monitor:
             if (
                 release is not None
                 and result.release_id in ("", release.release_id)
-                and release.counts(sample)
+                and release.in_step(sample.at)
             ):
                 self._add_to_step(release, result, shadow, sample)
         self.requests.prune(now)
@@ -210,7 +210,7 @@ class Monitor:
         if (
             release is not None
             and served.release_id in ("", release.release_id)
-            and release.counts(Sample(at=served.at, latency_ms=0.0, ok=True))
+            and release.in_step(served.at)
         ):
             if served.version_id == release.candidate_version_id:
                 release.candidate.feedback.put(request_id, score, now)
@@ -338,8 +338,14 @@ class Monitor:
                 if decision.kind is DecisionKind.WAIT:
                     continue
                 if decision.kind is DecisionKind.REPORT:
-                    if release.last_reason != decision.reason:
-                        release.last_decision, release.last_reason = "report", decision.reason
+                    if release.last_decision != "report":
+                        log.info(
+                            "shadow %s of %s: %s",
+                            release.release_id,
+                            release.alias,
+                            decision.reason,
+                        )
+                    release.last_decision, release.last_reason = "report", decision.reason
                     continue
                 await self._publish(release, decision, manual=False)
                 made.append(decision)

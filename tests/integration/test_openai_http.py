@@ -203,6 +203,8 @@ async def stack(
                 base_model_path=str(tiny_model_dir),
                 adapter_cache_dir=str(tmp / "cache"),
                 max_prompt_tokens=128,
+                # Small, so that a test can fill it: the tests run one request at a time.
+                max_concurrent_requests=2,
             ),
             backend=cast(Backend, backend),
         )
@@ -431,6 +433,30 @@ async def test_client_hanging_up_cancels_the_generation(stack: Stack) -> None:
         assert stack.inference.core.in_flight == 0
     finally:
         stack.backend.chunk_delay_s = 0.0
+
+
+async def test_a_full_replica_answers_429(stack: Stack) -> None:
+    stack.backend.chunk_delay_s = 0.3
+    body = {"model": stack.alias, "prompt": PROMPT, "max_tokens": 64, "stream": True}
+    try:
+        async with aiohttp.ClientSession() as http:
+            held = []
+            for _ in range(2):  # the replica's whole concurrency, held mid-stream
+                resp = await http.post(f"{stack.base_url}/completions", json=body)
+                assert resp.status == 200
+                await resp.content.readline()
+                held.append(resp)
+            with pytest.raises(openai.RateLimitError) as err:
+                await stack.client().completions.create(
+                    model=stack.alias, prompt=PROMPT, max_tokens=2
+                )
+            assert cast(dict[str, Any], err.value.body)["type"] == "rate_limit_error"
+            for resp in held:
+                resp.close()
+    finally:
+        stack.backend.chunk_delay_s = 0.0
+    for _ in range(2):
+        await asyncio.wait_for(stack.backend.abandoned.get(), 5)
 
 
 async def test_bad_requests_get_openai_errors(stack: Stack) -> None:

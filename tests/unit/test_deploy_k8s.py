@@ -326,6 +326,10 @@ def test_dev_overlay_builds_the_model_inference_loads(rendered: dict[str, Docs])
     inference = env_of(main_container(by_kind(docs, "Deployment")["inference"]), docs)
     assert command[command.index("--out") + 1] == inference["FTOPS_BASE_MODEL_PATH"]
     assert inference["FTOPS_DEV_MODE"] == "true"
+    # The collector's trace exporter has somewhere to go.
+    collector = by_kind(docs, "ConfigMap")["otel-collector"]["data"]["config.yaml"]
+    exporter = yaml.safe_load(collector)["exporters"]["otlp/traces"]["endpoint"]
+    assert exporter.split(":")[0] in by_kind(docs, "Service")
 
 
 def test_gpu_overlay_puts_inference_and_trainer_on_gpus(rendered: dict[str, Docs]) -> None:

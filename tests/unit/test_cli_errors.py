@@ -18,7 +18,7 @@ from ftops_cli.errors import (
     exit_code_for,
     message_for,
 )
-from ftops_cli.releases import parse_steps
+from ftops_cli.releases import parse_flag, parse_steps
 from ftops_client import FtopsClientError
 
 
@@ -57,6 +57,9 @@ def test_messages_name_code_service_and_address() -> None:
     [
         ["route", "get", "bot"],
         ["release", "status", "bot"],
+        ["release", "watch", "bot"],
+        ["release", "list"],
+        ["release", "pause", "bot"],
         ["jobs", "list"],
         ["versions", "bot", "--output", "json"],
         ["generate", "bot", "hello"],
@@ -97,6 +100,22 @@ def test_bad_flags_are_usage_errors() -> None:
     assert result.stderr.strip() == "error: --steps must be comma-separated integers, got '5,x'"
     result = CliRunner().invoke(app, ["versions", "bot", "--output", "yaml"])
     assert result.exit_code == EXIT_USAGE
+
+
+def test_parse_flag() -> None:
+    rule = parse_flag("name=staff; tenant=acme,globex; user=u1; meta.team=x; arm=stable")
+    assert (rule.name, list(rule.tenants), list(rule.users)) == (
+        "staff",
+        ["acme", "globex"],
+        ["u1"],
+    )
+    assert (dict(rule.metadata), rule.arm) == ({"team": "x"}, "stable")
+    for bad in ("tenant", "color=red", "user="):
+        with pytest.raises(CliError):
+            parse_flag(bad)
+    result = CliRunner().invoke(app, ["release", "start", "bot", "ver_1", "--flag", "x=1"])
+    assert result.exit_code == EXIT_USAGE
+    assert "--flag key 'x'" in result.stderr
 
 
 def test_parse_steps() -> None:

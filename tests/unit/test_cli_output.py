@@ -10,8 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
+from ftops.registry.v1 import registry_pb2
 from ftops_cli import output
-from ftops_cli.releases import _route_fields
+from ftops_cli.releases import _route_fields, release_fields
 
 
 def test_json_is_message_to_dict(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,6 +46,33 @@ def test_route_fields_show_the_split() -> None:
     assert dict(_route_fields(gateway_pb2.Route(stable_version_id="ver_1")))["stable"] == (
         "ver_1 (100%)"
     )
+
+
+def test_release_fields_show_split_steps_and_decision() -> None:
+    route = gateway_pb2.Route(
+        alias="bot",
+        stable_version_id="ver_1",
+        candidate_version_id="ver_2",
+        candidate_weight=25,
+        steps=[5, 25, 100],
+        step_index=1,
+        shadow_percent=10,
+        release_id="rel_1",
+        release_stable_version_id="ver_1",
+        release_candidate_version_id="ver_2",
+        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        last_decision=registry_pb2.ReleaseDecision(
+            kind="promote", weight=25, reason="error rate ok", figures={"requests": 40}
+        ),
+    )
+    fields = dict(release_fields(gateway_pb2.Release(route=route, state="running")))
+    assert fields["traffic"] == "ver_1 75% / ver_2 25%"
+    assert fields["steps"] == "5% → [25%] → 100%"
+    assert fields["mirrored"] == "10%"
+    assert (fields["last decision"], fields["reason"]) == ("promote 25%", "error rate ok")
+    assert fields["figures"] == "requests=40"
+    done = dict(release_fields(gateway_pb2.Release(route=route, state="promoted")))
+    assert "traffic" not in done
 
 
 def test_small_formatters() -> None:

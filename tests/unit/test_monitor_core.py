@@ -14,7 +14,7 @@ from ftops_monitor.alerts import AlertRules
 from ftops_monitor.analysis import DecisionKind, ReleaseState
 from ftops_monitor.monitor import Monitor
 from ftops_runtime.bus import EventBus
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 
 class FakeBus:
@@ -407,3 +407,36 @@ def test_analysis_shows_checks_of_the_running_step() -> None:
     assert analysis.verdict == "inconclusive"
     assert analysis.figures["requests"] == 2
     assert (analysis.stable_version_id, analysis.candidate_version_id) == ("ver_s", "ver_c")
+
+
+class FlakyBus(FakeBus):
+    """Refuses the first ``failures`` publishes, as JetStream does while NATS is down."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def publish(self, subject: str, event: Message, **_: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("nats: connection closed")
+        await super().publish(subject, event)
+
+
+async def test_decision_waits_for_nats_and_nothing_is_lost() -> None:
+    bus = FlakyBus(failures=2)
+    monitor = Monitor(cast(EventBus, bus), window_s=1e9, clock=Clock())
+    monitor.apply_started(_started(min_requests=4))
+    monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
+    with pytest.raises(Unavailable, match="not published"):
+        await monitor.analyze_once()
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert release.step_index == 0  # unchanged until the event is stored
+    with pytest.raises(Unavailable):
+        await monitor.promote("bot", "by hand")
+    # NATS back: the same decision is taken on the next tick, without new results.
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    assert release.step_index == 1
+    assert len(bus.of("release.promote")) == 1

@@ -18,6 +18,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ftops.events.v1 import events_pb2
@@ -39,7 +40,7 @@ from ftops_monitor.feedback import RequestIndex, Served
 from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ftops_runtime.events import MONITOR_ALERT, RELEASE_PROMOTE, RELEASE_ROLLBACK, new_meta
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -333,9 +334,9 @@ class Monitor:
                 timed_out = now - release.step_started_at >= release.config.step_timeout_s
                 if self._judged.get(release.release_id) == key and not timed_out:
                     continue
-                self._judged[release.release_id] = key
                 decision = decide(release, now)
                 if decision.kind is DecisionKind.WAIT:
+                    self._judged[release.release_id] = key
                     continue
                 if decision.kind is DecisionKind.REPORT:
                     if release.last_decision != "report":
@@ -346,8 +347,11 @@ class Monitor:
                             decision.reason,
                         )
                     release.last_decision, release.last_reason = "report", decision.reason
+                    self._judged[release.release_id] = key
                     continue
+                # Not marked judged before it is published: NATS down, the next tick retries.
                 await self._publish(release, decision, manual=False)
+                self._judged[release.release_id] = key
                 made.append(decision)
             await self._evaluate_alerts(now)
         return made
@@ -395,6 +399,13 @@ class Monitor:
         release.evaluation_figures = verdict.figures
         self._wake.set()
 
+    async def _send(self, subject: str, event: Message) -> None:
+        """Publish a decision; the state changes only once JetStream has stored it."""
+        try:
+            await self.bus.publish(subject, event)
+        except Exception as exc:
+            raise Unavailable(f"{subject} not published, nothing changed: {exc!r}") from exc
+
     async def _publish(self, release: Release, decision: Decision, *, manual: bool) -> None:
         meta = new_meta(self.bus.service, self.bus.instance)
         if decision.kind is DecisionKind.PROMOTE:
@@ -412,7 +423,7 @@ class Monitor:
                 figures=decision.figures,
                 manual=manual,
             )
-            await self.bus.publish(RELEASE_PROMOTE, promote)
+            await self._send(RELEASE_PROMOTE, promote)
             self.apply_promote(promote)
         else:
             rollback = events_pb2.ReleaseRollback(
@@ -425,7 +436,7 @@ class Monitor:
                 figures=decision.figures,
                 manual=manual,
             )
-            await self.bus.publish(RELEASE_ROLLBACK, rollback)
+            await self._send(RELEASE_ROLLBACK, rollback)
             self.apply_rollback(rollback)
         self.decisions_total[(release.alias, decision.kind.value)] += 1
         log.info(

@@ -276,8 +276,8 @@ async def test_bad_release_requests_change_nothing(
     try:
         async with channel(gw.address) as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-            code, _ = await _code_of(stub.PauseRelease(_cmd(alias)))
-            assert code == FAILED_PRECONDITION
+            code, details = await _code_of(stub.PauseRelease(_cmd(alias)))
+            assert (code, alias in details) == (grpc.StatusCode.NOT_FOUND, True)
             before = await stub.SetRoute(
                 gateway_pb2.SetRouteRequest(alias=alias, version_id="ver_s")
             )

@@ -22,7 +22,7 @@ from ftops_gateway.chooser import (
 )
 from ftops_gateway.endpoints import EndpointPool
 from ftops_gateway.shadow import divergence
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def _start(**fields: Any) -> gateway_pb2.Route:
@@ -203,6 +203,8 @@ def test_manual_command_guards() -> None:
         route_rules.require_running(final, "bot", "")
     with pytest.raises(FailedPrecondition, match="has no release"):
         route_rules.require_running(route_rules.set_route(None, "bot", "ver_s"), "bot", "")
+    with pytest.raises(NotFound, match="no route"):
+        route_rules.require_running(None, "bot", "")
 
 
 # -- replica choice -----------------------------------------------------------------------

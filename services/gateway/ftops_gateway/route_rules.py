@@ -13,7 +13,7 @@ from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_gateway.release_spec import ReleaseSpec
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 RUNNING = "running"
 PAUSED = "paused"
@@ -251,7 +251,9 @@ def apply_rollback(
 
 def require_release(route: gateway_pb2.Route | None, alias: str, release_id: str) -> None:
     """The guard of the manual commands: the alias has a release, the one named if any."""
-    if route is None or not route.release_id:
+    if route is None:
+        raise NotFound(f"no route for alias {alias!r}")
+    if not route.release_id:
         raise FailedPrecondition(f"alias {alias!r} has no release")
     if release_id and release_id != route.release_id:
         raise FailedPrecondition(

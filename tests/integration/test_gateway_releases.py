@@ -470,3 +470,26 @@ async def test_decisions_wait_for_redis_and_commands_say_unavailable(
             redis_server.proc.send_signal(signal.SIGCONT)
         await gw.stop()
         redis_server.stop()
+
+
+async def test_set_route_ends_a_running_release_and_says_so(
+    nats_url: str, redis_url: str, fakes: Fakes, bus: EventBus
+) -> None:
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    gw: GatewayService = await _gateway(_settings(nats_url, redis_url, fakes))
+    alias = _alias()
+    try:
+        await gw.releases.set_route(alias, "ver_s")
+        started = await gw.releases.start_release(
+            gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id="ver_c")
+        )
+        route = await gw.releases.set_route(alias, "ver_slow")
+        assert (route.release_state, route.candidate_version_id) == ("replaced", "")
+        event = await rollbacks.wait_for(lambda e: e.alias == alias)
+        assert (event.release_id, event.stable_version_id) == (started.release_id, "ver_slow")
+        assert "replaced" in event.reason
+        # Its own copy of that event changes nothing.
+        await gw.releases.on_rollback(event, None)  # type: ignore[arg-type]
+        assert (await gw.store.get(alias)) == route
+    finally:
+        await gw.stop()

@@ -146,11 +146,31 @@ class ReleaseManager:
     async def set_route(self, alias: str, version_ref: str) -> gateway_pb2.Route:
         _check_alias(alias)
         version_id = await self.versions.resolve(version_ref)
-        route, _ = await self._change(
-            alias, lambda current: route_rules.set_route(current, alias, version_id, time.time())
-        )
+        meta = new_meta(self.bus.service, self.bus.instance)
+        ended: list[gateway_pb2.Route] = []
+
+        def mutate(current: gateway_pb2.Route | None) -> gateway_pb2.Route:
+            ended[:] = [current] if current is not None and route_rules.is_running(current) else []
+            return route_rules.set_route(current, alias, version_id, time.time())
+
+        route, _ = await self._change(alias, mutate, event_id=meta.event_id)
         assert route is not None
-        await self._announce(route, "")
+        if ended:
+            # The running release is over: tell the monitor and the registry's history.
+            old = ended[0]
+            await self._publish_decision(
+                RELEASE_ROLLBACK,
+                events_pb2.ReleaseRollback(
+                    meta=meta,
+                    release_id=old.release_id,
+                    alias=alias,
+                    candidate_version_id=old.candidate_version_id,
+                    stable_version_id=version_id,
+                    reason=f"replaced: SetRoute sent all traffic to {version_id}",
+                    manual=True,
+                ),
+            )
+        await self._announce(route, meta.event_id if ended else "")
         return route
 
     async def get_route(self, alias: str) -> gateway_pb2.Route:

@@ -496,6 +496,13 @@ async def test_bad_requests_get_openai_errors(stack: Stack) -> None:
         ) as resp:
             assert resp.status == 400
             assert "not valid JSON" in (await resp.json())["error"]["message"]
+        async with http.post(
+            f"{stack.base_url}/completions",
+            json={"model": stack.alias, "prompt": "x"},
+            headers={"X-Request-Id": "no spaces\tor tabs"},
+        ) as resp:
+            assert resp.status == 400
+            assert "X-Request-Id" in (await resp.json())["error"]["message"]
         async with http.get(f"{stack.base_url}/engines") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["type"] == "invalid_request_error"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -49,6 +50,7 @@ METHOD_GENERATE = _GRPC + "Generate"
 METHOD_STREAM = _GRPC + "GenerateStream"
 METHOD_ROUTES = _GRPC + "GetRoute"
 OWNER = "ftops"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -263,6 +265,9 @@ class OpenAIHttpServer:
         principal = await self._principal(request, METHOD_STREAM if stream else METHOD_GENERATE)
         parsed = parse(schema, body)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(request_id):
+            # It becomes the response id and the key of the result on the bus.
+            raise invalid("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ -")
         generate = parsed.to_generate(
             request_id=request_id,
             tenant=tenant_of(principal, request.headers.get("Authorization", "")),

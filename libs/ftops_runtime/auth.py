@@ -209,8 +209,16 @@ class CachedResolver:
 
     NEGATIVE_TTL_S = 5.0
 
-    def __init__(self, resolve: Resolver, *, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        resolve: Resolver,
+        *,
+        ttl_s: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._resolve = resolve
+        self._clock = clock
         self._ttl = ttl_s
         self._negative_ttl = min(ttl_s, self.NEGATIVE_TTL_S)
         self._max = max_entries
@@ -221,7 +229,7 @@ class CachedResolver:
     async def __call__(self, key: str, method: str) -> AuthPrincipal:
         digest = hash_secret(key)
         hit = self._entries.get(digest)
-        now = time.monotonic()
+        now = self._clock()
         if hit is not None and hit[0] > now:
             self._entries.move_to_end(digest)
             if isinstance(hit[1], Unauthenticated):

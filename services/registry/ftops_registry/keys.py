@@ -119,6 +119,7 @@ class Keys:
                 revoked_at=None,
             )
             s.add(row)
+            s.flush()  # the roles reference it (no ORM relationship orders the inserts)
             s.add_all(ApiKeyRoleRow(key_id=key_id, team=t, role=r.value) for t, r in roles)
             s.flush()
             detail = _describe(roles, platform_admin, expires_at) + f" ({name})"

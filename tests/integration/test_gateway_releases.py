@@ -168,6 +168,10 @@ async def test_get_and_list_combine_redis_with_registry_history(
             )
             code, _ = await _code_of(stub.GetRelease(gateway_pb2.GetReleaseRequest(alias="nope")))
             assert code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.WatchRelease(gateway_pb2.WatchReleaseRequest(alias="nope")):
+                    pass
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
             code, _ = await _code_of(
                 stub.GetRelease(gateway_pb2.GetReleaseRequest(release_id="rel_ghost"))
             )

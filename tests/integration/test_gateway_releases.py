@@ -497,3 +497,35 @@ async def test_set_route_ends_a_running_release_and_says_so(
         assert (await gw.store.get(alias)) == route
     finally:
         await gw.stop()
+
+
+async def test_a_version_another_alias_routes_to_is_not_retired(
+    nats_url: str, fakes: Fakes, bus: EventBus
+) -> None:
+    redis_server = start_redis()
+    retired = await _collect(bus, ADAPTER_RETIRED)
+    gw: GatewayService = await _gateway(
+        _settings(nats_url, redis_server.url, fakes, retire_interval_s=60)
+    )
+    switched, other = _alias(), _alias()
+    try:
+        await gw.releases.set_route(other, "ver_s")
+        await gw.releases.set_route(switched, "ver_s")
+        started = await gw.releases.start_release(
+            gateway_pb2.StartReleaseRequest(
+                alias=switched,
+                candidate_version_id="ver_c",
+                strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN,
+                hold_seconds=10,
+            )
+        )
+        await gw.releases.promote(_cmd(switched))
+        assert await gw.retirer.run_once(time.time() + 11) == 0
+        route = await gw.store.get(switched)
+        assert route is not None
+        # Settled without an event: ver_s still serves the other alias.
+        assert (route.previous_version_id, route.previous_retired) == ("ver_s", True)
+        assert [e for e in retired.events if e.release_id == started.release_id] == []
+    finally:
+        await gw.stop()
+        redis_server.stop()

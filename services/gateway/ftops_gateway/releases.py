@@ -213,12 +213,18 @@ class ReleaseManager:
         release_id = f"rel_{uuid.uuid4().hex[:16]}"
         meta = new_meta(self.bus.service, self.bus.instance)
         actor = _actor()
-        route, _ = await self._change(
-            alias,
-            lambda cur: route_rules.start_release(
+
+        def mutate(cur: gateway_pb2.Route | None) -> gateway_pb2.Route:
+            if cur is not None and cur.stable_version_id != stable.version_id:
+                # The base-model check above was made against another stable version.
+                raise FailedPrecondition(
+                    f"alias {alias!r} moved to {cur.stable_version_id} meanwhile; retry"
+                )
+            return route_rules.start_release(
                 cur, spec, release_id, event_id=meta.event_id, now=time.time(), actor=actor
-            ),
-        )
+            )
+
+        route, _ = await self._change(alias, mutate)
         assert route is not None
         started = events_pb2.ReleaseStarted(
             meta=meta,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ftops_cli import registry, releases, train
+from ftops_cli import keys, registry, releases, train
 from ftops_cli.errors import EXIT_INTERRUPTED
 from ftops_cli.runner import State, run
 from ftops_client import Endpoints, FtopsClient
@@ -24,6 +24,8 @@ app = typer.Typer(
 app.add_typer(train.jobs_app, name="jobs")
 app.add_typer(releases.route_app, name="route")
 app.add_typer(releases.release_app, name="release")
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(keys.teams_app, name="teams")
 app.command("train")(train.train)
 app.command("versions")(registry.versions)
 app.command("lineage")(registry.lineage)

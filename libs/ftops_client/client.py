@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import TypeVar
 
@@ -195,6 +196,53 @@ class FtopsClient:
         )
         return await self._call(
             "registry", self._registry.ListReleases(request, timeout=self.timeout)
+        )
+
+    # registry: teams and API keys (docs/security.md)
+
+    async def create_team(self, name: str, description: str = "") -> registry_pb2.Team:
+        request = registry_pb2.CreateTeamRequest(name=name, description=description)
+        return await self._call(
+            "registry", self._registry.CreateTeam(request, timeout=self.timeout)
+        )
+
+    async def list_teams(self) -> registry_pb2.ListTeamsResponse:
+        request = registry_pb2.ListTeamsRequest()
+        return await self._call("registry", self._registry.ListTeams(request, timeout=self.timeout))
+
+    async def create_api_key(
+        self,
+        name: str,
+        roles: Sequence[tuple[str, registry_pb2.Role.ValueType]],
+        *,
+        platform_admin: bool = False,
+        expires_at: datetime | None = None,
+    ) -> registry_pb2.CreateApiKeyResponse:
+        """``roles``: (team, ``registry_pb2.ROLE_*``) pairs. The response's ``secret`` is
+        the full key, shown this once."""
+        request = registry_pb2.CreateApiKeyRequest(
+            name=name,
+            roles=[registry_pb2.TeamRole(team=t, role=r) for t, r in roles],
+            platform_admin=platform_admin,
+        )
+        if expires_at is not None:
+            request.expires_at.FromDatetime(expires_at)
+        return await self._call(
+            "registry", self._registry.CreateApiKey(request, timeout=self.timeout)
+        )
+
+    async def list_api_keys(
+        self, team: str = "", *, include_revoked: bool = False
+    ) -> registry_pb2.ListApiKeysResponse:
+        request = registry_pb2.ListApiKeysRequest(team=team, include_revoked=include_revoked)
+        return await self._call(
+            "registry", self._registry.ListApiKeys(request, timeout=self.timeout)
+        )
+
+    async def revoke_api_key(self, key_id: str) -> registry_pb2.ApiKey:
+        request = registry_pb2.RevokeApiKeyRequest(key_id=key_id)
+        return await self._call(
+            "registry", self._registry.RevokeApiKey(request, timeout=self.timeout)
         )
 
     # gateway

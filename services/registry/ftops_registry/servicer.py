@@ -26,7 +26,13 @@ from ftops_registry.releases import ReleaseHistory
 from ftops_registry.retention import Retention
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import FtopsError, InvalidArgument, PermissionDenied, Unavailable
+from ftops_runtime.errors import (
+    FtopsError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -573,7 +579,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         """The registry's own resolver (its auth interceptor and ``Authenticate``): a
         failed authentication is audited."""
         if not key:
-            raise InvalidArgument("api_key is required")
+            raise Unauthenticated(auth.MISSING_KEY)
         try:
             return await self._db.run(self._keys.resolve, key)
         except FtopsError as exc:

@@ -428,8 +428,7 @@ async def test_decision_waits_for_nats_and_nothing_is_lost() -> None:
     monitor = Monitor(cast(EventBus, bus), window_s=1e9, clock=Clock())
     monitor.apply_started(_started(min_requests=4))
     monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
-    with pytest.raises(Unavailable, match="not published"):
-        await monitor.analyze_once()
+    assert await monitor.analyze_once() == []  # logged; the decision waits
     release = monitor.release_for("bot")
     assert release is not None
     assert release.step_index == 0  # unchanged until the event is stored

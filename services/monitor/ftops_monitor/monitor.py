@@ -213,12 +213,12 @@ class Monitor:
             and served.release_id in ("", release.release_id)
             and release.in_step(served.at)
         ):
-            if served.version_id == release.candidate_version_id:
+            if (served.version_id, served.arm) == (release.candidate_version_id, ARM_CANDIDATE):
                 release.candidate.feedback.put(request_id, score, now)
-            elif served.version_id == release.stable_version_id:
+            elif (served.version_id, served.arm) == (release.stable_version_id, ARM_STABLE):
                 release.stable.feedback.put(request_id, score, now)
         if comment:
-            log.info("feedback %.2f on %s (%s): %s", score, request_id, served.version_id, comment)
+            log.debug("feedback %.2f on %s (%s): %s", score, request_id, served.version_id, comment)
         self._wake.set()
         return monitor_pb2.SubmitFeedbackResponse(
             request_id=request_id,
@@ -349,8 +349,14 @@ class Monitor:
                     release.last_decision, release.last_reason = "report", decision.reason
                     self._judged[release.release_id] = key
                     continue
-                # Not marked judged before it is published: NATS down, the next tick retries.
-                await self._publish(release, decision, manual=False)
+                try:
+                    await self._publish(release, decision, manual=False)
+                except Unavailable as exc:
+                    # Not marked judged: the next tick takes the decision again.
+                    log.warning(
+                        "%s of %s waits for NATS: %s", decision.kind.value, release.alias, exc
+                    )
+                    continue
                 self._judged[release.release_id] = key
                 made.append(decision)
             await self._evaluate_alerts(now)

@@ -3,6 +3,7 @@ pause, hold and retirement, manual-command guards, replica choice, divergence.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -11,17 +12,19 @@ import pytest
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
+from ftops.inference.v1 import inference_pb2
 from ftops_gateway import release_spec, route_rules
 from ftops_gateway.chooser import (
     ARM_CANDIDATE,
     ARM_STABLE,
     Caller,
+    Target,
     choose,
     mirrors,
     sticky_bucket,
 )
 from ftops_gateway.endpoints import EndpointPool
-from ftops_gateway.shadow import divergence
+from ftops_gateway.shadow import ShadowMirror, divergence
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
@@ -285,3 +288,56 @@ def test_manual_next_step() -> None:
     assert route_rules.next_step(route, one=True) == (2, 100, True)
     blue_green = _start(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN)
     assert route_rules.next_step(blue_green, one=True) == (0, 100, True)
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.results: list[events_pb2.RequestResult] = []
+
+    def record(self, result: events_pb2.RequestResult) -> None:
+        self.results.append(result)
+
+
+class _SlowCandidate:
+    """Stands in for the Forwarder: answers once released, or fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def generate(self, request: Any, attempt: Any = None) -> Any:
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("candidate broke")
+        return inference_pb2.GenerateResponse(text="the dog sat", completion_tokens=3)
+
+
+async def test_mirrors_never_queue_and_report_divergence() -> None:
+    forwarder, reporter = _SlowCandidate(), _Reporter()
+    shadow = ShadowMirror(forwarder, reporter, max_in_flight=1)  # type: ignore[arg-type]
+    target = Target("ver_c", ARM_CANDIDATE, "bot", "rel_1")
+    request = gateway_pb2.GenerateRequest(model="bot", prompt="p", tenant="acme")
+    first = shadow.start(request, "req-1", target)
+    assert first is not None
+    assert shadow.start(request, "req-2", target) is None  # full: dropped, not queued
+    assert shadow.dropped == 1
+    first.finish("the cat sat")
+    forwarder.release.set()
+    await shadow.close_when_idle()
+    [result] = reporter.results
+    assert (result.arm, result.shadow, result.shadow_of, result.status) == (
+        "shadow",
+        True,
+        "req-1",
+        "OK",
+    )
+    assert result.divergence == pytest.approx(1 / 3)
+    assert (result.release_id, result.tenant) == ("rel_1", "acme")
+
+    failing = ShadowMirror(_SlowCandidate(fail=True), reporter)  # type: ignore[arg-type]
+    failing._forwarder.release.set()  # type: ignore[attr-defined]
+    mirror = failing.start(request, "req-3", target)
+    assert mirror is not None
+    mirror.finish("stable text")
+    await failing.close_when_idle()
+    assert (reporter.results[-1].status, reporter.results[-1].divergence) == ("INTERNAL", -1.0)

@@ -10,6 +10,7 @@ a slow candidate cannot pile up work behind the client traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import logging
 import time
@@ -86,8 +87,16 @@ class ShadowMirror:
         task.add_done_callback(self._tasks.discard)
         return mirror
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Let the mirrors in flight finish for up to ``grace_s``, then cancel the rest."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.close_when_idle(), grace_s)
         await cancel_and_wait(list(self._tasks))
+
+    async def close_when_idle(self) -> None:
+        """Wait for the mirrors in flight to finish (tests, orderly shutdowns)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _run(
         self,

@@ -56,6 +56,8 @@ async def _up(args: argparse.Namespace) -> int:
         await stack.wait_serving()
         for name, sp in stack.processes.items():
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
+        say(f"OpenAI-compatible API: {stack.http_url()}  (model = an alias, a version or 'base')")
+        say(f"Prometheus metrics:    {stack.metrics_url()}")
         if not args.no_demo:
             await run_demo(
                 Endpoints(

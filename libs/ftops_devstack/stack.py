@@ -32,6 +32,9 @@ PREFERRED_PORTS = {
     "trainer": 50053,
     "monitor": 50054,
     "gateway": 50055,
+    # The gateway's OpenAI-compatible HTTP API and the monitor's Prometheus endpoint.
+    "gateway-http": 8080,
+    "monitor-metrics": 9464,
 }
 
 
@@ -77,6 +80,14 @@ class Stack:
     def addresses(self, service: str) -> list[str]:
         return [self.address(name) for name in self.names(service)]
 
+    def http_url(self, name: str = "gateway") -> str:
+        """Base URL of a gateway's OpenAI-compatible API."""
+        return f"http://127.0.0.1:{self._ports[name + '-http']}/v1"
+
+    def metrics_url(self, name: str = "monitor") -> str:
+        """The monitor's Prometheus scrape endpoint."""
+        return f"http://127.0.0.1:{self._ports[name + '-metrics']}/metrics"
+
     def _port(self, name: str) -> int:
         preferred = PREFERRED_PORTS.get(name)
         if preferred and self.prefer_fixed_ports and not port_open("127.0.0.1", preferred):
@@ -109,12 +120,20 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if service == "gateway":
+            env["FTOPS_HTTP_PORT"] = str(ports[f"{name}-http"])
+        if service == "monitor":
+            env["FTOPS_METRICS_PORT"] = str(ports[f"{name}-metrics"])
         env.update(self.extra_env)
         return env
 
     def start(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self._ports = {name: self._port(name) for svc in SERVICES for name in self.names(svc)}
+        for name in self.names("gateway"):
+            self._ports[f"{name}-http"] = self._port(f"{name}-http")
+        for name in self.names("monitor"):
+            self._ports[f"{name}-metrics"] = self._port(f"{name}-metrics")
         for svc in SERVICES:
             for name in self.names(svc):
                 self._spawn(name)

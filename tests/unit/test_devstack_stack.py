@@ -21,7 +21,9 @@ def test_one_process_per_service_keeps_the_service_names(tmp_path: Path) -> None
 def test_replicas_get_their_own_port_instance_and_cache(tmp_path: Path) -> None:
     stack = _stack(tmp_path, inference=2, gateway=3)
     assert stack.names("gateway") == ["gateway", "gateway-2", "gateway-3"]
-    ports = {name: 1000 + i for i, name in enumerate(n for s in SERVICES for n in stack.names(s))}
+    names = [n for s in SERVICES for n in stack.names(s)]
+    names += [f"{n}-http" for n in stack.names("gateway")] + ["monitor-metrics"]
+    ports = {name: 1000 + i for i, name in enumerate(names)}
     first, second = stack._env("inference", ports), stack._env("inference-2", ports)
     assert first["FTOPS_GRPC_PORT"] != second["FTOPS_GRPC_PORT"]
     assert (first["FTOPS_INSTANCE_ID"], second["FTOPS_INSTANCE_ID"]) == (
@@ -35,3 +37,7 @@ def test_replicas_get_their_own_port_instance_and_cache(tmp_path: Path) -> None:
         f"127.0.0.1:{ports['inference']},127.0.0.1:{ports['inference-2']}"
     )
     assert gateway["FTOPS_INSTANCE_ID"] == "gateway-3"
+    # Each gateway serves the OpenAI-compatible API on its own port.
+    assert gateway["FTOPS_HTTP_PORT"] == str(ports["gateway-3-http"])
+    assert stack._env("gateway", ports)["FTOPS_HTTP_PORT"] == str(ports["gateway-http"])
+    assert stack._env("monitor", ports)["FTOPS_METRICS_PORT"] == str(ports["monitor-metrics"])

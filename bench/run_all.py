@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from bench import (
+    adapter_memory,
     data_pipeline,
     event_bus,
     forgetting,
     gateway_overhead,
     hot_load,
+    multi_adapter,
+    serving_while_loading,
     train_throughput,
 )
 
@@ -18,6 +21,9 @@ def main() -> None:
     asyncio.run(event_bus.main())
     asyncio.run(gateway_overhead.main())
     asyncio.run(hot_load.main())
+    asyncio.run(serving_while_loading.main())
+    asyncio.run(multi_adapter.main())
+    asyncio.run(adapter_memory.main())
     data_pipeline.main()
     train_throughput.main()
     forgetting.main()

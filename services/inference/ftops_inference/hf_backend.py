@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -120,11 +119,14 @@ class _Runtime(ModelRuntime):
             k: v.detach().to("cpu", copy=True)
             for k, v in get_peft_model_state_dict(self.peft, adapter_name=version_id).items()
         }
+        self.remove(version_id)
+        return AdapterWeights(config, state)
+
+    def remove(self, version_id: str) -> None:
         self.peft.delete_adapter(version_id)
         remaining = list(self.peft.peft_config)
         if remaining and self.peft.active_adapter not in remaining:
             self.peft.set_adapter(remaining[0])
-        return AdapterWeights(config, state)
 
 
 class HFPeftBackend:
@@ -154,7 +156,11 @@ class HFPeftBackend:
         self._context = 0
         self.residency: Residency[AdapterWeights] = Residency(
             Tiers(
-                read=self._read, attach=self._attach, detach=self._detach, drop=_give_back_memory
+                read=self._read,
+                attach=self._attach,
+                detach=self._detach,
+                remove=self._remove,
+                drop=_give_back_memory,
             ),
             max_loaded=max_loaded,
             max_cached=max_cached,
@@ -263,6 +269,11 @@ class HFPeftBackend:
         assert rt is not None
         await self.engine.call(lambda: rt.attach(version_id, weights))
 
+    async def _remove(self, version_id: str) -> None:
+        rt = self._rt
+        assert rt is not None
+        await self.engine.call(lambda: rt.remove(version_id))
+
     async def _detach(self, version_id: str) -> AdapterWeights:
         rt = self._rt
         assert rt is not None
@@ -337,8 +348,9 @@ def _read_weights(adapter_dir: Path) -> AdapterWeights:
 
 
 def _give_back_memory() -> None:
-    """Make an unload visible in RSS: collect cycles, return freed arenas to the OS."""
-    gc.collect()
+    """Make an unload visible in RSS: return freed arenas to the OS. The weights are
+    freed by reference counting already; no gc.collect(), which takes a second with
+    torch loaded and would stall serving (it holds the GIL)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     with contextlib.suppress(OSError, AttributeError):

@@ -41,6 +41,7 @@ class Tiers(Generic[W]):
     read: Callable[[Path], Awaitable[W]]  # disk -> CPU weights (verified files)
     attach: Callable[[str, W], Awaitable[None]]  # CPU weights -> model
     detach: Callable[[str], Awaitable[W]]  # model -> CPU weights, freeing the model's copy
+    remove: Callable[[str], Awaitable[None]]  # out of the model for good (no copy kept)
     drop: Callable[[], None] = field(default=lambda: None)  # give freed memory back
 
 
@@ -138,7 +139,7 @@ class Residency(Generic[W]):
             try:
                 await self._cond.wait_for(lambda: self._pins[version_id] == 0)
                 if version_id in self._model:
-                    await self._tiers.detach(version_id)
+                    await self._tiers.remove(version_id)
                     del self._model[version_id]
                 self._cpu.pop(version_id, None)
                 del self._dirs[version_id]

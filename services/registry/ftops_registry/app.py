@@ -8,7 +8,8 @@ import logging
 from datetime import timedelta
 
 from ftops.registry.v1 import registry_pb2_grpc
-from ftops_registry.artifacts import LocalArtifactStore
+from ftops_registry.artifacts import ArtifactStore, LocalArtifactStore
+from ftops_registry.artifacts_nats import NatsObjectArtifactStore
 from ftops_registry.audit import AuditLog
 from ftops_registry.db import Database
 from ftops_registry.jobs import JobRecords
@@ -36,7 +37,13 @@ class RegistryApp:
         self.settings = settings
         self.durable = durable
         self.db = Database(settings.database_url, pool_size=settings.db_pool_size)
-        self.store = LocalArtifactStore(settings.artifact_dir)
+        self.store: ArtifactStore = (
+            NatsObjectArtifactStore(
+                settings.nats_url, settings.artifact_bucket, tmp_dir=settings.artifact_dir / "tmp"
+            )
+            if settings.artifact_store == "nats"
+            else LocalArtifactStore(settings.artifact_dir)
+        )
         self.registry = Registry(self.db)
         self.releases = ReleaseHistory(self.db)
         self.jobs = JobRecords(self.db)
@@ -124,3 +131,5 @@ class RegistryApp:
             await cancel_and_wait([self._migrate_task])
         await self.bus.close()
         await asyncio.to_thread(self.db.close)
+        if isinstance(self.store, NatsObjectArtifactStore):
+            await asyncio.to_thread(self.store.close)

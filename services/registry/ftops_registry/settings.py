@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -15,8 +16,18 @@ class RegistrySettings(ServiceSettings, AuthSettings):
         "sqlite:///.ftops/registry.db",
         description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db.",
     )
+    artifact_store: Literal["local", "nats"] = Field(
+        "local",
+        description="Where artifact blobs live: local (artifact_dir, one machine) or nats (a "
+        "JetStream Object Store bucket on nats_url, shared by replicas on many machines).",
+    )
     artifact_dir: Path = Field(
-        Path(".ftops/artifacts"), description="Where artifact blobs are stored by sha256."
+        Path(".ftops/artifacts"),
+        description="Where artifact blobs are stored by sha256 (local store), or spooled while "
+        "an upload is verified (nats store).",
+    )
+    artifact_bucket: str = Field(
+        "ftops-artifacts", description="Object Store bucket of the nats artifact store."
     )
     max_artifact_mb: int = Field(
         4096, gt=0, description="Largest artifact (sum of its files) accepted by an upload."

@@ -347,6 +347,20 @@ async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped()
     [decision] = await healthy.analyze_once()
     assert decision.kind is DecisionKind.PROMOTE
 
+    async def passed(version_id: str) -> common_pb2.Evaluation | None:
+        return common_pb2.Evaluation(gate_passed=True, metrics={"retention": 0.97})
+
+    evaluated, _ = _monitor(evaluations=passed)
+    evaluated.apply_started(_started())
+    await evaluated.analyze_once()
+    await evaluated.settled()
+    evaluated.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
+    [decision] = await evaluated.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    assert "eval_retention" not in decision.figures  # shown, not repeated in every event
+    shown = evaluated.analysis("bot").figures
+    assert (shown["eval_retention"], shown["stable_eval_retention"]) == (0.97, 0.97)
+
 
 async def test_alert_fires_once_and_resolves_once() -> None:
     clock = Clock(1000.0)

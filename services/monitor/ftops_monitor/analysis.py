@@ -312,7 +312,10 @@ class _Judge:
         self.numbers["weight"] = float(release.weight)
         self.numbers["min_requests"] = float(self.config.min_requests)
         self.numbers["step_seconds"] = max(0.0, now - release.step_started_at)
-        self.numbers.update(release.evaluation_figures)
+        if release.evaluation_failure:
+            # Only a refusal puts the (many) evaluation metrics into the decision's figures;
+            # GetReleaseAnalysis shows them always.
+            self.numbers.update(release.evaluation_figures)
         self.checks: list[Check] = []
         self.failures: list[str] = []
 

@@ -57,6 +57,7 @@ def release_analysis(
         candidate_version_id=release.candidate_version_id,
         step_seconds=max(0.0, now - release.step_started_at) if release.running else 0.0,
     )
+    out.figures.update(release.evaluation_figures)
     if current is not None:
         out.figures.update(current.figures)
         out.checks.extend(

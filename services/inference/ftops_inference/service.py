@@ -231,7 +231,7 @@ def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:
     if settings.backend == "echo":
         from ftops_inference.echo_backend import EchoBackend
 
-        return EchoBackend(model_dir)
+        return EchoBackend(model_dir, token_delay_s=settings.echo_token_delay_ms / 1000)
     if settings.backend == "vllm":
         raise ValueError("backend = vllm is not part of this build yet; use hf or echo")
     from ftops_inference.hf_backend import HFPeftBackend

@@ -37,6 +37,9 @@ class InferenceSettings(ServiceSettings):
             "extra), echo (no model: answers with the prompt's words, for gateway benchmarks)."
         ),
     )
+    echo_token_delay_ms: float = Field(
+        0.0, ge=0, description="echo backend: time per generated token (simulated decode)."
+    )
     torch_threads: int = Field(
         0,
         ge=0,

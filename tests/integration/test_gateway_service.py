@@ -654,7 +654,8 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
     green, shadowed = _alias(), _alias()
     try:
         await asyncio.sleep(0.5)  # the monitor's release consumers are bound
-        analysis = events_pb2.AnalysisSettings(min_requests=10, auto=True)
+        # Sub-millisecond fakes: scheduling noise would dominate a 20% latency effect.
+        analysis = events_pb2.AnalysisSettings(min_requests=10, auto=True, latency_effect=1.0)
         for alias, candidate, strategy in (
             (green, "ver_c", events_pb2.RELEASE_STRATEGY_BLUE_GREEN),
             (shadowed, "ver_bad", events_pb2.RELEASE_STRATEGY_SHADOW),

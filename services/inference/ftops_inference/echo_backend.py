@@ -5,11 +5,8 @@ tests of everything around the model; adapters are bookkept but change nothing."
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
-
-from safetensors import safe_open
 
 from ftops_inference.backend import (
     AdapterStats,
@@ -19,6 +16,7 @@ from ftops_inference.backend import (
     ModuleShape,
     complete,
 )
+from ftops_inference.base_files import read_base
 from ftops_inference.sampling import FinishReason, TextTracker
 from ftops_runtime.errors import FailedPrecondition, NotFound
 
@@ -50,7 +48,7 @@ class EchoBackend:
         return self._context
 
     async def start(self) -> None:
-        self._shapes, self._context = await asyncio.to_thread(_read_base, self.model_dir)
+        self._shapes, self._context = await asyncio.to_thread(read_base, self.model_dir)
         self._ready = True
 
     async def close(self) -> None:
@@ -117,27 +115,3 @@ class EchoBackend:
             if delta:
                 yield Chunk(delta, len(out), n_prompt)
         yield Chunk(tracker.finish(), len(out), n_prompt, finish)
-
-
-def _read_base(model_dir: Path) -> tuple[dict[str, ModuleShape], int]:
-    """Module shapes from the weights' headers (no tensor is read), so adapters for this
-    base pass the same checks as with a real backend."""
-    shapes: dict[str, ModuleShape] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if not key.endswith(".weight"):
-                    continue
-                shape = handle.get_slice(key).get_shape()
-                if len(shape) != 2:
-                    continue
-                module = key.removesuffix(".weight")
-                if "embed" in module:
-                    shapes[module] = ModuleShape("embedding", shape[0], shape[1])
-                else:
-                    shapes[module] = ModuleShape("linear", shape[1], shape[0])
-    config_path = model_dir / "config.json"
-    context = 2048
-    if config_path.exists():
-        context = int(json.loads(config_path.read_text()).get("max_position_embeddings") or 2048)
-    return shapes, context

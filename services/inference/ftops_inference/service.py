@@ -233,7 +233,9 @@ def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:
 
         return EchoBackend(model_dir, token_delay_s=settings.echo_token_delay_ms / 1000)
     if settings.backend == "vllm":
-        raise ValueError("backend = vllm is not part of this build yet; use hf or echo")
+        from ftops_inference.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, settings)
     from ftops_inference.hf_backend import HFPeftBackend
 
     if settings.torch_threads:

@@ -1,0 +1,104 @@
+"""The vLLM backend with the tiny model: adapters by version with never-reused LoRA ids,
+streaming, stop strings, unload. Needs vllm and a CUDA GPU; skipped otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftops_inference.backend import GenerationRequest
+from ftops_inference.sampling import FinishReason, SamplingConfig
+from ftops_inference.settings import InferenceSettings
+from ftops_runtime.errors import FailedPrecondition
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None, reason="vllm is not installed (GPU extra)"
+    ),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
+]
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.2)  # strong enough to change sampled text
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+async def backend(tiny_model_dir: Path) -> AsyncIterator[object]:
+    from ftops_inference.vllm_backend import VLLMBackend
+
+    settings = InferenceSettings(
+        base_model_path=str(tiny_model_dir),
+        backend="vllm",
+        vllm_gpu_memory_utilization=0.3,
+        vllm_max_loras=2,
+        vllm_max_lora_rank=8,
+        vllm_max_cpu_loras=4,
+    )
+    vllm = VLLMBackend(tiny_model_dir, settings)
+    await vllm.start()
+    yield vllm
+    await vllm.close()
+
+
+async def test_versions_get_distinct_ids_and_distinct_outputs(
+    backend: object, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from ftops_inference.vllm_backend import VLLMBackend
+
+    assert isinstance(backend, VLLMBackend)
+    await backend.load_adapter("v1", make_adapter(tiny_model_dir, tmp_path / "a1", 1))
+    await backend.load_adapter("v2", make_adapter(tiny_model_dir, tmp_path / "a2", 2))
+    ids = {v: a.lora_id for v, a in backend._adapters.items()}
+    assert ids["v1"] != ids["v2"]
+    sampling = SamplingConfig(max_tokens=16, temperature=1.0, seed=7)
+    texts = {
+        v: (await backend.generate(GenerationRequest("The capital of", sampling, v))).text
+        for v in (None, "v1", "v2")
+    }
+    assert len(set(texts.values())) == 3
+    # Same seed, same version: the same text.
+    again = await backend.generate(GenerationRequest("The capital of", sampling, "v1"))
+    assert again.text == texts["v1"]
+
+    await backend.unload_adapter("v1")
+    with pytest.raises(FailedPrecondition):
+        await backend.generate(GenerationRequest("The capital of", sampling, "v1"))
+    # Reloading the same version under a new id never serves stale weights.
+    await backend.load_adapter("v1", tmp_path / "a1")
+    assert backend._adapters["v1"].lora_id not in ids.values()
+
+
+async def test_stream_concatenates_and_stop_strings_finish(backend: object) -> None:
+    from ftops_inference.vllm_backend import VLLMBackend
+
+    assert isinstance(backend, VLLMBackend)
+    request = GenerationRequest("Product LZ-59 costs", SamplingConfig(max_tokens=24))
+    full = await backend.generate(request)
+    chunks = [c async for c in backend.stream(request)]
+    assert "".join(c.text for c in chunks) == full.text
+    assert chunks[-1].finish_reason == full.finish_reason
+    assert full.finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
+    if len(full.text) > 3:
+        stop = full.text[2:4]
+        stopped = await backend.generate(
+            GenerationRequest(request.prompt, SamplingConfig(max_tokens=24, stop=(stop,)))
+        )
+        assert stopped.finish_reason == FinishReason.STOP
+        assert stop not in stopped.text

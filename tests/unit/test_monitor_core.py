@@ -306,6 +306,30 @@ async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
     assert "mean score 0.100" in bus.of("release.rollback")[0].reason
 
 
+async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() -> None:
+    monitor, _ = _monitor()
+    monitor.apply_started(_started())
+    [failed] = _results("ver_c", "candidate", 1, status="UNAVAILABLE")
+    [answered] = _results("ver_s", "stable", 1, fallback=True)
+    answered.request_id = failed.request_id
+    monitor.ingest([failed, answered])
+    reply = monitor.submit_feedback(failed.request_id, 0.2)
+    assert (reply.version_id, reply.arm) == ("ver_s", "stable")
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert (len(release.stable.feedback), len(release.candidate.feedback)) == (1, 0)
+    # The failure still counts against the candidate.
+    assert (release.candidate.requests, release.candidate.errors) == (1, 1)
+    # Arriving in the other order gives the same mapping.
+    other, _ = _monitor()
+    [failed2] = _results("ver_c", "candidate", 1, status="UNAVAILABLE")
+    [answered2] = _results("ver_s", "stable", 1, fallback=True)
+    answered2.request_id = failed2.request_id
+    other.ingest([answered2])
+    other.ingest([failed2])
+    assert other.submit_feedback(failed2.request_id, 1.0).version_id == "ver_s"
+
+
 async def test_feedback_forgets_old_requests() -> None:
     clock = Clock(1002.0)
     monitor, _ = _monitor(clock)

@@ -33,8 +33,15 @@ class RequestIndex:
         self._served: OrderedDict[str, Served] = OrderedDict()
         self._scores: dict[str, float] = {}
 
-    def add(self, request_id: str, served: Served) -> None:
-        if not request_id or request_id in self._served:
+    def add(self, request_id: str, served: Served, *, answered: bool = False) -> None:
+        """Remembers where a request was served. A request can have two results (the
+        candidate failed, the stable version answered): ``answered`` marks the one whose
+        answer the user got, which wins whatever the order they arrive in."""
+        if not request_id:
+            return
+        if request_id in self._served:
+            if answered:
+                self._served[request_id] = served  # keeps its place in the age order
             return
         self._served[request_id] = served
         while len(self._served) > self.max_items:

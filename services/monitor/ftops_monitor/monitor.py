@@ -162,7 +162,7 @@ class Monitor:
                 served = Served(
                     result.alias, result.version_id, result.arm, result.release_id, sample.at
                 )
-                self.requests.add(result.request_id, served)
+                self.requests.add(result.request_id, served, answered=result.fallback)
             release = self.release_for(result.alias)
             if (
                 release is not None

@@ -558,3 +558,23 @@ def test_meta_helper_is_complete() -> None:
     meta: common_pb2.EventMeta = new_meta("monitor", "x")
     assert meta.event_id
     assert meta.occurred_at.seconds > 0
+
+
+async def test_metrics_port_taken_falls_back_to_a_free_one(nats_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monitor = await _monitor(nats_url, metrics_port=port)
+        try:
+            assert monitor.metrics_port not in (port, 0, -1)
+            url = f"http://127.0.0.1:{monitor.metrics_port}/metrics"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert response.status == 200
+        finally:
+            await monitor.stop()
+    off = await _monitor(nats_url, metrics_port=-1)
+    try:
+        assert off.metrics_port == -1
+    finally:
+        await off.stop()

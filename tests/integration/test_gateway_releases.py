@@ -529,3 +529,32 @@ async def test_a_version_another_alias_routes_to_is_not_retired(
     finally:
         await gw.stop()
         redis_server.stop()
+
+
+async def test_a_rolled_back_candidate_is_retired(
+    nats_url: str, fakes: Fakes, bus: EventBus
+) -> None:
+    redis_server = start_redis()  # no other test's alias routes to ver_c here
+    retired = await _collect(bus, ADAPTER_RETIRED)
+    gw: GatewayService = await _gateway(
+        _settings(nats_url, redis_server.url, fakes, retire_interval_s=60)
+    )
+    alias = _alias()
+    try:
+        await gw.releases.set_route(alias, "ver_s")
+        started = await gw.releases.start_release(
+            gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id="ver_c")
+        )
+        back = await gw.releases.rollback(_cmd(alias, reason="bad answers"))
+        assert list(back.route.retire_pending) == ["ver_c"]
+        assert await gw.retirer.run_once(time.time()) == 1
+        assert await gw.retirer.run_once(time.time()) == 0
+        event = await retired.wait_for(lambda e: e.release_id == started.release_id)
+        assert event.version_id == "ver_c"
+        assert "no longer routes" in event.reason
+        route = await gw.store.get(alias)
+        assert route is not None
+        assert list(route.retire_pending) == []
+    finally:
+        await gw.stop()
+        redis_server.stop()

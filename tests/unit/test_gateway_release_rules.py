@@ -341,3 +341,57 @@ async def test_mirrors_never_queue_and_report_divergence() -> None:
     mirror.finish("stable text")
     await failing.close_when_idle()
     assert (reporter.results[-1].status, reporter.results[-1].divergence) == ("INTERNAL", -1.0)
+
+
+def test_versions_nothing_routes_to_are_queued_for_retirement() -> None:
+    rollback = events_pb2.ReleaseRollback(
+        meta=common_pb2.EventMeta(event_id="r"), release_id="rel_1", alias="bot"
+    )
+    back = route_rules.apply_rollback(_start(), rollback)
+    assert back is not None
+    assert list(back.retire_pending) == ["ver_c"]
+    # Released again: no longer to be retired.
+    again = route_rules.start_release(
+        back,
+        release_spec.from_request(
+            gateway_pb2.StartReleaseRequest(alias="bot", candidate_version_id="ver_c"), "ver_c"
+        ),
+        "rel_2",
+    )
+    assert list(again.retire_pending) == []
+    assert route_rules.retired_pending(back, "ver_c").retire_pending == []  # type: ignore[union-attr]
+    assert route_rules.retired_pending(back, "ver_x") is None
+
+    # A second switch while the first one's old version is still held supersedes the hold.
+    first = route_rules.apply_promote(_start(), _promote(3, 100, final=True), now=10.0)
+    assert first is not None
+    assert (first.previous_version_id, list(first.retire_pending)) == ("ver_s", [])
+    spec = release_spec.from_request(
+        gateway_pb2.StartReleaseRequest(alias="bot", candidate_version_id="ver_d"), "ver_d"
+    )
+    second = route_rules.start_release(first, spec, "rel_2", now=20.0)
+    promote = _promote(3, 100, final=True)
+    promote.release_id, promote.candidate_version_id = "rel_2", "ver_d"
+    switched = route_rules.apply_promote(second, promote, now=30.0)
+    assert switched is not None
+    assert (switched.stable_version_id, switched.previous_version_id) == ("ver_d", "ver_c")
+    assert list(switched.retire_pending) == ["ver_s"]
+
+    # Reverting a promotion retires the version it had promoted.
+    revert = events_pb2.ReleaseRollback(
+        meta=common_pb2.EventMeta(event_id="rv"),
+        release_id="rel_2",
+        alias="bot",
+        stable_version_id="ver_c",
+        candidate_version_id="ver_d",
+    )
+    reverted = route_rules.apply_rollback(switched, revert)
+    assert reverted is not None
+    assert (reverted.stable_version_id, list(reverted.retire_pending)) == (
+        "ver_c",
+        ["ver_s", "ver_d"],
+    )
+
+    # SetRoute over a running release retires its candidate.
+    replaced = route_rules.set_route(_start(), "bot", "ver_n")
+    assert list(replaced.retire_pending) == ["ver_c"]

@@ -70,6 +70,19 @@ def _decision(
     return decision
 
 
+def _pend_retirement(route: gateway_pb2.Route, version_id: str) -> None:
+    """Queue ``version_id`` for adapter.retired (the retirer checks other aliases first)."""
+    if version_id and version_id not in route.retire_pending:
+        route.retire_pending.append(version_id)
+
+
+def _drop_held(route: gateway_pb2.Route) -> None:
+    """The held previous version stops being the rollback target before its hold ran out."""
+    if route.previous_version_id and not route.previous_retired and route.HasField("hold_until"):
+        _pend_retirement(route, route.previous_version_id)
+    route.ClearField("hold_until")
+
+
 def _end_candidate(route: gateway_pb2.Route, state: str) -> None:
     route.candidate_version_id = ""
     route.candidate_weight = 0
@@ -87,12 +100,15 @@ def set_route(
         return route
     route = _copy(current, now)
     if current.stable_version_id != version_id:
+        _drop_held(route)
         route.previous_version_id = current.stable_version_id
         route.previous_retired = False
-    route.ClearField("hold_until")
     route.stable_version_id = version_id
     if is_running(current):
+        if current.candidate_version_id != version_id:
+            _pend_retirement(route, current.candidate_version_id)
         _end_candidate(route, REPLACED)
+    _unpend(route)
     return route
 
 
@@ -144,6 +160,7 @@ def start_release(
             "started", event_id=event_id, now=now, weight=spec.initial_weight, reason="started"
         )
     )
+    _unpend(route)
     return route
 
 
@@ -183,11 +200,14 @@ def apply_promote(
         )
     )
     if event.final:
+        if route.previous_version_id != route.stable_version_id:
+            _drop_held(new)
         new.previous_version_id = route.stable_version_id
         new.previous_retired = False
         new.stable_version_id = route.candidate_version_id
         _end_candidate(new, PROMOTED)
         new.hold_until.FromNanoseconds(int((now + route.hold_seconds) * 1e9))
+        _unpend(new)
     else:
         new.candidate_weight = weight
     return new
@@ -228,8 +248,11 @@ def apply_rollback(
         if target != route.stable_version_id:
             new.previous_version_id = route.stable_version_id
         new.stable_version_id = target
+        if route.candidate_version_id != target:
+            _pend_retirement(new, route.candidate_version_id)
         _end_candidate(new, ROLLED_BACK)
         new.last_decision.CopyFrom(decision)
+        _unpend(new)
         return new
     promoted_back = (
         route.previous_version_id
@@ -240,12 +263,14 @@ def apply_rollback(
         return None
     new = _copy(route, now)
     new.stable_version_id = route.previous_version_id
+    _pend_retirement(new, route.stable_version_id)  # the reverted promotion's version
     # Cleared so that a second copy of the same rollback cannot flip the route again.
     new.previous_version_id = ""
     new.previous_retired = False
     new.ClearField("hold_until")
     _end_candidate(new, ROLLED_BACK)
     new.last_decision.CopyFrom(decision)
+    _unpend(new)
     return new
 
 
@@ -299,6 +324,24 @@ def set_paused(
             manual=True,
         )
     )
+    return new
+
+
+def _unpend(route: gateway_pb2.Route) -> None:
+    """A version the route serves again (re-released, restored) is not to be retired."""
+    keep = [v for v in route.retire_pending if v not in versions_in_use(route)]
+    if len(keep) != len(route.retire_pending):
+        del route.retire_pending[:]
+        route.retire_pending.extend(keep)
+
+
+def retired_pending(route: gateway_pb2.Route | None, version_id: str) -> gateway_pb2.Route | None:
+    """The route without ``version_id`` in ``retire_pending`` (None: nothing to change)."""
+    if route is None or version_id not in route.retire_pending:
+        return None
+    new = gateway_pb2.Route()
+    new.CopyFrom(route)
+    new.retire_pending.remove(version_id)
     return new
 
 

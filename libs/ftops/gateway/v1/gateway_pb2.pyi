@@ -191,6 +191,7 @@ class Route(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    RETIRE_PENDING_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     stable_version_id: _builtins.str
     candidate_version_id: _builtins.str
@@ -242,6 +243,12 @@ class Route(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def retire_pending(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions nothing on this alias routes to any more (a rolled-back candidate, a held
+        version superseded before its hold ran out), waiting for adapter.retired.
+        """
+
     def __init__(
         self,
         *,
@@ -270,10 +277,11 @@ class Route(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         actor: _builtins.str = ...,
+        retire_pending: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "hold_until", b"hold_until", "last_decision", b"last_decision", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "retire_pending", b"retire_pending", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -477,3 +477,35 @@ async def test_decision_waits_for_nats_and_nothing_is_lost() -> None:
     assert decision.kind is DecisionKind.PROMOTE
     assert release.step_index == 1
     assert len(bus.of("release.promote")) == 1
+
+
+async def test_automatic_step_taken_after_the_gateway_paused_is_undone() -> None:
+    # The monitor decides at 1002; the gateway had paused at 1001.5 and ignores automatic
+    # steps while paused, so the pause reaching the monitor afterwards puts it back.
+    clock = Clock(1002.0)
+    monitor, bus = _monitor(clock)
+    monitor.apply_started(_started(min_requests=4))
+    monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    release = monitor.release_for("bot")
+    assert release is not None
+    assert (release.step_index, release.step_started_at) == (1, 1002.0)
+    monitor.apply_pause(
+        events_pb2.ReleasePaused(meta=_meta("late-pause", 1001.5), release_id="rel_1", alias="bot")
+    )
+    assert (release.step_index, release.weight, release.paused) == (0, 5, True)
+    assert release.state is ReleaseState.RUNNING
+
+    # A pause after the step was taken leaves it alone.
+    again, _ = _monitor(Clock(1002.0))
+    again.apply_started(_started(min_requests=4))
+    again.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
+    await again.analyze_once()
+    again.apply_pause(
+        events_pb2.ReleasePaused(meta=_meta("pause", 1002.5), release_id="rel_1", alias="bot")
+    )
+    moved = again.release_for("bot")
+    assert moved is not None
+    assert (moved.step_index, moved.paused) == (1, True)
+    assert len(bus.of("release.promote")) == 1

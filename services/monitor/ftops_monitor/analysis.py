@@ -176,6 +176,7 @@ class Release:
     paused: bool = False
     # occurred_at of the newest pause/resume applied: an older one arriving late is stale.
     pause_changed_at: float = 0.0
+    auto_step: AutoStep | None = None
     step_started_at: float = 0.0
     candidate: ArmData = field(default_factory=ArmData)
     stable: ArmData = field(default_factory=ArmData)
@@ -212,6 +213,7 @@ class Release:
             return False
         self.step_index = step_index
         self.weight = 100 if final else weight
+        self.auto_step = None
         self.restart_step(at)
         if final:
             self.state = ReleaseState.PROMOTED
@@ -223,6 +225,7 @@ class Release:
             return False
         self.state = ReleaseState.ROLLED_BACK
         self.weight = 0
+        self.auto_step = None
         self.restart_step(self.step_started_at)
         return True
 
@@ -230,11 +233,36 @@ class Release:
         """Pause or resume as of ``at``; a resume starts the step over."""
         if at < self.pause_changed_at or paused == self.paused:
             return False
+        if paused and self.auto_step is not None and self.auto_step.at > at:
+            # Our automatic step was decided after the pause: the gateway ignored it (it
+            # takes no automatic step while paused), so the release is where it was.
+            self.auto_step.restore(self)
+        self.auto_step = None
         self.pause_changed_at = at
         self.paused = paused
         if not paused:
             self.restart_step(at)
         return True
+
+
+@dataclass(frozen=True)
+class AutoStep:
+    """Where a release was before the monitor's latest automatic promotion."""
+
+    at: float
+    step_index: int
+    weight: int
+    step_started_at: float
+
+    @classmethod
+    def of(cls, release: Release, at: float) -> AutoStep:
+        return cls(at, release.step_index, release.weight, release.step_started_at)
+
+    def restore(self, release: Release) -> None:
+        release.state = ReleaseState.RUNNING
+        release.step_index, release.weight = self.step_index, self.weight
+        release.candidate, release.stable = ArmData(), ArmData()
+        release.step_started_at = self.step_started_at
 
 
 @dataclass(frozen=True)

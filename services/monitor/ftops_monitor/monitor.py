@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterable
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
 from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
 from ftops_monitor.analysis import (
+    AutoStep,
     Config,
     Decision,
     DecisionKind,
@@ -405,6 +407,13 @@ class Monitor:
         release.evaluation_figures = verdict.figures
         self._wake.set()
 
+    def _meta(self) -> common_pb2.EventMeta:
+        """An envelope stamped by the monitor's clock: the step a decision begins is timed
+        on the same clock as the analysis (an injected one in tests)."""
+        meta = new_meta(self.bus.service, self.bus.instance)
+        meta.occurred_at.FromNanoseconds(int(self.clock() * 1e9))
+        return meta
+
     async def _send(self, subject: str, event: Message) -> None:
         """Publish a decision; the state changes only once JetStream has stored it."""
         try:
@@ -413,7 +422,7 @@ class Monitor:
             raise Unavailable(f"{subject} not published, nothing changed: {exc!r}") from exc
 
     async def _publish(self, release: Release, decision: Decision, *, manual: bool) -> None:
-        meta = new_meta(self.bus.service, self.bus.instance)
+        meta = self._meta()
         if decision.kind is DecisionKind.PROMOTE:
             assert decision.next is not None
             promote = events_pb2.ReleasePromote(
@@ -429,8 +438,11 @@ class Monitor:
                 figures=decision.figures,
                 manual=manual,
             )
+            before = None if manual else AutoStep.of(release, self.clock())
             await self._send(RELEASE_PROMOTE, promote)
             self.apply_promote(promote)
+            # Kept until the next pause shows whether the gateway took the step.
+            release.auto_step = before
         else:
             rollback = events_pb2.ReleaseRollback(
                 meta=meta,
@@ -460,7 +472,7 @@ class Monitor:
         figures = {key: self.stats.figures(*key, now) for key in self.stats.active(now)}
         for transition in self.alerts.evaluate(figures, now):
             event = alert_event(transition.alert, transition.state, transition.for_seconds)
-            event.meta.CopyFrom(new_meta(self.bus.service, self.bus.instance))
+            event.meta.CopyFrom(self._meta())
             self.alerts_total[(transition.alert.rule, transition.state)] += 1
             log.log(
                 logging.WARNING if transition.state == FIRING else logging.INFO,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from ftops_inference.backend import Completion, GenerationRequest
 from ftops_inference.hf_backend import HFPeftBackend
 from ftops_inference.sampling import FinishReason, SamplingConfig
-from ftops_runtime.errors import Unavailable
+from ftops_runtime.errors import FailedPrecondition, Unavailable
 
 PROMPTS = ("The capital of", "Product LZ-59 costs", "Hello there my friend, how", "A")
 
@@ -176,3 +177,82 @@ async def test_a_failed_forward_fails_its_rows_with_unavailable_then_recovers(
     assert backend.failure is None
     done = await backend.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4)))
     assert done.completion_tokens > 0
+
+
+# -- stacked LoRA vs PEFT's adapter_names --------------------------------------------
+
+
+def make_variant_adapter(base_dir: Path, out: Path, **variant: Any) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **variant
+    )
+    get_peft_model(base, config).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+async def test_stacked_lora_computes_what_peft_computes(
+    tiny_model_dir: Path, adapter_dirs: list[Path]
+) -> None:
+    logits: dict[str, Any] = {}
+    for kernel in ("stacked", "peft"):
+        hf = HFPeftBackend(tiny_model_dir, lora_kernel=kernel)
+        await hf.start()
+        for i, path in enumerate(adapter_dirs):
+            await hf.load_adapter(f"v{i}", path)
+        runtime: Any = hf._rt
+        assert (runtime.stacked is not None and runtime.stacked.supported) == (kernel == "stacked")
+        ids = torch.tensor([[5, 17, 42, 9]] * 3)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(4).expand(3, 4)
+        names = ["v0", "__base__", "v1"]
+        logits[kernel] = await hf.engine.call(
+            functools.partial(runtime.forward, ids, mask, positions, None, names)
+        )
+        await hf.close()
+    torch.testing.assert_close(logits["stacked"][0], logits["peft"][0], rtol=1e-5, atol=1e-5)
+
+
+async def test_adapter_with_lora_bias_falls_back_to_peft_mixed_batches(
+    tiny_model_dir: Path, adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    hf = HFPeftBackend(tiny_model_dir)
+    await hf.start()
+    try:
+        await hf.load_adapter("plain", adapter_dirs[0])
+        runtime: Any = hf._rt
+        assert runtime.stacked.supported
+        request = GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=8, seed=1), "plain")
+        before = await hf.generate(request)
+        biased = make_variant_adapter(tiny_model_dir, tmp_path / "bias", lora_bias=True)
+        await hf.load_adapter("bias", biased)
+        assert not runtime.stacked.supported
+        mixed = await asyncio.gather(
+            hf.generate(request),
+            hf.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4), "bias")),
+        )
+        assert mixed[0].text == before.text
+        await hf.unload_adapter("bias")
+        assert runtime.stacked.supported  # back on the stacked path
+    finally:
+        await hf.close()
+
+
+async def test_dora_adapter_is_refused_with_the_reason(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    hf = HFPeftBackend(tiny_model_dir)
+    await hf.start()
+    try:
+        dora = make_variant_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
+        with pytest.raises(FailedPrecondition, match="DoRA"):
+            await hf.load_adapter("dora", dora)
+        assert not hf.holds("dora")
+        done = await hf.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4)))
+        assert done.completion_tokens > 0
+    finally:
+        await hf.close()

@@ -25,6 +25,7 @@ from ftops_inference.backend import (
 )
 from ftops_inference.batching import BatchEngine, ModelRuntime, Step, new_row
 from ftops_inference.residency import Residency, Tiers
+from ftops_inference.stacked_lora import StackedLoRA
 from ftops_runtime.errors import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,14 @@ class AdapterWeights:
 class _Runtime(ModelRuntime):
     """The model as the batch engine sees it. Only the model thread calls into it."""
 
-    def __init__(self, base: Any, tokenizer: Any, eos: set[int], pad: int) -> None:
+    def __init__(
+        self, base: Any, tokenizer: Any, eos: set[int], pad: int, *, stacked: bool = True
+    ) -> None:
         self.base = base
         self.peft: Any = None  # the PeftModel wrapping ``base`` once an adapter is attached
+        # Mixed batches through stacked LoRA weights when every adapter allows it, else
+        # through PEFT's adapter_names.
+        self.stacked = StackedLoRA() if stacked else None
         self.tokenizer = tokenizer
         self._eos = eos
         self._pad = pad
@@ -80,17 +86,31 @@ class _Runtime(ModelRuntime):
         # PEFT's wrapper cannot run with zero adapters; the base (its LoRA layers empty)
         # computes the same thing then.
         model = self.base
+        lora: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self.peft is not None and self.peft.peft_config:
             model = self.peft
-            kwargs["adapter_names"] = adapter_names
-        with torch.inference_mode():
+            if self.stacked is not None and self.stacked.supported:
+                lora = self.stacked.active(adapter_names, input_ids.device)
+            else:
+                kwargs["adapter_names"] = adapter_names
+        with torch.inference_mode(), lora:
             out = model(**kwargs)
         return out.logits[:, -1, :], out.past_key_values
+
+    def _restack(self) -> None:
+        if self.stacked is not None:
+            self.stacked.rebuild(self.peft)
 
     def attach(self, version_id: str, weights: AdapterWeights) -> None:
         from peft import PeftModel
         from peft.utils import set_peft_model_state_dict
 
+        if getattr(weights.config, "use_dora", False):
+            # Neither mixed-batch path can express DoRA's per-row weight normalisation.
+            raise FailedPrecondition(
+                f"version {version_id} is a DoRA adapter; this backend serves adapters in "
+                "mixed batches, which DoRA does not support: merge it or train plain LoRA"
+            )
         if self.peft is None:
             self.peft = PeftModel(self.base, weights.config, adapter_name=version_id)
         else:
@@ -110,6 +130,7 @@ class _Runtime(ModelRuntime):
         if self.peft.active_adapter not in self.peft.peft_config:
             self.peft.set_adapter(version_id)
         self.peft.eval()
+        self._restack()
 
     def detach(self, version_id: str) -> AdapterWeights:
         from peft.utils import get_peft_model_state_dict
@@ -127,6 +148,7 @@ class _Runtime(ModelRuntime):
         remaining = list(self.peft.peft_config)
         if remaining and self.peft.active_adapter not in remaining:
             self.peft.set_adapter(remaining[0])
+        self._restack()
 
 
 class HFPeftBackend:
@@ -144,12 +166,14 @@ class HFPeftBackend:
         max_loaded: int = 8,
         max_cached: int = 32,
         recovery_probe_s: float = 1.0,
+        lora_kernel: str = "stacked",
     ) -> None:
         self.model_dir = model_dir
         self.device = torch.device(device)
         self._max_batch_size = max_batch_size
         self._max_batch_wait_s = max_batch_wait_ms / 1000
         self._recovery_probe_s = recovery_probe_s
+        self._stacked = lora_kernel == "stacked"
         self._rt: _Runtime | None = None
         self._engine: BatchEngine | None = None
         self._shapes: dict[str, ModuleShape] = {}
@@ -217,7 +241,7 @@ class HFPeftBackend:
         )
         self._context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._shapes = shapes
-        self._rt = _Runtime(model, tokenizer, eos_ids, int(pad))
+        self._rt = _Runtime(model, tokenizer, eos_ids, int(pad), stacked=self._stacked)
         engine = BatchEngine(
             self._rt,
             device=self.device,

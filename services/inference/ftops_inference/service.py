@@ -249,6 +249,7 @@ def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:
         max_batch_wait_ms=settings.max_batch_wait_ms,
         max_loaded=settings.max_loaded,
         max_cached=settings.max_cached,
+        lora_kernel=settings.lora_kernel,
     )
 
 

@@ -59,6 +59,15 @@ class InferenceSettings(ServiceSettings):
             "join a running batch between two decode steps, so this only shapes bursts."
         ),
     )
+    lora_kernel: Literal["stacked", "peft"] = Field(
+        "stacked",
+        description=(
+            "hf backend, mixed-adapter batches: stacked (every adapter's LoRA weights stacked "
+            "per layer, two batched matmuls per layer whatever the mix) or peft (PEFT's "
+            "adapter_names, a loop over the batch's adapters). Adapters stacked cannot express "
+            "(DoRA, LoRA bias, embedding layers) switch to peft automatically."
+        ),
+    )
     max_loaded: int = Field(
         8, gt=0, description="Adapter versions in the model at once (LRU beyond, never in use)."
     )

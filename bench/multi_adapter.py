@@ -119,6 +119,19 @@ async def main() -> None:
                 if best is None or run[2] / run[1] > best[2] / best[1]:
                     cases[label] = run
         await backend.close()
+
+        # The same mixed batches through PEFT's adapter_names (the fallback path).
+        peft = HFPeftBackend(
+            model_dir, max_batch_size=BATCH, max_loaded=ADAPTERS, lora_kernel="peft"
+        )
+        await peft.start()
+        for name, path in zip(names, dirs, strict=True):
+            await peft.load_adapter(name, path)
+        await _batched(peft, [None])
+        cases[f"mixed batches via PEFT adapter_names, {ADAPTERS}"] = await _batched(
+            peft, list[str | None](names)
+        )
+        await peft.close()
         cases["naive: set_adapter per request, serialized"] = await asyncio.to_thread(
             _naive, model_dir, dirs
         )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ftops_inference.backend import Chunk
 from ftops_inference.sampling import FinishReason, SamplingConfig, TextTracker, next_token
 from ftops_runtime.errors import Unavailable
 
@@ -34,17 +35,8 @@ log = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"
 
 
-@dataclass(frozen=True)
-class Step:
-    """What one row produced at one step, handed to the request's consumer."""
-
-    text: str
-    completion_tokens: int
-    prompt_tokens: int
-    finish_reason: FinishReason | None = None
-
-
-Emit = Callable[[Step | BaseException], None]
+# Hands a row's new text (or its failure) to the request's consumer, from the model thread.
+Emit = Callable[[Chunk | BaseException], None]
 
 
 @dataclass
@@ -125,8 +117,6 @@ class BatchEngine:
         # Set after a failed forward pass until a probe pass succeeds again.
         self.crashed: str | None = None
         self._last_probe = 0.0
-        self.steps = 0
-        self.rows_per_step = 0.0  # running mean, for stats
 
     # -- public, any thread ----------------------------------------------------------
 
@@ -146,7 +136,7 @@ class BatchEngine:
 
     def submit(self, row: Row) -> None:
         if row.max_new <= 0:
-            row.emit(Step("", 0, len(row.prompt_ids), FinishReason.LENGTH))
+            row.emit(Chunk("", 0, len(row.prompt_ids), FinishReason.LENGTH))
             return
         with self._cv:
             if self._closed:
@@ -280,8 +270,6 @@ class BatchEngine:
         self._past, self._mask = past, mask
         for r in rows:
             r.length += 1
-        self.steps += 1
-        self.rows_per_step += (len(rows) - self.rows_per_step) / min(self.steps, 1000)
         self._sample(list(rows), logits, first=0)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, *, first: int) -> None:
@@ -290,7 +278,7 @@ class BatchEngine:
             index = first + offset
             token = next_token(logits[offset], r.sampling, r.generator)
             finish: FinishReason | None = None
-            delta = tail = ""
+            delta = ""
             if token in self._rt.eos:
                 finish = FinishReason.EOS
             else:
@@ -298,18 +286,16 @@ class BatchEngine:
                 r.next_input = token
                 delta = r.tracker.update(self._rt.decode(r.tokens))
                 if r.tracker.stopped:
-                    finish, tail, delta = FinishReason.STOP, delta, ""
+                    finish = FinishReason.STOP
                 elif len(r.tokens) >= r.max_new:
                     finish = FinishReason.LENGTH
             if finish is not None:
-                r.emit(
-                    Step(
-                        delta + tail + r.tracker.finish(), len(r.tokens), len(r.prompt_ids), finish
-                    )
-                )
+                # The last chunk also carries what the tracker still held back.
+                text = delta + r.tracker.finish()
+                r.emit(Chunk(text, len(r.tokens), len(r.prompt_ids), finish))
                 finished.append(index)
             elif delta:
-                r.emit(Step(delta, len(r.tokens), len(r.prompt_ids)))
+                r.emit(Chunk(delta, len(r.tokens), len(r.prompt_ids)))
         if finished:
             gone = set(finished)
             self._select([i for i in range(len(self._active)) if i not in gone])

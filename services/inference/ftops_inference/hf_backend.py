@@ -23,7 +23,7 @@ from ftops_inference.backend import (
     ModuleShape,
     complete,
 )
-from ftops_inference.batching import BatchEngine, ModelRuntime, Step, new_row
+from ftops_inference.batching import BatchEngine, ModelRuntime, new_row
 from ftops_inference.residency import Residency, Tiers
 from ftops_inference.stacked_lora import StackedLoRA
 from ftops_runtime.errors import FailedPrecondition, Unavailable
@@ -324,10 +324,10 @@ class HFPeftBackend:
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
         max_new = min(request.sampling.max_tokens, self._context - len(prompt_ids))
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Step | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         cancel = threading.Event()
 
-        def emit(item: Step | BaseException) -> None:
+        def emit(item: Chunk | BaseException) -> None:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -349,9 +349,7 @@ class HFPeftBackend:
                     item = await queue.get()
                     if isinstance(item, BaseException):
                         raise item
-                    yield Chunk(
-                        item.text, item.completion_tokens, item.prompt_tokens, item.finish_reason
-                    )
+                    yield item
                     if item.finish_reason is not None:
                         break
             finally:

@@ -27,6 +27,7 @@ from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2
 from ftops_registry.app import RegistryApp
+from ftops_registry.artifacts import LocalArtifactStore
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime import events
 from ftops_runtime.auth import new_api_key
@@ -150,6 +151,7 @@ async def test_upload_download_roundtrip(
 
     # A blob that rots on disk is reported, never served silently.
     weights = next(f for f in artifact.files if f.path.endswith(".safetensors"))
+    assert isinstance(app.store, LocalArtifactStore)
     blob = app.store.blob_path(weights.sha256)
     blob.write_bytes(blob.read_bytes()[:-1] + b"!")
     with pytest.raises(grpc.aio.AioRpcError) as err:

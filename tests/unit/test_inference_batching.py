@@ -205,7 +205,7 @@ async def test_stacked_lora_computes_what_peft_computes(
         for i, path in enumerate(adapter_dirs):
             await hf.load_adapter(f"v{i}", path)
         runtime: Any = hf._rt
-        assert (runtime.stacked is not None and runtime.stacked.supported) == (kernel == "stacked")
+        assert (runtime.stack is not None and "v0" in runtime.stack) == (kernel == "stacked")
         ids = torch.tensor([[5, 17, 42, 9]] * 3)
         mask = torch.ones_like(ids)
         positions = torch.arange(4).expand(3, 4)
@@ -217,7 +217,7 @@ async def test_stacked_lora_computes_what_peft_computes(
     torch.testing.assert_close(logits["stacked"][0], logits["peft"][0], rtol=1e-5, atol=1e-5)
 
 
-async def test_adapter_with_lora_bias_falls_back_to_peft_mixed_batches(
+async def test_adapter_with_lora_bias_is_served_through_peft_beside_stacked_ones(
     tiny_model_dir: Path, adapter_dirs: list[Path], tmp_path: Path
 ) -> None:
     hf = HFPeftBackend(tiny_model_dir)
@@ -225,19 +225,25 @@ async def test_adapter_with_lora_bias_falls_back_to_peft_mixed_batches(
     try:
         await hf.load_adapter("plain", adapter_dirs[0])
         runtime: Any = hf._rt
-        assert runtime.stacked.supported
+        assert "plain" in runtime.stack
         request = GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=8, seed=1), "plain")
         before = await hf.generate(request)
         biased = make_variant_adapter(tiny_model_dir, tmp_path / "bias", lora_bias=True)
         await hf.load_adapter("bias", biased)
-        assert not runtime.stacked.supported
+        assert "bias" not in runtime.stack
+        assert "bias" in runtime.peft.peft_config
+        biased_request = GenerationRequest(PROMPTS[1], SamplingConfig(max_tokens=8, seed=2), "bias")
+        biased_alone = await hf.generate(biased_request)
+        # One batch: a stacked row, a PEFT row and a base row, each as it would be alone.
+        base_request = GenerationRequest(PROMPTS[2], SamplingConfig(max_tokens=8))
+        base_alone = await hf.generate(base_request)
         mixed = await asyncio.gather(
-            hf.generate(request),
-            hf.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4), "bias")),
+            hf.generate(request), hf.generate(biased_request), hf.generate(base_request)
         )
-        assert mixed[0].text == before.text
+        assert [m.text for m in mixed] == [before.text, biased_alone.text, base_alone.text]
         await hf.unload_adapter("bias")
-        assert runtime.stacked.supported  # back on the stacked path
+        assert not runtime.peft.peft_config
+        assert (await hf.generate(request)).text == before.text
     finally:
         await hf.close()
 

@@ -1,5 +1,6 @@
 """transformers + PEFT backend: mixed-adapter continuous batching (``batching``) over a
-base model with a bounded set of LoRA adapters in it (``residency``)."""
+base model with a bounded set of LoRA adapters in it (``residency``), plain LoRA served
+from stacked weights (``stacked_lora``), anything else through PEFT."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from ftops_inference.backend import (
     ModuleShape,
     complete,
 )
-from ftops_inference.batching import BatchEngine, ModelRuntime, new_row
+from ftops_inference.batching import BASE_ADAPTER, BatchEngine, ModelRuntime, new_row
 from ftops_inference.residency import Residency, Tiers
-from ftops_inference.stacked_lora import StackedLoRA
+from ftops_inference.stacked_lora import LoRAStack
 from ftops_runtime.errors import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,21 @@ class AdapterWeights:
 
 
 class _Runtime(ModelRuntime):
-    """The model as the batch engine sees it. Only the model thread calls into it."""
+    """The model as the batch engine sees it. Only the model thread calls into it.
+
+    Plain LoRA adapters live in ``stack`` (see ``stacked_lora``); the others, and all of
+    them with ``lora_kernel = "peft"``, in a PeftModel wrapping the base, served through
+    PEFT's ``adapter_names``. One batch may mix both kinds and the base.
+    """
 
     def __init__(
         self, base: Any, tokenizer: Any, eos: set[int], pad: int, *, stacked: bool = True
     ) -> None:
         self.base = base
-        self.peft: Any = None  # the PeftModel wrapping ``base`` once an adapter is attached
-        # Mixed batches through stacked LoRA weights when every adapter allows it, else
-        # through PEFT's adapter_names.
-        self.stacked = StackedLoRA() if stacked else None
+        self.peft: Any = None  # the PeftModel wrapping ``base`` once PEFT serves an adapter
+        self.stack = LoRAStack(base) if stacked else None
+        # Verified CPU weights of the stacked adapters: what an eviction hands back.
+        self.sources: dict[str, AdapterWeights] = {}
         self.tokenizer = tokenizer
         self._eos = eos
         self._pad = pad
@@ -83,34 +89,39 @@ class _Runtime(ModelRuntime):
             "use_cache": True,
             "logits_to_keep": 1,
         }
-        # PEFT's wrapper cannot run with zero adapters; the base (its LoRA layers empty)
-        # computes the same thing then.
         model = self.base
-        lora: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self.peft is not None and self.peft.peft_config:
+            # Rows of stacked adapters (and the base) are "__base__" to PEFT.
+            served = self.peft.peft_config
             model = self.peft
-            if self.stacked is not None and self.stacked.supported:
-                lora = self.stacked.active(adapter_names, input_ids.device)
-            else:
-                kwargs["adapter_names"] = adapter_names
+            kwargs["adapter_names"] = [n if n in served else BASE_ADAPTER for n in adapter_names]
+        lora: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self.stack is not None and len(self.stack):
+            lora = self.stack.active(adapter_names, input_ids.device)
         with torch.inference_mode(), lora:
             out = model(**kwargs)
         return out.logits[:, -1, :], out.past_key_values
 
-    def _restack(self) -> None:
-        if self.stacked is not None:
-            self.stacked.rebuild(self.peft)
-
     def attach(self, version_id: str, weights: AdapterWeights) -> None:
-        from peft import PeftModel
-        from peft.utils import set_peft_model_state_dict
-
         if getattr(weights.config, "use_dora", False):
             # Neither mixed-batch path can express DoRA's per-row weight normalisation.
             raise FailedPrecondition(
                 f"version {version_id} is a DoRA adapter; this backend serves adapters in "
                 "mixed batches, which DoRA does not support: merge it or train plain LoRA"
             )
+        if self.stack is not None:
+            reason = self.stack.unsupported(weights.config, weights.state)
+            if reason is None:
+                self.stack.add(version_id, weights.config, weights.state)
+                self.sources[version_id] = weights
+                return
+            log.info("version %s served through PEFT: %s", version_id, reason)
+        self._attach_peft(version_id, weights)
+
+    def _attach_peft(self, version_id: str, weights: AdapterWeights) -> None:
+        from peft import PeftModel
+        from peft.utils import set_peft_model_state_dict
+
         if self.peft is None:
             self.peft = PeftModel(self.base, weights.config, adapter_name=version_id)
         else:
@@ -125,14 +136,18 @@ class _Runtime(ModelRuntime):
                     f"version {version_id}: tensors {unexpected[:3]} match no module of the model"
                 )
         except BaseException:
-            self.detach(version_id)
+            self.remove(version_id)
             raise
         if self.peft.active_adapter not in self.peft.peft_config:
             self.peft.set_adapter(version_id)
         self.peft.eval()
-        self._restack()
 
     def detach(self, version_id: str) -> AdapterWeights:
+        """Out of the model; its verified CPU weights come back (for the CPU tier)."""
+        if version_id in self.sources:
+            assert self.stack is not None
+            self.stack.remove(version_id)
+            return self.sources.pop(version_id)
         from peft.utils import get_peft_model_state_dict
 
         config = self.peft.peft_config[version_id]
@@ -144,11 +159,15 @@ class _Runtime(ModelRuntime):
         return AdapterWeights(config, state)
 
     def remove(self, version_id: str) -> None:
+        if version_id in self.sources:
+            assert self.stack is not None
+            self.stack.remove(version_id)
+            del self.sources[version_id]
+            return
         self.peft.delete_adapter(version_id)
         remaining = list(self.peft.peft_config)
         if remaining and self.peft.active_adapter not in remaining:
             self.peft.set_adapter(remaining[0])
-        self._restack()
 
 
 class HFPeftBackend:

@@ -1,117 +1,210 @@
-"""Mixed-adapter LoRA with a cost independent of how many adapters share a batch.
+"""Plain LoRA adapters served from per-layer stacks, without PEFT in the request path.
 
 PEFT's mixed batches (``adapter_names=``) loop over the distinct adapters of a batch in
-every LoRA layer: with 8 adapters that is 8 gathers, 16 small matmuls and 8 scatters per
-layer and step, which on small models costs more than the base model itself. Here the A
-and B matrices of every adapter in the model are stacked per layer (rank padded with
-zeros, which adds exact zeros; B pre-scaled), so a batch costs two gathers and two batched
-matmuls per layer whatever its mix (the idea behind S-LoRA/punica kernels, in plain torch).
+every LoRA layer (8 adapters: 8 gathers, 16 small matmuls, 8 scatters per layer and step),
+and adding an adapter to a PeftModel walks every module of the model (tens of ms that stall
+the batch). Here each targeted ``nn.Linear`` gets a forward hook and two stacks holding
+every adapter's A^T and (scaling x B)^T in a slot (rank padded with zeros, which adds exact
+zeros; slot 0 is all zeros for rows without an adapter). A forward pass costs two gathers
+and two batched matmuls per layer whatever the batch's mix (the idea behind S-LoRA/punica
+kernels, in plain torch), and adding an adapter is a few tensor copies.
 
-PEFT still owns the adapters (injection, weights, deletion); its own LoRA contribution is
-switched off during our forward passes and ours added by a forward hook on each LoRA
-layer. Adapters this path cannot express exactly (DoRA, LoRA bias, embedding or
-non-Linear LoRA layers, fan_in_fan_out) make ``supported`` false and the backend uses
-PEFT's ``adapter_names`` path instead.
+Only what this computes exactly is accepted (``unsupported`` says why not): LoRA on linear
+layers without DoRA, bias, variants or extra trainable modules. The backend serves the
+rest through PEFT.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 BASE_SLOT = 0
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+# LoraConfig fields that change what a LoRA layer computes beyond x A^T B^T * scaling.
+_VARIANTS = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "modules_to_save",
+    "trainable_token_indices",
+)
 
 
-class StackedLoRA:
-    def __init__(self) -> None:
+@dataclass
+class _Layer:
+    a: torch.Tensor  # [capacity, in, rank]
+    b: torch.Tensor  # [capacity, rank, out]
+    hook: Any
+    users: set[str] = field(default_factory=set)
+
+
+class LoRAStack:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._linears = {
+            name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        }
         self._slots: dict[str, int] = {}
-        # Per LoRA layer: (A^T stacked [n+1, in, r], (s*B)^T stacked [n+1, r, out]).
-        self._stacks: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hooks: dict[Any, Any] = {}  # LoRA layer -> its forward hook
-        self._index: torch.Tensor | None = None  # slot per row, set during a forward
-        self.supported = False
+        self._targets: dict[str, list[str]] = {}  # adapter -> module names it targets
+        self._layers: dict[str, _Layer] = {}
+        self._capacity = 1  # slot 0 is the zero (base) slot
+        self._index: torch.Tensor | None = None  # slot per row, during a forward pass
 
-    def rebuild(self, peft_model: Any) -> None:
-        """Restack after an adapter was attached or removed (on the model thread)."""
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.lora.layer import LoraLayer
+    def __contains__(self, name: object) -> bool:
+        return name in self._slots
 
-        adapters = list(peft_model.peft_config)
-        self._slots = {name: slot for slot, name in enumerate(adapters, start=1)}
-        self._stacks = {}
-        layers: list[Any] = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        self.supported = bool(adapters) and all(
-            _expressible(m, LoraLinear, adapters) for m in layers
-        )
-        # PEFT's own LoRA path is off while ours serves, on when it has to serve instead.
-        for layer in layers:
-            layer.enable_adapters(not self.supported)
-        if not self.supported:
-            return
-        for layer in layers:
-            names = [n for n in adapters if n in layer.lora_A]
-            if not names:
-                continue
-            rank = max(layer.lora_A[n].weight.shape[0] for n in names)
-            weight = layer.lora_A[names[0]].weight
-            a = torch.zeros(
-                len(adapters) + 1, layer.in_features, rank, dtype=weight.dtype, device=weight.device
-            )
-            b = torch.zeros(
-                len(adapters) + 1,
-                rank,
-                layer.out_features,
-                dtype=weight.dtype,
-                device=weight.device,
-            )
-            for name in names:
-                slot, r = self._slots[name], layer.lora_A[name].weight.shape[0]
-                a[slot, :, :r] = layer.lora_A[name].weight.detach().t()
-                b[slot, :r, :] = (layer.lora_B[name].weight.detach() * layer.scaling[name]).t()
-            self._stacks[layer] = (a, b)
-            if layer not in self._hooks:  # layers appear when an adapter targets new modules
-                self._hooks[layer] = layer.register_forward_hook(self._add_delta)
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    # -- adapters (model thread) -----------------------------------------------------
+
+    def unsupported(self, config: Any, state: Mapping[str, torch.Tensor]) -> str | None:
+        """Why this adapter cannot be stacked exactly; None when it can."""
+        if str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1].upper() != "LORA":
+            return f"peft_type {config.peft_type}"
+        for attr in _VARIANTS:
+            if getattr(config, attr, None):
+                return f"{attr} is set"
+        for key in state:
+            match = _KEY.match(key)
+            if match is None:
+                return f"tensor {key} is not a LoRA A/B weight"
+            if match["module"] not in self._linears:
+                return f"module {match['module']} is not a linear layer"
+        return None
+
+    def add(self, name: str, config: Any, state: Mapping[str, torch.Tensor]) -> None:
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            match = _KEY.match(key)
+            assert match is not None  # unsupported() was asked first
+            pairs.setdefault(match["module"], {})[match["kind"]] = tensor
+        slot = self._take_slot()
+        self._slots[name] = slot
+        self._targets[name] = list(pairs)
+        try:
+            for module, pair in pairs.items():
+                a, b = pair["A"], pair["B"]  # [r, in], [out, r]
+                rank = a.shape[0]
+                layer = self._layer(module, rank)
+                layer.users.add(name)
+                scaling = _scaling(config, module, rank)
+                layer.a[slot, :, :rank] = a.t().to(layer.a.dtype)
+                layer.b[slot, :rank, :] = (b.to(torch.float32) * scaling).t().to(layer.b.dtype)
+        except BaseException:
+            self.remove(name)
+            raise
+
+    def remove(self, name: str) -> None:
+        slot = self._slots.pop(name)
+        for module in self._targets.pop(name):
+            layer = self._layers.get(module)
+            if layer is None or name not in layer.users:
+                continue  # add() failed before reaching this module
+            layer.users.discard(name)
+            if not layer.users:
+                layer.hook.remove()
+                del self._layers[module]
+            else:
+                layer.a[slot].zero_()
+                layer.b[slot].zero_()
+        if len(self._slots) + 1 <= self._capacity // 4:
+            self._compact()
+
+    # -- forward ---------------------------------------------------------------------
 
     @contextlib.contextmanager
     def active(self, adapter_names: list[str], device: torch.device) -> Iterator[None]:
-        """Rows' adapters for one forward pass (``"__base__"`` or unknown: no LoRA)."""
+        """Rows' adapters for one forward pass; names not stacked here get no LoRA."""
         slots = [self._slots.get(name, BASE_SLOT) for name in adapter_names]
-        # Base rows only: no LoRA work at all.
+        # Rows without a stacked adapter only: no LoRA work at all.
         self._index = torch.tensor(slots, dtype=torch.long, device=device) if any(slots) else None
         try:
             yield
         finally:
             self._index = None
 
-    def _add_delta(
-        self, module: Any, args: tuple[Any, ...], output: torch.Tensor
-    ) -> torch.Tensor | None:
-        stacks = self._stacks.get(module)
-        if self._index is None or stacks is None:
-            return None
-        a, b = stacks
-        x = args[0]
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        index = self._index
-        delta = torch.bmm(torch.bmm(rows, a.index_select(0, index)), b.index_select(0, index))
-        return output + delta.reshape(output.shape).to(output.dtype)
+    def _hook(self, module_name: str) -> Any:
+        def add_delta(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+            index = self._index
+            if index is None:
+                return None
+            layer = self._layers[module_name]
+            x = args[0]
+            rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(layer.a.dtype)
+            delta = torch.bmm(
+                torch.bmm(rows, layer.a.index_select(0, index)), layer.b.index_select(0, index)
+            )
+            return output + delta.reshape(output.shape).to(output.dtype)
+
+        return add_delta
+
+    # -- storage ---------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        used = set(self._slots.values())
+        for slot in range(1, self._capacity):
+            if slot not in used:
+                return slot
+        self._resize(max(2 * self._capacity, 4))
+        return self._take_slot()
+
+    def _layer(self, module: str, rank: int) -> _Layer:
+        layer = self._layers.get(module)
+        linear = self._linears[module]
+        weight = linear.weight
+        if layer is None:
+            layer = _Layer(
+                a=weight.new_zeros(self._capacity, linear.in_features, rank),
+                b=weight.new_zeros(self._capacity, rank, linear.out_features),
+                hook=linear.register_forward_hook(self._hook(module)),
+            )
+            self._layers[module] = layer
+        elif layer.a.shape[2] < rank:  # a larger rank than any before: pad the others
+            grow = rank - layer.a.shape[2]
+            layer.a = torch.nn.functional.pad(layer.a, (0, grow))
+            layer.b = torch.nn.functional.pad(layer.b, (0, 0, 0, grow))
+        return layer
+
+    def _resize(self, capacity: int) -> None:
+        for layer in self._layers.values():
+            keep = min(capacity, layer.a.shape[0])
+            a = layer.a.new_zeros(capacity, *layer.a.shape[1:])
+            b = layer.b.new_zeros(capacity, *layer.b.shape[1:])
+            a[:keep], b[:keep] = layer.a[:keep], layer.b[:keep]
+            layer.a, layer.b = a, b
+        self._capacity = capacity
+
+    def _compact(self) -> None:
+        """Few adapters left in a large stack: move them to the first slots, shrink."""
+        order = sorted(self._slots, key=self._slots.__getitem__)
+        moves = {self._slots[name]: new for new, name in enumerate(order, start=1)}
+        for layer in self._layers.values():
+            for old, new in moves.items():
+                if old != new:
+                    layer.a[new], layer.b[new] = layer.a[old], layer.b[old]
+            # Free slots stay all-zero in every layer: a later adapter relies on it.
+            layer.a[len(moves) + 1 :].zero_()
+            layer.b[len(moves) + 1 :].zero_()
+        self._slots = {name: moves[slot] for name, slot in self._slots.items()}
+        self._resize(max(4, 2 * (len(self._slots) + 1)))
 
 
-def _expressible(layer: Any, linear_type: Any, adapters: list[str]) -> bool:
-    if not layer.lora_A and not getattr(layer, "lora_embedding_A", {}):
-        return True  # an injected layer no adapter uses any more
-    if not isinstance(layer, linear_type) or getattr(layer, "lora_embedding_A", {}):
-        return False
-    if getattr(layer, "fan_in_fan_out", False) or getattr(layer, "merged", False):
-        return False
-    for name in adapters:
-        if name not in layer.lora_A:
-            continue
-        if layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False):
-            return False
-        if layer.lora_B[name].bias is not None:
-            return False
-    return True
+def _scaling(config: Any, module: str, rank: int) -> float:
+    """PEFT's scaling for this module: alpha (per pattern) over r, or sqrt(r) for rsLoRA."""
+    alpha = config.lora_alpha
+    for pattern, value in (getattr(config, "alpha_pattern", None) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return float(alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)

@@ -66,6 +66,7 @@ async def env(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncItera
             health_interval_s=0.1,
             shutdown_grace_s=1,
             instance_id=f"reg-{uuid.uuid4().hex[:6]}",
+            auth_mode="disabled",  # the trainer, not access control, is under test here
         ),
         durable=f"registry-test-{uuid.uuid4().hex[:8]}",
     )

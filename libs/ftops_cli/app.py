@@ -1,16 +1,17 @@
-"""The ``ftops`` Typer app: global options, ``up``, ``generate`` and the command groups."""
+"""The ``ftops`` Typer app: global options, ``up`` and the commands and command groups."""
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from typing import Annotated
 
 import typer
 
-from ftops_cli import keys, registry, releases, train
-from ftops_cli.errors import EXIT_INTERRUPTED
-from ftops_cli.runner import State, run
-from ftops_client import Endpoints, FtopsClient
+from ftops_cli import keys, monitor, registry, releases, train
+from ftops_cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
+from ftops_cli.generate import generate
+from ftops_cli.runner import State
+from ftops_client import Endpoints
 
 app = typer.Typer(
     name="ftops",
@@ -18,8 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    epilog="Exit codes: 0 ok, 1 server-side failure, 2 usage/input error, 3 stack unreachable,"
-    " 4 watched job FAILED/CANCELLED, 130 Ctrl-C (a watched job keeps running).",
+    epilog=EXIT_CODES_HELP,
 )
 app.add_typer(train.jobs_app, name="jobs")
 app.add_typer(releases.route_app, name="route")
@@ -29,6 +29,10 @@ app.add_typer(keys.teams_app, name="teams")
 app.command("train")(train.train)
 app.command("versions")(registry.versions)
 app.command("lineage")(registry.lineage)
+app.command("generate")(generate)
+app.command("feedback")(monitor.feedback)
+app.command("alerts")(monitor.alerts)
+app.command("stats")(monitor.stats)
 
 
 def _address(service: str) -> object:
@@ -46,69 +50,40 @@ def main(
     gateway: Annotated[str | None, _address("gateway")] = None,
     trainer: Annotated[str | None, _address("trainer")] = None,
     registry_: Annotated[str | None, _address("registry")] = None,
-    monitor: Annotated[str | None, _address("monitor")] = None,
+    monitor_: Annotated[str | None, _address("monitor")] = None,
     api_key: Annotated[
         str | None, typer.Option(help="API key (env FTOPS_API_KEY)", show_default=False)
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
-    """Exit codes: 0 ok, 1 server-side failure, 2 usage/input error, 3 stack unreachable,
-    4 watched job FAILED/CANCELLED, 130 Ctrl-C."""
+    """Global options go before the command."""
     ctx.obj = State(
-        Endpoints.from_env(gateway=gateway, trainer=trainer, registry=registry_, monitor=monitor),
+        Endpoints.from_env(gateway=gateway, trainer=trainer, registry=registry_, monitor=monitor_),
         api_key=api_key,
         debug=debug,
     )
 
 
-@app.command()
-def up(
-    workdir: Annotated[str, typer.Option(help="state: registry db, artifacts, logs")] = (
-        ".ftops/dev"
-    ),
-    fresh: Annotated[bool, typer.Option("--fresh", help="wipe the workdir first")] = False,
-    no_demo: Annotated[bool, typer.Option("--no-demo")] = False,
-    exit_after_demo: Annotated[bool, typer.Option("--exit-after-demo")] = False,
-    nats_port: Annotated[int, typer.Option()] = 4222,
-    redis_port: Annotated[int, typer.Option()] = 6379,
-) -> None:
-    """Start the local stack (and run the demo), like `ftops-dev up`."""
-    import argparse
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def up(ctx: typer.Context) -> None:
+    """Start the local stack and the demo (ftops-dev up: `ftops up --help` lists flags)."""
+    # Delegated whole, flags included, so `ftops up` never lags behind the dev stack.
+    from ftops_devstack.__main__ import main as devstack_main
 
-    from ftops_devstack.__main__ import _up
-
-    args = argparse.Namespace(
-        workdir=workdir,
-        fresh=fresh,
-        no_demo=no_demo,
-        exit_after_demo=exit_after_demo,
-        nats_port=nats_port,
-        redis_port=redis_port,
-    )
+    saved = sys.argv
+    sys.argv = ["ftops up", "up", *ctx.args]
     try:
-        code = asyncio.run(_up(args))
+        devstack_main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            typer.echo(f"error: {done.code}", err=True)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
+    finally:
+        sys.argv = saved
     raise typer.Exit(code)
-
-
-@app.command()
-def generate(
-    ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="an alias or a version id")],
-    prompt: str,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0)] = 0.0,
-    seed: Annotated[int | None, typer.Option(min=0)] = None,
-) -> None:
-    """Generate through the gateway, streaming tokens to stdout."""
-
-    async def work(client: FtopsClient) -> None:
-        stream = client.generate_stream(
-            model, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed
-        )
-        async for chunk in stream:
-            typer.echo(chunk.text, nl=False)
-        typer.echo()
-
-    run(ctx, work)

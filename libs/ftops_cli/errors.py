@@ -1,11 +1,17 @@
 """Exit codes and the one-line error report.
 
 0    ok
-1    a server-side failure (the service answered with a gRPC error)
-2    usage or input error (bad flags, bad spec YAML, missing file, a dataset or spec the
-     server refused as INVALID_ARGUMENT)
-3    the stack is unreachable (nothing answers at the service's address)
+1    the server failed or refused the caller (INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED,
+     any gRPC status not listed below), or the CLI itself failed
+2    usage or input error: bad flags (Click's own code for them), bad spec YAML, a missing
+     file, or input the server refused as INVALID_ARGUMENT / OUT_OF_RANGE
+3    unavailable, worth retrying: nothing answers at the service's address, or the service
+     says it cannot serve now (UNAVAILABLE: draining, no replica has the version loaded;
+     DEADLINE_EXCEEDED)
 4    a watched job ended FAILED, CANCELLED or REJECTED (by the evaluation gate)
+5    not found (NOT_FOUND: an unknown alias, version, job, release or request id)
+6    refused in the current state (FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED: promoting
+     a release that is not running, a second release on an alias, a rejected version)
 130  Ctrl-C (a watched job keeps running; re-attach with `ftops jobs watch ID`)
 """
 
@@ -22,9 +28,31 @@ from ftops_client import FtopsClientError
 EXIT_OK = 0
 EXIT_SERVER = 1
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+EXIT_UNAVAILABLE = 3
 EXIT_JOB_FAILED = 4
+EXIT_NOT_FOUND = 5
+EXIT_REFUSED = 6
 EXIT_INTERRUPTED = 130
+
+# Kept for callers written before UNAVAILABLE answers shared the code with unreachable.
+EXIT_UNREACHABLE = EXIT_UNAVAILABLE
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 server failure or auth refused, 2 usage/bad input, 3 unavailable"
+    " (retry), 4 watched job FAILED/CANCELLED/REJECTED, 5 not found, 6 refused in the current"
+    " state, 130 Ctrl-C."
+)
+
+_BY_STATUS = {
+    "INVALID_ARGUMENT": EXIT_USAGE,
+    "OUT_OF_RANGE": EXIT_USAGE,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
+    "NOT_FOUND": EXIT_NOT_FOUND,
+    "FAILED_PRECONDITION": EXIT_REFUSED,
+    "ALREADY_EXISTS": EXIT_REFUSED,
+    "ABORTED": EXIT_REFUSED,
+}
 
 
 class CliError(Exception):
@@ -40,9 +68,8 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, FtopsClientError):
         if exc.unreachable:
-            return EXIT_UNREACHABLE
-        # The server refused what the user sent (a bad dataset line, an unknown flag value).
-        return EXIT_USAGE if exc.code_name == "INVALID_ARGUMENT" else EXIT_SERVER
+            return EXIT_UNAVAILABLE
+        return _BY_STATUS.get(exc.code_name, EXIT_SERVER)
     return EXIT_SERVER
 
 

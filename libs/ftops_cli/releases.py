@@ -19,6 +19,7 @@ from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
 from ftops.monitor.v1 import monitor_pb2
 from ftops.registry.v1 import registry_pb2
+from ftops_cli.analysis import analysis_view
 from ftops_cli.errors import CliError
 from ftops_cli.output import (
     Output,
@@ -214,24 +215,8 @@ def _show_route(route: gateway_pb2.Route, output: Output) -> None:
 def _show_analysis(analysis: monitor_pb2.ReleaseAnalysis, output: Output) -> None:
     if output is Output.json:
         print_json(analysis)
-        return
-    fields: list[tuple[str, object]] = [
-        ("release", or_dash(analysis.release_id)),
-        ("state", analysis.state),
-        ("weight", f"{analysis.weight}%"),
-        ("last decision", or_dash(analysis.last_decision)),
-        ("reason", or_dash(analysis.last_reason)),
-    ]
-    for arm, stats in (("stable", analysis.stable), ("candidate", analysis.candidate)):
-        if stats.version_id:
-            fields.append(
-                (
-                    arm,
-                    f"{stats.version_id}: {stats.requests} requests, "
-                    f"error rate {stats.error_rate:.3f}, p95 {stats.latency_p95_ms:.0f} ms",
-                )
-            )
-    print_fields(f"release of {analysis.alias}", fields)
+    else:
+        console().print(analysis_view(analysis))
 
 
 @route_app.command("get")
@@ -487,34 +472,14 @@ def release_list(
     run(ctx, work)
 
 
-def _analysis_table(analysis: monitor_pb2.ReleaseAnalysis) -> Table:
-    rows = []
-    for arm, stats in (("stable", analysis.stable), ("candidate", analysis.candidate)):
-        if stats.version_id:
-            rows.append(
-                (
-                    arm,
-                    stats.version_id,
-                    stats.requests,
-                    f"{stats.error_rate:.3f}",
-                    f"{stats.latency_p95_ms:.0f}",
-                )
-            )
-    return table(
-        f"analysis: {analysis.state} — {or_dash(analysis.last_reason)}",
-        ("arm", "version", "requests", "error rate", "p95 ms"),
-        rows,
-    )
-
-
 def _watch_view(
     release: gateway_pb2.Release, analysis: monitor_pb2.ReleaseAnalysis | None
 ) -> Group:
-    parts: list[Table] = [
+    parts: list[Table | Group] = [
         table(f"release of {release.route.alias}", ("field", "value"), release_fields(release))
     ]
     if analysis is not None and analysis.state != "none":
-        parts.append(_analysis_table(analysis))
+        parts.append(analysis_view(analysis))
     return Group(*parts)
 
 

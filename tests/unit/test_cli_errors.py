@@ -11,7 +11,10 @@ from typer.testing import CliRunner
 from ftops_cli.app import app
 from ftops_cli.errors import (
     EXIT_JOB_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_REFUSED,
     EXIT_SERVER,
+    EXIT_UNAVAILABLE,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
@@ -35,10 +38,31 @@ def _error(code: str, unreachable: bool = False) -> FtopsClientError:
     )
 
 
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        ("INVALID_ARGUMENT", EXIT_USAGE),
+        ("OUT_OF_RANGE", EXIT_USAGE),
+        ("NOT_FOUND", EXIT_NOT_FOUND),
+        ("FAILED_PRECONDITION", EXIT_REFUSED),
+        ("ALREADY_EXISTS", EXIT_REFUSED),
+        ("ABORTED", EXIT_REFUSED),
+        ("UNAVAILABLE", EXIT_UNAVAILABLE),  # the server said so: retry later
+        ("DEADLINE_EXCEEDED", EXIT_UNAVAILABLE),
+        # Credentials refused stay with server failures (tests/integration rely on 1).
+        ("UNAUTHENTICATED", EXIT_SERVER),
+        ("PERMISSION_DENIED", EXIT_SERVER),
+        ("INTERNAL", EXIT_SERVER),
+        ("DATA_LOSS", EXIT_SERVER),
+    ],
+)
+def test_status_exit_codes(status: str, code: int) -> None:
+    assert exit_code_for(_error(status)) == code
+
+
 def test_exit_codes() -> None:
-    assert exit_code_for(_error("NOT_FOUND")) == EXIT_SERVER
-    assert exit_code_for(_error("UNAVAILABLE")) == EXIT_SERVER  # the server said so
-    assert exit_code_for(_error("UNAVAILABLE", unreachable=True)) == EXIT_UNREACHABLE
+    assert EXIT_UNREACHABLE == EXIT_UNAVAILABLE == 3
+    assert exit_code_for(_error("UNAVAILABLE", unreachable=True)) == EXIT_UNAVAILABLE
     assert exit_code_for(CliError("bad")) == EXIT_USAGE
     assert exit_code_for(CliError("failed", EXIT_JOB_FAILED)) == EXIT_JOB_FAILED
     assert exit_code_for(RuntimeError("boom")) == EXIT_SERVER

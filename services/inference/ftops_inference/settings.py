@@ -62,10 +62,11 @@ class InferenceSettings(ServiceSettings):
     lora_kernel: Literal["stacked", "peft"] = Field(
         "stacked",
         description=(
-            "hf backend, mixed-adapter batches: stacked (every adapter's LoRA weights stacked "
-            "per layer, two batched matmuls per layer whatever the mix) or peft (PEFT's "
-            "adapter_names, a loop over the batch's adapters). Adapters stacked cannot express "
-            "(DoRA, LoRA bias, embedding layers) switch to peft automatically."
+            "hf backend: how plain LoRA adapters are served. stacked: their weights stacked "
+            "per layer, two batched matmuls per layer whatever the batch's mix, a load is a "
+            "few tensor copies. peft: PEFT's adapter_names (a loop over the batch's adapters, "
+            "a load walks the model). Adapters stacking cannot express (LoRA bias, variants) "
+            "go through PEFT in the same batches either way; DoRA is refused."
         ),
     )
     max_loaded: int = Field(

@@ -56,8 +56,6 @@ class _Runtime(ModelRuntime):
         self.base = base
         self.peft: Any = None  # the PeftModel wrapping ``base`` once PEFT serves an adapter
         self.stack = LoRAStack(base) if stacked else None
-        # Verified CPU weights of the stacked adapters: what an eviction hands back.
-        self.sources: dict[str, AdapterWeights] = {}
         self.tokenizer = tokenizer
         self._eos = eos
         self._pad = pad
@@ -113,7 +111,6 @@ class _Runtime(ModelRuntime):
             reason = self.stack.unsupported(weights.config, weights.state)
             if reason is None:
                 self.stack.add(version_id, weights.config, weights.state)
-                self.sources[version_id] = weights
                 return
             log.info("version %s served through PEFT: %s", version_id, reason)
         self._attach_peft(version_id, weights)
@@ -144,10 +141,10 @@ class _Runtime(ModelRuntime):
 
     def detach(self, version_id: str) -> AdapterWeights:
         """Out of the model; its verified CPU weights come back (for the CPU tier)."""
-        if version_id in self.sources:
-            assert self.stack is not None
+        if self.stack is not None and version_id in self.stack:
+            config, state = self.stack.weights(version_id)
             self.stack.remove(version_id)
-            return self.sources.pop(version_id)
+            return AdapterWeights(config, state)
         from peft.utils import get_peft_model_state_dict
 
         config = self.peft.peft_config[version_id]
@@ -159,10 +156,8 @@ class _Runtime(ModelRuntime):
         return AdapterWeights(config, state)
 
     def remove(self, version_id: str) -> None:
-        if version_id in self.sources:
-            assert self.stack is not None
+        if self.stack is not None and version_id in self.stack:
             self.stack.remove(version_id)
-            del self.sources[version_id]
             return
         self.peft.delete_adapter(version_id)
         remaining = list(self.peft.peft_config)

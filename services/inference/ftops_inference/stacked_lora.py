@@ -4,10 +4,12 @@ PEFT's mixed batches (``adapter_names=``) loop over the distinct adapters of a b
 every LoRA layer (8 adapters: 8 gathers, 16 small matmuls, 8 scatters per layer and step),
 and adding an adapter to a PeftModel walks every module of the model (tens of ms that stall
 the batch). Here each targeted ``nn.Linear`` gets a forward hook and two stacks holding
-every adapter's A^T and (scaling x B)^T in a slot (rank padded with zeros, which adds exact
-zeros; slot 0 is all zeros for rows without an adapter). A forward pass costs two gathers
-and two batched matmuls per layer whatever the batch's mix (the idea behind S-LoRA/punica
-kernels, in plain torch), and adding an adapter is a few tensor copies.
+every adapter's A^T and B^T in a slot, plus its scaling (rank padded with zeros, which adds
+exact zeros; slot 0 is all zeros for rows without an adapter). A forward pass costs two
+gathers and two batched matmuls per layer whatever the batch's mix (the idea behind
+S-LoRA/punica kernels, in plain torch), and adding an adapter is a few tensor copies. The
+stacks are the only copy in memory: an evicted adapter's state dict is read back from its
+slot, bit for bit.
 
 Only what this computes exactly is accepted (``unsupported`` says why not): LoRA on linear
 layers without DoRA, bias, variants or extra trainable modules. The backend serves the
@@ -45,8 +47,10 @@ _VARIANTS = (
 class _Layer:
     a: torch.Tensor  # [capacity, in, rank]
     b: torch.Tensor  # [capacity, rank, out]
+    scale: torch.Tensor  # [capacity, 1, 1]
     hook: Any
-    users: set[str] = field(default_factory=set)
+    # Adapter -> (its rank here, its A key, its B key).
+    users: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
 
 class LoRAStack:
@@ -56,6 +60,7 @@ class LoRAStack:
         }
         self._slots: dict[str, int] = {}
         self._targets: dict[str, list[str]] = {}  # adapter -> module names it targets
+        self._configs: dict[str, Any] = {}
         self._layers: dict[str, _Layer] = {}
         self._capacity = 1  # slot 0 is the zero (base) slot
         self._index: torch.Tensor | None = None  # slot per row, during a forward pass
@@ -84,40 +89,54 @@ class LoRAStack:
         return None
 
     def add(self, name: str, config: Any, state: Mapping[str, torch.Tensor]) -> None:
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         for key, tensor in state.items():
             match = _KEY.match(key)
             assert match is not None  # unsupported() was asked first
-            pairs.setdefault(match["module"], {})[match["kind"]] = tensor
+            pairs.setdefault(match["module"], {})[match["kind"]] = (key, tensor)
         slot = self._take_slot()
         self._slots[name] = slot
         self._targets[name] = list(pairs)
+        self._configs[name] = config
         try:
             for module, pair in pairs.items():
-                a, b = pair["A"], pair["B"]  # [r, in], [out, r]
+                (key_a, a), (key_b, b) = pair["A"], pair["B"]  # [r, in], [out, r]
                 rank = a.shape[0]
                 layer = self._layer(module, rank)
-                layer.users.add(name)
-                scaling = _scaling(config, module, rank)
-                layer.a[slot, :, :rank] = a.t().to(layer.a.dtype)
-                layer.b[slot, :rank, :] = (b.to(torch.float32) * scaling).t().to(layer.b.dtype)
+                layer.users[name] = (rank, key_a, key_b)
+                layer.a[slot, :, :rank] = a.t()
+                layer.b[slot, :rank, :] = b.t()
+                layer.scale[slot] = _scaling(config, module, rank)
         except BaseException:
             self.remove(name)
             raise
 
+    def weights(self, name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The adapter's config and state dict, read back from its slots (CPU copies)."""
+        slot = self._slots[name]
+        state: dict[str, torch.Tensor] = {}
+        for module in self._targets[name]:
+            layer = self._layers[module]
+            rank, key_a, key_b = layer.users[name]
+            state[key_a] = layer.a[slot, :, :rank].t().to("cpu", copy=True).contiguous()
+            state[key_b] = layer.b[slot, :rank, :].t().to("cpu", copy=True).contiguous()
+        return self._configs[name], state
+
     def remove(self, name: str) -> None:
         slot = self._slots.pop(name)
+        self._configs.pop(name, None)
         for module in self._targets.pop(name):
             layer = self._layers.get(module)
             if layer is None or name not in layer.users:
                 continue  # add() failed before reaching this module
-            layer.users.discard(name)
+            del layer.users[name]
             if not layer.users:
                 layer.hook.remove()
                 del self._layers[module]
             else:
                 layer.a[slot].zero_()
                 layer.b[slot].zero_()
+                layer.scale[slot].zero_()
         if len(self._slots) + 1 <= self._capacity // 4:
             self._compact()
 
@@ -142,9 +161,9 @@ class LoRAStack:
             layer = self._layers[module_name]
             x = args[0]
             rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(layer.a.dtype)
-            delta = torch.bmm(
-                torch.bmm(rows, layer.a.index_select(0, index)), layer.b.index_select(0, index)
-            )
+            low = torch.bmm(rows, layer.a.index_select(0, index))  # [batch, tokens, rank]
+            low = low * layer.scale.index_select(0, index)
+            delta = torch.bmm(low, layer.b.index_select(0, index))
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return add_delta
@@ -164,9 +183,18 @@ class LoRAStack:
         linear = self._linears[module]
         weight = linear.weight
         if layer is None:
+            # Adapter weights keep their own dtype (PEFT's default keeps them in float32).
+            dtype = (
+                torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+            )
             layer = _Layer(
-                a=weight.new_zeros(self._capacity, linear.in_features, rank),
-                b=weight.new_zeros(self._capacity, rank, linear.out_features),
+                a=torch.zeros(
+                    self._capacity, linear.in_features, rank, dtype=dtype, device=weight.device
+                ),
+                b=torch.zeros(
+                    self._capacity, rank, linear.out_features, dtype=dtype, device=weight.device
+                ),
+                scale=torch.zeros(self._capacity, 1, 1, dtype=dtype, device=weight.device),
                 hook=linear.register_forward_hook(self._hook(module)),
             )
             self._layers[module] = layer
@@ -181,8 +209,9 @@ class LoRAStack:
             keep = min(capacity, layer.a.shape[0])
             a = layer.a.new_zeros(capacity, *layer.a.shape[1:])
             b = layer.b.new_zeros(capacity, *layer.b.shape[1:])
-            a[:keep], b[:keep] = layer.a[:keep], layer.b[:keep]
-            layer.a, layer.b = a, b
+            scale = layer.scale.new_zeros(capacity, 1, 1)
+            a[:keep], b[:keep], scale[:keep] = layer.a[:keep], layer.b[:keep], layer.scale[:keep]
+            layer.a, layer.b, layer.scale = a, b, scale
         self._capacity = capacity
 
     def _compact(self) -> None:
@@ -193,9 +222,11 @@ class LoRAStack:
             for old, new in moves.items():
                 if old != new:
                     layer.a[new], layer.b[new] = layer.a[old], layer.b[old]
+                    layer.scale[new] = layer.scale[old]
             # Free slots stay all-zero in every layer: a later adapter relies on it.
             layer.a[len(moves) + 1 :].zero_()
             layer.b[len(moves) + 1 :].zero_()
+            layer.scale[len(moves) + 1 :].zero_()
         self._slots = {name: moves[slot] for name, slot in self._slots.items()}
         self._resize(max(4, 2 * (len(self._slots) + 1)))
 

@@ -1,5 +1,6 @@
 """End to end through the ``ftops`` CLI (in-process, against the shared stack): train two
-versions, route, generate, a manual canary promoted to the end, rollback, history."""
+versions, route, generate (streamed, with feedback on the answer), a manual canary promoted
+to the end, rollback, history."""
 
 from __future__ import annotations
 
@@ -49,6 +50,52 @@ def _generate(stack: Stack, model: str) -> Result | None:
     return result if result.exit_code == 0 else None
 
 
+def _attempt(stack: Stack, *argv: str) -> Any:
+    """``--output json`` of a command that may not succeed yet (None until it does)."""
+    overrides = [f"--{name}={stack.address(name)}" for name in ("gateway", "monitor")]
+    result = CliRunner().invoke(app, [*overrides, *argv, "--output", "json"])
+    return json.loads(result.stdout) if result.exit_code == 0 else None
+
+
+def _stream_and_score(stack: Stack, version_id: str) -> None:
+    chunks_out = _cli(
+        stack,
+        "generate",
+        ALIAS,
+        "Product LZ-59 costs",
+        "--max-tokens",
+        "4",
+        "--user",
+        "cli-user",
+        "--meta",
+        "team=cli",
+        "--output",
+        "json",
+    ).stdout
+    chunks = [json.loads(line) for line in chunks_out.splitlines()]
+    assert chunks
+    assert chunks[0]["requestId"]
+    assert {c["versionId"] for c in chunks} == {version_id}
+    assert any(c.get("finishReason") for c in chunks)
+    request_id = chunks[0]["requestId"]
+    # The gateway's result reaches the monitor over NATS: NOT_FOUND (exit 5) until then.
+    scored = _until(
+        "the monitor to know the request",
+        lambda: _attempt(stack, "feedback", request_id, "0.8", "--comment", "cli"),
+    )
+    assert (scored["requestId"], scored["versionId"]) == (request_id, version_id)
+    stats = _until(
+        "the feedback in the stats",
+        lambda: [
+            s
+            for s in _json(stack, "stats", ALIAS).get("stats", [])
+            if s["versionId"] == version_id and s.get("feedbackCount")
+        ],
+    )
+    assert stats[0]["feedbackMean"] == pytest.approx(0.8)
+    assert isinstance(_json(stack, "alerts", ALIAS), dict)
+
+
 def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
     from ftops_tinymodel import new_facts
 
@@ -90,6 +137,8 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
     # The inference service hot-loads the versions on adapter.ready: retry until served.
     generated = _until("v1 to be served", lambda: _generate(stack, ALIAS))
     assert generated.stdout.strip()
+    assert f"· {v1['versionId']} " in generated.stderr  # the request id and who answered
+    _stream_and_score(stack, v1["versionId"])
     _until("v2 to be served", lambda: _generate(stack, v2["versionId"]))
 
     _cli(stack, "release", "start", ALIAS, v2["versionId"], "--steps", "10,50,100", "--manual")

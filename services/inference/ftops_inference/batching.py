@@ -244,8 +244,9 @@ class BatchEngine:
                 ids, mask, positions, None, [r.adapter_name for r in rows]
             )
         except Exception as exc:
-            # Only the joining rows ran; the running batch's cache is untouched.
-            self._crash(exc, rows)
+            # The model is suspect now: the running batch fails with the joining rows.
+            active, self._active, self._past, self._mask = self._active, [], None, None
+            self._crash(exc, rows + active)
             return
         self._merge(rows, past, mask)
         self._sample(rows, logits, first=len(self._active) - len(rows))

@@ -12,11 +12,12 @@ from nats.js.api import DeliverPolicy
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2_grpc
 from ftops.registry.v1 import registry_pb2_grpc
+from ftops_gateway.alias_access import AliasAccess, GuardedGateway
 from ftops_gateway.endpoints import EndpointPool
 from ftops_gateway.forwarder import Forwarder
-from ftops_gateway.gateway import Gateway
 from ftops_gateway.metrics_reporter import MetricsReporter
 from ftops_gateway.openai_http import OpenAIHttpServer
+from ftops_gateway.rate_limit import Limit, RateLimiter, limiter_client, parse_team_limits
 from ftops_gateway.release_history import ReleaseHistory
 from ftops_gateway.releases import ReleaseManager
 from ftops_gateway.retirement import Retirer
@@ -26,7 +27,7 @@ from ftops_gateway.servicer import GatewayServicer
 from ftops_gateway.settings import GatewaySettings
 from ftops_gateway.shadow import ShadowMirror
 from ftops_gateway.versions import VersionResolver
-from ftops_runtime import client
+from ftops_runtime import auth, client
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.events import (
     ADAPTER_LOADED,
@@ -60,7 +61,10 @@ class GatewayService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
         )
-        self._registry_channel = client.channel(settings.registry_address)
+        # The gateway's own key: the registry checks its reads like anyone else's.
+        self._registry_channel = client.channel(
+            settings.registry_address, api_key=settings.registry_api_key
+        )
         registry = registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
         self.versions = VersionResolver(registry)
         self.pool = EndpointPool(settings.inference_endpoint_list())
@@ -74,8 +78,16 @@ class GatewayService:
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight
         )
-        self.gateway = Gateway(
-            self.routes, self.versions, forwarder, self.reporter, shadow=self.shadow
+        self.access = AliasAccess(self.routes, self.versions)
+        self.limiter = rate_limiter(settings)
+        self.gateway = GuardedGateway(
+            self.routes,
+            self.versions,
+            forwarder,
+            self.reporter,
+            shadow=self.shadow,
+            access=self.access,
+            limiter=self.limiter,
         )
         self.releases = ReleaseManager(
             self.store, self.routes, self.versions, self.bus, ReleaseHistory(registry)
@@ -87,15 +99,21 @@ class GatewayService:
             owner=settings.instance_id,
             interval_s=settings.retire_interval_s,
         )
+        # Callers' keys are checked by the registry (cached for auth_cache_ttl_s); both
+        # front ends share the hook, so a key works (or not) the same over HTTP.
+        authenticate, self._auth_resolver = auth.registry_authenticator(
+            settings, settings.registry_address
+        )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"redis": self._redis_ok, "nats": self._nats_ok},
+            authenticate=authenticate,
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            GatewayServicer(self.gateway, self.releases), self.server.server
+            GatewayServicer(self.gateway, self.releases, self.access), self.server.server
         )
-        self.http = OpenAIHttpServer(self.gateway, settings)
+        self.http = OpenAIHttpServer(self.gateway, settings, authenticate=authenticate)
 
     async def _redis_ok(self) -> bool:
         return await self.store.ping()
@@ -158,8 +176,25 @@ class GatewayService:
         await self.bus.close()
         await self.pool.close()
         await self._registry_channel.close()
+        await self._auth_resolver.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+        if self.limiter is not None:
+            await self.limiter.close()
+
+
+def rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
+    """The per-key limiter the settings ask for, or None (no limits configured)."""
+    default = (
+        Limit.of(settings.rate_limit_rps, settings.rate_limit_burst)
+        if settings.rate_limit_rps > 0
+        else None
+    )
+    teams = parse_team_limits(settings.rate_limit_teams)
+    if default is None and not teams:
+        return None
+    client = limiter_client(settings.redis_url, settings.redis_timeout_s)
+    return RateLimiter(client, default, teams)
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, AuthSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Routing tables live here.")
     registry_address: str = Field("127.0.0.1:50051", description="RegistryService host:port.")
+    registry_api_key: str = Field(
+        "",
+        description="The gateway's own key for registry calls: viewer in every team it routes "
+        "(or a platform-admin service key).",
+    )
     inference_endpoints: str = Field(
         "", description="Comma separated inference host:port list (static fallback)."
     )
@@ -39,6 +45,21 @@ class GatewaySettings(ServiceSettings):
         ge=-1,
         le=65535,
         description="OpenAI-compatible HTTP port on grpc_host; -1 = off, 0 = a free port.",
+    )
+
+    rate_limit_rps: float = Field(
+        0.0,
+        ge=0,
+        description="Generate calls per second per API key, shared by all gateway replicas "
+        "(Redis token bucket); 0 = no limit.",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Calls a key may make at once above the rate; 0 = the rate (min 1)."
+    )
+    rate_limit_teams: str = Field(
+        "",
+        description="Per-team overrides 'team=rps[:burst],...'; a key in several teams gets "
+        "the highest.",
     )
 
     def inference_endpoint_list(self) -> list[str]:

@@ -16,9 +16,9 @@ from ftops_monitor.evaluation import registry_lookup
 from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
 from ftops_monitor.feedback import RequestIndex
 from ftops_monitor.monitor import Monitor
-from ftops_monitor.servicer import MonitorServicer
+from ftops_monitor.servicer import MonitorServicer, VersionTeams
 from ftops_monitor.settings import MonitorSettings
-from ftops_runtime import client
+from ftops_runtime import auth, client
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
     METRICS_REQUESTS,
@@ -60,24 +60,32 @@ class MonitorService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
         )
-        self._registry_channel = client.channel(settings.registry_address)
+        self._registry_channel = client.channel(
+            settings.registry_address, api_key=settings.registry_api_key
+        )
+        registry = registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
         self.monitor = Monitor(
             self.bus,
             window_s=settings.window_s,
             alert_rules=alert_rules(settings),
-            evaluations=registry_lookup(
-                registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
-                timeout_s=settings.registry_timeout_s,
-            ),
+            evaluations=registry_lookup(registry, timeout_s=settings.registry_timeout_s),
             requests=RequestIndex(
                 max_age_s=settings.feedback_max_age_s, max_items=settings.feedback_max_requests
             ),
         )
-        self.server = GrpcServer(
-            settings, service_names=[SERVICE_NAME], checks={"nats": self._nats_ok}
+        # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        authenticate, self._auth_resolver = auth.registry_authenticator(
+            settings, settings.registry_address
         )
+        self.server = GrpcServer(
+            settings,
+            service_names=[SERVICE_NAME],
+            checks={"nats": self._nats_ok},
+            authenticate=authenticate,
+        )
+        teams = VersionTeams(registry, timeout_s=settings.registry_timeout_s)
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
-            MonitorServicer(self.monitor), self.server.server
+            MonitorServicer(self.monitor, teams), self.server.server
         )
         self.metrics: MetricsServer | None = None
         register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
@@ -152,6 +160,7 @@ class MonitorService:
             await self.metrics.stop()
         await self.bus.close()
         await self._registry_channel.close()
+        await self._auth_resolver.close()
 
 
 async def serve(settings: MonitorSettings, stop: asyncio.Event) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
 
 
-class MonitorSettings(ServiceSettings):
+class MonitorSettings(ServiceSettings, AuthSettings):
     window_s: float = Field(60.0, gt=0, description="Sliding window of the per-version stats.")
     analysis_interval_s: float = Field(
         0.25,
@@ -26,6 +27,11 @@ class MonitorSettings(ServiceSettings):
         "127.0.0.1:50051",
         description="Registry gRPC host:port, for the versions' evaluations at release start "
         "(unreachable: that check is skipped).",
+    )
+    registry_api_key: str = Field(
+        "",
+        description="The monitor's own key for registry calls: viewer in every team whose "
+        "releases it judges (or a platform-admin service key).",
     )
     registry_timeout_s: float = Field(5.0, gt=0, description="Deadline of registry calls.")
     metrics_port: int = Field(

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2_grpc
-from ftops_runtime import client
+from ftops_runtime import auth, client
 from ftops_runtime.bus import EventBus
 from ftops_runtime.server import GrpcServer
 from ftops_trainer.jobs import JobManager
@@ -43,10 +43,15 @@ class TrainerApp:
         )
         self._registry_health = health_pb2_grpc.HealthStub(self.registry_channel)
         self.jobs = JobManager(settings, self.registry, self.bus)
+        # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        authenticate, self._auth_resolver = auth.registry_authenticator(
+            settings, settings.registry_address
+        )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"nats": self._nats_ok, "registry": self._registry_ok},
+            authenticate=authenticate,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
             TrainerServicer(self.jobs), self.server.server
@@ -80,4 +85,5 @@ class TrainerApp:
         await self.server.stop()
         await self.jobs.close()
         await self.registry_channel.close()
+        await self._auth_resolver.close()
         await self.bus.close()

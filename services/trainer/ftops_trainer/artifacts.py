@@ -30,9 +30,11 @@ def local_artifact_id(files: Sequence[common_pb2.ArtifactFile]) -> str:
 
 
 async def _upload_parts(
-    directory: Path, files: Sequence[common_pb2.ArtifactFile]
+    directory: Path, files: Sequence[common_pb2.ArtifactFile], team: str
 ) -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
-    yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadHeader(files=files))
+    yield registry_pb2.UploadArtifactRequest(
+        header=registry_pb2.UploadHeader(files=files, team=team)
+    )
     for index, f in enumerate(files):
         with (directory / f.path).open("rb") as fh:
             while data := fh.read(CHUNK_BYTES):
@@ -46,15 +48,18 @@ async def upload_artifact(
     directory: Path,
     files: Sequence[common_pb2.ArtifactFile],
     *,
+    team: str = "",
     timeout: float = 300.0,
 ) -> registry_pb2.Artifact:
     """Stream the header then 1 MiB chunks, file after file; the registry checks hashes.
 
+    ``team`` is the team the artifact is for (the job's): needed when the trainer's key
+    is a trainer in several teams, and what lets that team's versions use it.
     The returned artifact id is checked against ours: a mismatch means the registry
     stored something other than what we trained.
     """
     artifact: registry_pb2.Artifact = await registry.UploadArtifact(
-        _upload_parts(directory, files), timeout=timeout
+        _upload_parts(directory, files, team), timeout=timeout
     )
     expected = local_artifact_id(files)
     if artifact.artifact_id != expected:

@@ -62,7 +62,7 @@ class Intake:
         out = trainer_pb2.JobSpec()
         out.CopyFrom(spec)
         if spec.WhichOneof("dataset") != "dataset_artifact_id":
-            out.dataset_artifact_id = await self.store_dataset(data)
+            out.dataset_artifact_id = await self.store_dataset(data, team=spec.team)
         return Prepared(out, parsed.total, len(parsed.errors))
 
     def _check_method(self, spec: trainer_pb2.JobSpec, base: registry_pb2.BaseModel) -> None:
@@ -169,9 +169,9 @@ class Intake:
                 raise InvalidArgument(f"artifact {artifact_id} is not a dataset ({DATASET_FILE})")
             return await asyncio.to_thread((Path(tmp) / DATASET_FILE).read_bytes)
 
-    async def store_dataset(self, data: bytes) -> str:
+    async def store_dataset(self, data: bytes, *, team: str = "") -> str:
         with tempfile.TemporaryDirectory(dir=self._settings.work_dir) as tmp:
             await asyncio.to_thread((Path(tmp) / DATASET_FILE).write_bytes, data)
             files = artifacts.describe_files(Path(tmp), [DATASET_FILE])
-            artifact = await artifacts.upload_artifact(self._registry, Path(tmp), files)
+            artifact = await artifacts.upload_artifact(self._registry, Path(tmp), files, team=team)
         return artifact.artifact_id

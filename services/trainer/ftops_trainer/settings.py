@@ -6,14 +6,19 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
 
 
-class TrainerSettings(ServiceSettings):
+class TrainerSettings(ServiceSettings, AuthSettings):
     registry_address: str = Field(
         "127.0.0.1:50051", description="gRPC address (host:port) of the registry service."
     )
-    registry_api_key: str = Field("", description="API key sent to the registry, if it wants one.")
+    registry_api_key: str = Field(
+        "",
+        description="The trainer's own key for registry calls: trainer in every team it trains "
+        "for (or a platform-admin service key).",
+    )
     work_dir: Path = Field(
         Path(".ftops/trainer"), description="Scratch space for adapters and parent downloads."
     )

@@ -10,11 +10,13 @@ import typer
 from ftops_cli import keys, monitor, registry, releases, train
 from ftops_cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
 from ftops_cli.generate import generate
+from ftops_cli.group import OneLineErrorsGroup
 from ftops_cli.runner import State
 from ftops_client import Endpoints
 
 app = typer.Typer(
     name="ftops",
+    cls=OneLineErrorsGroup,
     help="Operate ftops: train adapter versions, route and release them, query the registry.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

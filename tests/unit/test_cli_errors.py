@@ -161,3 +161,32 @@ def test_transport_failures_are_unreachable() -> None:
     err = FtopsClientError.from_rpc(busy, "gateway", "h:2")
     assert not err.unreachable
     assert str(err) == "UNAVAILABLE: no replica has ver_1 loaded (gateway h:2)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["versions"], "Missing argument 'adapter'"),
+        (["versions", "bot", "--outptu", "json"], "Possible options: --output"),
+        (["feedback", "req_1", "2"], "Invalid value for 'score'"),
+        (["generate", "bot", "hi", "--top-p", "3"], "Invalid value for '--top-p'"),
+        (["versions", "bot", "--gateway", "h:1"], "--gateway is a global option"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(argv: list[str], needle: str) -> None:
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    assert needle in lines[0]
+    assert "--help" in lines[0] or "global option" in lines[0]
+
+
+def test_a_group_without_a_command_shows_its_help() -> None:
+    result = CliRunner().invoke(app, ["release"])
+    assert result.exit_code == EXIT_USAGE
+    assert "promote" in result.stdout
+    assert result.stderr == ""

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from ftops_cli import keys, monitor, registry, releases, train
-from ftops_cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED
+from ftops_cli.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, fail
 from ftops_cli.generate import generate
 from ftops_cli.group import OneLineErrorsGroup
-from ftops_cli.runner import State
+from ftops_cli.runner import State, state
 from ftops_client import Endpoints
 
 app = typer.Typer(
@@ -86,6 +86,8 @@ def up(ctx: typer.Context) -> None:
             typer.echo(f"error: {done.code}", err=True)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
+    except Exception as exc:
+        fail(exc, debug=state(ctx).debug)
     finally:
         sys.argv = saved
     raise typer.Exit(code)

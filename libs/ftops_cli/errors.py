@@ -7,7 +7,7 @@
      file, or input the server refused as INVALID_ARGUMENT / OUT_OF_RANGE
 3    unavailable, worth retrying: nothing answers at the service's address, or the service
      says it cannot serve now (UNAVAILABLE: draining, no replica has the version loaded;
-     DEADLINE_EXCEEDED)
+     RESOURCE_EXHAUSTED: rate limited, queue full; DEADLINE_EXCEEDED)
 4    a watched job ended FAILED, CANCELLED or REJECTED (by the evaluation gate)
 5    not found (NOT_FOUND: an unknown alias, version, job, release or request id)
 6    refused in the current state (FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED: promoting
@@ -48,6 +48,7 @@ _BY_STATUS = {
     "OUT_OF_RANGE": EXIT_USAGE,
     "UNAVAILABLE": EXIT_UNAVAILABLE,
     "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": EXIT_UNAVAILABLE,
     "NOT_FOUND": EXIT_NOT_FOUND,
     "FAILED_PRECONDITION": EXIT_REFUSED,
     "ALREADY_EXISTS": EXIT_REFUSED,

@@ -503,6 +503,13 @@ class FtopsClient:
             "monitor", self._monitor.RollbackRelease(request, timeout=self.timeout)
         )
 
+    async def get_version_stats(self, alias: str, version_id: str) -> monitor_pb2.VersionStats:
+        """The monitor's figures for one version behind one alias."""
+        request = monitor_pb2.GetVersionStatsRequest(alias=alias, version_id=version_id)
+        return await self._call(
+            "monitor", self._monitor.GetVersionStats(request, timeout=self.timeout)
+        )
+
     async def version_stats(self, alias: str = "") -> monitor_pb2.ListVersionStatsResponse:
         """The monitor's sliding-window figures per version, of one alias or of all."""
         request = monitor_pb2.ListVersionStatsRequest(alias=alias)

@@ -49,6 +49,7 @@ def _error(code: str, unreachable: bool = False) -> FtopsClientError:
         ("ABORTED", EXIT_REFUSED),
         ("UNAVAILABLE", EXIT_UNAVAILABLE),  # the server said so: retry later
         ("DEADLINE_EXCEEDED", EXIT_UNAVAILABLE),
+        ("RESOURCE_EXHAUSTED", EXIT_UNAVAILABLE),  # rate limited or queue full
         # Credentials refused stay with server failures (tests/integration rely on 1).
         ("UNAUTHENTICATED", EXIT_SERVER),
         ("PERMISSION_DENIED", EXIT_SERVER),

@@ -49,6 +49,7 @@ validated into a ``trainer.v1.JobSpec``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,13 @@ def validate(values: Mapping[str, Any], source: str = "") -> dict[str, Any]:
     for key, value in values.items():
         if key not in KNOWN_KEYS:
             where = f"{source}: " if source else ""
-            raise CliError(f"{where}unknown key '{key}' (known: {', '.join(KNOWN_KEYS)})")
+            close = difflib.get_close_matches(str(key), KNOWN_KEYS, n=3)
+            hint = (
+                f"did you mean {' or '.join(repr(k) for k in close)}?"
+                if close
+                else f"known: {', '.join(KNOWN_KEYS)}"
+            )
+            raise CliError(f"{where}unknown key '{key}' ({hint}; docs/training.md lists them)")
         if value is not None:
             checked[key] = _check(key, value, source)
     return checked

@@ -58,7 +58,7 @@ def test_lora_target_forms(value: object, expected: list[str]) -> None:
 @pytest.mark.parametrize(
     ("values", "fragment"),
     [
-        ({"lora_rank": 8}, "unknown key 'lora_rank' (did you mean 'lora_r'"),
+        ({"lora_rank": 8}, r"unknown key 'lora_rank' \(did you mean 'lora_r'"),
         ({"lora_r": "eight"}, "'lora_r' must be a non-negative integer"),
         ({"lora_r": True}, "'lora_r' must be a non-negative integer"),
         ({"max_steps": -1}, "'max_steps' must be a non-negative integer"),

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import logging
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,9 @@ class HFPeftBackend:
         self._stacked = lora_kernel == "stacked"
         self._rt: _Runtime | None = None
         self._engine: BatchEngine | None = None
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
+            weakref.WeakKeyDictionary()
+        )
         self._shapes: dict[str, ModuleShape] = {}
         self._context = 0
         self.residency: Residency[AdapterWeights] = Residency(
@@ -320,6 +324,12 @@ class HFPeftBackend:
 
     # -- generation ------------------------------------------------------------------
 
+    def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = _Outbox(loop)
+        return outbox
+
     async def count_prompt_tokens(self, prompt: str) -> int:
         return len(await asyncio.to_thread(self._encode, prompt))
 
@@ -337,13 +347,12 @@ class HFPeftBackend:
             raise Unavailable(f"the model is recovering from a failure: {engine.crashed}")
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
         max_new = min(request.sampling.max_tokens, self._context - len(prompt_ids))
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         cancel = threading.Event()
+        outbox = self._outbox_for(asyncio.get_running_loop())
 
         def emit(item: Chunk | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+            outbox.put(queue, item)
 
         async with contextlib.AsyncExitStack() as stack:
             if request.adapter is not None:
@@ -369,6 +378,30 @@ class HFPeftBackend:
             finally:
                 # The engine drops the row at its next step: the slot is free at once.
                 cancel.set()
+
+
+class _Outbox:
+    """Chunks from the model thread to the event loop, one wake-up per batch step rather
+    than one per row (each wake-up is a syscall on the loop's self-pipe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Chunk | BaseException], Chunk | BaseException]] = []
+
+    def put(self, queue: asyncio.Queue[Chunk | BaseException], item: Chunk | BaseException) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            wake = len(self._items) == 1
+        if wake:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening
+                self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _read_weights(adapter_dir: Path) -> AdapterWeights:

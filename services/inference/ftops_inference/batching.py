@@ -327,6 +327,12 @@ class BatchEngine:
         assert self._mask is not None
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
         mask = self._mask.index_select(0, index)
+        if not _mergeable(self._past):
+            # Caches with more state than keys/values (sliding windows, ...) select rows
+            # themselves and keep their columns.
+            self._past.batch_select_indices(index)
+            self._mask = mask
+            return
         real = mask.any(dim=0).nonzero()
         start = int(real[0].item()) if real.numel() else 0
         self._mask = mask[:, start:]

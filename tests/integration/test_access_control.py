@@ -566,6 +566,10 @@ async def test_trainer_jobs_belong_to_their_team(world: World) -> None:
         assert "'alpha'" in message
         assert "trainer" in message
     trainer = world.trainer_stub(world.key("alpha", Role.trainer))
+    teamless = trainer_pb2.SubmitJobRequest(spec=_spec("alpha"))
+    teamless.spec.team = ""
+    message = await refused(trainer.SubmitJob(teamless), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "spec.team" in message
     job = await trainer.SubmitJob(submit)
 
     get = trainer_pb2.GetJobRequest(job_id=job.job_id)

@@ -78,7 +78,11 @@ class GatewayService:
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight
         )
-        self.access = AliasAccess(self.routes, self.versions)
+        self.access = AliasAccess(
+            self.routes,
+            self.versions,
+            enforce=auth.effective_mode(settings) is auth.AuthMode.enabled,
+        )
         self.limiter = rate_limiter(settings)
         self.gateway = GuardedGateway(
             self.routes,

@@ -9,6 +9,7 @@ from typing import Any
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_runtime import auth
 from ftops_runtime.auth import Role
+from ftops_runtime.errors import InvalidArgument
 from ftops_trainer.jobs import JobManager
 
 SERVICE_NAME = "ftops.trainer.v1.TrainerService"
@@ -26,6 +27,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def SubmitJob(
         self, request: trainer_pb2.SubmitJobRequest, context: Any
     ) -> trainer_pb2.Job:
+        if not request.spec.team and not auth.current().platform_admin:
+            raise InvalidArgument("spec.team is required: the team the job trains for")
         auth.require(request.spec.team, Role.trainer, action="SubmitJob")
         return await self._jobs.submit(request.spec, request.idempotency_key)
 

@@ -2,7 +2,10 @@
 
 ftops-dev up            start everything, run the demo, keep serving until Ctrl-C
 ftops-dev up --no-demo  start everything and keep serving
-ftops-dev demo          run the demo only (exit when done)
+ftops-dev up --no-auth  without access control (no API keys needed)
+
+With access control on (the default) the stack prints a generated platform-admin key:
+``export FTOPS_API_KEY=...`` and the CLI works as that key.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ async def _up(args: argparse.Namespace) -> int:
     say(_describe(nats, args.nats_port))
     redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
     say(_describe(redis, args.redis_port))
-    stack = Stack(workdir, nats.url, redis.url, model_dir, prefer_fixed_ports=True)
+    stack = Stack(
+        workdir, nats.url, redis.url, model_dir, prefer_fixed_ports=True, auth=not args.no_auth
+    )
     try:
         stack.start()
         await stack.wait_serving()
@@ -58,6 +63,11 @@ async def _up(args: argparse.Namespace) -> int:
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
         say(f"OpenAI-compatible API: {stack.http_url()}  (model = an alias, a version or 'base')")
         say(f"Prometheus metrics:    {stack.metrics_url()}")
+        if stack.auth:
+            say("Access control is on. Platform-admin key (new at every start):")
+            say(f"  export FTOPS_API_KEY={stack.api_key}")
+        else:
+            say("Access control is off (--no-auth): no API key needed.")
         if not args.no_demo:
             await run_demo(
                 Endpoints(
@@ -66,6 +76,7 @@ async def _up(args: argparse.Namespace) -> int:
                     gateway=stack.address("gateway"),
                     monitor=stack.address("monitor"),
                     nats_url=nats.url,
+                    api_key=stack.api_key,
                 ),
                 say,
             )
@@ -93,6 +104,9 @@ def main() -> None:
     up.add_argument("--fresh", action="store_true", help="wipe the workdir first")
     up.add_argument("--no-demo", action="store_true")
     up.add_argument("--exit-after-demo", action="store_true")
+    up.add_argument(
+        "--no-auth", action="store_true", help="run without access control (no API keys)"
+    )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--redis-port", type=int, default=6379)
     args = parser.parse_args()

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -21,6 +20,7 @@ from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_runtime.client import channel
 
 Say = Callable[[str], None]
 ALIAS = "support-bot"
@@ -33,6 +33,7 @@ class Endpoints:
     gateway: str
     monitor: str
     nats_url: str
+    api_key: str = ""  # sent with every call (the stack's key when auth is on)
 
 
 class EventLog:
@@ -209,10 +210,10 @@ async def run_demo(ep: Endpoints, say: Say = print) -> None:
     await events.start(ep.nats_url)
     try:
         async with (
-            grpc.aio.insecure_channel(ep.trainer) as tch,
-            grpc.aio.insecure_channel(ep.gateway) as gch,
-            grpc.aio.insecure_channel(ep.monitor) as mch,
-            grpc.aio.insecure_channel(ep.registry) as rch,
+            channel(ep.trainer, api_key=ep.api_key) as tch,
+            channel(ep.gateway, api_key=ep.api_key) as gch,
+            channel(ep.monitor, api_key=ep.api_key) as mch,
+            channel(ep.registry, api_key=ep.api_key) as rch,
         ):
             trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
             gateway = gateway_pb2_grpc.GatewayServiceStub(gch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -17,6 +18,9 @@ from prometheus_client.registry import Collector
 
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.windows import Figures
+
+if TYPE_CHECKING:
+    from ftops_monitor.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +162,19 @@ def register_otel(monitor: Monitor, meter: Meter) -> None:
 
 
 class MetricsServer:
-    """``GET /metrics`` (Prometheus text format) on ``host:port``; port 0 takes a free one."""
+    """``GET /metrics`` (Prometheus text format) on ``host:port``, and the live dashboard
+    (``/dashboard``) when one is given; port 0 takes a free one."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        dashboard: Dashboard | None = None,
+    ) -> None:
         self._registry = registry
+        self._dashboard = dashboard
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -174,12 +187,16 @@ class MetricsServer:
     async def start(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        if self._dashboard is not None:
+            self._dashboard.mount(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         log.info("metrics on http://%s:%d/metrics", self._host, self.port)
+        if self._dashboard is not None:
+            log.info("dashboard on http://%s:%d/dashboard", self._host, self.port)
         return self.port
 
     async def stop(self) -> None:

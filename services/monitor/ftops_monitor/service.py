@@ -12,6 +12,7 @@ from opentelemetry import metrics
 from ftops.monitor.v1 import monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_monitor.alerts import AlertRules
+from ftops_monitor.dashboard import Dashboard
 from ftops_monitor.evaluation import registry_lookup
 from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
 from ftops_monitor.feedback import RequestIndex
@@ -88,6 +89,7 @@ class MonitorService:
             MonitorServicer(self.monitor, teams), self.server.server
         )
         self.metrics: MetricsServer | None = None
+        self.dashboard = Dashboard(self.monitor)
         register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
         self._loop: asyncio.Task[None] | None = None
 
@@ -107,7 +109,9 @@ class MonitorService:
         if port < 0:
             return
         registry = prometheus_registry(self.monitor)
-        self.metrics = MetricsServer(registry, self.settings.grpc_host, port)
+        self.metrics = MetricsServer(
+            registry, self.settings.grpc_host, port, dashboard=self.dashboard
+        )
         try:
             await self.metrics.start()
         except OSError as exc:
@@ -115,7 +119,9 @@ class MonitorService:
                 raise
             # Another process has the preferred port (a second replica on one host).
             log.warning("metrics port %d unavailable (%s); taking a free one", port, exc)
-            self.metrics = MetricsServer(registry, self.settings.grpc_host, METRICS_PORT_FALLBACK)
+            self.metrics = MetricsServer(
+                registry, self.settings.grpc_host, METRICS_PORT_FALLBACK, dashboard=self.dashboard
+            )
             await self.metrics.start()
 
     async def start(self) -> int:
@@ -144,6 +150,8 @@ class MonitorService:
                 deliver_policy=DeliverPolicy.ALL,
                 inactive_threshold_s=inactive,
             )
+        if self.settings.metrics_port >= 0:
+            self.dashboard.subscribe(self.bus, f"{prefix}-dashboard", inactive)
         await self.bus.start()
         self._loop = asyncio.create_task(
             self.monitor.run(self.settings.analysis_interval_s), name="release-analysis"

@@ -1,0 +1,395 @@
+"""The monitor's live dashboard in headless Chromium: a real monitor on real NATS, release
+events and request results published on NATS, the page driven over the Chrome DevTools
+protocol. The browser test keeps a screenshot at test-artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from ftops.events.v1 import events_pb2
+from ftops_monitor.service import MonitorService
+from ftops_monitor.settings import MonitorSettings
+from ftops_runtime.bus import EventBus
+from ftops_runtime.events import (
+    METRICS_REQUESTS,
+    RELEASE_PROMOTE,
+    RELEASE_STARTED,
+    new_meta,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def _chromium() -> str | None:
+    explicit = os.environ.get("FTOPS_CHROMIUM")
+    if explicit:
+        return explicit
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# -- a small Chrome DevTools protocol client -------------------------------------------
+
+
+class DevTools:
+    """One page target over the DevTools websocket: ``call`` a method, ``evaluate`` an
+    expression (promises awaited), ``until`` a condition holds in the page."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self._ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            future = self._pending.pop(data.get("id", -1), None)
+            if future is not None and not future.done():
+                future.set_result(data)
+        for future in self._pending.values():
+            future.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = future
+        await self._ws.send_json({"id": self._next, "method": method, "params": params})
+        reply = await asyncio.wait_for(future, 30)
+        if "error" in reply:
+            raise AssertionError(f"{method} failed: {reply['error']}")
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def evaluate(self, expression: str) -> Any:
+        reply = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in reply:
+            raise AssertionError(f"page script failed: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    async def until(self, condition: str, timeout_s: float = 15.0) -> Any:
+        """Resolves in the page as soon as a DOM change makes ``condition`` truthy (a
+        MutationObserver, no polling); fails with what the page shows after the timeout."""
+        script = f"""new Promise((resolve) => {{
+            const check = () => {{ try {{ return ({condition}); }} catch (e) {{ return null; }} }};
+            const first = check();
+            if (first) {{ resolve(first); return; }}
+            const observer = new MutationObserver(() => {{
+                const value = check();
+                if (value) {{ observer.disconnect(); resolve(value); }}
+            }});
+            observer.observe(document, {{subtree: true, childList: true, characterData: true}});
+            setTimeout(() => {{ observer.disconnect(); resolve(null); }}, {int(timeout_s * 1000)});
+        }})"""
+        value = await self.evaluate(script)
+        if not value:
+            text = await self.evaluate("document.body ? document.body.innerText : ''")
+            raise AssertionError(f"page never showed {condition!r}; it shows:\n{text[:3000]}")
+        return value
+
+    async def close(self) -> None:
+        await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def headless_page(binary: str) -> AsyncIterator[DevTools]:
+    profile = tempfile.mkdtemp(prefix="ftops-chromium-")
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--remote-debugging-port=0",
+        "--remote-allow-origins=*",
+        f"--user-data-dir={profile}",
+        "--window-size=1500,1300",
+        "about:blank",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Chromium writes its DevTools port once it listens; nothing to await but the file.
+        active = Path(profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (active.exists() and active.read_text().count("\n") >= 1):
+            if process.returncode is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{binary} did not start (exit code {process.returncode})")
+            await asyncio.sleep(0.05)
+        port = int(active.read_text().splitlines()[0])
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                targets = await response.json()
+            page = next(t for t in targets if t["type"] == "page")
+            ws = await http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+            devtools = DevTools(ws)
+            try:
+                yield devtools
+            finally:
+                await devtools.close()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# -- the monitor and its events ----------------------------------------------------------
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[EventBus]:
+    async with EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6]) as b:
+        await b.wait_ready(10)
+        yield b
+
+
+@pytest.fixture
+async def monitor(nats_url: str) -> AsyncIterator[MonitorService]:
+    settings = MonitorSettings(
+        grpc_port=0,
+        nats_url=nats_url,
+        instance_id=f"mon-{uuid.uuid4().hex[:6]}",
+        metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
+        analysis_interval_s=0.1,
+        shutdown_grace_s=0.5,
+        metrics_port=0,
+        registry_address=f"127.0.0.1:{_closed_port()}",
+        registry_timeout_s=0.5,
+    )
+    service = MonitorService(settings)
+    await service.start()
+    await service.bus.wait_ready(10)
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def _started(alias: str) -> events_pb2.ReleaseStarted:
+    return events_pb2.ReleaseStarted(
+        meta=new_meta("gateway", "test"),
+        release_id=f"rel_{uuid.uuid4().hex[:8]}",
+        alias=alias,
+        stable_version_id="ver_stable",
+        candidate_version_id="ver_canary",
+        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        steps=[10, 50, 100],
+        current_weight=10,
+        actor="team-a",
+        # Manual: the test, not the analysis, decides when the step passes.
+        analysis=events_pb2.AnalysisSettings(min_requests=10, auto=False),
+    )
+
+
+def _batch(started: events_pb2.ReleaseStarted, n: int) -> events_pb2.RequestResultBatch:
+    batch = events_pb2.RequestResultBatch(meta=new_meta("gateway", "test"))
+    for i in range(n):
+        canary = i % 10 == 0
+        result = batch.results.add(
+            request_id=uuid.uuid4().hex,
+            alias=started.alias,
+            version_id=started.candidate_version_id if canary else started.stable_version_id,
+            arm="candidate" if canary else "stable",
+            latency_ms=(55.0 if canary else 40.0) + (i * 7) % 30,
+            ttft_ms=5.0,
+            completion_tokens=8,
+            status="UNAVAILABLE" if i % 25 == 3 else "OK",
+            release_id=started.release_id,
+        )
+        result.finished_at.GetCurrentTime()
+    return batch
+
+
+async def _traffic(bus: EventBus, started: events_pb2.ReleaseStarted) -> None:
+    """Live traffic for the charts: a batch of results every 200 ms."""
+    while True:
+        await bus.publish(METRICS_REQUESTS, _batch(started, 20))
+        await asyncio.sleep(0.2)
+
+
+async def _state(monitor: MonitorService) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{monitor.metrics_port}/dashboard/state") as response,
+    ):
+        assert response.status == 200
+        state: dict[str, Any] = await response.json()
+        return state
+
+
+def _release_text(alias: str, selector: str) -> str:
+    return f"document.querySelector('.release[data-alias=\"{alias}\"] {selector}')?.textContent"
+
+
+async def test_dashboard_shows_a_canary_and_updates_live(
+    monitor: MonitorService, bus: EventBus
+) -> None:
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary (apt-get install chromium, or set FTOPS_CHROMIUM)")
+    alias = f"support-bot-{uuid.uuid4().hex[:4]}"
+    started = _started(alias)
+    await bus.publish(RELEASE_STARTED, started)
+    traffic = asyncio.create_task(_traffic(bus, started))
+    url = f"http://127.0.0.1:{monitor.metrics_port}/dashboard"
+    try:
+        async with headless_page(binary) as page:
+            await page.call("Page.enable")
+            await page.call("Page.navigate", url=url)
+            # The running canary at its first step, and the stream connected.
+            assert await page.until(f"{_release_text(alias, '.state')} === 'running'")
+            assert await page.until(f"{_release_text(alias, '.weight')} === '10%'")
+            assert await page.evaluate(_release_text(alias, ".step")) == "0"
+            assert await page.until("document.getElementById('connection').textContent === 'live'")
+            # Charts drawn from the sampled history: a line per version in each chart.
+            charts = f'.alias-charts[data-alias="{alias}"]'
+            lines = await page.until(
+                f"document.querySelectorAll('{charts} path.line').length >= 8 && "
+                f"document.querySelectorAll('{charts} path.line').length"
+            )
+            assert lines >= 8
+            # A few seconds of history, so the picture kept shows lines rather than dots.
+            await page.until(
+                f"(document.querySelector('{charts} path.line')?.getAttribute('d') || '')"
+                ".split('L').length > 4",
+            )
+            await page.evaluate("window.notReloaded = true")
+
+            await bus.publish(
+                RELEASE_PROMOTE,
+                events_pb2.ReleasePromote(
+                    meta=new_meta("monitor", "test"),
+                    release_id=started.release_id,
+                    alias=alias,
+                    candidate_version_id=started.candidate_version_id,
+                    stable_version_id=started.stable_version_id,
+                    step_index=1,
+                    weight=50,
+                    reason="candidate healthy over 40 requests: step 1 at 50%",
+                    figures={"requests": 40, "error_rate": 0.025, "p95_ms": 81.5},
+                ),
+            )
+            # The same page, no reload: the new step, its decision with the figures, the
+            # event in the list and the split chart following the weight.
+            assert await page.until(f"{_release_text(alias, '.weight')} === '50%'")
+            assert await page.evaluate(_release_text(alias, ".step")) == "1"
+            decision = await page.until(_release_text(alias, ".decisions li"))
+            assert "step 1 at 50%" in decision
+            assert "p95_ms" in decision
+            assert await page.until(
+                "[...document.querySelectorAll('#events li')].some(e => "
+                "e.dataset.subject === 'release.promote' && e.textContent.includes("
+                f"'{alias}'))"
+            )
+            assert await page.evaluate("window.notReloaded === true")
+            # One more tick draws the split chart at 50% before the picture is kept.
+            updated = await page.evaluate("document.getElementById('updated').textContent")
+            await page.until(f"document.getElementById('updated').textContent !== {updated!r}")
+            assert await page.evaluate(f"document.querySelectorAll('{charts} figure').length") == 5
+            shot = await page.call(
+                "Page.captureScreenshot", format="png", captureBeyondViewport=True
+            )
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus: EventBus) -> None:
+    alias = f"faq-{uuid.uuid4().hex[:4]}"
+    started = _started(alias)
+    await bus.publish(RELEASE_STARTED, started)
+    base = f"http://127.0.0.1:{monitor.metrics_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/dashboard/stream") as stream:
+            assert stream.headers["Content-Type"] == "text/event-stream"
+            kinds: list[str] = []
+            snapshot: dict[str, Any] | None = None
+            got_release_tick = False
+            await bus.publish(METRICS_REQUESTS, _batch(started, 20))
+            async for raw in stream.content:
+                line = raw.decode().strip()
+                if line.startswith("event: "):
+                    kinds.append(line.removeprefix("event: "))
+                elif line.startswith("data: ") and kinds[-1] in ("snapshot", "tick"):
+                    data = json.loads(line.removeprefix("data: "))
+                    if kinds[-1] == "snapshot":
+                        snapshot = data
+                    elif any(v["alias"] == alias for v in data["versions"]) and any(
+                        r["alias"] == alias for r in data["releases"]
+                    ):
+                        got_release_tick = True
+                        break
+            assert kinds[0] == "snapshot"
+            assert snapshot is not None
+            assert {"releases", "alerts", "events", "versions", "splits"} <= snapshot.keys()
+            assert got_release_tick
+        state = await _state(monitor)
+        release = next(r for r in state["releases"] if r["alias"] == alias)
+        assert (release["state"], release["step_index"], release["weight"]) == ("running", 0, 10)
+        assert release["steps"] == [10, 50, 100]
+        assert any(
+            e["subject"] == "release.started" and e["alias"] == alias for e in state["events"]
+        )
+        version = next(
+            v for v in state["versions"] if (v["alias"], v["version_id"]) == (alias, "ver_stable")
+        )
+        assert version["points"][-1]["p95_ms"] > 0
+        async with http.get(f"{base}/dashboard") as page:
+            html = await page.text()
+            assert page.status == 200
+            # Server-rendered: the release is in the HTML before any script runs.
+            assert f'data-alias="{alias}"' in html
+            assert "/dashboard/static/dashboard.js?v=" in html
+        async with http.get(f"{base}/dashboard/static/dashboard.js") as script:
+            assert script.status == 200
+        async with http.get(f"{base}/", allow_redirects=False) as root:
+            assert (root.status, root.headers["Location"]) == (302, "/dashboard")
+        async with http.get(f"{base}/metrics") as metrics:
+            assert "ftops_monitor_release_weight" in await metrics.text()

@@ -23,17 +23,21 @@ import aiohttp
 import pytest
 
 from ftops.events.v1 import events_pb2
+from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
+from ftops_monitor.dashboard_feed import EventFeed, summarise
+from ftops_monitor.dashboard_history import History
+from ftops_monitor.monitor import Monitor
 from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
     METRICS_REQUESTS,
+    MONITOR_ALERT,
     RELEASE_PROMOTE,
+    RELEASE_ROLLBACK,
     RELEASE_STARTED,
     new_meta,
 )
-
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
@@ -264,6 +268,7 @@ def _release_text(alias: str, selector: str) -> str:
     return f"document.querySelector('.release[data-alias=\"{alias}\"] {selector}')?.textContent"
 
 
+@pytest.mark.integration
 async def test_dashboard_shows_a_canary_and_updates_live(
     monitor: MonitorService, bus: EventBus
 ) -> None:
@@ -341,6 +346,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+@pytest.mark.integration
 async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus: EventBus) -> None:
     alias = f"faq-{uuid.uuid4().hex[:4]}"
     started = _started(alias)
@@ -393,3 +399,155 @@ async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus
             assert (root.status, root.headers["Location"]) == (302, "/dashboard")
         async with http.get(f"{base}/metrics") as metrics:
             assert "ftops_monitor_release_weight" in await metrics.text()
+
+
+# -- the state behind the page, without servers -----------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _offline_monitor(clock: FakeClock) -> Monitor:
+    # Never started: these tests publish nothing.
+    bus = EventBus("nats://127.0.0.1:1", service="test", instance="t")
+    return Monitor(bus, window_s=3.0, clock=clock)
+
+
+def _result(
+    started: events_pb2.ReleaseStarted, arm: str, at: float, ok: bool = True
+) -> events_pb2.RequestResult:
+    candidate = arm == "candidate"
+    result = events_pb2.RequestResult(
+        request_id=uuid.uuid4().hex,
+        alias=started.alias,
+        version_id=started.candidate_version_id if candidate else started.stable_version_id,
+        arm=arm,
+        latency_ms=40.0,
+        status="OK" if ok else "UNAVAILABLE",
+        release_id=started.release_id,
+    )
+    result.finished_at.FromNanoseconds(int(at * 1e9))
+    return result
+
+
+def test_history_takes_per_second_rates_and_stays_bounded() -> None:
+    clock = FakeClock()
+    monitor = _offline_monitor(clock)
+    started = _started("bounded")
+    started.meta.occurred_at.FromNanoseconds(int(clock.now * 1e9))
+    monitor.apply_started(started)
+    history = History(monitor, history_s=5.0, interval_s=1.0)
+    monitor.ingest([_result(started, "stable", clock.now)])
+    history.sample(clock.now)  # baseline: what came before is not this second's traffic
+
+    clock.now += 1
+    results = [_result(started, "stable", clock.now, ok=i >= 2) for i in range(8)]
+    results += [_result(started, "candidate", clock.now) for _ in range(2)]
+    monitor.ingest(results)
+    versions, splits = history.sample(clock.now)
+    points = {key[1]: p for key, p in versions}
+    assert points["ver_stable"].rps == 8
+    assert points["ver_stable"].error_rate == 0.25
+    assert points["ver_canary"].error_rate == 0
+    assert points["ver_stable"].p95_ms == 40.0
+    assert [(s.weight, s.observed) for _, s in splits] == [(10.0, 20.0)]
+
+    # No traffic: a zero rate and no error rate while the window still holds results...
+    clock.now += 1
+    versions, _ = history.sample(clock.now)
+    assert {key[1]: (p.rps, p.error_rate) for key, p in versions} == {
+        "ver_stable": (0.0, None),
+        "ver_canary": (0.0, None),
+    }
+    # ...then nothing once the window is empty, and the series goes after history_s.
+    for _ in range(12):
+        clock.now += 1
+        history.sample(clock.now)
+        assert all(len(ring) <= 5 for ring in history.versions.values())
+        assert all(len(ring) <= 5 for ring in history.splits.values())
+    assert history.versions == {}
+    assert len(history.splits["bounded"]) == 5  # the running release keeps its line
+
+
+def test_split_follows_the_steps_and_ends_with_the_release() -> None:
+    clock = FakeClock()
+    monitor = _offline_monitor(clock)
+    started = _started("steps")
+    monitor.apply_started(started)
+    history = History(monitor, history_s=60.0)
+    history.sample(clock.now)
+    clock.now += 1
+    history.sample(clock.now)
+    monitor.apply_promote(
+        events_pb2.ReleasePromote(
+            meta=new_meta("monitor", "t"), release_id=started.release_id, step_index=1, weight=50
+        )
+    )
+    clock.now += 1
+    history.sample(clock.now)
+    monitor.apply_rollback(
+        events_pb2.ReleaseRollback(meta=new_meta("monitor", "t"), release_id=started.release_id)
+    )
+    for _ in range(3):
+        clock.now += 1
+        history.sample(clock.now)
+    assert [(p.weight, p.state) for p in history.splits["steps"]] == [
+        (10.0, "running"),
+        (50.0, "running"),
+        (0.0, "rolled_back"),  # one point shows how it ended; then the line stops
+    ]
+
+
+def test_feed_is_idempotent_ordered_and_bounded() -> None:
+    feed = EventFeed(limit=3)
+    release_id = "rel_feed"
+    older = events_pb2.ReleasePromote(
+        meta=new_meta("monitor", "t"),
+        release_id=release_id,
+        alias="feed",
+        step_index=1,
+        weight=50,
+        reason="healthy",
+        figures={"requests": 20},
+    )
+    older.meta.occurred_at.FromSeconds(100)
+    newer = events_pb2.ReleaseRollback(
+        meta=new_meta("monitor", "t"), release_id=release_id, alias="feed", reason="errors"
+    )
+    newer.meta.occurred_at.FromSeconds(200)
+    assert feed.add(summarise(RELEASE_ROLLBACK, newer))
+    assert feed.add(summarise(RELEASE_PROMOTE, older))
+    assert not feed.add(summarise(RELEASE_PROMOTE, older))  # redelivered
+    assert [i.subject for i in feed.items()] == [RELEASE_PROMOTE, RELEASE_ROLLBACK]
+    assert feed.items()[0].text == "promote, step 1 at 50%: healthy"
+    assert feed.items()[0].figures == {"requests": 20.0}
+    assert [d.level for d in feed.decisions(release_id)] == ["good", "bad"]
+    for second in range(300, 305):
+        alert = events_pb2.Alert(
+            meta=new_meta("monitor", "t"),
+            rule="error_rate",
+            alias="feed",
+            version_id="v",
+            state="firing",
+            message="error rate 30% above 10%",
+        )
+        alert.meta.occurred_at.FromSeconds(second)
+        feed.add(summarise(MONITOR_ALERT, alert))
+    assert [i.at for i in feed.items()] == [302, 303, 304]
+    # A release's decisions outlive the general list.
+    assert len(feed.decisions(release_id)) == 2
+
+
+async def test_a_page_that_falls_behind_is_dropped() -> None:
+    dashboard = Dashboard(_offline_monitor(FakeClock()))
+    slow = dashboard.connect()
+    for _ in range(CLIENT_BACKLOG + 1):
+        dashboard.sample()
+    assert slow not in dashboard.clients
+    # Its stream ends; the browser's EventSource reconnects and gets a fresh snapshot.
+    assert slow.queue.get_nowait() is None

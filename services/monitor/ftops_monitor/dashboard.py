@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from nats.js.api import DeliverPolicy
 
+from ftops_monitor.analysis import Release
 from ftops_monitor.dashboard_feed import ADAPTER_SUBJECTS, RELEASE_SUBJECTS, EventFeed, summarise
 from ftops_monitor.dashboard_history import History
 from ftops_monitor.dashboard_page import STATIC_DIR, render_page
@@ -36,13 +37,17 @@ log = logging.getLogger(__name__)
 # Messages a page may fall behind before it is dropped (it reconnects).
 CLIENT_BACKLOG = 256
 KEEPALIVE_S = 15.0
+# Finished releases listed below the running ones, newest first.
+FINISHED_SHOWN = 10
 
 
 def sse(kind: str, data: Any) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-class _Client:
+class Client:
+    """One open page's queue of messages to send."""
+
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_BACKLOG)
 
@@ -72,7 +77,7 @@ class Dashboard:
         self.feed = EventFeed()
         self.interval_s = interval_s
         self._clock = clock or monitor.clock
-        self._clients: set[_Client] = set()
+        self.clients: set[Client] = set()
         self._sampler: asyncio.Task[None] | None = None
 
     # -- events ----------------------------------------------------------------------
@@ -101,9 +106,19 @@ class Dashboard:
 
     # -- state -----------------------------------------------------------------------
 
+    def _shown_releases(self) -> list[Release]:
+        """Every running release, and the latest finished ones (a step restarts when a
+        release ends, so ``step_started_at`` is when it finished)."""
+        latest = self.monitor.latest_releases()
+        running = sorted((r for r in latest if r.running), key=lambda r: r.alias)
+        finished = sorted(
+            (r for r in latest if not r.running), key=lambda r: r.step_started_at, reverse=True
+        )
+        return running + finished[:FINISHED_SHOWN]
+
     def releases(self) -> list[dict[str, Any]]:
         out = []
-        for release in self.monitor.latest_releases():
+        for release in self._shown_releases():
             a = self.monitor.analysis(release.alias)
             out.append(
                 {
@@ -128,8 +143,7 @@ class Dashboard:
                     "decisions": [d.as_json() for d in self.feed.decisions(a.release_id)],
                 }
             )
-        # Running releases first, then by alias.
-        return sorted(out, key=lambda r: (r["state"] != "running", r["alias"]))
+        return out
 
     def alerts(self) -> list[dict[str, Any]]:
         now = self._clock()
@@ -161,7 +175,7 @@ class Dashboard:
         """One chart point per serving version and release, pushed to open pages."""
         now = self._clock()
         versions, splits = self.history.sample(now)
-        if not self._clients:
+        if not self.clients:
             return
         tick = {
             "now": now,
@@ -174,11 +188,16 @@ class Dashboard:
         }
         self._broadcast(sse("tick", tick))
 
+    def connect(self) -> Client:
+        client = Client()
+        self.clients.add(client)
+        return client
+
     def _broadcast(self, message: bytes) -> None:
-        for client in list(self._clients):
+        for client in list(self.clients):
             if not client.send(message):
                 log.info("dashboard page fell behind; dropped (it reconnects)")
-                self._clients.discard(client)
+                self.clients.discard(client)
 
     async def _sample_forever(self) -> None:
         while True:
@@ -207,9 +226,9 @@ class Dashboard:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         # Open streams end now rather than at the runner's shutdown timeout.
-        for client in list(self._clients):
+        for client in list(self.clients):
             client.send(None)
-        self._clients.clear()
+        self.clients.clear()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await cancel_and_wait([self._sampler])
@@ -237,8 +256,7 @@ class Dashboard:
             }
         )
         await response.prepare(request)
-        client = _Client()
-        self._clients.add(client)
+        client = self.connect()
         try:
             await response.write(sse("snapshot", self.snapshot()))
             while True:
@@ -252,7 +270,7 @@ class Dashboard:
         except (ConnectionResetError, ConnectionError):
             pass  # the page went away
         finally:
-            self._clients.discard(client)
+            self.clients.discard(client)
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response

@@ -135,20 +135,23 @@ async def test_cancelled_stream_leaves_the_batch_at_the_next_step(
 ) -> None:
     request = GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=200, temperature=1.0))
     left = asyncio.Event()
+    loop = asyncio.get_running_loop()
     engine = backend.engine
     original = engine._select
 
-    def select(keep: list[int]) -> None:
+    def select(keep: list[int]) -> None:  # on the model thread
         original(keep)
         if not engine._active:
-            left.set()
+            loop.call_soon_threadsafe(left.set)
 
     engine._select = select  # type: ignore[method-assign]
     async with contextlib.aclosing(backend.stream(request)) as chunks:
         await anext(chunks)
         assert engine.batch_size == 1
+        row = engine._active[0]
     await asyncio.wait_for(left.wait(), 10)
     assert engine.batch_size == 0
+    assert len(row.tokens) < 200  # dropped, not run to the end
 
 
 async def test_a_failed_forward_fails_its_rows_with_unavailable_then_recovers(

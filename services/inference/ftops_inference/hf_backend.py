@@ -297,7 +297,8 @@ class HFPeftBackend:
         self.residency.on_event = on_event
 
     async def load_adapter(self, version_id: str, adapter_dir: Path) -> None:
-        self.engine  # noqa: B018 - raises while the base model loads
+        if self._engine is None:
+            raise Unavailable("the base model is still loading; retry shortly")
         await self.residency.add(version_id, adapter_dir)
 
     async def unload_adapter(self, version_id: str) -> None:

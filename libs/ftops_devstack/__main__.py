@@ -54,7 +54,12 @@ async def _up(args: argparse.Namespace) -> int:
     redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
     say(_describe(redis, args.redis_port))
     stack = Stack(
-        workdir, nats.url, redis.url, model_dir, prefer_fixed_ports=True, auth=not args.no_auth
+        workdir,
+        nats.url,
+        redis.url,
+        model_dir,
+        prefer_fixed_ports=True,
+        auth=False if args.no_auth else None,
     )
     try:
         stack.start()
@@ -66,8 +71,13 @@ async def _up(args: argparse.Namespace) -> int:
         if stack.auth:
             say("Access control is on. Platform-admin key (new at every start):")
             say(f"  export FTOPS_API_KEY={stack.api_key}")
-        else:
+        elif args.no_auth:
             say("Access control is off (--no-auth): no API key needed.")
+        else:
+            say(
+                "Access control is off: the inference service does not send a registry key "
+                "(FTOPS_REGISTRY_API_KEY) yet, and with auth on it could load no adapter."
+            )
         if not args.no_demo:
             await run_demo(
                 Endpoints(

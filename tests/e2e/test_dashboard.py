@@ -26,6 +26,7 @@ from ftops.events.v1 import events_pb2
 from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
 from ftops_monitor.dashboard_feed import EventFeed, summarise
 from ftops_monitor.dashboard_history import History
+from ftops_monitor.exporter import MetricsServer, prometheus_registry
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
@@ -247,11 +248,26 @@ def _batch(started: events_pb2.ReleaseStarted, n: int) -> events_pb2.RequestResu
     return batch
 
 
-async def _traffic(bus: EventBus, started: events_pb2.ReleaseStarted) -> None:
+async def _traffic(
+    bus: EventBus, started: events_pb2.ReleaseStarted, served: list[events_pb2.RequestResult]
+) -> None:
     """Live traffic for the charts: a batch of results every 200 ms."""
     while True:
-        await bus.publish(METRICS_REQUESTS, _batch(started, 20))
+        batch = _batch(started, 20)
+        await bus.publish(METRICS_REQUESTS, batch)
+        served.extend(batch.results)
         await asyncio.sleep(0.2)
+
+
+def _rate_answers(monitor: MonitorService, served: list[events_pb2.RequestResult]) -> int:
+    """Users' feedback on answers the monitor has seen (the first batch, given that the
+    charts show its latencies); the candidate's answers rated a little lower."""
+    rated = 0
+    for result in served[:20]:
+        score = 0.7 if result.arm == "candidate" else 0.85
+        monitor.monitor.submit_feedback(result.request_id, score)
+        rated += 1
+    return rated
 
 
 async def _state(monitor: MonitorService) -> dict[str, Any]:
@@ -278,7 +294,8 @@ async def test_dashboard_shows_a_canary_and_updates_live(
     alias = f"support-bot-{uuid.uuid4().hex[:4]}"
     started = _started(alias)
     await bus.publish(RELEASE_STARTED, started)
-    traffic = asyncio.create_task(_traffic(bus, started))
+    served: list[events_pb2.RequestResult] = []
+    traffic = asyncio.create_task(_traffic(bus, started, served))
     url = f"http://127.0.0.1:{monitor.metrics_port}/dashboard"
     try:
         async with headless_page(binary) as page:
@@ -296,6 +313,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
                 f"document.querySelectorAll('{charts} path.line').length"
             )
             assert lines >= 8
+            assert _rate_answers(monitor, served) == 20
             # A few seconds of history, so the picture kept shows lines rather than dots.
             await page.until(
                 f"(document.querySelector('{charts} path.line')?.getAttribute('d') || '')"
@@ -334,6 +352,12 @@ async def test_dashboard_shows_a_canary_and_updates_live(
             updated = await page.evaluate("document.getElementById('updated').textContent")
             await page.until(f"document.getElementById('updated').textContent !== {updated!r}")
             assert await page.evaluate(f"document.querySelectorAll('{charts} figure').length") == 5
+            feedback_lines = await page.evaluate(
+                f"[...document.querySelectorAll('{charts} figure')]"
+                ".find(f => f.textContent.includes('feedback mean'))"
+                ".querySelectorAll('path.line').length"
+            )
+            assert feedback_lines == 2
             shot = await page.call(
                 "Page.captureScreenshot", format="png", captureBeyondViewport=True
             )
@@ -551,3 +575,24 @@ async def test_a_page_that_falls_behind_is_dropped() -> None:
     assert slow not in dashboard.clients
     # Its stream ends; the browser's EventSource reconnects and gets a fresh snapshot.
     assert slow.queue.get_nowait() is None
+
+
+async def test_stopping_the_server_ends_open_streams() -> None:
+    clock = FakeClock()
+    monitor = _offline_monitor(clock)
+    monitor.apply_started(_started("stop"))
+    server = MetricsServer(
+        prometheus_registry(monitor), "127.0.0.1", 0, dashboard=Dashboard(monitor)
+    )
+    port = await server.start()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/dashboard/stream") as stream,
+    ):
+        assert await stream.content.readline() == b"event: snapshot\n"
+        snapshot = json.loads((await stream.content.readline()).removeprefix(b"data: "))
+        assert [r["alias"] for r in snapshot["releases"]] == ["stop"]
+        # A shutdown does not wait for the page to go away.
+        await asyncio.wait_for(server.stop(), 5)
+        rest = await asyncio.wait_for(stream.content.read(), 5)
+        assert b"event: snapshot" not in rest

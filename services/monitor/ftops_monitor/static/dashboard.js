@@ -22,7 +22,7 @@
   }
   function num(v) {
     if (v === null || v === undefined) return "-";
-    return Math.abs(v) >= 1000 || v === Math.round(v) ? String(Math.round(v * 100) / 100) : v.toPrecision(4);
+    return Math.abs(v) >= 1000 || v === Math.round(v) ? String(Math.round(v * 100) / 100) : String(Number(v.toPrecision(4)));
   }
   function figures(f) {
     const names = KEY_FIGURES.filter((k) => k in f).concat(Object.keys(f).filter((k) => !KEY_FIGURES.includes(k)).sort());
@@ -155,7 +155,10 @@
     const frag = document.createDocumentFragment();
     for (const alias of [...byAlias.keys()].sort()) {
       const versions = byAlias.get(alias).sort((a, b) => a.version_id.localeCompare(b.version_id));
-      const series = (field) => versions.map((s) => ({ label: s.version_id, color: color(s.key), points: s.points.map((p) => [p.t, p[field]]) }));
+      const series = (field, scale = 1) => versions.map((s) => ({
+        label: s.version_id, color: color(s.key),
+        points: s.points.map((p) => [p.t, p[field] === null ? null : p[field] * scale]),
+      }));
       const latency = [];
       for (const s of versions) {
         for (const [field, dash, name] of [["p50_ms", "", "p50"], ["p95_ms", "5 3", "p95"], ["p99_ms", "1 3", "p99"]]) {
@@ -171,7 +174,7 @@
       const row = document.createElement("div");
       row.className = "chart-row";
       row.appendChild(chart("requests / s", "", series("rps"), t0, t1));
-      row.appendChild(chart("error rate", "", series("error_rate"), t0, t1));
+      row.appendChild(chart("error rate", "%", series("error_rate", 100), t0, t1));
       row.appendChild(chart("latency p50 / p95 / p99", "ms", latency, t0, t1));
       row.appendChild(chart("feedback mean", "", series("feedback_mean"), t0, t1, 1));
       const split = state.splits.get(alias);

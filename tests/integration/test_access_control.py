@@ -30,7 +30,8 @@ from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_devstack.servers import free_port
-from ftops_gateway.rate_limit import Limit, RateLimiter, limiter_client
+from ftops_devstack.stack import SERVICES, Stack
+from ftops_gateway.rate_limit import Limit, RateLimiter, limiter_client, parse_team_limits
 from ftops_gateway.service import GatewayService
 from ftops_gateway.settings import GatewaySettings
 from ftops_monitor.service import MonitorService
@@ -496,6 +497,32 @@ async def test_rate_limits_fail_open_when_redis_is_unreachable() -> None:
     # Only the first call tried Redis; the others did not wait for it.
     assert time.monotonic() - started < 0.5 * 2
     await limiter.close()
+
+
+def test_team_rate_limits_parse_and_the_most_generous_applies() -> None:
+    limits = parse_team_limits("support=5:10, research=20")
+    assert limits == {"support": Limit(5.0, 10), "research": Limit(20.0, 20)}
+    for bad in ("support", "support=0", "=5", "support=fast", "support=5:-1", "a=inf"):
+        with pytest.raises(ValueError, match="rate_limit_teams"):
+            parse_team_limits(bad)
+    limiter = RateLimiter(limiter_client("redis://127.0.0.1:1/0", 0.1), Limit(1.0, 1), limits)
+    both = AuthPrincipal(key_id="k", roles={"support": Role.viewer, "research": Role.viewer})
+    assert limiter.limit_for(both) == Limit(20.0, 20)
+    assert limiter.limit_for(AuthPrincipal(key_id="k", roles={"x": Role.viewer})) == Limit(1, 1)
+
+
+def test_dev_stack_with_auth_gives_every_service_the_generated_key(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, "nats://127.0.0.1:1", "redis://127.0.0.1:2", tmp_path, auth=True)
+    stack.api_key = auth.new_api_key()[1]
+    ports = {name: 1000 + i for i, name in enumerate(SERVICES)}
+    ports |= {"gateway-http": 2000, "monitor-metrics": 2001}
+    for service in SERVICES:
+        env = stack._env(service, ports)
+        assert env["FTOPS_AUTH_MODE"] == "enabled"
+        assert env["FTOPS_REGISTRY_API_KEY"] == stack.api_key
+        assert ("FTOPS_BOOTSTRAP_ADMIN_KEY" in env) == (service == "registry")
+    stack.auth = False
+    assert stack._env("gateway", ports)["FTOPS_AUTH_MODE"] == "disabled"
 
 
 # -- monitor --------------------------------------------------------------------------

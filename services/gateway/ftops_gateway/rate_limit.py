@@ -70,15 +70,15 @@ def parse_team_limits(spec: str) -> dict[str, Limit]:
         team, sep, value = item.partition("=")
         rps, _, burst = value.partition(":")
         try:
-            limit = Limit.of(float(rps), int(burst or 0))
+            rate, size = float(rps), int(burst or 0)
         except ValueError:
-            limit = Limit(-1, 0)
-        if not sep or not team.strip() or limit.rps <= 0 or limit.burst < 1:
+            rate, size = -1.0, -1
+        if not sep or not team.strip() or not 0 < rate < math.inf or size < 0:
             raise ValueError(
                 f"rate_limit_teams entry {item!r} must look like 'team=rps' or "
                 "'team=rps:burst' with rps > 0"
             )
-        limits[team.strip()] = limit
+        limits[team.strip()] = Limit.of(rate, size)
     return limits
 
 

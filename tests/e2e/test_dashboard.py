@@ -203,6 +203,10 @@ async def monitor(nats_url: str) -> AsyncIterator[MonitorService]:
         metrics_port=0,
         registry_address=f"127.0.0.1:{_closed_port()}",
         registry_timeout_s=0.5,
+        # The test traffic's stable version fails 5% of its requests: an alert at once.
+        alert_error_rate=0.04,
+        alert_for_s=0.0,
+        alert_min_requests=10,
     )
     service = MonitorService(settings)
     await service.start()
@@ -314,6 +318,14 @@ async def test_dashboard_shows_a_canary_and_updates_live(
             )
             assert lines >= 8
             assert _rate_answers(monitor, served) == 20
+            # The stable's error rate above the alert threshold: listed while it fires.
+            alert = await page.until("document.querySelector('#alerts .alert')?.textContent")
+            assert "error_rate" in alert
+            assert "ver_stable" in alert
+            assert await page.until(
+                "[...document.querySelectorAll('#events li')].some(e => "
+                "e.dataset.subject === 'monitor.alert' && e.textContent.includes('firing'))"
+            )
             # A few seconds of history, so the picture kept shows lines rather than dots.
             await page.until(
                 f"(document.querySelector('{charts} path.line')?.getAttribute('d') || '')"

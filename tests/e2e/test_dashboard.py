@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ from ftops.events.v1 import events_pb2
 from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
 from ftops_monitor.dashboard_feed import EventFeed, summarise
 from ftops_monitor.dashboard_history import History
+from ftops_monitor.dashboard_page import render_page
 from ftops_monitor.exporter import MetricsServer, prometheus_registry
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.service import MonitorService
@@ -549,7 +551,7 @@ def test_feed_is_idempotent_ordered_and_bounded() -> None:
         step_index=1,
         weight=50,
         reason="healthy",
-        figures={"requests": 20},
+        figures={"requests": 20, "errors_log_lr": math.inf},
     )
     older.meta.occurred_at.FromSeconds(100)
     newer = events_pb2.ReleaseRollback(
@@ -561,7 +563,8 @@ def test_feed_is_idempotent_ordered_and_bounded() -> None:
     assert not feed.add(summarise(RELEASE_PROMOTE, older))  # redelivered
     assert [i.subject for i in feed.items()] == [RELEASE_PROMOTE, RELEASE_ROLLBACK]
     assert feed.items()[0].text == "promote, step 1 at 50%: healthy"
-    assert feed.items()[0].figures == {"requests": 20.0}
+    # JSON has no infinity: a diverged statistic is sent as missing.
+    assert feed.items()[0].as_json()["figures"] == {"errors_log_lr": None, "requests": 20.0}
     assert [d.level for d in feed.decisions(release_id)] == ["good", "bad"]
     for second in range(300, 305):
         alert = events_pb2.Alert(
@@ -608,3 +611,34 @@ async def test_stopping_the_server_ends_open_streams() -> None:
         await asyncio.wait_for(server.stop(), 5)
         rest = await asyncio.wait_for(stream.content.read(), 5)
         assert b"event: snapshot" not in rest
+
+
+def test_page_escapes_what_events_carry() -> None:
+    decision = {"at": 1.0, "level": "bad", "text": "<script>x</script>", "figures": {"z": None}}
+    release = {
+        "alias": "a<b",
+        "release_id": "rel",
+        "strategy": "canary",
+        "state": "running",
+        "paused": True,
+        "step_index": 0,
+        "steps": [10, 100],
+        "weight": 10,
+        "stable_version_id": "s",
+        "candidate_version_id": "c",
+        "step_seconds": 1.0,
+        "verdict": "",
+        "last_decision": "rollback",
+        "last_reason": "<b>",
+        "checks": [],
+        "figures": {},
+        "decisions": [decision],
+    }
+    html = render_page(
+        {"releases": [release], "alerts": [], "events": [], "history_s": 900, "window_s": 60}
+    )
+    assert "<script>x" not in html
+    assert "&lt;script&gt;x" in html
+    assert 'data-alias="a&lt;b"' in html
+    assert '<span class="badge state">paused</span>' in html
+    assert "<b>z</b> -" in html  # a figure JSON could not carry

@@ -24,7 +24,14 @@ from google.protobuf.message import Message
 from nats.js.api import DeliverPolicy
 
 from ftops_monitor.analysis import Release
-from ftops_monitor.dashboard_feed import ADAPTER_SUBJECTS, RELEASE_SUBJECTS, EventFeed, summarise
+from ftops_monitor.dashboard_feed import (
+    ADAPTER_SUBJECTS,
+    RELEASE_SUBJECTS,
+    EventFeed,
+    figures_json,
+    finite,
+    summarise,
+)
 from ftops_monitor.dashboard_history import History
 from ftops_monitor.dashboard_page import STATIC_DIR, render_page
 from ftops_monitor.monitor import Monitor
@@ -139,7 +146,7 @@ class Dashboard:
                     "checks": [
                         {"name": c.name, "status": c.status, "detail": c.detail} for c in a.checks
                     ],
-                    "figures": {k: round(v, 6) for k, v in sorted(a.figures.items())},
+                    "figures": figures_json(dict(a.figures)),
                     "decisions": [d.as_json() for d in self.feed.decisions(a.release_id)],
                 }
             )
@@ -152,8 +159,8 @@ class Dashboard:
                 "rule": s.rule,
                 "alias": s.alias,
                 "version_id": s.version_id,
-                "value": s.value,
-                "threshold": s.threshold,
+                "value": finite(s.value),
+                "threshold": finite(s.threshold),
                 "message": s.message,
                 "for_seconds": round(now - s.since, 1),
             }

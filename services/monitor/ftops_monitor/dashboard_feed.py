@@ -5,6 +5,7 @@ ordered by when the event happened (events come through several consumers)."""
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +71,18 @@ class FeedItem:
             "version_id": self.version_id,
             "text": self.text,
             "level": self.level,
-            "figures": {k: round(v, 6) for k, v in sorted(self.figures.items())},
+            "figures": figures_json(self.figures),
         }
+
+
+def finite(value: float, digits: int = 6) -> float | None:
+    """JSON has no infinity or NaN (a browser's JSON.parse refuses the whole message):
+    a test statistic that diverged is shown as missing."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def figures_json(figures: dict[str, float]) -> dict[str, float | None]:
+    return {k: finite(v) for k, v in sorted(figures.items())}
 
 
 def _at(event: Any) -> float:

@@ -10,6 +10,7 @@ figures the analysis and the alert rules see).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ class SplitPoint:
 
 
 def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
+    return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
 def _drop_old(rings: dict[Any, deque[Any]], cutoff: float) -> None:

@@ -31,11 +31,11 @@ def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(at))
 
 
-def _number(value: float) -> str:
-    return f"{value:.4g}"
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
-def _figures(figures: dict[str, float]) -> str:
+def _figures(figures: dict[str, float | None]) -> str:
     names = [k for k in KEY_FIGURES if k in figures] + sorted(
         k for k in figures if k not in KEY_FIGURES
     )

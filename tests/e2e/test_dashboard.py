@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from ftops.events.v1 import events_pb2
+from ftops_devstack.servers import start_nats
 from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
 from ftops_monitor.dashboard_feed import EventFeed, summarise
 from ftops_monitor.dashboard_history import History
@@ -186,18 +187,29 @@ async def headless_page(binary: str) -> AsyncIterator[DevTools]:
 # -- the monitor and its events ----------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def own_nats_url() -> Iterator[str]:
+    """A NATS server of this module's own: the session's holds the releases other tests
+    left running, which a monitor replays and the page (and its screenshot) would list."""
+    server = start_nats()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[EventBus]:
-    async with EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6]) as b:
+async def bus(own_nats_url: str) -> AsyncIterator[EventBus]:
+    async with EventBus(own_nats_url, service="test", instance=uuid.uuid4().hex[:6]) as b:
         await b.wait_ready(10)
         yield b
 
 
 @pytest.fixture
-async def monitor(nats_url: str) -> AsyncIterator[MonitorService]:
+async def monitor(own_nats_url: str) -> AsyncIterator[MonitorService]:
     settings = MonitorSettings(
         grpc_port=0,
-        nats_url=nats_url,
+        nats_url=own_nats_url,
         instance_id=f"mon-{uuid.uuid4().hex[:6]}",
         metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
         analysis_interval_s=0.1,
@@ -395,25 +407,31 @@ async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus
             assert stream.headers["Content-Type"] == "text/event-stream"
             kinds: list[str] = []
             snapshot: dict[str, Any] | None = None
-            got_release_tick = False
+            got_release_tick = got_feed = False
             await bus.publish(METRICS_REQUESTS, _batch(started, 20))
             async for raw in stream.content:
                 line = raw.decode().strip()
                 if line.startswith("event: "):
                     kinds.append(line.removeprefix("event: "))
-                elif line.startswith("data: ") and kinds[-1] in ("snapshot", "tick"):
-                    data = json.loads(line.removeprefix("data: "))
-                    if kinds[-1] == "snapshot":
-                        snapshot = data
-                    elif any(v["alias"] == alias for v in data["versions"]) and any(
-                        r["alias"] == alias for r in data["releases"]
-                    ):
-                        got_release_tick = True
-                        break
+                    continue
+                if not line.startswith("data: "):
+                    continue
+                data = json.loads(line.removeprefix("data: "))
+                if kinds[-1] == "snapshot":
+                    snapshot = data
+                    got_feed = any(e["alias"] == alias for e in data["events"])
+                elif kinds[-1] == "feed":
+                    got_feed = got_feed or data["alias"] == alias
+                elif kinds[-1] == "tick":
+                    got_release_tick = got_release_tick or (
+                        any(v["alias"] == alias for v in data["versions"])
+                        and any(r["alias"] == alias for r in data["releases"])
+                    )
+                if got_release_tick and got_feed:
+                    break
             assert kinds[0] == "snapshot"
             assert snapshot is not None
             assert {"releases", "alerts", "events", "versions", "splits"} <= snapshot.keys()
-            assert got_release_tick
         state = await _state(monitor)
         release = next(r for r in state["releases"] if r["alias"] == alias)
         assert (release["state"], release["step_index"], release["weight"]) == ("running", 0, 10)

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from google.protobuf.message import Message
 
 from ftops.events.v1 import events_pb2
 from ftops_devstack.servers import start_nats
@@ -35,8 +36,12 @@ from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
+    ADAPTER_LOADED,
+    ADAPTER_REJECTED,
+    ADAPTER_RETIRED,
     METRICS_REQUESTS,
     MONITOR_ALERT,
+    RELEASE_PAUSED,
     RELEASE_PROMOTE,
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
@@ -660,3 +665,41 @@ def test_page_escapes_what_events_carry() -> None:
     assert 'data-alias="a&lt;b"' in html
     assert '<span class="badge state">paused</span>' in html
     assert "<b>z</b> -" in html  # a figure JSON could not carry
+
+
+@pytest.mark.parametrize(
+    ("subject", "event", "text", "level"),
+    [
+        (
+            ADAPTER_LOADED,
+            events_pb2.AdapterLoaded(version_id="ver_2", replica_id="r1", load_seconds=0.25),
+            "ver_2 loaded on r1 in 0.25 s",
+            "info",
+        ),
+        (
+            ADAPTER_REJECTED,
+            events_pb2.AdapterRejected(
+                adapter="bot", version_number=3, reasons=["retention 0.2 below 0.95"]
+            ),
+            "bot v3 rejected: retention 0.2 below 0.95",
+            "bad",
+        ),
+        (
+            ADAPTER_RETIRED,
+            events_pb2.AdapterRetired(version_id="ver_1", reason="rolled back"),
+            "ver_1 retired: rolled back",
+            "info",
+        ),
+        (
+            RELEASE_PAUSED,
+            events_pb2.ReleasePaused(alias="bot", actor="alice", reason="investigating"),
+            "paused by alice: investigating",
+            "warn",
+        ),
+    ],
+)
+def test_events_are_summarised_in_a_line(
+    subject: str, event: Message, text: str, level: str
+) -> None:
+    item = summarise(subject, event)
+    assert (item.text, item.level, item.subject) == (text, level, subject)

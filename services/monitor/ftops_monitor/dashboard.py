@@ -274,7 +274,7 @@ class Dashboard:
                 if message is None:
                     break
                 await response.write(message)
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             pass  # the page went away
         finally:
             self.clients.discard(client)

@@ -82,6 +82,8 @@ class DevTools:
         self._ws = ws
         self._next = 0
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Uncaught script exceptions (after Runtime.enable): a page must have none.
+        self.script_errors: list[str] = []
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -89,6 +91,9 @@ class DevTools:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
             data = json.loads(msg.data)
+            if data.get("method") == "Runtime.exceptionThrown":
+                details = data["params"]["exceptionDetails"]
+                self.script_errors.append(details.get("exception", {}).get("description", ""))
             future = self._pending.pop(data.get("id", -1), None)
             if future is not None and not future.done():
                 future.set_result(data)
@@ -323,6 +328,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
     try:
         async with headless_page(binary) as page:
             await page.call("Page.enable")
+            await page.call("Runtime.enable")
             await page.call("Page.navigate", url=url)
             # The running canary at its first step, and the stream connected.
             assert await page.until(f"{_release_text(alias, '.state')} === 'running'")
@@ -394,6 +400,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
             )
             SCREENSHOT.parent.mkdir(exist_ok=True)
             SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+            assert page.script_errors == []
     finally:
         traffic.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -93,6 +93,7 @@ class World:
     gateways: list[GatewayService]
     monitor: MonitorService
     trainer: TrainerApp
+    admin_key: str
     keys: dict[tuple[str, Role], str] = field(default_factory=dict)
     versions: dict[str, list[str]] = field(default_factory=dict)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -298,6 +299,7 @@ async def world(
         gateways,
         monitor,
         trainer,
+        admin_key,
         channels=[admin_channel],
     )
     services_in_order: list[GatewayService | MonitorService | TrainerApp] = [
@@ -400,6 +402,20 @@ async def test_release_commands_need_releaser_of_the_alias_team(world: World) ->
     assert alias in {r.route.alias for r in listed.releases}
 
     assert (await releaser.RollbackRelease(command)).state == "rolled_back"
+
+
+async def test_a_release_stays_within_the_alias_team(world: World) -> None:
+    alias = await world.route("alpha")
+    # Even a platform admin may not canary beta's version on alpha's alias.
+    message = await refused(
+        world.gateway(world.admin_key).StartRelease(
+            gateway_pb2.StartReleaseRequest(
+                alias=alias, candidate_version_id=world.versions["beta"][0]
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "one team" in message
 
 
 async def test_generate_needs_a_role_in_the_team_that_owns_the_model(world: World) -> None:

@@ -10,6 +10,7 @@ calls, then the caller's rate limit) in front of both front ends, gRPC and OpenA
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +22,19 @@ from ftops_gateway.route_cache import RouteCache
 from ftops_gateway.versions import VersionResolver
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import NotFound
+from ftops_runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+
+def require(team: str, role: Role, action: str) -> AuthPrincipal:
+    """``auth.require``, with every refusal logged (key id, action, team): the trail of
+    denied calls here, as the registry's audit log is for its own."""
+    try:
+        return auth.require(team, role, action=action)
+    except PermissionDenied as exc:
+        log.warning("refused %s for key %s: %s", action, auth.current().key_id, exc)
+        raise
 
 
 class AliasAccess:
@@ -56,14 +69,28 @@ class AliasAccess:
         team = await self.alias_team(alias)
         if team is None:
             return caller
-        return auth.require(team, role, action=f"{action} on alias {alias!r}")
+        return require(team, role, f"{action} on alias {alias!r}")
 
     async def require_version(self, ref: str, role: Role, action: str) -> AuthPrincipal:
         caller = auth.current()
         if self._unchecked(caller):
             return caller
         team = await self.version_team(ref)
-        return auth.require(team, role, action=f"{action} of version {ref!r}")
+        return require(team, role, f"{action} of version {ref!r}")
+
+    async def require_same_team(self, alias: str, version_ref: str) -> None:
+        """A release stays within one team: its candidate must be of the alias's team (else
+        the alias's callers would reach another team's model)."""
+        alias_team = await self.alias_team(alias)
+        if alias_team is None:
+            return
+        version_team = await self.version_team(version_ref)
+        if version_team != alias_team:
+            raise FailedPrecondition(
+                f"candidate {version_ref!r} belongs to team {version_team!r} but alias "
+                f"{alias!r} to team {alias_team!r}: a release stays within one team "
+                "(SetRoute moves an alias to another team)"
+            )
 
     async def may_view(self, route: gateway_pb2.Route) -> bool:
         caller = auth.current()

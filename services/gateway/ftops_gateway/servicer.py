@@ -98,6 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await self._access.require_version(
                 request.candidate_version_id, Role.releaser, "StartRelease"
             )
+            await self._access.require_same_team(request.alias, request.candidate_version_id)
         return await self._releases.start_release(request)
 
     async def GetRelease(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,65 @@ async def test_too_many_in_flight_is_resource_exhausted() -> None:
     await asyncio.gather(*held)
     assert core.in_flight == 0
     await core.generate("", "hi", params)  # admitted again once the others finished
+
+
+def otel_points(reader: Any) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    return {
+        m.name: list(m.data.data_points)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+
+
+async def test_metrics_per_version_and_outcome_reach_opentelemetry() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from ftops_inference.faults import Faults
+    from ftops_inference.metrics import ServingMetrics
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    backend = FakeBackend()
+    core = InferenceCore(
+        backend,
+        max_prompt_tokens=10,
+        max_new_tokens_limit=20,
+        default_max_tokens=8,
+        max_concurrent_requests=4,
+        faults=Faults(error_rate=1.0, versions=frozenset({"broken"})),
+        metrics=ServingMetrics(meter=meter),
+    )
+    core.loader = AdapterLoader(
+        registry=None,  # type: ignore[arg-type]
+        backend=backend,
+        cache_dir=Path("/nonexistent"),
+        base_fingerprint="fp",
+    )
+    params = common_pb2.SamplingParams()
+    await core.generate("", "a b", params)
+    await core.generate("", "a b c", params)
+    core.faults.versions = frozenset({""})  # now the base misbehaves
+    with pytest.raises(Unavailable, match="injected fault"):
+        await core.generate("", "a", params)
+    core.metrics.adapter_event("v1", "reload")
+
+    points = otel_points(reader)
+    requests = {
+        (p.attributes["version"], p.attributes["outcome"]): p.value
+        for p in points["ftops.inference.requests"]
+    }
+    assert requests == {("base", "ok"): 2, ("base", "error"): 1}
+    tokens = {p.attributes["kind"]: p.value for p in points["ftops.inference.tokens"]}
+    assert tokens == {"prompt": 2, "completion": 2}  # the fake answers 1+1 per request
+    assert sum(p.count for p in points["ftops.inference.ttft"]) == 2
+    assert sum(p.count for p in points["ftops.inference.latency"]) == 3
+    events = {
+        (p.attributes["version"], p.attributes["event"]): p.value
+        for p in points["ftops.inference.adapter_events"]
+    }
+    assert events == {("v1", "reload"): 1}
+    assert core.metrics.by_version[""].requests == 3
+    assert core.metrics.by_version[""].errors == 1

@@ -35,12 +35,13 @@ class InferenceCore:
         default_max_tokens: int,
         max_concurrent_requests: int,
         faults: Faults | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.backend = backend
         self.loader: AdapterLoader | None = None  # set once the base model is known
         self.on_loaded: LoadedHook | None = None
         self.faults = faults or Faults()
-        self.metrics = ServingMetrics()
+        self.metrics = metrics or ServingMetrics()
         self.draining = False
         self._max_prompt_tokens = max_prompt_tokens
         self._max_new_tokens_limit = max_new_tokens_limit

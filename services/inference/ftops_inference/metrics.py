@@ -8,25 +8,6 @@ from dataclasses import dataclass, field
 
 from opentelemetry import metrics
 
-_meter = metrics.get_meter("ftops.inference")
-_requests = _meter.create_counter(
-    "ftops.inference.requests", unit="{request}", description="Generations by version and outcome"
-)
-_tokens = _meter.create_counter(
-    "ftops.inference.tokens", unit="{token}", description="Prompt and completion tokens"
-)
-_ttft = _meter.create_histogram(
-    "ftops.inference.ttft", unit="s", description="Time to the first token"
-)
-_latency = _meter.create_histogram(
-    "ftops.inference.latency", unit="s", description="Whole generation time"
-)
-_adapter_events = _meter.create_counter(
-    "ftops.inference.adapter_events",
-    unit="{event}",
-    description="Adapter loads, on-demand reloads, evictions and unloads",
-)
-
 
 @dataclass
 class VersionCounts:
@@ -35,10 +16,39 @@ class VersionCounts:
     completion_tokens: int = 0
 
 
+class _Instruments:
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.requests = meter.create_counter(
+            "ftops.inference.requests",
+            unit="{request}",
+            description="Generations by version and outcome",
+        )
+        self.tokens = meter.create_counter(
+            "ftops.inference.tokens", unit="{token}", description="Prompt and completion tokens"
+        )
+        self.ttft = meter.create_histogram(
+            "ftops.inference.ttft", unit="s", description="Time to the first token"
+        )
+        self.latency = meter.create_histogram(
+            "ftops.inference.latency", unit="s", description="Whole generation time"
+        )
+        self.adapter_events = meter.create_counter(
+            "ftops.inference.adapter_events",
+            unit="{event}",
+            description="Adapter loads, on-demand reloads, evictions and unloads",
+        )
+
+
 @dataclass
 class ServingMetrics:
+    """``meter``: the process's meter provider's unless a test hands in its own."""
+
+    meter: metrics.Meter | None = None
     by_version: dict[str, VersionCounts] = field(default_factory=dict)
     adapter_events: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._otel = _Instruments(self.meter or metrics.get_meter("ftops.inference"))
 
     def _counts(self, version: str) -> VersionCounts:
         return self.by_version.setdefault(version, VersionCounts())
@@ -54,20 +64,21 @@ class ServingMetrics:
         latency_s: float,
     ) -> None:
         attrs = {"version": version or "base", "outcome": outcome}
-        _requests.add(1, attrs)
+        otel = self._otel
+        otel.requests.add(1, attrs)
         counts = self._counts(version)
         counts.requests += 1
         if outcome != "ok":
             counts.errors += 1
         counts.completion_tokens += completion_tokens
         version_attr = {"version": version or "base"}
-        _tokens.add(prompt_tokens, {**version_attr, "kind": "prompt"})
-        _tokens.add(completion_tokens, {**version_attr, "kind": "completion"})
+        otel.tokens.add(prompt_tokens, {**version_attr, "kind": "prompt"})
+        otel.tokens.add(completion_tokens, {**version_attr, "kind": "completion"})
         if ttft_s is not None:
-            _ttft.record(ttft_s, version_attr)
-        _latency.record(latency_s, attrs)
+            otel.ttft.record(ttft_s, version_attr)
+        otel.latency.record(latency_s, attrs)
 
     def adapter_event(self, version: str, event: str) -> None:
         """``event``: load, reload, evict, unload."""
-        _adapter_events.add(1, {"version": version, "event": event})
+        self._otel.adapter_events.add(1, {"version": version, "event": event})
         self.adapter_events[(version, event)] += 1

@@ -8,7 +8,8 @@
 3    unavailable, worth retrying: nothing answers at the service's address, or the service
      says it cannot serve now (UNAVAILABLE: draining, no replica has the version loaded;
      RESOURCE_EXHAUSTED: rate limited, queue full; DEADLINE_EXCEEDED)
-4    a watched job ended FAILED, CANCELLED or REJECTED (by the evaluation gate)
+4    what you watched ended badly: a job FAILED, CANCELLED or REJECTED (by the evaluation
+     gate), a release rolled back or replaced (`ftops release watch`)
 5    not found (NOT_FOUND: an unknown alias, version, job, release or request id)
 6    refused in the current state (FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED: promoting
      a release that is not running, a second release on an alias, a rejected version)
@@ -39,7 +40,7 @@ EXIT_UNREACHABLE = EXIT_UNAVAILABLE
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 server failure or auth refused, 2 usage/bad input, 3 unavailable"
-    " (retry), 4 watched job FAILED/CANCELLED/REJECTED, 5 not found, 6 refused in the current"
+    " (retry), 4 watched job failed or release rolled back, 5 not found, 6 refused in the current"
     " state, 130 Ctrl-C."
 )
 

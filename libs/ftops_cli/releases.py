@@ -20,7 +20,7 @@ from ftops.gateway.v1 import gateway_pb2
 from ftops.monitor.v1 import monitor_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_cli.analysis import analysis_view
-from ftops_cli.errors import CliError
+from ftops_cli.errors import EXIT_JOB_FAILED, CliError
 from ftops_cli.output import (
     Output,
     OutputOption,
@@ -492,12 +492,16 @@ def release_watch(
 ) -> None:
     """Follow a release's traffic split and figures until it finishes.
 
-    Updates in place; with --output json, one JSON object per change."""
+    Updates in place; with --output json, one JSON object per change. Exit 0 once the
+    candidate is promoted, 4 if the release was rolled back or replaced."""
 
     async def work(client: FtopsClient) -> None:
         if output is Output.json:
+            last = gateway_pb2.Release()
             async for release in client.watch_release(alias):
                 typer.echo(json.dumps(to_dict(release)))
+                last = release
+            _check_outcome(last)
             return
         latest: list[gateway_pb2.Release] = []
         figures: list[monitor_pb2.ReleaseAnalysis] = []
@@ -525,8 +529,23 @@ def release_watch(
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
             redraw()
+        if latest:
+            _check_outcome(latest[-1])
 
     run(ctx, work)
+
+
+def _check_outcome(release: gateway_pb2.Release) -> None:
+    """A watch that ends without the candidate promoted fails, so that scripts can chain
+    ``ftops release watch ALIAS && next-step``."""
+    if release.state in ("rolled_back", "replaced"):
+        decision = release.route.last_decision
+        why = f": {decision.reason}" if decision.reason else ""
+        raise CliError(
+            f"release {release.route.release_id} of {release.route.alias} ended "
+            f"{release.state.replace('_', ' ')}{why}",
+            EXIT_JOB_FAILED,
+        )
 
 
 @release_app.command("history")

@@ -17,7 +17,13 @@ from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops_cli.app import app
-from ftops_cli.errors import EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE
+from ftops_cli.errors import (
+    EXIT_JOB_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 ANALYSIS = monitor_pb2.ReleaseAnalysis(
     alias="bot",
@@ -74,6 +80,24 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if request.alias != "bot":
             context.abort(grpc.StatusCode.NOT_FOUND, f"alias {request.alias!r} has no route")
         return gateway_pb2.Route(alias="bot", stable_version_id="ver_1")
+
+    def WatchRelease(
+        self, request: gateway_pb2.WatchReleaseRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.Release]:
+        # The alias names how the scripted release ends: "rolled_back-bot", "promoted-bot".
+        end = request.alias.split("-")[0]
+        route = gateway_pb2.Route(
+            alias=request.alias,
+            release_id="rel_9",
+            stable_version_id="ver_1",
+            candidate_version_id="ver_2",
+            candidate_weight=10,
+            steps=[10, 100],
+        )
+        yield gateway_pb2.Release(route=route, state="running")
+        route.last_decision.kind = "rollback" if end == "rolled_back" else "promote"
+        route.last_decision.reason = "candidate error rate 0.31 > 0.05"
+        yield gateway_pb2.Release(route=route, state=end)
 
     def PromoteRelease(
         self, request: gateway_pb2.ReleaseCommandRequest, context: grpc.ServicerContext
@@ -314,6 +338,24 @@ def test_release_status_shows_verdict_checks_and_figures(servers: Any) -> None:
     payload = json.loads(_cli(address, "release", "status", "bot", "-o", "json").stdout)
     assert payload["analysis"]["verdict"] == "pass"
     assert payload["analysis"]["checks"][1]["status"] == "pending"
+
+
+@pytest.mark.parametrize("output", ["json", "table"])
+def test_release_watch_exit_code_says_how_the_release_ended(servers: Any, output: str) -> None:
+    address, _, _ = servers
+    promoted = _cli(address, "release", "watch", "promoted-bot", "-o", output, "--refresh=0.2")
+    assert promoted.exit_code == 0, promoted.output
+    rolled = _cli(address, "release", "watch", "rolled_back-bot", "-o", output, "--refresh=0.2")
+    assert rolled.exit_code == EXIT_JOB_FAILED, rolled.output
+    assert _one_error_line(rolled) == (
+        "error: release rel_9 of rolled_back-bot ended rolled back: "
+        "candidate error rate 0.31 > 0.05"
+    )
+    if output == "json":
+        states = [json.loads(line)["state"] for line in rolled.stdout.splitlines()]
+        assert states == ["running", "rolled_back"]
+    else:
+        assert "ver_2" in rolled.stdout
 
 
 def test_up_delegates_to_the_dev_stack() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from typing import Annotated
 
@@ -48,7 +49,7 @@ def summary(last: gateway_pb2.GenerateChunk) -> str:
 def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="an alias, a version id, adapter:number or base")],
-    prompt: str,
+    prompt: Annotated[str, typer.Argument(help="the prompt; - reads it from stdin")],
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     temperature: Annotated[float, typer.Option(min=0, help="0 is greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0, max=1, help="0 or 1: off")] = 0.0,
@@ -78,9 +79,12 @@ def generate(
     async def work(client: FtopsClient) -> None:
         # Parsed in here so a mistake is reported like every other error (one line).
         metadata = parse_meta(meta or [])
+        text = sys.stdin.read() if prompt == "-" else prompt
+        if not text.strip():
+            raise CliError("the prompt is empty")
         stream = client.generate_stream(
             model,
-            prompt,
+            text,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

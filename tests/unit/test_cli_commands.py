@@ -230,6 +230,19 @@ def test_generate_json_is_one_object_per_chunk(servers: Any) -> None:
     assert result.stderr == ""
 
 
+def test_generate_reads_the_prompt_from_stdin(servers: Any) -> None:
+    address, gateway, _ = servers
+    overrides = [f"--gateway={address}"]
+    result = CliRunner().invoke(
+        app, [*overrides, "generate", "bot", "-"], input="A long prompt\nover two lines\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert gateway.requests[-1].prompt == "A long prompt\nover two lines\n"
+    empty = CliRunner().invoke(app, [*overrides, "generate", "bot", "-"], input="  \n")
+    assert empty.exit_code == EXIT_USAGE
+    assert _one_error_line(empty) == "error: the prompt is empty"
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -403,6 +403,10 @@ async def test_release_commands_need_releaser_of_the_alias_team(world: World) ->
 
     assert (await releaser.RollbackRelease(command)).state == "rolled_back"
 
+    promoted = await world.release("alpha")
+    release = await releaser.PromoteRelease(gateway_pb2.ReleaseCommandRequest(alias=promoted))
+    assert release.route.stable_version_id == candidate
+
 
 async def test_a_release_stays_within_the_alias_team(world: World) -> None:
     alias = await world.route("alpha")

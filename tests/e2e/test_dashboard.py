@@ -414,59 +414,69 @@ async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus
     started = _started(alias)
     await bus.publish(RELEASE_STARTED, started)
     base = f"http://127.0.0.1:{monitor.metrics_port}"
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{base}/dashboard/stream") as stream:
-            assert stream.headers["Content-Type"] == "text/event-stream"
-            kinds: list[str] = []
-            snapshot: dict[str, Any] | None = None
-            got_release_tick = got_feed = False
-            await bus.publish(METRICS_REQUESTS, _batch(started, 20))
-            async for raw in stream.content:
-                line = raw.decode().strip()
-                if line.startswith("event: "):
-                    kinds.append(line.removeprefix("event: "))
-                    continue
-                if not line.startswith("data: "):
-                    continue
-                data = json.loads(line.removeprefix("data: "))
-                if kinds[-1] == "snapshot":
-                    snapshot = data
-                    got_feed = any(e["alias"] == alias for e in data["events"])
-                elif kinds[-1] == "feed":
-                    got_feed = got_feed or data["alias"] == alias
-                elif kinds[-1] == "tick":
-                    got_release_tick = got_release_tick or (
-                        any(v["alias"] == alias for v in data["versions"])
-                        and any(r["alias"] == alias for r in data["releases"])
-                    )
-                if got_release_tick and got_feed:
-                    break
-            assert kinds[0] == "snapshot"
-            assert snapshot is not None
-            assert {"releases", "alerts", "events", "versions", "splits"} <= snapshot.keys()
-        state = await _state(monitor)
-        release = next(r for r in state["releases"] if r["alias"] == alias)
-        assert (release["state"], release["step_index"], release["weight"]) == ("running", 0, 10)
-        assert release["steps"] == [10, 50, 100]
-        assert any(
-            e["subject"] == "release.started" and e["alias"] == alias for e in state["events"]
-        )
-        version = next(
-            v for v in state["versions"] if (v["alias"], v["version_id"]) == (alias, "ver_stable")
-        )
-        assert version["points"][-1]["p95_ms"] > 0
-        async with http.get(f"{base}/dashboard") as page:
-            html = await page.text()
-            assert page.status == 200
-            # Server-rendered: the release is in the HTML before any script runs.
-            assert f'data-alias="{alias}"' in html
-            assert "/dashboard/static/dashboard.js?v=" in html
-        async with http.get(f"{base}/dashboard/static/dashboard.js") as script:
-            assert script.status == 200
-        async with http.get(f"{base}/", allow_redirects=False) as root:
-            assert (root.status, root.headers["Location"]) == (302, "/dashboard")
-        async with http.get(f"{base}/metrics") as metrics:
-            assert "ftops_monitor_release_weight" in await metrics.text()
+    # Live traffic: the dashboard's result consumer takes results from when it is bound.
+    traffic = asyncio.create_task(_traffic(bus, started, []))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/dashboard/stream") as stream:
+                assert stream.headers["Content-Type"] == "text/event-stream"
+                kinds: list[str] = []
+                snapshot: dict[str, Any] | None = None
+                got_release_tick = got_feed = False
+                async with asyncio.timeout(20):
+                    async for raw in stream.content:
+                        line = raw.decode().strip()
+                        if line.startswith("event: "):
+                            kinds.append(line.removeprefix("event: "))
+                            continue
+                        if not line.startswith("data: "):
+                            continue
+                        data = json.loads(line.removeprefix("data: "))
+                        if kinds[-1] == "snapshot":
+                            snapshot = data
+                            got_feed = any(e["alias"] == alias for e in data["events"])
+                        elif kinds[-1] == "feed":
+                            got_feed = got_feed or data["alias"] == alias
+                        elif kinds[-1] == "tick":
+                            got_release_tick = got_release_tick or (
+                                any(v["alias"] == alias for v in data["versions"])
+                                and any(r["alias"] == alias for r in data["releases"])
+                            )
+                        if got_release_tick and got_feed:
+                            break
+                assert kinds[0] == "snapshot"
+                assert snapshot is not None
+                assert {"releases", "alerts", "events", "versions", "splits"} <= snapshot.keys()
+            state = await _state(monitor)
+            release = next(r for r in state["releases"] if r["alias"] == alias)
+            assert release["state"] == "running"
+            assert (release["step_index"], release["weight"]) == (0, 10)
+            assert release["steps"] == [10, 50, 100]
+            assert any(
+                e["subject"] == "release.started" and e["alias"] == alias for e in state["events"]
+            )
+            version = next(
+                v
+                for v in state["versions"]
+                if (v["alias"], v["version_id"]) == (alias, "ver_stable")
+            )
+            assert version["points"][-1]["p95_ms"] > 0
+            async with http.get(f"{base}/dashboard") as page:
+                html = await page.text()
+                assert page.status == 200
+                # Server-rendered: the release is in the HTML before any script runs.
+                assert f'data-alias="{alias}"' in html
+                assert "/dashboard/static/dashboard.js?v=" in html
+            async with http.get(f"{base}/dashboard/static/dashboard.js") as script:
+                assert script.status == 200
+            async with http.get(f"{base}/", allow_redirects=False) as root:
+                assert (root.status, root.headers["Location"]) == (302, "/dashboard")
+            async with http.get(f"{base}/metrics") as metrics:
+                assert "ftops_monitor_release_weight" in await metrics.text()
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
 
 
 # -- the state behind the page, without servers -----------------------------------------
@@ -509,14 +519,16 @@ def test_history_takes_per_second_rates_and_stays_bounded() -> None:
     started = _started("bounded")
     started.meta.occurred_at.FromNanoseconds(int(clock.now * 1e9))
     monitor.apply_started(started)
-    history = History(monitor, history_s=5.0, interval_s=1.0)
-    monitor.ingest([_result(started, "stable", clock.now)])
-    history.sample(clock.now)  # baseline: what came before is not this second's traffic
+    history = History(monitor, history_s=5.0, interval_s=1.0, latency_window_s=3.0)
+    history.sample(clock.now)  # where the first interval begins
 
     clock.now += 1
     results = [_result(started, "stable", clock.now, ok=i >= 2) for i in range(8)]
     results += [_result(started, "candidate", clock.now) for _ in range(2)]
-    monitor.ingest(results)
+    stale = _result(started, "stable", clock.now - 120)  # from a consumer's backlog
+    client_fault = _result(started, "stable", clock.now)
+    client_fault.status = "INVALID_ARGUMENT"
+    history.ingest([*results, stale, client_fault], clock.now)
     versions, splits = history.sample(clock.now)
     points = {key[1]: p for key, p in versions}
     assert points["ver_stable"].rps == 8
@@ -525,14 +537,14 @@ def test_history_takes_per_second_rates_and_stays_bounded() -> None:
     assert points["ver_stable"].p95_ms == 40.0
     assert [(s.weight, s.observed) for _, s in splits] == [(10.0, 20.0)]
 
-    # No traffic: a zero rate and no error rate while the window still holds results...
+    # No traffic: a zero rate and no error rate while latencies are in their window...
     clock.now += 1
     versions, _ = history.sample(clock.now)
     assert {key[1]: (p.rps, p.error_rate) for key, p in versions} == {
         "ver_stable": (0.0, None),
         "ver_canary": (0.0, None),
     }
-    # ...then nothing once the window is empty, and the series goes after history_s.
+    # ...then nothing once it is empty, and the series goes after history_s.
     for _ in range(12):
         clock.now += 1
         history.sample(clock.now)
@@ -665,7 +677,14 @@ def test_page_escapes_what_events_carry() -> None:
         "decisions": [decision],
     }
     html = render_page(
-        {"releases": [release], "alerts": [], "events": [], "history_s": 900, "window_s": 60}
+        {
+            "releases": [release],
+            "alerts": [],
+            "events": [],
+            "history_s": 900,
+            "window_s": 60,
+            "latency_window_s": 10,
+        }
     )
     assert "<script>x" not in html
     assert "&lt;script&gt;x" in html

@@ -23,6 +23,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from nats.js.api import DeliverPolicy
 
+from ftops.events.v1 import events_pb2
 from ftops_monitor.analysis import Release
 from ftops_monitor.dashboard_feed import (
     ADAPTER_SUBJECTS,
@@ -34,9 +35,9 @@ from ftops_monitor.dashboard_feed import (
 )
 from ftops_monitor.dashboard_history import History
 from ftops_monitor.dashboard_page import STATIC_DIR, render_page
-from ftops_monitor.monitor import Monitor
+from ftops_monitor.monitor import Monitor, SeenEvents
 from ftops_runtime.bus import Delivery, EventBus
-from ftops_runtime.events import MONITOR_ALERT
+from ftops_runtime.events import METRICS_REQUESTS, MONITOR_ALERT
 from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,23 @@ class Dashboard:
         self.interval_s = interval_s
         self._clock = clock or monitor.clock
         self.clients: set[Client] = set()
+        self._seen_batches = SeenEvents(limit=100_000)
         self._sampler: asyncio.Task[None] | None = None
 
     # -- events ----------------------------------------------------------------------
 
     def subscribe(self, bus: EventBus, durable_prefix: str, inactive_s: float) -> None:
-        """Per-instance consumers for the event list: every release event since the
-        stream began (a restarted monitor lists the recent ones again), alerts and
-        adapter events from now on."""
+        """Per-instance consumers: request results from now on, for the charts (all of
+        them on every replica); for the event list every release event since the stream
+        began (a restarted monitor lists the recent ones again), alerts and adapter
+        events from now on."""
+        bus.subscribe(
+            METRICS_REQUESTS,
+            f"{durable_prefix}-results",
+            self.on_results,
+            deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold_s=inactive_s,
+        )
         for subject in (*RELEASE_SUBJECTS, MONITOR_ALERT, *ADAPTER_SUBJECTS):
             policy = DeliverPolicy.ALL if subject in RELEASE_SUBJECTS else DeliverPolicy.NEW
             bus.subscribe(
@@ -102,6 +112,10 @@ class Dashboard:
                 deliver_policy=policy,
                 inactive_threshold_s=inactive_s,
             )
+
+    async def on_results(self, batch: events_pb2.RequestResultBatch, delivery: Delivery) -> None:
+        if self._seen_batches.add(batch.meta.event_id):
+            self.history.ingest(batch.results, self._clock())
 
     async def on_event(self, event: Message, delivery: Delivery) -> None:
         self.add_event(delivery.subject, event)
@@ -172,6 +186,7 @@ class Dashboard:
             "now": self._clock(),
             "history_s": self.history.history_s,
             "window_s": self.monitor.stats.window_s,
+            "latency_window_s": self.history.latency_window_s,
             "releases": self.releases(),
             "alerts": self.alerts(),
             "events": [i.as_json() for i in self.feed.items()],
@@ -228,7 +243,7 @@ class Dashboard:
         app.on_cleanup.append(self._on_cleanup)
 
     async def _on_startup(self, app: web.Application) -> None:
-        self.history.sample(self._clock())  # the counters' baseline
+        self.history.sample(self._clock())  # where the first interval begins
         self._sampler = asyncio.create_task(self._sample_forever(), name="dashboard-sampler")
 
     async def _on_shutdown(self, app: web.Application) -> None:

@@ -1,24 +1,35 @@
-"""What the dashboard's charts plot: per-second points sampled from the monitor's state,
-kept in bounded rings (``history_s`` points per series) so memory stays flat however long
-the monitor runs.
+"""What the dashboard's charts plot: a point per second per (alias, version) and per alias
+(the traffic split), kept in bounded rings (``history_s`` points per series) so memory
+stays flat however long the monitor runs.
 
-Sampling reads what the monitor already keeps, so the request path pays nothing: request
-rate and error rate come from the deltas of its result counters between two samples (the
-rate of that second), latency percentiles and feedback mean from its sliding windows (the
-figures the analysis and the alert rules see).
+Request results come from a consumer of the dashboard's own (every replica sees all the
+traffic, where the monitor's analysis consumer shares it among replicas): request and
+error rate are the counts of each interval, latency percentiles those of the last
+``latency_window_s`` seconds of successful results. Feedback mean and release state are
+read from the monitor.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ftops.events.v1 import events_pb2
 from ftops_monitor.analysis import Release
-from ftops_monitor.monitor import ARM_CANDIDATE, ARM_STABLE, Monitor
+from ftops_monitor.monitor import ARM_CANDIDATE, ARM_STABLE, CLIENT_FAULTS, Monitor
+from ftops_monitor.windows import percentile_sorted
 
 Key = tuple[str, str]  # (alias, version_id)
+# Results that finished longer ago than this arrive from a backlog (a consumer resumed
+# after a restart): they are not this second's traffic.
+STALE_S = 30.0
+# Latencies kept per version for the percentiles (the newest, at high rates).
+MAX_LATENCIES = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,18 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
+def _seconds(ts: Timestamp, default: float) -> float:
+    return ts.seconds + ts.nanos / 1e9 if ts.seconds or ts.nanos else default
+
+
+def _observed_share(release: Release, arms: Counter[tuple[str, str, str]]) -> float | None:
+    """Candidate share (%) of the release's two arms in the interval."""
+    candidate = arms[(release.alias, release.candidate_version_id, ARM_CANDIDATE)]
+    stable = arms[(release.alias, release.stable_version_id, ARM_STABLE)]
+    total = candidate + stable
+    return 100.0 * candidate / total if total > 0 else None
+
+
 def _drop_old(rings: dict[Any, deque[Any]], cutoff: float) -> None:
     """Forget series with no point since ``cutoff`` (versions no longer serving)."""
     for key in [k for k, ring in rings.items() if not ring or ring[-1].t < cutoff]:
@@ -77,55 +100,95 @@ def _drop_old(rings: dict[Any, deque[Any]], cutoff: float) -> None:
 class History:
     """Rings of per-second points per (alias, version) and per alias (traffic split)."""
 
-    def __init__(self, monitor: Monitor, *, history_s: float = 900.0, interval_s: float = 1.0):
+    def __init__(
+        self,
+        monitor: Monitor,
+        *,
+        history_s: float = 900.0,
+        interval_s: float = 1.0,
+        latency_window_s: float = 10.0,
+    ) -> None:
         self.monitor = monitor
         self.history_s = history_s
         self.interval_s = interval_s
+        self.latency_window_s = latency_window_s
         self._maxlen = max(2, int(history_s / interval_s))
         self.versions: dict[Key, deque[VersionPoint]] = {}
         self.splits: dict[str, deque[SplitPoint]] = {}
-        # Counter readings of the previous sample: (results, errors) per version and
-        # results per (alias, version, arm).
-        self._totals: dict[Key, tuple[int, int]] = {}
-        self._arm_totals: dict[tuple[str, str, str], int] = {}
+        # Since the last sample: (results, errors) per version, results per (key, arm).
+        self._counts: dict[Key, list[int]] = {}
+        self._arms: Counter[tuple[str, str, str]] = Counter()
+        # (finished at, latency ms) of successful results, per version.
+        self._latencies: dict[Key, deque[tuple[float, float]]] = {}
         self._last_at: float | None = None
 
-    def _read_counters(self) -> tuple[dict[Key, tuple[int, int]], dict[tuple[str, str, str], int]]:
-        totals: dict[Key, tuple[int, int]] = {}
-        arms: dict[tuple[str, str, str], int] = {}
-        for (alias, version_id, arm, outcome), n in self.monitor.results_total.items():
-            results, errors = totals.get((alias, version_id), (0, 0))
-            totals[(alias, version_id)] = (results + n, errors + (n if outcome == "error" else 0))
-            arms[(alias, version_id, arm)] = arms.get((alias, version_id, arm), 0) + n
-        return totals, arms
+    def ingest(self, results: Iterable[events_pb2.RequestResult], now: float) -> None:
+        for result in results:
+            if result.status in CLIENT_FAULTS:
+                continue  # the request's fault, not the version's (as the monitor counts)
+            at = _seconds(result.finished_at, now)
+            if at < now - STALE_S:
+                continue
+            key = (result.alias, result.version_id)
+            counts = self._counts.setdefault(key, [0, 0])
+            counts[0] += 1
+            self._arms[(result.alias, result.version_id, result.arm)] += 1
+            if result.status != "OK":
+                counts[1] += 1
+                continue
+            ring = self._latencies.get(key)
+            if ring is None:
+                ring = self._latencies[key] = deque(maxlen=MAX_LATENCIES)
+            ring.append((at, result.latency_ms))
+
+    def _percentiles(self, key: Key, now: float) -> tuple[float, float, float] | None:
+        ring = self._latencies.get(key)
+        if ring is None:
+            return None
+        cutoff = now - self.latency_window_s
+        while ring and ring[0][0] < cutoff:
+            ring.popleft()
+        if not ring:
+            del self._latencies[key]
+            return None
+        # Results from several gateways arrive slightly out of order.
+        ordered = sorted(ms for at, ms in ring if at >= cutoff)
+        if not ordered:
+            return None
+        return (
+            percentile_sorted(ordered, 50),
+            percentile_sorted(ordered, 95),
+            percentile_sorted(ordered, 99),
+        )
 
     def sample(
         self, now: float
     ) -> tuple[list[tuple[Key, VersionPoint]], list[tuple[str, SplitPoint]]]:
         """Take one point per serving version and per alias with a release; returns them
         (the live update sent to open pages)."""
-        totals, arms = self._read_counters()
         if self._last_at is None:
-            # The first reading is the baseline: counts from before the dashboard started
-            # are not one second's traffic.
-            self._totals, self._arm_totals, self._last_at = totals, arms, now
+            self._last_at = now
             return [], []
         dt = max(now - self._last_at, 1e-3)
+        counts, arms = self._counts, self._arms
+        self._counts, self._arms = {}, Counter()
         added_versions: list[tuple[Key, VersionPoint]] = []
-        serving = set(self.monitor.stats.active(now))
-        for key in sorted(serving | {k for k in totals if totals[k] != self._totals.get(k)}):
-            results, errors = totals.get(key, (0, 0))
-            before_results, before_errors = self._totals.get(key, (0, 0))
-            new_results, new_errors = results - before_results, errors - before_errors
+        # Serving: results this interval, latencies in their window, or feedback.
+        keys = set(counts) | set(self._latencies) | set(self.monitor.stats.active(now))
+        for key in sorted(keys):
+            results, errors = counts.get(key, (0, 0))
+            latency = self._percentiles(key, now)
             f = self.monitor.window_figures(*key)
-            has_latency = f.ok_requests > 0
+            if not results and latency is None and not f.feedback_count:
+                continue
+            p50, p95, p99 = latency if latency is not None else (None, None, None)
             point = VersionPoint(
                 t=now,
-                rps=new_results / dt,
-                error_rate=new_errors / new_results if new_results > 0 else None,
-                p50_ms=f.latency_p50_ms if has_latency else None,
-                p95_ms=f.latency_p95_ms if has_latency else None,
-                p99_ms=f.latency_p99_ms if has_latency else None,
+                rps=results / dt,
+                error_rate=errors / results if results > 0 else None,
+                p50_ms=p50,
+                p95_ms=p95,
+                p99_ms=p99,
                 feedback_mean=f.feedback_mean if f.feedback_count else None,
             )
             self._ring(self.versions, key).append(point)
@@ -140,25 +203,13 @@ class History:
                 release.release_id,
                 state,
                 float(release.weight),
-                self._observed_share(release, arms),
+                _observed_share(release, arms),
             )
             self._ring(self.splits, release.alias).append(split)
             added_splits.append((release.alias, split))
-        self._totals, self._arm_totals, self._last_at = totals, arms, now
+        self._last_at = now
         self._forget_idle(now)
         return added_versions, added_splits
-
-    def _observed_share(
-        self, release: Release, arms: dict[tuple[str, str, str], int]
-    ) -> float | None:
-        def delta(version_id: str, arm: str) -> int:
-            key = (release.alias, version_id, arm)
-            return arms.get(key, 0) - self._arm_totals.get(key, 0)
-
-        candidate = delta(release.candidate_version_id, ARM_CANDIDATE)
-        stable = delta(release.stable_version_id, ARM_STABLE)
-        total = candidate + stable
-        return 100.0 * candidate / total if total > 0 else None
 
     def _ring(self, rings: dict[Any, deque[Any]], key: Any) -> deque[Any]:
         ring = rings.get(key)

@@ -154,8 +154,9 @@ def render_page(snapshot: dict[str, Any]) -> str:
   </section>
   <section id="charts-panel">
     <h2>Per version, last {snapshot["history_s"] / 60:.0f} min</h2>
-    <p class="note">Request and error rate per second; latency percentiles (successful
-      requests) and feedback mean over the monitor's {snapshot["window_s"]:.0f} s window.</p>
+    <p class="note">Request and error rate per second; latency percentiles of successful
+      requests over the last {snapshot["latency_window_s"]:.0f} s; feedback mean over the
+      monitor's {snapshot["window_s"]:.0f} s window.</p>
     <div id="charts"><p class="empty">Charts need the page's script.</p></div>
   </section>
   <section id="events-panel">

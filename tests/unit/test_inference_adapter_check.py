@@ -190,3 +190,10 @@ async def test_other_base_fingerprint_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(FailedPrecondition, match="trained on base model 'big'"):
         await loader.ensure_loaded("ver_other")
+
+
+def test_dora_magnitude_vectors_pass_with_one_value_per_output(tmp_path: Path) -> None:
+    magnitude = "model.layers.0.self_attn.v_proj.lora_magnitude_vector"
+    check_tensors("ver_1", write_adapter(tmp_path / "ok", {**GOOD, magnitude: [64]}), BASE)
+    with pytest.raises(FailedPrecondition, match=r"lora_magnitude_vector.*does not fit"):
+        check_tensors("ver_1", write_adapter(tmp_path / "bad", {**GOOD, magnitude: [128]}), BASE)

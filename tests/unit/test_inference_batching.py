@@ -251,17 +251,32 @@ async def test_adapter_with_lora_bias_is_served_through_peft_beside_stacked_ones
         await hf.close()
 
 
-async def test_dora_adapter_is_refused_with_the_reason(
-    tiny_model_dir: Path, tmp_path: Path
+async def test_dora_adapter_is_served_stacked_and_refused_by_the_peft_kernel(
+    tiny_model_dir: Path, adapter_dirs: list[Path], tmp_path: Path
 ) -> None:
+    dora = make_variant_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
     hf = HFPeftBackend(tiny_model_dir)
     await hf.start()
     try:
-        dora = make_variant_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
-        with pytest.raises(FailedPrecondition, match="DoRA"):
-            await hf.load_adapter("dora", dora)
-        assert not hf.holds("dora")
-        done = await hf.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4)))
-        assert done.completion_tokens > 0
+        await hf.load_adapter("dora", dora)
+        await hf.load_adapter("plain", adapter_dirs[0])
+        requests = [
+            GenerationRequest(PROMPTS[i], SamplingConfig(max_tokens=8, seed=i), adapter)
+            for i, adapter in enumerate(("dora", "plain", None))
+        ]
+        alone = [await hf.generate(r) for r in requests]
+        together = await asyncio.gather(*(hf.generate(r) for r in requests))
+        assert all(same(a, b) for a, b in zip(alone, together, strict=True))
     finally:
         await hf.close()
+
+    peft_only = HFPeftBackend(tiny_model_dir, lora_kernel="peft")
+    await peft_only.start()
+    try:
+        with pytest.raises(FailedPrecondition, match="DoRA"):
+            await peft_only.load_adapter("dora", dora)
+        assert not peft_only.holds("dora")
+        done = await peft_only.generate(GenerationRequest(PROMPTS[0], SamplingConfig(max_tokens=4)))
+        assert done.completion_tokens > 0
+    finally:
+        await peft_only.close()

@@ -1,5 +1,6 @@
 """Stacked LoRA computes exactly what PEFT computes, for adapters of different ranks,
-scalings (alpha patterns, rsLoRA) and target modules, across slot reuse and compaction."""
+scalings (alpha patterns, rsLoRA), target modules and DoRA, across slot reuse and
+compaction."""
 
 from __future__ import annotations
 
@@ -94,7 +95,50 @@ def test_what_stacking_cannot_express_is_refused_with_the_reason(
     _, plain, adapters = models
     stack = LoRAStack(plain)
     config, state = adapters[0]
-    assert "use_dora" in (stack.unsupported(LoraConfig(r=4, use_dora=True), state) or "")
+    assert "magnitude" in (stack.unsupported(LoraConfig(r=4, use_dora=True), state) or "")
     assert "lora_bias" in (stack.unsupported(LoraConfig(r=4, lora_bias=True), state) or "")
     odd = {**state, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}
     assert "not a LoRA A/B weight" in (stack.unsupported(config, odd) or "")
+
+
+def test_dora_rows_compute_what_peft_computes_for_that_adapter(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.eval()
+    plain = copy.deepcopy(base)
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False, use_dora=True
+    )
+    reference = get_peft_model(base, config, adapter_name="dora")
+    for name, param in reference.named_parameters():
+        if "lora_magnitude_vector" in name:  # away from |W| so the rescaling matters
+            torch.nn.init.uniform_(param, 0.5, 1.5)
+    reference.eval()
+    state = {
+        k: v.detach().clone()
+        for k, v in get_peft_model_state_dict(reference, adapter_name="dora").items()
+    }
+    assert any(k.endswith("lora_magnitude_vector") for k in state)
+
+    stack = LoRAStack(plain)
+    assert stack.unsupported(config, state) is None
+    stack.add("dora", config, state)
+    expected = logits(reference)  # every row through the DoRA adapter
+    with reference.disable_adapter():
+        expected_base = logits(reference)
+    with stack.active(["dora", "__base__", "dora", "__base__"], torch.device("cpu")):
+        got = logits(plain)
+    torch.testing.assert_close(got[0::2], expected[0::2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1::2], expected_base[1::2], rtol=1e-4, atol=1e-5)
+
+    # Evicted and re-added from the state dict it hands back: the same outputs.
+    _, back = stack.weights("dora")
+    assert set(back) == set(state)
+    stack.remove("dora")
+    stack.add("dora", config, back)
+    with stack.active(["dora"] * 4, torch.device("cpu")):
+        torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _TENSOR = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias"
-    r"|lora_embedding_A|lora_embedding_B)$"
+    r"|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$"
 )
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -110,10 +110,10 @@ def _check_tensor(
     expected_kind = "embedding" if kind.startswith("lora_embedding") else "linear"
     if module.kind != expected_kind:
         raise bad()
-    if kind == "lora_B.bias":
-        if shape != [module.out_features]:
+    if kind in ("lora_B.bias", "lora_magnitude_vector"):  # one value per output (DoRA)
+        if expected_kind != "linear" or shape != [module.out_features]:
             raise bad()
-        return module_name, "bias", 0
+        return module_name, kind, 0
     if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
         raise bad()
     if kind in ("lora_A.weight", "lora_embedding_A"):

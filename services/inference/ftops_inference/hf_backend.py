@@ -102,18 +102,19 @@ class _Runtime(ModelRuntime):
         return out.logits[:, -1, :], out.past_key_values
 
     def attach(self, version_id: str, weights: AdapterWeights) -> None:
-        if getattr(weights.config, "use_dora", False):
-            # Neither mixed-batch path can express DoRA's per-row weight normalisation.
-            raise FailedPrecondition(
-                f"version {version_id} is a DoRA adapter; this backend serves adapters in "
-                "mixed batches, which DoRA does not support: merge it or train plain LoRA"
-            )
+        reason = "lora_kernel is peft"
         if self.stack is not None:
-            reason = self.stack.unsupported(weights.config, weights.state)
-            if reason is None:
+            reason = self.stack.unsupported(weights.config, weights.state) or ""
+            if not reason:
                 self.stack.add(version_id, weights.config, weights.state)
                 return
-            log.info("version %s served through PEFT: %s", version_id, reason)
+        if getattr(weights.config, "use_dora", False):
+            # PEFT cannot put a DoRA adapter in a mixed batch at all.
+            raise FailedPrecondition(
+                f"version {version_id} is a DoRA adapter, which this replica can only serve "
+                f"from stacked weights, and those do not apply here ({reason})"
+            )
+        log.info("version %s served through PEFT: %s", version_id, reason)
         self._attach_peft(version_id, weights)
 
     def _attach_peft(self, version_id: str, weights: AdapterWeights) -> None:

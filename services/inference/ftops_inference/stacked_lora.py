@@ -11,9 +11,12 @@ S-LoRA/punica kernels, in plain torch), and adding an adapter is a few tensor co
 stacks are the only copy in memory: an evicted adapter's state dict is read back from its
 slot, bit for bit.
 
-Only what this computes exactly is accepted (``unsupported`` says why not): LoRA on linear
-layers without DoRA, bias, variants or extra trainable modules. The backend serves the
-rest through PEFT.
+DoRA too, which PEFT cannot mix in a batch at all: its output is
+base(x) + (m/|W + sBA| - 1) * (x W^T) + (m/|W + sBA|) * s x A^T B^T, and the column norms are
+fixed once the adapter is loaded, so each slot stores (m/|W + sBA| - 1) per output feature
+(zero for plain LoRA and for the base). Only what this computes exactly is accepted
+(``unsupported`` says why not): linear layers, no LoRA bias, variants or extra trainable
+modules. The backend serves the rest through PEFT.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from typing import Any
 import torch
 
 BASE_SLOT = 0
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight"
+    r"|lora_magnitude_vector)$"
+)
+KIND_A, KIND_B, KIND_MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
 # LoraConfig fields that change what a LoRA layer computes beyond x A^T B^T * scaling.
 _VARIANTS = (
-    "use_dora",
     "lora_bias",
     "fan_in_fan_out",
     "use_qalora",
@@ -49,6 +55,10 @@ class _Layer:
     b: torch.Tensor  # [capacity, rank, out]
     scale: torch.Tensor  # [capacity, 1, 1]
     hook: Any
+    # DoRA: (m / |W + sBA| - 1) per output feature [capacity, 1, out], and m itself (for
+    # reading the state dict back); None until a DoRA adapter targets this layer.
+    dora: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
     # Adapter -> (its rank here, its A key, its B key).
     users: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
@@ -86,6 +96,10 @@ class LoRAStack:
                 return f"tensor {key} is not a LoRA A/B weight"
             if match["module"] not in self._linears:
                 return f"module {match['module']} is not a linear layer"
+        if getattr(config, "use_dora", False) and not any(
+            key.endswith(KIND_MAGNITUDE) for key in state
+        ):
+            return "a DoRA adapter without magnitude vectors"
         return None
 
     def add(self, name: str, config: Any, state: Mapping[str, torch.Tensor]) -> None:
@@ -100,13 +114,16 @@ class LoRAStack:
         self._configs[name] = config
         try:
             for module, pair in pairs.items():
-                (key_a, a), (key_b, b) = pair["A"], pair["B"]  # [r, in], [out, r]
+                (key_a, a), (key_b, b) = pair[KIND_A], pair[KIND_B]  # [r, in], [out, r]
                 rank = a.shape[0]
                 layer = self._layer(module, rank)
                 layer.users[name] = (rank, key_a, key_b)
                 layer.a[slot, :, :rank] = a.t()
                 layer.b[slot, :rank, :] = b.t()
-                layer.scale[slot] = _scaling(config, module, rank)
+                scaling = _scaling(config, module, rank)
+                layer.scale[slot] = scaling
+                if KIND_MAGNITUDE in pair:
+                    self._set_dora(layer, module, slot, pair[KIND_MAGNITUDE][1], a, b, scaling)
         except BaseException:
             self.remove(name)
             raise
@@ -120,7 +137,29 @@ class LoRAStack:
             rank, key_a, key_b = layer.users[name]
             state[key_a] = layer.a[slot, :, :rank].t().to("cpu", copy=True).contiguous()
             state[key_b] = layer.b[slot, :rank, :].t().to("cpu", copy=True).contiguous()
+            if getattr(self._configs[name], "use_dora", False) and layer.magnitude is not None:
+                key_m = key_a.removesuffix(KIND_A) + KIND_MAGNITUDE
+                state[key_m] = layer.magnitude[slot].to("cpu", copy=True)
         return self._configs[name], state
+
+    def _set_dora(
+        self,
+        layer: _Layer,
+        module: str,
+        slot: int,
+        magnitude: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+    ) -> None:
+        weight = self._linears[module].weight.detach().to(layer.a.dtype)
+        lora = b.to(layer.a.device, layer.a.dtype) @ a.to(layer.a.device, layer.a.dtype)
+        norm = torch.linalg.norm(weight + scaling * lora, dim=1)
+        if layer.dora is None or layer.magnitude is None:
+            layer.dora = layer.a.new_zeros(layer.a.shape[0], 1, weight.shape[0])
+            layer.magnitude = layer.a.new_zeros(layer.a.shape[0], weight.shape[0])
+        layer.magnitude[slot] = magnitude
+        layer.dora[slot, 0] = magnitude.to(norm) / norm - 1
 
     def remove(self, name: str) -> None:
         slot = self._slots.pop(name)
@@ -137,6 +176,9 @@ class LoRAStack:
                 layer.a[slot].zero_()
                 layer.b[slot].zero_()
                 layer.scale[slot].zero_()
+                if layer.dora is not None and layer.magnitude is not None:
+                    layer.dora[slot].zero_()
+                    layer.magnitude[slot].zero_()
         if len(self._slots) + 1 <= self._capacity // 4:
             self._compact()
 
@@ -164,6 +206,12 @@ class LoRAStack:
             low = torch.bmm(rows, layer.a.index_select(0, index))  # [batch, tokens, rank]
             low = low * layer.scale.index_select(0, index)
             delta = torch.bmm(low, layer.b.index_select(0, index))
+            if layer.dora is not None:
+                # DoRA rows: rescale x W^T and the LoRA term by m/|W + sBA| (zero elsewhere).
+                dora = layer.dora.index_select(0, index)
+                bias = module.bias if module.bias is not None else 0
+                base = output.reshape(delta.shape).to(delta.dtype) - bias
+                delta = dora * base + (1 + dora) * delta
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return add_delta
@@ -212,6 +260,11 @@ class LoRAStack:
             scale = layer.scale.new_zeros(capacity, 1, 1)
             a[:keep], b[:keep], scale[:keep] = layer.a[:keep], layer.b[:keep], layer.scale[:keep]
             layer.a, layer.b, layer.scale = a, b, scale
+            if layer.dora is not None and layer.magnitude is not None:
+                dora = layer.dora.new_zeros(capacity, *layer.dora.shape[1:])
+                magnitude = layer.magnitude.new_zeros(capacity, *layer.magnitude.shape[1:])
+                dora[:keep], magnitude[:keep] = layer.dora[:keep], layer.magnitude[:keep]
+                layer.dora, layer.magnitude = dora, magnitude
         self._capacity = capacity
 
     def _compact(self) -> None:
@@ -223,10 +276,16 @@ class LoRAStack:
                 if old != new:
                     layer.a[new], layer.b[new] = layer.a[old], layer.b[old]
                     layer.scale[new] = layer.scale[old]
+                    if layer.dora is not None and layer.magnitude is not None:
+                        layer.dora[new], layer.magnitude[new] = (
+                            layer.dora[old],
+                            layer.magnitude[old],
+                        )
             # Free slots stay all-zero in every layer: a later adapter relies on it.
-            layer.a[len(moves) + 1 :].zero_()
-            layer.b[len(moves) + 1 :].zero_()
-            layer.scale[len(moves) + 1 :].zero_()
+            free = len(moves) + 1
+            for tensor in (layer.a, layer.b, layer.scale, layer.dora, layer.magnitude):
+                if tensor is not None:
+                    tensor[free:].zero_()
         self._slots = {name: moves[slot] for name, slot in self._slots.items()}
         self._resize(max(4, 2 * (len(self._slots) + 1)))
 

@@ -62,11 +62,11 @@ class InferenceSettings(ServiceSettings):
     lora_kernel: Literal["stacked", "peft"] = Field(
         "stacked",
         description=(
-            "hf backend: how plain LoRA adapters are served. stacked: their weights stacked "
+            "hf backend: how LoRA and DoRA adapters are served. stacked: their weights stacked "
             "per layer, two batched matmuls per layer whatever the batch's mix, a load is a "
             "few tensor copies. peft: PEFT's adapter_names (a loop over the batch's adapters, "
-            "a load walks the model). Adapters stacking cannot express (LoRA bias, variants) "
-            "go through PEFT in the same batches either way; DoRA is refused."
+            "a load walks the model; DoRA refused, PEFT cannot mix it). Adapters stacking "
+            "cannot express (LoRA bias, other variants) go through PEFT in the same batches."
         ),
     )
     max_loaded: int = Field(

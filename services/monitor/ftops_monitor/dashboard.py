@@ -86,7 +86,8 @@ class Dashboard:
         self.interval_s = interval_s
         self._clock = clock or monitor.clock
         self.clients: set[Client] = set()
-        self._seen_batches = SeenEvents(limit=100_000)
+        # Redelivery comes within seconds; ~20 minutes of batches at 20 per second.
+        self._seen_batches = SeenEvents(limit=20_000)
         self._sampler: asyncio.Task[None] | None = None
 
     # -- events ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ thread, with scripted answers): what reaches the server, what is printed, exit c
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -351,6 +352,18 @@ def test_release_status_shows_verdict_checks_and_figures(servers: Any) -> None:
     payload = json.loads(_cli(address, "release", "status", "bot", "-o", "json").stdout)
     assert payload["analysis"]["verdict"] == "pass"
     assert payload["analysis"]["checks"][1]["status"] == "pending"
+
+
+def test_release_status_without_the_monitor_still_shows_the_route(servers: Any) -> None:
+    address, _, _ = servers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    argv = [f"--gateway={address}", f"--monitor={down}", "release", "status", "bot"]
+    result = CliRunner().invoke(app, [*argv, "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"route": {"alias": "bot", "stableVersionId": "ver_1"}}
+    assert result.stderr.startswith("note: no live figures (UNAVAILABLE: cannot reach the monitor")
 
 
 @pytest.mark.parametrize("output", ["json", "table"])

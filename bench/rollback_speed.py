@@ -189,6 +189,7 @@ async def main() -> None:
             registry_address=registry,
             inference_endpoints=inference,
             instance_id="bench-gw",
+            auth_mode="disabled",  # the fake registry has no Authenticate
         )
     )
     monitor = MonitorService(
@@ -197,6 +198,7 @@ async def main() -> None:
             nats_url=nats.url,
             instance_id="bench-mon",
             registry_address=registry,
+            auth_mode="disabled",
             metrics_port=-1,
         )
     )

@@ -408,6 +408,27 @@ async def test_release_commands_need_releaser_of_the_alias_team(world: World) ->
     assert release.route.stable_version_id == candidate
 
 
+async def test_a_route_to_a_version_the_registry_lacks_does_not_break_listings(
+    world: World,
+) -> None:
+    # E.g. a route written by another installation sharing the Redis, or to a version
+    # since deleted: nobody but a platform admin sees it, and everyone's listing still works.
+    orphan = gateway_pb2.Route(
+        alias=f"orphan-{uuid.uuid4().hex[:6]}",
+        stable_version_id="ver_gone",
+        candidate_version_id="ver_gone_too",
+        candidate_weight=10,
+        release_id=f"rel_{uuid.uuid4().hex[:8]}",
+    )
+    await world.gateways[0].store.update(orphan.alias, lambda _: orphan)
+    mine = await world.release("alpha")
+    viewer = world.gateway(world.key("alpha", Role.viewer))
+    listed = await viewer.ListReleases(gateway_pb2.ListReleasesRequest())
+    aliases = {r.route.alias for r in listed.releases}
+    assert mine in aliases
+    assert orphan.alias not in aliases
+
+
 async def test_a_release_stays_within_the_alias_team(world: World) -> None:
     alias = await world.route("alpha")
     # Even a platform admin may not canary beta's version on alpha's alias.

@@ -172,6 +172,7 @@ def _settings(nats_url: str, redis_url: str, fakes: Fakes, **extra: Any) -> Gate
         "route_refresh_s": 0.3,
         "health_interval_s": 0.2,
         "shutdown_grace_s": 0.5,
+        "auth_mode": "disabled",  # access control has its own tests (test_access_control.py)
     }
     values.update(extra)
     return GatewaySettings(**values)
@@ -572,6 +573,7 @@ async def test_monitor_closes_the_loop_with_the_gateway(
             metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
             analysis_interval_s=0.1,
             shutdown_grace_s=0.5,
+            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
         )
     )
     await monitor.start()
@@ -647,6 +649,7 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
             metrics_port=-1,
             analysis_interval_s=0.1,
             shutdown_grace_s=0.5,
+            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
         )
     )
     await monitor.start()

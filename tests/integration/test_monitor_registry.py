@@ -115,6 +115,7 @@ async def test_refused_evaluation_rolls_the_release_back(
             shutdown_grace_s=0.5,
             metrics_port=-1,
             registry_address=registry.address,
+            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
         )
     )
     await monitor.start()

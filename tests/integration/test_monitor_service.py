@@ -96,6 +96,7 @@ async def _monitor(nats_url: str, **overrides: Any) -> MonitorService:
         # Nothing listens there: evaluations are skipped (and the release judged anyway).
         "registry_address": f"127.0.0.1:{_closed_port()}",
         "registry_timeout_s": 0.5,
+        "auth_mode": "disabled",  # access control has its own tests (test_access_control.py)
     }
     settings.update(overrides)
     service = MonitorService(MonitorSettings(**settings))

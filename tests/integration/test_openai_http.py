@@ -226,6 +226,7 @@ async def stack(
                 inference_endpoints=inference.address,
                 metrics_flush_s=0.05,
                 http_port=0,
+                auth_mode="disabled",  # access control has its own tests (test_access_control.py)
             )
         )
         await gateway.start()

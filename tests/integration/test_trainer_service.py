@@ -101,6 +101,7 @@ async def env(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncItera
             job_queue=queue,
             instance_id=f"trainer-{n}",
             shutdown_grace_s=1,
+            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
             **extra,
         )
         app = TrainerApp(settings)
@@ -430,6 +431,7 @@ async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url:
         "FTOPS_INSTANCE_ID": "doomed",
         "FTOPS_GRPC_PORT": str(free_port()),
         "FTOPS_TORCH_THREADS": "1",
+        "FTOPS_AUTH_MODE": "disabled",
     }
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,

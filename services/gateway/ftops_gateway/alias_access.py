@@ -100,7 +100,13 @@ class AliasAccess:
         version = route.stable_version_id or route.candidate_version_id
         if not version:
             return False
-        return caller.can(await self.version_team(version), Role.viewer)
+        try:
+            team = await self.version_team(version)
+        except NotFound:
+            # A route to a version the registry no longer has (deleted, another
+            # installation's Redis) is nobody's to see; it must not fail the listing.
+            return False
+        return caller.can(team, Role.viewer)
 
     async def require_model(self, model: str) -> AuthPrincipal:
         """Generate's check: the base model is open to every authenticated key; an alias

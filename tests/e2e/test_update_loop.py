@@ -22,6 +22,7 @@ from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_devstack.demo import ALIAS, EventLog, ask, train
 from ftops_devstack.stack import Stack, health_status
+from ftops_runtime.client import channel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -73,8 +74,8 @@ async def test_every_service_is_healthy_and_reflectable(stack: Stack) -> None:
 
 async def test_bad_input_gets_clear_errors(stack: Stack) -> None:
     async with (
-        grpc.aio.insecure_channel(stack.address("gateway")) as gch,
-        grpc.aio.insecure_channel(stack.address("trainer")) as tch,
+        channel(stack.address("gateway"), api_key=stack.api_key) as gch,
+        channel(stack.address("trainer"), api_key=stack.api_key) as tch,
     ):
         gateway = gateway_pb2_grpc.GatewayServiceStub(gch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -110,10 +111,10 @@ async def test_train_release_promote_rollback(stack: Stack) -> None:
     await events.start(stack.nats_url)
     try:
         async with (
-            grpc.aio.insecure_channel(stack.address("trainer")) as tch,
-            grpc.aio.insecure_channel(stack.address("gateway")) as gch,
-            grpc.aio.insecure_channel(stack.address("monitor")) as mch,
-            grpc.aio.insecure_channel(stack.address("registry")) as rch,
+            channel(stack.address("trainer"), api_key=stack.api_key) as tch,
+            channel(stack.address("gateway"), api_key=stack.api_key) as gch,
+            channel(stack.address("monitor"), api_key=stack.api_key) as mch,
+            channel(stack.address("registry"), api_key=stack.api_key) as rch,
         ):
             trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
             gateway = gateway_pb2_grpc.GatewayServiceStub(gch)

@@ -81,7 +81,9 @@ class InferenceService:
             ),
             self.server.server,
         )
-        self._registry_channel = client.channel(settings.registry_address)
+        self._registry_channel = client.channel(
+            settings.registry_address, api_key=settings.registry_api_key
+        )
         self.registry = cast(
             "registry_pb2_grpc.RegistryServiceAsyncStub",
             registry_pb2_grpc.RegistryServiceStub(self._registry_channel),

@@ -14,6 +14,11 @@ class InferenceSettings(ServiceSettings):
     residency bounds, announcements, drain, and opt-in fault injection."""
 
     registry_address: str = Field("127.0.0.1:50051", description="Registry gRPC host:port.")
+    registry_api_key: str = Field(
+        "",
+        description="The replica's own key for registry calls: viewer in every team whose "
+        "adapters it loads (or a platform-admin service key).",
+    )
     base_model_path: str = Field("", description="Local directory of the HF base model.")
     base_model_name: str = Field("tiny-llama", description="Name registered for the base model.")
     adapter_cache_dir: str = Field(

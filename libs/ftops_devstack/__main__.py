@@ -59,7 +59,7 @@ async def _up(args: argparse.Namespace) -> int:
         redis.url,
         model_dir,
         prefer_fixed_ports=True,
-        auth=False if args.no_auth else None,
+        auth=not args.no_auth,
     )
     try:
         stack.start()
@@ -68,16 +68,12 @@ async def _up(args: argparse.Namespace) -> int:
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
         say(f"OpenAI-compatible API: {stack.http_url()}  (model = an alias, a version or 'base')")
         say(f"Prometheus metrics:    {stack.metrics_url()}")
+        say(f"Dashboard:             {stack.metrics_url().removesuffix('/metrics')}/dashboard")
         if stack.auth:
             say("Access control is on. Platform-admin key (new at every start):")
             say(f"  export FTOPS_API_KEY={stack.api_key}")
-        elif args.no_auth:
-            say("Access control is off (--no-auth): no API key needed.")
         else:
-            say(
-                "Access control is off: the inference service does not send a registry key "
-                "(FTOPS_REGISTRY_API_KEY) yet, and with auth on it could load no adapter."
-            )
+            say("Access control is off (--no-auth): no API key needed.")
         if not args.no_demo:
             await run_demo(
                 Endpoints(

@@ -4,9 +4,8 @@ The stack gets NATS and Redis servers of its own: its inference replica announce
 ``adapter.loaded`` and its services consume shared subjects, so on the session's servers it
 would leak into the integration tests (gateways would discover it, monitors would judge it).
 
-Access control is on, as in production, once every service sends its own registry key
-(``auth_supported``): the stack's generated platform-admin key is ``stack.api_key``, and
-``FTOPS_API_KEY`` for the in-process CLI while the stack runs."""
+Access control is on, as in production: the stack's generated platform-admin key is
+``stack.api_key``, and ``FTOPS_API_KEY`` for the in-process CLI while the stack runs."""
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ async def stack(
         redis_server.url,
         tiny_model_dir,
         extra_env={"FTOPS_SHUTDOWN_GRACE_S": "2"},
-        auth=None,
+        auth=True,
     )
     saved_key = os.environ.get("FTOPS_API_KEY")
     try:

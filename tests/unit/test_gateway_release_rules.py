@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import pytest
@@ -261,6 +262,19 @@ def test_replicas_from_announcements() -> None:
     assert picked("ver_a") == "r3"
     pool.announce(_announce("r2", cached_versions=["ver_a"]))
     assert picked("ver_a") == "r2"
+
+
+def test_a_replayed_old_announcement_does_not_revive_a_replica() -> None:
+    # A starting gateway reads the last announcement of every replica from the stream: one
+    # sent a minute ago by a replica since killed must not count as recent.
+    pool = EndpointPool()
+    old = _announce("dead", loaded_versions=["ver_a"])
+    old.meta.occurred_at.FromSeconds(int(time.time()) - 60)
+    pool.announce(old)
+    fresh = _announce("alive")
+    fresh.meta.occurred_at.GetCurrentTime()
+    pool.announce(fresh)
+    assert pool.pick("ver_a").name == "alive"  # type: ignore[union-attr]
 
 
 def test_static_endpoints_stay_usable() -> None:

@@ -70,6 +70,13 @@ class Endpoint:
         self._channel, self._stub = None, None
 
 
+def _age_s(event: events_pb2.ReplicaAnnounce) -> float:
+    sent = event.meta.occurred_at
+    if not sent.seconds and not sent.nanos:
+        return 0.0
+    return max(0.0, time.time() - (sent.seconds + sent.nanos / 1e9))
+
+
 class EndpointPool:
     def __init__(
         self, static: Iterable[str] = (), *, clock: Callable[[], float] = time.monotonic
@@ -100,7 +107,10 @@ class EndpointPool:
         endpoint.loaded = set(event.loaded_versions)
         endpoint.cached = set(event.cached_versions)
         endpoint.heartbeat_s = event.heartbeat_interval_s
-        endpoint.last_heard = self._clock()
+        # Heard when it was sent, not when it arrived: a starting gateway reads each
+        # replica's last announcement from the stream, and a replica killed minutes ago
+        # must not look alive because its last word was just replayed.
+        endpoint.last_heard = self._clock() - _age_s(event)
         return endpoint
 
     @property

@@ -12,8 +12,10 @@ from bench import (
     gateway_overhead,
     hot_load,
     multi_adapter,
+    rollback_speed,
     serving_while_loading,
     train_throughput,
+    zero_downtime,
 )
 
 
@@ -24,6 +26,8 @@ def main() -> None:
     asyncio.run(serving_while_loading.main())
     asyncio.run(multi_adapter.main())
     asyncio.run(adapter_memory.main())
+    asyncio.run(rollback_speed.main())
+    asyncio.run(zero_downtime.main())
     data_pipeline.main()
     train_throughput.main()
     forgetting.main()

@@ -90,6 +90,9 @@ async def env(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncItera
 
     async def make_trainer(**extra: Any) -> TrainerApp:
         n = len(environment.trainers)
+        # The first replica creates the queue's durable consumer, and its ack wait is the
+        # one JetStream keeps: short, so a killed replica's job comes back in seconds.
+        extra.setdefault("job_ack_wait_s", 3)
         settings = TrainerSettings(
             registry_address=registry_app.address,
             nats_url=nats_url,
@@ -432,6 +435,9 @@ async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url:
         "FTOPS_GRPC_PORT": str(free_port()),
         "FTOPS_TORCH_THREADS": "1",
         "FTOPS_AUTH_MODE": "disabled",
+        # Progress seen early enough to kill it mid-job even on an idle machine.
+        "FTOPS_PROGRESS_INTERVAL_S": "0.1",
+        "FTOPS_WATCH_POLL_S": "0.1",
     }
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -466,7 +472,7 @@ async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url:
                     break
         doomed.kill()
         await doomed.wait()
-        await env.make_trainer(job_ack_wait_s=3)
+        await env.make_trainer()
         final = (await watch_until_done(env.stub, job.job_id))[-1]
     finally:
         if doomed.returncode is None:

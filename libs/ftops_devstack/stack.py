@@ -140,6 +140,11 @@ class Stack:
             env["FTOPS_HTTP_PORT"] = str(ports[f"{name}-http"])
         if service == "monitor":
             env["FTOPS_METRICS_PORT"] = str(ports[f"{name}-metrics"])
+        if service == "inference":
+            # All services share this machine's cores: torch's default (one thread per
+            # core in every replica) oversubscribes them and concurrent requests crawl.
+            replicas = len(self.names("inference"))
+            env["FTOPS_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // (2 * replicas)))
         env.update(self.extra_env)
         return env
 

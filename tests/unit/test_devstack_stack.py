@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ftops_devstack.stack import SERVICES, Stack
@@ -31,6 +32,8 @@ def test_replicas_get_their_own_port_instance_and_cache(tmp_path: Path) -> None:
         "inference-2",
     )
     assert first["FTOPS_ADAPTER_CACHE_DIR"] != second["FTOPS_ADAPTER_CACHE_DIR"]
+    # The replicas share the cores: a bounded torch thread pool each.
+    assert 1 <= int(first["FTOPS_TORCH_THREADS"]) <= max(1, (os.cpu_count() or 1) // 4)
     # Every gateway knows every inference replica.
     gateway = stack._env("gateway-3", ports)
     assert gateway["FTOPS_INFERENCE_ENDPOINTS"] == (

@@ -155,6 +155,7 @@ class Replica:
                 "registry_address": f"127.0.0.1:{port}",
                 "adapter_cache_dir": str(self.cache / self.instance),
                 "max_concurrent_requests": 256,
+                "auth_mode": "disabled",
                 **self.overrides,
             }
         )

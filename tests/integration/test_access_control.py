@@ -657,3 +657,54 @@ async def test_trainer_jobs_belong_to_their_team(world: World) -> None:
     await refused(world.trainer_stub(world.key("beta", Role.trainer)).CancelJob(cancel))
     cancelled = await trainer.CancelJob(cancel)
     assert cancelled.error == "cancelled by request"
+
+
+async def test_inference_checks_its_callers(world: World, tiny_model_dir: Path) -> None:
+    # The gateway reaches inference with its own service key; anyone else needs a role in
+    # the version's team (the base model: any valid key), and listing every team's
+    # adapters is for platform admins.
+    from ftops_inference.service import InferenceService
+    from ftops_inference.settings import InferenceSettings
+
+    service = InferenceService(
+        InferenceSettings(
+            grpc_port=0,
+            nats_url=world.gateways[0].settings.nats_url,
+            instance_id=f"inf-access-{uuid.uuid4().hex[:6]}",
+            registry_address=world.registry.address,
+            registry_api_key=world.admin_key,
+            base_model_path=str(tiny_model_dir),
+            backend="echo",
+            auth_mode="enabled",
+            auth_cache_ttl_s=1,
+            health_interval_s=0.1,
+        )
+    )
+    await service.start()
+    try:
+        await asyncio.wait_for(service.wait_ready(), 60)
+
+        def stub(key: str) -> inference_pb2_grpc.InferenceServiceStub:
+            return inference_pb2_grpc.InferenceServiceStub(world._channel(service.address, key))
+
+        base = inference_pb2.GenerateRequest(prompt="hello there")
+        await refused(stub("").Generate(base), grpc.StatusCode.UNAUTHENTICATED)
+        reply = await stub(world.key("beta", Role.viewer)).Generate(base)
+        assert reply.text
+        alpha_version = inference_pb2.GenerateRequest(
+            version_id=world.versions["alpha"][0], prompt="hello"
+        )
+        message = await refused(stub(world.key("beta", Role.viewer)).Generate(alpha_version))
+        assert "alpha" in message
+        await refused(
+            stub(world.key("alpha", Role.viewer)).UnloadAdapter(
+                inference_pb2.UnloadAdapterRequest(version_id=world.versions["alpha"][0])
+            )
+        )
+        await refused(
+            stub(world.key("alpha", Role.admin)).ListAdapters(inference_pb2.ListAdaptersRequest())
+        )
+        listed = await stub(world.admin_key).ListAdapters(inference_pb2.ListAdaptersRequest())
+        assert listed.base_model
+    finally:
+        await service.stop()

@@ -166,6 +166,7 @@ async def stack(
         adapter_cache_dir=str(tmp_path_factory.mktemp("cache")),
         health_interval_s=0.2,
         max_prompt_tokens=200,
+        auth_mode="disabled",  # access control has its own tests
     )
     service = InferenceService(settings)
     nc = await nats.connect(nats_url)

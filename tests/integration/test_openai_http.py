@@ -205,6 +205,7 @@ async def stack(
                 max_prompt_tokens=128,
                 # Small, so that a test can fill it: the tests run one request at a time.
                 max_concurrent_requests=2,
+                auth_mode="disabled",  # access control has its own tests
             ),
             backend=cast(Backend, backend),
         )

@@ -27,9 +27,12 @@ class Attempt:
     retried: bool = False
 
 
-def _trace_metadata() -> tuple[tuple[str, str], ...]:
+def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The trace context, and the gateway's own key (inference checks its callers)."""
     carrier: dict[str, str] = {}
     telemetry.inject(carrier)
+    if api_key:
+        carrier["authorization"] = f"Bearer {api_key}"
     return tuple(carrier.items())
 
 
@@ -38,9 +41,10 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class Forwarder:
-    def __init__(self, pool: EndpointPool, *, timeout_s: float = 120.0) -> None:
+    def __init__(self, pool: EndpointPool, *, timeout_s: float = 120.0, api_key: str = "") -> None:
         self.pool = pool
         self._timeout_s = timeout_s
+        self._api_key = api_key
 
     def _pick(self, version_id: str, tried: list[str]) -> Endpoint:
         endpoint = self.pool.pick(version_id, exclude=tried)
@@ -63,7 +67,7 @@ class Forwarder:
             endpoint.outstanding += 1
             try:
                 response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
-                    request, timeout=self._timeout_s, metadata=_trace_metadata()
+                    request, timeout=self._timeout_s, metadata=_metadata(self._api_key)
                 )
                 return response
             except grpc.aio.AioRpcError as exc:
@@ -86,7 +90,7 @@ class Forwarder:
             produced = False
             try:
                 call = endpoint.stub().GenerateStream(
-                    request, timeout=self._timeout_s, metadata=_trace_metadata()
+                    request, timeout=self._timeout_s, metadata=_metadata(self._api_key)
                 )
                 async for chunk in call:
                     produced = True

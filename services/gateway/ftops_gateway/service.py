@@ -74,7 +74,7 @@ class GatewayService:
             batch_max=settings.metrics_batch_max,
             queue_max=settings.metrics_queue_max,
         )
-        forwarder = Forwarder(self.pool)
+        forwarder = Forwarder(self.pool, api_key=settings.registry_api_key)
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight
         )

@@ -11,6 +11,7 @@ from typing import cast
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_inference.access import InferenceAccess
 from ftops_inference.adapter_events import AdapterEvents
 from ftops_inference.announce import Announcer
 from ftops_inference.backend import Backend
@@ -19,7 +20,7 @@ from ftops_inference.faults import Faults
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.servicer import InferenceServicer
 from ftops_inference.settings import InferenceSettings
-from ftops_runtime import client, hashing
+from ftops_runtime import auth, client, hashing
 from ftops_runtime.bus import EventBus
 from ftops_runtime.retry import retry_forever
 from ftops_runtime.server import GrpcServer
@@ -66,6 +67,10 @@ class InferenceService:
                 settings.fault_delay_factor,
                 settings.fault_versions or "all",
             )
+        # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        authenticate, self._auth_resolver = auth.registry_authenticator(
+            settings, settings.registry_address
+        )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
@@ -74,12 +79,7 @@ class InferenceService:
                 "model": self._model_ok,
                 "registry": self._registry_ok,
             },
-        )
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.core, base_model=settings.base_model_name, replica_id=settings.instance_id
-            ),
-            self.server.server,
+            authenticate=authenticate,
         )
         self._registry_channel = client.channel(
             settings.registry_address, api_key=settings.registry_api_key
@@ -87,6 +87,20 @@ class InferenceService:
         self.registry = cast(
             "registry_pb2_grpc.RegistryServiceAsyncStub",
             registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
+        )
+        access = InferenceAccess(
+            registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
+            enforce=auth.effective_mode(settings) is auth.AuthMode.enabled,
+            timeout_s=settings.registry_timeout_s,
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.core,
+                base_model=settings.base_model_name,
+                replica_id=settings.instance_id,
+                access=access,
+            ),
+            self.server.server,
         )
         self.base_registered = False
         self.base_fingerprint = ""
@@ -187,6 +201,9 @@ class InferenceService:
         log.info("base model %s ready (%s)", self.model_dir, self.base_fingerprint[:12])
         await retry_forever("register the base model in the registry", self._register_base)
         self.base_registered = True
+        # Serving from now on: say so at once, not at the next heartbeat (a gateway that
+        # starts meanwhile would otherwise hold this replica unusable for an interval).
+        self.announcer.changed()
         self.events.subscribe()
 
     async def _register_base(self) -> None:
@@ -224,6 +241,7 @@ class InferenceService:
             await cancel_and_wait([self._startup])
         await self.announcer.announce("stop")
         await self.bus.close()
+        await self._auth_resolver.close()
         await self._registry_channel.close()
         await self.backend.close()
 

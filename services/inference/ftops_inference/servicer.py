@@ -7,14 +7,24 @@ from typing import Any
 
 from ftops.common.v1 import common_pb2
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
+from ftops_inference.access import InferenceAccess
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterRecord
 from ftops_inference.metrics import VersionCounts
+from ftops_runtime.auth import Role
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, core: InferenceCore, *, base_model: str, replica_id: str = "") -> None:
+    def __init__(
+        self,
+        core: InferenceCore,
+        *,
+        base_model: str,
+        replica_id: str = "",
+        access: InferenceAccess | None = None,
+    ) -> None:
         self._core = core
+        self._access = access
         self._base_model = base_model
         self._replica_id = replica_id
 
@@ -28,9 +38,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         status.completion_tokens = counts.completion_tokens
         return status
 
+    async def _may_generate(self, version_ref: str) -> None:
+        if self._access is not None:
+            await self._access.require_version(version_ref, Role.viewer, "Generate")
+
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> inference_pb2.GenerateResponse:
+        await self._may_generate(request.version_id)
         version_id, done = await self._core.generate(
             request.version_id, request.prompt, request.sampling
         )
@@ -46,6 +61,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        await self._may_generate(request.version_id)
         async for version_id, chunk in self._core.stream(
             request.version_id, request.prompt, request.sampling
         ):
@@ -65,16 +81,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def LoadAdapter(
         self, request: inference_pb2.LoadAdapterRequest, context: Any
     ) -> inference_pb2.AdapterStatus:
+        if self._access is not None:
+            await self._access.require_version(request.version_id, Role.admin, "LoadAdapter")
         return self._status((await self._core.load(request.version_id)).record)
 
     async def UnloadAdapter(
         self, request: inference_pb2.UnloadAdapterRequest, context: Any
     ) -> inference_pb2.AdapterStatus:
+        if self._access is not None:
+            await self._access.require_version(request.version_id, Role.admin, "UnloadAdapter")
         return self._status(await self._core.unload(request.version_id))
 
     async def ListAdapters(
         self, request: inference_pb2.ListAdaptersRequest, context: Any
     ) -> inference_pb2.ListAdaptersResponse:
+        # Every team's versions are listed: the replica's operators (platform admins) and
+        # service keys only.
+        if self._access is not None:
+            self._access.require_platform_admin("ListAdapters")
         core = self._core
         loader = core.loader
         return inference_pb2.ListAdaptersResponse(

@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
 
 
-class InferenceSettings(ServiceSettings):
+class InferenceSettings(ServiceSettings, AuthSettings):
     """One inference replica: a base model, adapters hot-loaded beside it, batching,
     residency bounds, announcements, drain, and opt-in fault injection."""
 

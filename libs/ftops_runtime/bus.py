@@ -82,12 +82,14 @@ class EventBus:
         instance: str,
         max_deliver: int = 5,
         nak_delay_s: float = 1.0,
+        stream_replicas: int = 1,
     ) -> None:
         self._servers = [s.strip() for s in servers.split(",") if s.strip()]
         self.service = service
         self.instance = instance
         self._max_deliver = max_deliver
         self._nak_delay_s = nak_delay_s
+        self._stream_replicas = stream_replicas
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._ready = asyncio.Event()
@@ -128,7 +130,7 @@ class EventBus:
         )
         try:
             js = nc.jetstream(timeout=5)
-            await ensure_streams(js)
+            await ensure_streams(js, replicas=self._stream_replicas)
         except BaseException:
             await nc.close()
             raise
@@ -327,14 +329,16 @@ class EventBus:
             await msg.ack()
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create our streams, or bring an existing one's subjects and limits up to date."""
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create our streams, or bring an existing one's subjects, limits and replica count up
+    to date."""
     for spec in STREAMS:
         config = StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
             max_age=spec.max_age_s or None,
             max_msgs_per_subject=spec.max_msgs_per_subject or -1,
+            num_replicas=replicas,
             duplicate_window=120,
             retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         )

@@ -38,6 +38,13 @@ class ServiceSettings(BaseSettings):
     max_message_mb: int = Field(64, gt=0, description="Largest gRPC message accepted.")
     event_max_deliver: int = Field(5, ge=1, description="Deliveries before dead-lettering.")
     event_nak_delay_s: float = Field(1.0, ge=0, description="Redelivery delay after failure.")
+    event_stream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Replicas of each JetStream stream ftops creates or updates: 3 on a "
+        "3-node NATS cluster (events survive a node), 1 on a single server.",
+    )
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

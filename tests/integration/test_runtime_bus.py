@@ -6,12 +6,13 @@ import asyncio
 import uuid
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from ftops.events.v1 import events_pb2
-from ftops_runtime.bus import Delivery, EventBus
+from ftops_runtime.bus import Delivery, EventBus, ensure_streams
 from ftops_runtime.errors import PermanentEventError
 from ftops_runtime.events import ADAPTER_LOADED, ADAPTER_READY, new_meta
 
@@ -135,3 +136,19 @@ async def test_bus_waits_for_unreachable_nats_without_crashing() -> None:
     finally:
         await bus.close()
         server.stop()
+
+
+async def test_streams_get_the_configured_replica_count(nats_url: str) -> None:
+    # One server here: 1 copy is what it can hold, and a request for 3 is refused by the
+    # server (a 3-node cluster accepts it) rather than silently kept at 1.
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, replicas=1)
+        info = await js.stream_info("FTOPS_ADAPTER")
+        assert info.config.num_replicas == 1
+        with pytest.raises(nats.js.errors.APIError):
+            await ensure_streams(js, replicas=3)
+        assert (await js.stream_info("FTOPS_ADAPTER")).config.num_replicas == 1
+    finally:
+        await nc.close()

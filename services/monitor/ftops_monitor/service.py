@@ -60,6 +60,7 @@ class MonitorService:
             instance=settings.instance_id,
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
+            stream_replicas=settings.event_stream_replicas,
         )
         self._registry_channel = client.channel(
             settings.registry_address, api_key=settings.registry_api_key

@@ -55,6 +55,7 @@ class RegistryApp:
             instance=settings.instance_id,
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
+            stream_replicas=settings.event_stream_replicas,
         )
         self.servicer = RegistryServicer(
             self.db,

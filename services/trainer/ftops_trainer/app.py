@@ -30,6 +30,7 @@ class TrainerApp:
             instance=settings.instance_id,
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
+            stream_replicas=settings.event_stream_replicas,
         )
         self.registry_channel = client.channel(
             settings.registry_address,

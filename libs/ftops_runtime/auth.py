@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -35,6 +36,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_runtime.errors import PermissionDenied, Unauthenticated, Unavailable
 from ftops_runtime.interceptors import Authenticator, Principal, current_principal
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ftk"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -360,15 +363,17 @@ def require(team: str, role: Role, *, action: str = "this") -> AuthPrincipal:
     if p.can(team, role):
         return p
     if not team:
-        raise PermissionDenied(
+        message = (
             f"{action} concerns a resource that belongs to no team: only a platform admin "
             f"may do it, and {_who(p)} is not one"
         )
-    held = p.roles.get(team)
-    has = f"has the {held} role there" if held else "has no role in that team"
-    raise PermissionDenied(
-        f"{action} needs the {role} (or admin) role in team {team!r}; {_who(p)} {has}"
-    )
+    else:
+        held = p.roles.get(team)
+        has = f"has the {held} role there" if held else "has no role in that team"
+        message = f"{action} needs the {role} (or admin) role in team {team!r}; {_who(p)} {has}"
+    # Every service's trail of denied calls (the registry also writes its audit log).
+    log.warning("refused %s for key %s: %s", action, p.key_id, message)
+    raise PermissionDenied(message)
 
 
 def require_any_team(role: Role, *, action: str = "this") -> AuthPrincipal:

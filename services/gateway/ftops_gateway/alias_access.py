@@ -22,19 +22,9 @@ from ftops_gateway.route_cache import RouteCache
 from ftops_gateway.versions import VersionResolver
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import FailedPrecondition, NotFound, PermissionDenied
+from ftops_runtime.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
-
-
-def require(team: str, role: Role, action: str) -> AuthPrincipal:
-    """``auth.require``, with every refusal logged (key id, action, team): the trail of
-    denied calls here, as the registry's audit log is for its own."""
-    try:
-        return auth.require(team, role, action=action)
-    except PermissionDenied as exc:
-        log.warning("refused %s for key %s: %s", action, auth.current().key_id, exc)
-        raise
 
 
 class AliasAccess:
@@ -69,14 +59,14 @@ class AliasAccess:
         team = await self.alias_team(alias)
         if team is None:
             return caller
-        return require(team, role, f"{action} on alias {alias!r}")
+        return auth.require(team, role, action=f"{action} on alias {alias!r}")
 
     async def require_version(self, ref: str, role: Role, action: str) -> AuthPrincipal:
         caller = auth.current()
         if self._unchecked(caller):
             return caller
         team = await self.version_team(ref)
-        return require(team, role, f"{action} of version {ref!r}")
+        return auth.require(team, role, action=f"{action} of version {ref!r}")
 
     async def require_same_team(self, alias: str, version_ref: str) -> None:
         """A release stays within one team: its candidate must be of the alias's team (else

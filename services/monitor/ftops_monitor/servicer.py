@@ -17,19 +17,9 @@ from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_monitor.monitor import Monitor
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import NotFound, PermissionDenied, Unavailable
+from ftops_runtime.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
-
-
-def require(team: str, role: Role, action: str) -> AuthPrincipal:
-    """``auth.require``, with every refusal logged (key id, action, team): the trail of
-    denied calls here, as the registry's audit log is for its own."""
-    try:
-        return auth.require(team, role, action=action)
-    except PermissionDenied as exc:
-        log.warning("refused %s for key %s: %s", action, auth.current().key_id, exc)
-        raise
 
 
 class VersionTeams:
@@ -87,7 +77,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         except NotFound:
             return
         what = f"alias {alias!r}" if alias else f"version {version_id!r}"
-        require(team, role, f"{action} on {what}")
+        auth.require(team, role, action=f"{action} on {what}")
 
     async def _may_view(self, caller: AuthPrincipal, alias: str, version_id: str) -> bool:
         if caller.platform_admin:

@@ -9,22 +9,12 @@ from typing import Any
 
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_runtime import auth
-from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import InvalidArgument, PermissionDenied
+from ftops_runtime.auth import Role
+from ftops_runtime.errors import InvalidArgument
 from ftops_trainer.jobs import JobManager
 
 SERVICE_NAME = "ftops.trainer.v1.TrainerService"
 log = logging.getLogger(__name__)
-
-
-def require(team: str, role: Role, action: str) -> AuthPrincipal:
-    """``auth.require``, with every refusal logged (key id, action, team): the trail of
-    denied calls here, as the registry's audit log is for its own."""
-    try:
-        return auth.require(team, role, action=action)
-    except PermissionDenied as exc:
-        log.warning("refused %s for key %s: %s", action, auth.current().key_id, exc)
-        raise
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -33,7 +23,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def _job(self, job_id: str, role: Role, action: str) -> trainer_pb2.Job:
         job = await self._jobs.get(job_id)
-        require(job.spec.team, role, f"{action} of job {job_id}")
+        auth.require(job.spec.team, role, action=f"{action} of job {job_id}")
         return job
 
     async def SubmitJob(
@@ -41,7 +31,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.Job:
         if not request.spec.team and not auth.current().platform_admin:
             raise InvalidArgument("spec.team is required: the team the job trains for")
-        require(request.spec.team, Role.trainer, "SubmitJob")
+        auth.require(request.spec.team, Role.trainer, action="SubmitJob")
         return await self._jobs.submit(request.spec, request.idempotency_key)
 
     async def GetJob(self, request: trainer_pb2.GetJobRequest, context: Any) -> trainer_pb2.Job:
@@ -53,7 +43,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         caller = auth.current()
         team = request.team
         if team:
-            require(team, Role.viewer, "ListJobs")
+            auth.require(team, Role.viewer, action="ListJobs")
         elif not caller.platform_admin:
             teams = caller.teams(Role.viewer)
             if len(teams) == 1:  # the common case: list that team's jobs, paging intact

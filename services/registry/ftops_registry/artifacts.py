@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -101,10 +101,14 @@ class ArtifactStore(Protocol):
         the bytes freed, 0 if it was gone or kept."""
 
 
-class _LocalBlobWriter:
-    def __init__(self, store: LocalArtifactStore) -> None:
-        self._store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+class SpooledBlobWriter:
+    """An upload spooled to a temporary file in ``tmp_dir``. ``commit`` makes it durable and
+    hands the finished file to ``publish`` (which moves or copies it into the store), then
+    removes whatever is left; ``discard`` drops it."""
+
+    def __init__(self, tmp_dir: Path, publish: Callable[[str, Path], None]) -> None:
+        self._publish = publish
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
         self._path = Path(name)
         self._fh: BinaryIO | None = os.fdopen(fd, "wb")
 
@@ -118,10 +122,10 @@ class _LocalBlobWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
-        target = self._store.blob_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Same content, same name: replacing an existing blob is harmless and atomic.
-        os.replace(self._path, target)
+        try:
+            self._publish(sha256, self._path)
+        finally:
+            self._path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         if self._fh is not None:
@@ -146,7 +150,13 @@ class LocalArtifactStore:
         return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
 
     def new_blob(self) -> BlobWriter:
-        return _LocalBlobWriter(self)
+        return SpooledBlobWriter(self.tmp_dir, self._publish)
+
+    def _publish(self, sha256: str, spooled: Path) -> None:
+        target = self.blob_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Same content, same name: replacing an existing blob is harmless and atomic.
+        os.replace(spooled, target)
 
     def exists(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import tempfile
 import threading
 from collections.abc import Coroutine
@@ -30,7 +29,7 @@ from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from ftops_registry.artifacts import SHA256_RE, BlobWriter
+from ftops_registry.artifacts import SHA256_RE, BlobWriter, SpooledBlobWriter
 from ftops_runtime.errors import DataLoss
 
 log = logging.getLogger(__name__)
@@ -50,33 +49,6 @@ def digest_matches(digest: str, sha256: str) -> bool:
         return False
     raw = base64.urlsafe_b64decode(digest[len(DIGEST_PREFIX) :])
     return raw.hex() == sha256
-
-
-class _SpooledBlobWriter:
-    def __init__(self, store: NatsObjectArtifactStore) -> None:
-        self._store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
-        self._path = Path(name)
-        self._fh: BinaryIO | None = os.fdopen(fd, "wb")
-
-    def write(self, data: bytes) -> None:
-        assert self._fh is not None
-        self._fh.write(data)
-
-    def commit(self, sha256: str) -> None:
-        assert self._fh is not None
-        self._fh.close()
-        self._fh = None
-        try:
-            self._store.put_file(sha256, self._path)
-        finally:
-            self._path.unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self._path.unlink(missing_ok=True)
 
 
 class NatsObjectArtifactStore:
@@ -143,7 +115,7 @@ class NatsObjectArtifactStore:
     # -- ArtifactStore -----------------------------------------------------------------
 
     def new_blob(self) -> BlobWriter:
-        return _SpooledBlobWriter(self)
+        return SpooledBlobWriter(self.tmp_dir, self.put_file)
 
     def put_file(self, sha256: str, path: Path) -> None:
         """Store the verified file as the blob ``sha256``. Putting it again (same bytes)

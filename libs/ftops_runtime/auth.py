@@ -34,7 +34,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
-from ftops_runtime.errors import PermissionDenied, Unauthenticated, Unavailable
+from ftops_runtime.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from ftops_runtime.interceptors import Authenticator, Principal, current_principal
 
 log = logging.getLogger(__name__)
@@ -389,3 +389,36 @@ def require_platform_admin(*, action: str = "this") -> AuthPrincipal:
     if p.platform_admin:
         return p
     raise PermissionDenied(f"{action} needs a platform-admin key; {_who(p)} is not one")
+
+
+class VersionTeams:
+    """Version reference ("ver_..." or "adapter:number") -> the team that owns it, asked of
+    the registry with the service's own key. Cached for the process: a version never
+    changes team."""
+
+    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, *, timeout_s: float) -> None:
+        self._stub = stub
+        self._timeout_s = timeout_s
+        self._teams: dict[str, str] = {}
+
+    async def team(self, ref: str) -> str:
+        cached = self._teams.get(ref)
+        if cached is not None:
+            return cached
+        request = (
+            registry_pb2.GetVersionRequest(name=ref)
+            if ":" in ref
+            else registry_pb2.GetVersionRequest(version_id=ref)
+        )
+        try:
+            version = await self._stub.GetVersion(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise NotFound(f"version {ref!r} not found") from exc
+            raise Unavailable(
+                f"cannot tell which team version {ref!r} belongs to: the registry "
+                f"answered {exc.code().name}: {exc.details()}"
+            ) from exc
+        team = str(version.team)
+        self._teams[ref] = self._teams[version.version_id] = team
+        return team

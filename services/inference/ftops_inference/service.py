@@ -90,9 +90,11 @@ class InferenceService:
             registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
         )
         access = InferenceAccess(
-            registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
+            auth.VersionTeams(
+                registry_pb2_grpc.RegistryServiceStub(self._registry_channel),
+                timeout_s=settings.registry_timeout_s,
+            ),
             enforce=auth.effective_mode(settings) is auth.AuthMode.enabled,
-            timeout_s=settings.registry_timeout_s,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(

@@ -17,7 +17,7 @@ from ftops_monitor.evaluation import registry_lookup
 from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
 from ftops_monitor.feedback import RequestIndex
 from ftops_monitor.monitor import Monitor
-from ftops_monitor.servicer import MonitorServicer, VersionTeams
+from ftops_monitor.servicer import MonitorServicer
 from ftops_monitor.settings import MonitorSettings
 from ftops_runtime import auth, client
 from ftops_runtime.bus import EventBus
@@ -85,7 +85,7 @@ class MonitorService:
             checks={"nats": self._nats_ok},
             authenticate=authenticate,
         )
-        teams = VersionTeams(registry, timeout_s=settings.registry_timeout_s)
+        teams = auth.VersionTeams(registry, timeout_s=settings.registry_timeout_s)
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
             MonitorServicer(self.monitor, teams), self.server.server
         )

@@ -10,47 +10,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
-
 from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_monitor.monitor import Monitor
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import NotFound, Unavailable
+from ftops_runtime.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 
-class VersionTeams:
-    """version id -> its team, from the registry (asked with the monitor's own key)."""
-
-    def __init__(self, stub: registry_pb2_grpc.RegistryServiceStub, *, timeout_s: float) -> None:
-        self._stub = stub
-        self._timeout = timeout_s
-        self._teams: dict[str, str] = {}
-
-    async def team(self, version_id: str) -> str:
-        cached = self._teams.get(version_id)
-        if cached is not None:
-            return cached
-        try:
-            version = await self._stub.GetVersion(
-                registry_pb2.GetVersionRequest(version_id=version_id), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise NotFound(f"version {version_id!r} not found") from exc
-            raise Unavailable(
-                f"cannot tell which team version {version_id!r} belongs to: the registry "
-                f"answered {exc.code().name}: {exc.details()}"
-            ) from exc
-        self._teams[version_id] = str(version.team)
-        return str(version.team)
-
-
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
-    def __init__(self, monitor: Monitor, teams: VersionTeams) -> None:
+    def __init__(self, monitor: Monitor, teams: auth.VersionTeams) -> None:
         self._monitor = monitor
         self._teams = teams
 

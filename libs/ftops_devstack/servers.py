@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -190,7 +189,3 @@ def redis_for_stack(
             return ManagedServer("redis", f"redis://{host}:{preferred}/0", host, preferred)
         return start_redis(None, host, log_file)
     return start_redis(preferred, host, log_file)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

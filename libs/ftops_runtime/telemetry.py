@@ -7,7 +7,7 @@ configured by ``FTOPS_OTLP_ENDPOINT`` and off when it is empty (the default in t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
@@ -56,12 +56,6 @@ def inject(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:
 
 
 def extract(carrier: Mapping[str, str]) -> otel_context.Context:
-    return propagate.extract(carrier)
-
-
-def extract_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
-    """Trace context from gRPC invocation metadata (keys are lower-case there)."""
-    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return propagate.extract(carrier)
 
 

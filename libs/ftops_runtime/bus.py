@@ -232,10 +232,16 @@ class EventBus:
             max_deliver=self._max_deliver,
             deliver_policy=sub.deliver_policy,
             inactive_threshold=sub.inactive_threshold_s,
+            filter_subject=sub.subject,
         )
 
         async def bind() -> JetStreamContext.PullSubscription:
-            return await js.pull_subscribe(sub.subject, durable=sub.durable, config=config)
+            stream = await js.find_stream_name_by_subject(sub.subject)
+            # Create the durable, or bring an existing one up to these settings: binding
+            # alone would keep whatever the first replica to create it asked for (its ack
+            # wait, max deliveries) however the service is configured now.
+            await js.add_consumer(stream, config=config)
+            return await js.pull_subscribe(sub.subject, durable=sub.durable, stream=stream)
 
         psub = await retry_forever(f"subscribe {sub.subject} as {sub.durable}", bind)
         while not self._closed:

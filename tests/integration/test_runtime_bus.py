@@ -152,3 +152,33 @@ async def test_streams_get_the_configured_replica_count(nats_url: str) -> None:
         assert (await js.stream_info("FTOPS_ADAPTER")).config.num_replicas == 1
     finally:
         await nc.close()
+
+
+async def test_a_durable_takes_the_settings_of_the_replica_binding_now(nats_url: str) -> None:
+    # A consumer outlives the replica that created it: a later one configured differently
+    # (here a shorter ack wait) must not inherit the old settings.
+    durable = f"settings-{uuid.uuid4().hex[:8]}"
+
+    async def handler(event: events_pb2.AdapterReady, delivery: Delivery) -> None:
+        pass
+
+    for ack_wait_s in (30.0, 3.0):
+        bus = EventBus(nats_url, service="test", instance="i")
+        bus.subscribe(ADAPTER_READY, durable, handler, ack_wait_s=ack_wait_s)
+        await bus.start()
+        await bus.wait_ready(10)
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for _ in range(100):
+                try:
+                    info = await js.consumer_info("FTOPS_ADAPTER", durable)
+                    if info.config.ack_wait == ack_wait_s:
+                        break
+                except nats.js.errors.NotFoundError:
+                    pass
+                await asyncio.sleep(0.05)
+            assert info.config.ack_wait == ack_wait_s
+        finally:
+            await nc.close()
+            await bus.close()

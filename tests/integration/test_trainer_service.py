@@ -90,8 +90,8 @@ async def env(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncItera
 
     async def make_trainer(**extra: Any) -> TrainerApp:
         n = len(environment.trainers)
-        # The first replica creates the queue's durable consumer, and its ack wait is the
-        # one JetStream keeps: short, so a killed replica's job comes back in seconds.
+        # Every replica binds the queue's consumer with its ack wait, the last one's wins:
+        # short everywhere, so a killed replica's job comes back in seconds.
         extra.setdefault("job_ack_wait_s", 3)
         settings = TrainerSettings(
             registry_address=registry_app.address,

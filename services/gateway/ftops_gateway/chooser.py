@@ -24,6 +24,7 @@ ARM_SHADOW = "shadow"
 
 # Metadata keys that name a session when the request carries no user.
 SESSION_KEYS = ("session", "session_id", "x-session-id")
+CANARY = events_pb2.RELEASE_STRATEGY_CANARY
 
 
 class Rng(Protocol):
@@ -96,9 +97,38 @@ def choose(route: gateway_pb2.Route, rng: Rng = random, caller: Caller | None = 
     return candidate if rng.random() * 100 < weight else stable
 
 
+def evidence_mirror_share(route: gateway_pb2.Route) -> float:
+    """Percent of stable-arm requests a canary mirrors as evidence ("mirrored evidence").
+
+    While the step's weight w is below the release's evidence share E, stable requests
+    (100 - w % of the traffic) are mirrored with probability (E - w) / (100 - w), so the
+    candidate's own requests and the mirrored ones together are E % of the traffic. At
+    w >= E the step's own traffic is evidence enough: nothing is mirrored. A paused release
+    collects no evidence, so it mirrors nothing either."""
+    if (
+        route.strategy not in (events_pb2.RELEASE_STRATEGY_UNSPECIFIED, CANARY)
+        or route.paused
+        or not route.candidate_version_id
+    ):
+        return 0.0
+    wanted = min(route.evidence_mirror_percent, 100)
+    weight = min(route.candidate_weight, 100)
+    if weight >= wanted:
+        return 0.0
+    return 100.0 * (wanted - weight) / (100 - weight)
+
+
+def mirror_share(route: gateway_pb2.Route) -> float:
+    """Percent of stable-arm requests also sent to the candidate: the release's
+    ``shadow_percent`` or a canary's evidence mirror, whichever is larger."""
+    if not route.candidate_version_id:
+        return 0.0
+    return max(float(min(route.shadow_percent, 100)), evidence_mirror_share(route))
+
+
 def mirrors(route: gateway_pb2.Route, target: Target, rng: Rng = random) -> bool:
     """Whether a stable-arm request is also sent, in the background, to the candidate."""
-    if target.arm != ARM_STABLE or not route.candidate_version_id:
+    if target.arm != ARM_STABLE:
         return False
-    share = min(route.shadow_percent, 100)
+    share = mirror_share(route)
     return share > 0 and rng.random() * 100 < share

@@ -238,6 +238,7 @@ class ReleaseManager:
             analysis=spec.analysis,
             flags=spec.flags,
             shadow_percent=spec.shadow_percent,
+            evidence_mirror_percent=spec.evidence_mirror_percent,
             sticky=spec.sticky,
             hold_seconds=spec.hold_seconds,
             actor=actor,

@@ -146,6 +146,7 @@ def start_release(
     del route.flags[:]
     route.flags.extend(spec.flags)
     route.shadow_percent = spec.shadow_percent
+    route.evidence_mirror_percent = spec.evidence_mirror_percent
     route.sticky = spec.sticky
     route.paused = False
     route.hold_seconds = spec.hold_seconds

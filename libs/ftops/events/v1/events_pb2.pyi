@@ -371,6 +371,7 @@ class ReleaseStarted(_message.Message):
     STICKY_FIELD_NUMBER: _builtins.int
     HOLD_SECONDS_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    EVIDENCE_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
     release_id: _builtins.str
     alias: _builtins.str
     stable_version_id: _builtins.str
@@ -391,6 +392,12 @@ class ReleaseStarted(_message.Message):
     """
     actor: _builtins.str
     """Who started it (key id or "dev"), for the release history."""
+    evidence_mirror_percent: _builtins.int
+    """Canary "mirrored evidence": while a step's weight is below this percentage, enough
+    stable-arm requests are also mirrored to the candidate (the client gets the stable
+    answer) that the candidate is judged on this share of the traffic; the mirrored
+    results (shadow = true) count as the candidate's evidence. 0 = off; canary only.
+    """
     @_builtins.property
     def meta(self) -> _common_pb2.EventMeta: ...
     @_builtins.property
@@ -420,10 +427,11 @@ class ReleaseStarted(_message.Message):
         sticky: _builtins.bool = ...,
         hold_seconds: _builtins.float = ...,
         actor: _builtins.str = ...,
+        evidence_mirror_percent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "current_weight", b"current_weight", "flags", b"flags", "hold_seconds", b"hold_seconds", "meta", b"meta", "release_id", b"release_id", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "current_weight", b"current_weight", "evidence_mirror_percent", b"evidence_mirror_percent", "flags", b"flags", "hold_seconds", b"hold_seconds", "meta", b"meta", "release_id", b"release_id", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -192,6 +192,7 @@ class Route(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     RETIRE_PENDING_FIELD_NUMBER: _builtins.int
+    EVIDENCE_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     stable_version_id: _builtins.str
     candidate_version_id: _builtins.str
@@ -221,6 +222,10 @@ class Route(_message.Message):
     """The versions the release started with, kept after it ends."""
     release_candidate_version_id: _builtins.str
     actor: _builtins.str
+    evidence_mirror_percent: _builtins.int
+    """Canary: candidate evidence share in percent while a step's weight is below it; the
+    difference is mirrored from stable-arm requests (never answered by the candidate).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -278,10 +283,11 @@ class Route(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         actor: _builtins.str = ...,
         retire_pending: _abc.Iterable[_builtins.str] | None = ...,
+        evidence_mirror_percent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "hold_until", b"hold_until", "last_decision", b"last_decision", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "retire_pending", b"retire_pending", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "evidence_mirror_percent", b"evidence_mirror_percent", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "retire_pending", b"retire_pending", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +347,7 @@ class StartReleaseRequest(_message.Message):
     SHADOW_PERCENT_FIELD_NUMBER: _builtins.int
     STICKY_FIELD_NUMBER: _builtins.int
     HOLD_SECONDS_FIELD_NUMBER: _builtins.int
+    EVIDENCE_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     candidate_version_id: _builtins.str
     strategy: _events_pb2.ReleaseStrategy.ValueType
@@ -352,6 +359,15 @@ class StartReleaseRequest(_message.Message):
     hold_seconds: _builtins.float
     """Seconds the old stable stays as the instant rollback target after the final switch
     before it is retired. Default 300.
+    """
+    evidence_mirror_percent: _builtins.int
+    """Canary only, percent 0..100 (default 20, 0 = off): "mirrored evidence". While the
+    current step's weight is below it and the release is not paused, the gateway also
+    mirrors stable-arm requests to the candidate, so many that the candidate's own
+    requests plus the mirrored ones make up this share of the alias's traffic; the client
+    always gets the stable answer and the monitor counts the mirrored results as candidate
+    evidence. Steps at or above it mirror nothing. Extra inference load: (this - weight)%
+    of the traffic during those steps.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -373,15 +389,20 @@ class StartReleaseRequest(_message.Message):
         shadow_percent: _builtins.int | None = ...,
         sticky: _builtins.bool = ...,
         hold_seconds: _builtins.float | None = ...,
+        evidence_mirror_percent: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds", "_shadow_percent", b"_shadow_percent", "analysis", b"analysis", "hold_seconds", b"hold_seconds", "shadow_percent", b"shadow_percent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evidence_mirror_percent", b"_evidence_mirror_percent", "_hold_seconds", b"_hold_seconds", "_shadow_percent", b"_shadow_percent", "analysis", b"analysis", "evidence_mirror_percent", b"evidence_mirror_percent", "hold_seconds", b"hold_seconds", "shadow_percent", b"shadow_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds", "_shadow_percent", b"_shadow_percent", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "flags", b"flags", "hold_seconds", b"hold_seconds", "shadow_percent", b"shadow_percent", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evidence_mirror_percent", b"_evidence_mirror_percent", "_hold_seconds", b"_hold_seconds", "_shadow_percent", b"_shadow_percent", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "evidence_mirror_percent", b"evidence_mirror_percent", "flags", b"flags", "hold_seconds", b"hold_seconds", "shadow_percent", b"shadow_percent", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__evidence_mirror_percent: _TypeAlias = _typing.Literal["evidence_mirror_percent"]  # noqa: Y015
+    _WhichOneofArgType__evidence_mirror_percent: _TypeAlias = _typing.Literal["_evidence_mirror_percent", b"_evidence_mirror_percent"]  # noqa: Y015
     _WhichOneofReturnType__hold_seconds: _TypeAlias = _typing.Literal["hold_seconds"]  # noqa: Y015
     _WhichOneofArgType__hold_seconds: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds"]  # noqa: Y015
     _WhichOneofReturnType__shadow_percent: _TypeAlias = _typing.Literal["shadow_percent"]  # noqa: Y015
     _WhichOneofArgType__shadow_percent: _TypeAlias = _typing.Literal["_shadow_percent", b"_shadow_percent"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evidence_mirror_percent) -> _WhichOneofReturnType__evidence_mirror_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hold_seconds) -> _WhichOneofReturnType__hold_seconds | None: ...
     @_typing.overload

@@ -177,6 +177,39 @@ async def test_blue_green_judges_shadow_results_and_switches_at_once() -> None:
     assert bus.of("release.promote")[0].final
 
 
+async def test_canary_counts_mirrored_results_as_candidate_evidence() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(min_requests=6))
+    monitor.ingest(_results("ver_s", "stable", 20))
+    monitor.ingest(_results("ver_c", "candidate", 2))
+    assert await monitor.analyze_once() == []
+    # Mirrored evidence (stable requests also sent to the candidate) fills the step.
+    monitor.ingest(_results("ver_c", "shadow", 4, shadow=True, divergence=0.2))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    assert "over 6 requests (4 of them mirrored)" in decision.reason
+    [event] = bus.of("release.promote")
+    assert (event.figures["requests"], event.figures["mirrored_requests"]) == (6, 4)
+    assert event.figures["divergence_mean"] == pytest.approx(0.2)
+
+
+async def test_canary_rolls_back_on_failing_mirrored_results_without_user_feedback() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_started(_started(min_requests=20))
+    monitor.ingest(_results("ver_s", "stable", 300))
+    monitor.ingest(_results("ver_c", "candidate", 1))
+    mirrored = _results("ver_c", "shadow", 9, status="INTERNAL", shadow=True)
+    monitor.ingest(mirrored)
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    [event] = bus.of("release.rollback")
+    assert (event.figures["errors"], event.figures["mirrored_requests"]) == (9, 9)
+    assert "candidate 9/10 errors" in event.reason
+    # Nobody saw a mirrored answer: it cannot be rated.
+    with pytest.raises(NotFound):
+        monitor.submit_feedback(mirrored[0].request_id, 0.1)
+
+
 async def test_shadow_release_reports_and_rolls_back_on_failure() -> None:
     monitor, bus = _monitor()
     monitor.apply_started(_started(strategy=events_pb2.RELEASE_STRATEGY_SHADOW))

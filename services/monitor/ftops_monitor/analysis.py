@@ -2,7 +2,8 @@
 
 The candidate is judged against the stable version over the same period: the results of
 both since the current step began (for blue-green and shadow, the candidate's mirrored
-"shadow" results). Checks, each able to fail the step at any moment:
+"shadow" results; for canary, its own requests plus the stable requests mirrored to it as
+evidence while a small step runs). Checks, each able to fail the step at any moment:
 
   * evaluation: the registry's evaluation of the candidate refused it;
   * errors: always-valid sequential test, candidate error rate above the stable's (alpha);
@@ -138,11 +139,14 @@ class ArmData:
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
+        # Of ``requests``, results of mirrored requests (answered to nobody).
+        self.mirrored = 0
         self.samples: deque[Sample] = deque(maxlen=MAX_STEP_SAMPLES)
         self.feedback = FeedbackScores()
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample, *, mirrored: bool = False) -> None:
         self.requests += 1
+        self.mirrored += 1 if mirrored else 0
         self.errors += 0 if sample.ok else 1
         self.samples.append(sample)
 
@@ -340,6 +344,8 @@ class _Judge:
         self.numbers["weight"] = float(release.weight)
         self.numbers["min_requests"] = float(self.config.min_requests)
         self.numbers["step_seconds"] = max(0.0, now - release.step_started_at)
+        if release.candidate.mirrored and not release.strategy.judges_shadow:
+            self.numbers["mirrored_requests"] = float(release.candidate.mirrored)
         if release.evaluation_failure:
             # Only a refusal puts the (many) evaluation metrics into the decision's figures;
             # GetReleaseAnalysis shows them always.
@@ -457,10 +463,16 @@ class _Judge:
     def samples(self) -> bool:
         config, c, s = self.config, self.cand, self.stab
         enough = c.requests >= config.min_requests and s.requests >= config.min_stable_requests
+        mirrored = self.release.candidate.mirrored
+        of_them = (
+            f" ({mirrored} mirrored)"
+            if mirrored and not self.release.strategy.judges_shadow
+            else ""
+        )
         self._add(
             "samples",
             "pass" if enough else "pending",
-            f"candidate {c.requests}/{config.min_requests}, "
+            f"candidate {c.requests}/{config.min_requests}{of_them}, "
             f"stable {s.requests}/{config.min_stable_requests} results",
         )
         return enough
@@ -477,7 +489,7 @@ def decide(release: Release, now: float) -> Decision:
     judge.divergence()
     enough = judge.samples()
     checks, numbers = tuple(judge.checks), judge.numbers
-    arm = "shadow results" if release.strategy.judges_shadow else "requests"
+    arm = _evidence_text(release)
     if judge.failures:
         return Decision(
             DecisionKind.ROLLBACK, "; ".join(judge.failures), numbers, checks=checks, verdict="fail"
@@ -506,6 +518,14 @@ def decide(release: Release, now: float) -> Decision:
         checks=checks,
         verdict="inconclusive",
     )
+
+
+def _evidence_text(release: Release) -> str:
+    """What the candidate's results are: its own requests, mirrored ones, or both."""
+    if release.strategy.judges_shadow:
+        return "shadow results"
+    mirrored = release.candidate.mirrored
+    return f"requests ({mirrored} of them mirrored)" if mirrored else "requests"
 
 
 # Checks whose pending state keeps a step from passing (feedback and divergence need data

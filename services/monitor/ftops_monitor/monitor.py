@@ -6,6 +6,10 @@ and every update is idempotent on the event id and tolerant of order: the events
 release come through different consumers, so a decision or a pause may arrive before its
 ``release.started`` (it is parked until then), promotions never move backwards, and a
 pause/resume older than the one applied is ignored.
+
+Every replica consumes every result and judges every release, so replicas take the same
+decisions; each decision and alert event gets an id derived from what it says
+(``decision_event_id``, ``AlertBook.event_id``), and JetStream stores one of the copies.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
-from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
+from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState, derived_event_id
 from ftops_monitor.analysis import (
     AutoStep,
     Config,
@@ -85,6 +89,37 @@ class SeenEvents:
         if len(self._ids) > self._limit:
             self._ids.popitem(last=False)
         return True
+
+
+def decision_event_id(release: Release, decision: Decision) -> str:
+    """The id of a promotion or rollback, the same on every replica that takes it.
+
+    JetStream drops a message whose ``Nats-Msg-Id`` it stored within the stream's duplicate
+    window (120 s, ``ensure_streams``). Replicas take a decision within moments of each
+    other (the same results, ticks apart), and once one replica's event is stored the
+    others apply it from the release stream and stop deciding that step, so the window is
+    ample. Past it (a replica cut off from the release stream for minutes) the second copy
+    is stored, and the gateway ignores it: a step it already took, a release already ended.
+
+    A release is rolled back at most once. A promotion names its target step and the
+    release's last pause/resume (its time comes from the gateway's event, so replicas
+    agree): an automatic step the gateway ignored because the release was paused is undone
+    here when the pause arrives, and taken again after the resume. That second one must not
+    be a duplicate of the first (the gateway also remembers ids it ignored).
+    """
+    if decision.kind is DecisionKind.ROLLBACK:
+        return derived_event_id("rollback", release.release_id)
+    if decision.kind is not DecisionKind.PROMOTE or decision.next is None:
+        raise ValueError(f"{decision.kind.value} is not published")
+    step = decision.next
+    return derived_event_id(
+        "promote",
+        release.release_id,
+        step.step_index,
+        step.weight,
+        step.final,
+        round(release.pause_changed_at * 1e6),
+    )
 
 
 class Monitor:
@@ -179,9 +214,12 @@ class Monitor:
         release: Release, result: events_pb2.RequestResult, shadow: bool, sample: Sample
     ) -> None:
         if result.version_id == release.candidate_version_id:
-            # Canary judges the candidate's own traffic; blue-green and shadow the mirror.
-            wanted_shadow = release.strategy.judges_shadow
-            if shadow == wanted_shadow and (shadow or result.arm == ARM_CANDIDATE):
+            # Mirrored results are evidence for every strategy (a canary's "mirrored
+            # evidence" tops up a small step); the candidate's own requests only for canary,
+            # blue-green and shadow judge the mirror alone.
+            if shadow:
+                release.candidate.add(sample, mirrored=True)
+            elif result.arm == ARM_CANDIDATE and not release.strategy.judges_shadow:
                 release.candidate.add(sample)
         elif (
             result.version_id == release.stable_version_id
@@ -407,10 +445,12 @@ class Monitor:
         release.evaluation_figures = verdict.figures
         self._wake.set()
 
-    def _meta(self) -> common_pb2.EventMeta:
+    def _meta(self, event_id: str) -> common_pb2.EventMeta:
         """An envelope stamped by the monitor's clock: the step a decision begins is timed
-        on the same clock as the analysis (an injected one in tests)."""
+        on the same clock as the analysis (an injected one in tests). ``event_id`` is
+        derived from the event's content, so replicas publishing the same one collide."""
         meta = new_meta(self.bus.service, self.bus.instance)
+        meta.event_id = event_id
         meta.occurred_at.FromNanoseconds(int(self.clock() * 1e9))
         return meta
 
@@ -422,7 +462,9 @@ class Monitor:
             raise Unavailable(f"{subject} not published, nothing changed: {exc!r}") from exc
 
     async def _publish(self, release: Release, decision: Decision, *, manual: bool) -> None:
-        meta = self._meta()
+        # Stored once however many replicas publish it; each applies its own copy (their
+        # occurred_at, the new step's start, differ by the moments between their decisions).
+        meta = self._meta(decision_event_id(release, decision))
         if decision.kind is DecisionKind.PROMOTE:
             assert decision.next is not None
             promote = events_pb2.ReleasePromote(
@@ -472,7 +514,7 @@ class Monitor:
         figures = {key: self.stats.figures(*key, now) for key in self.stats.active(now)}
         for transition in self.alerts.evaluate(figures, now):
             event = alert_event(transition.alert, transition.state, transition.for_seconds)
-            event.meta.CopyFrom(self._meta())
+            event.meta.CopyFrom(self._meta(self.alerts.event_id(transition)))
             self.alerts_total[(transition.alert.rule, transition.state)] += 1
             log.log(
                 logging.WARNING if transition.state == FIRING else logging.INFO,

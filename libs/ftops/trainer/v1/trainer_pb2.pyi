@@ -94,6 +94,7 @@ class Hyperparameters(_message.Message):
     REGULARIZATION_WEIGHT_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     PARALLELISM_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     num_epochs: _builtins.int
     batch_size: _builtins.int
@@ -124,6 +125,12 @@ class Hyperparameters(_message.Message):
     "fsdp" (the frozen base model is sharded across the workers, for bases that do not
     fit one worker's memory; the adapter stays replicated). Same adapter either way.
     """
+    nodes: _builtins.int
+    """Trainer replicas (machines) the job spans, each running world_size workers: the
+    replica that takes the job is node 0 and recruits nodes - 1 idle replicas of its
+    queue (see GangSlot); 0 or 1 trains on one replica. Global rank =
+    node_rank * world_size + local rank.
+    """
     def __init__(
         self,
         *,
@@ -145,10 +152,11 @@ class Hyperparameters(_message.Message):
         regularization_weight: _builtins.float = ...,
         world_size: _builtins.int = ...,
         parallelism: _builtins.str = ...,
+        nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "cutoff_len", b"cutoff_len", "early_stopping_patience", b"early_stopping_patience", "eval_every", b"eval_every", "grad_accum_steps", b"grad_accum_steps", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "num_epochs", b"num_epochs", "parallelism", b"parallelism", "regularization", b"regularization", "regularization_weight", b"regularization_weight", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "cutoff_len", b"cutoff_len", "early_stopping_patience", b"early_stopping_patience", "eval_every", b"eval_every", "grad_accum_steps", b"grad_accum_steps", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "nodes", b"nodes", "num_epochs", b"num_epochs", "parallelism", b"parallelism", "regularization", b"regularization", "regularization_weight", b"regularization_weight", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -688,3 +696,57 @@ class ListJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class GangSlot(_message.Message):
+    """One member slot of a multi-node job's gang, on the work-queue subject
+    work.trainer.<queue>.gang: each slot is taken once, by an idle trainer replica, which
+    joins the job's rendezvous (a torch.distributed TCPStore on node 0) as `node_rank`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NODE_RANK_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    STORE_HOST_FIELD_NUMBER: _builtins.int
+    STORE_PORT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    """The job's attempt that opened the gang: a slot of an earlier attempt is stale."""
+    node_rank: _builtins.int
+    nodes: _builtins.int
+    store_host: _builtins.str
+    store_port: _builtins.int
+    leader: _builtins.str
+    """Instance id of node 0's replica."""
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """A slot nobody took by then is dropped (node 0 has failed the job by then)."""
+
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        node_rank: _builtins.int = ...,
+        nodes: _builtins.int = ...,
+        store_host: _builtins.str = ...,
+        store_port: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        leader: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline", b"deadline", "job_id", b"job_id", "leader", b"leader", "meta", b"meta", "node_rank", b"node_rank", "nodes", b"nodes", "store_host", b"store_host", "store_port", b"store_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GangSlot: _TypeAlias = GangSlot  # noqa: Y015

@@ -7,6 +7,9 @@ holding (or the version has no data left in the window). Each transition is repo
 
 from __future__ import annotations
 
+import json
+import math
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -14,6 +17,17 @@ from ftops_monitor.windows import Figures
 
 FIRING = "firing"
 RESOLVED = "resolved"
+# Namespace of the event ids the monitor derives from what an event says (uuid5).
+_DERIVED_IDS = uuid.UUID("e81725f7-6495-42e3-b600-d94a0cc14f4d")
+# Narrowest bucket of an alert's start time in its event id (see AlertBook.event_id).
+MIN_ID_BUCKET_S = 1.0
+
+
+def derived_event_id(*parts: object) -> str:
+    """An event id that every replica computes alike from the same parts: replicas that
+    publish the same event publish it under one ``Nats-Msg-Id``, and JetStream keeps one."""
+    key = json.dumps([str(p) for p in parts])  # unambiguous whatever the parts contain
+    return uuid.uuid5(_DERIVED_IDS, key).hex
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,24 @@ class AlertBook:
             state.firing = True
             return [Transition(FIRING, state, now - state.since)]
         return []
+
+    def event_id(self, transition: Transition) -> str:
+        """The same id on every replica for one transition of one episode of a condition.
+
+        Replicas evaluate the same results at their own ticks, so the moment a condition
+        began (``since``) differs between them by about a tick: the id takes it rounded
+        down to a bucket of ``for_s``. Two episodes that publish anything begin more than
+        ``for_s`` apart (the first fires, then resolves, before the next begins), so they
+        never share a bucket (with ``for_s`` under ``MIN_ID_BUCKET_S``, episodes closer
+        than that may: the later one is dropped as a duplicate). Left over: replicas
+        straddling a bucket boundary (about a tick in ``for_s``), or a replica that started
+        after the condition began, publish the transition twice."""
+        alert = transition.alert
+        bucket = max(self.config.for_s, MIN_ID_BUCKET_S)
+        episode = math.floor(alert.since / bucket)
+        return derived_event_id(
+            "alert", alert.rule, alert.alias, alert.version_id, transition.state, episode
+        )
 
     def active(self, alias: str = "") -> list[AlertState]:
         return sorted(

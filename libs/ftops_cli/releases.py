@@ -125,6 +125,8 @@ def _route_fields(route: gateway_pb2.Route) -> list[tuple[str, object]]:
         ]
         if route.shadow_percent:
             fields.append(("mirrored", f"{route.shadow_percent}% of stable requests"))
+        if route.evidence_mirror_percent:
+            fields.append(("evidence", _evidence_text(route)))
         if route.sticky:
             fields.append(("split", "sticky by user/session"))
         for rule in route.flags:
@@ -133,6 +135,17 @@ def _route_fields(route: gateway_pb2.Route) -> list[tuple[str, object]]:
             fields.append(("paused", "yes: no automatic decisions"))
     fields += [("previous", or_dash(route.previous_version_id)), ("revision", route.revision)]
     return fields
+
+
+def _evidence_text(route: gateway_pb2.Route) -> str:
+    """The canary's mirrored evidence: what the analysis sees beyond the step's weight."""
+    share = route.evidence_mirror_percent
+    if route.candidate_weight >= share:
+        return f"{share}% (the step's own traffic; nothing mirrored)"
+    if route.paused:
+        return f"{share}% (not mirrored while paused)"
+    mirrored = share - route.candidate_weight
+    return f"{share}% ({route.candidate_weight}% answered + {mirrored}% mirrored from stable)"
 
 
 def _flag_text(rule: events_pb2.FlagRule) -> str:
@@ -186,6 +199,8 @@ def release_fields(release: gateway_pb2.Release) -> list[tuple[str, object]]:
             )
         if route.shadow_percent:
             fields.append(("mirrored", f"{route.shadow_percent}%"))
+        if route.evidence_mirror_percent:
+            fields.append(("evidence", _evidence_text(route)))
     fields += [
         ("last decision", _decision_text(decision)),
         ("reason", or_dash(decision.reason)),
@@ -269,6 +284,15 @@ def release_start(
     hold_seconds: Annotated[
         float | None, typer.Option(min=0, help="keep the old stable this long after the switch")
     ] = None,
+    evidence_mirror_percent: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=100,
+            help="canary: % of traffic the candidate is judged on while a step is below it, "
+            "topped up by mirroring stable requests (default 20, 0 = off)",
+        ),
+    ] = None,
     min_requests: Annotated[
         int, typer.Option(min=0, help="requests per arm before a decision")
     ] = 0,
@@ -314,6 +338,7 @@ def release_start(
             shadow_percent=shadow_percent,
             sticky=sticky,
             hold_seconds=hold_seconds,
+            evidence_mirror_percent=evidence_mirror_percent,
         )
         _show_route(route, output)
 

@@ -271,10 +271,13 @@ class FtopsClient:
         shadow_percent: int | None = None,
         sticky: bool = False,
         hold_seconds: float | None = None,
+        evidence_mirror_percent: int | None = None,
     ) -> gateway_pb2.Route:
         """A release of ``candidate`` on ``alias``; empty steps and zero thresholds take the
         server's defaults. ``auto=False`` leaves every promotion to :meth:`promote_release`.
-        ``analysis`` replaces the individual threshold arguments when given."""
+        ``analysis`` replaces the individual threshold arguments when given.
+        ``evidence_mirror_percent`` (canary; None = the gateway's default, 0 = off): the
+        share of traffic the candidate is judged on while a step's weight is below it."""
         settings = analysis or events_pb2.AnalysisSettings(
             min_requests=min_requests,
             max_error_rate=max_error_rate,
@@ -294,6 +297,8 @@ class FtopsClient:
             request.shadow_percent = shadow_percent
         if hold_seconds is not None:
             request.hold_seconds = hold_seconds
+        if evidence_mirror_percent is not None:
+            request.evidence_mirror_percent = evidence_mirror_percent
         return await self._call(
             "gateway", self._gateway.StartRelease(request, timeout=self.timeout)
         )

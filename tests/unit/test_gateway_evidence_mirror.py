@@ -11,6 +11,7 @@ import pytest
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
+from ftops_cli.releases import _route_fields, release_fields
 from ftops_gateway import release_spec, route_rules
 from ftops_gateway.chooser import (
     ARM_CANDIDATE,
@@ -202,3 +203,22 @@ async def test_plan_mirrors_stable_requests_to_the_candidate_at_the_first_step_o
     assert (plan.target.arm, plan.mirror_to) == (ARM_STABLE, None)
     # Traffic split announced on route.changed stays the user-facing one.
     assert route_rules.weights(route) == {"ver_c": 5, "ver_s": 95}
+
+
+# -- how the CLI shows it ----------------------------------------------------------------------
+
+
+def test_cli_route_view_says_what_the_analysis_sees() -> None:
+    route = _start()
+    assert dict(_route_fields(route))["evidence"] == (
+        "20% (5% answered + 15% mirrored from stable)"
+    )
+    release = gateway_pb2.Release(route=_promote(route, 1, 25), state="running")
+    assert dict(release_fields(release))["evidence"] == (
+        "20% (the step's own traffic; nothing mirrored)"
+    )
+    paused = route_rules.set_paused(
+        route, "bot", "rel_1", True, event_id="e", reason="look", now=1001.0
+    )
+    assert dict(_route_fields(paused))["evidence"] == "20% (not mirrored while paused)"
+    assert "evidence" not in dict(_route_fields(_start(evidence_mirror_percent=0)))

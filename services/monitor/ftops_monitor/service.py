@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from nats.js.api import DeliverPolicy
 from opentelemetry import metrics
@@ -126,16 +127,25 @@ class MonitorService:
             await self.metrics.start()
 
     async def start(self) -> int:
+        # Consumer names are new at every start: a restarted process keeps its instance id
+        # (a container restart keeps the pod's name), and under an existing name JetStream
+        # would resume where the last process stopped instead of replaying the release
+        # history its empty state needs. Consumers of stopped processes lapse after
+        # ``release_consumer_inactive_s``.
+        prefix = f"monitor-{self.settings.instance_id}-{uuid.uuid4().hex[:6]}"
+        inactive = self.settings.release_consumer_inactive_s
+        # Every replica judges every release, so each needs all the results: a shared
+        # durable would split the batches and each replica would judge a fraction. The
+        # replicas' identical decisions land once (deterministic event ids, monitor.py).
         self.bus.subscribe(
             METRICS_REQUESTS,
-            self.settings.metrics_durable,
+            f"{prefix}-metrics",
             self.monitor.on_metrics,
             deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold_s=inactive,
         )
         # Release state is rebuilt at every start by replaying the release history into a
-        # per-instance consumer (one per subject: a consumer has one filter subject).
-        prefix = f"monitor-{self.settings.instance_id}"
-        inactive = self.settings.release_consumer_inactive_s
+        # per-process consumer (one per subject: a consumer has one filter subject).
         handlers = (
             (RELEASE_STARTED, self.monitor.on_started, "started"),
             (RELEASE_PROMOTE, self.monitor.on_promote, "promote"),

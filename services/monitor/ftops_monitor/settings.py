@@ -15,13 +15,13 @@ class MonitorSettings(ServiceSettings, AuthSettings):
         gt=0,
         description="Longest pause between release analyses (a result batch triggers one at once).",
     )
-    metrics_durable: str = Field(
-        "monitor", description="Durable consumer of metrics.requests shared by monitor replicas."
-    )
+    # No shared results consumer to name: every replica reads all of metrics.requests on
+    # its own consumer (service.py), so replicas judge the same evidence.
     release_consumer_inactive_s: float = Field(
         300.0,
         gt=0,
-        description="A stopped replica's release-event consumers vanish after this.",
+        description="A stopped replica's consumers (request results, release events) vanish "
+        "after this.",
     )
     registry_address: str = Field(
         "127.0.0.1:50051",

@@ -113,6 +113,10 @@ class Comm(Protocol):
     def rank(self) -> int: ...
     @property
     def world_size(self) -> int: ...
+    @property
+    def device(self) -> torch.device | None:
+        """The worker's device (None: the job's ``device`` setting decides)."""
+
     def any(self, flag: bool) -> bool: ...
     def sum_(self, tensors: list[torch.Tensor]) -> None: ...
     def broadcast_(self, tensors: list[torch.Tensor]) -> None: ...
@@ -121,6 +125,7 @@ class Comm(Protocol):
 class LocalComm:
     rank = 0
     world_size = 1
+    device = None
 
     def any(self, flag: bool) -> bool:
         return flag
@@ -242,9 +247,8 @@ class _Run:
     def __init__(self, job: Job, comm: Comm, hooks: Hooks) -> None:
         self.job, self.comm, self.hooks = job, comm, hooks
         p = self.params = job.params
-        if comm.world_size > 1 and p.device == "cuda":
-            raise ValueError("data-parallel training runs on CPU (gloo) only; use world_size=1")
-        self.device = resolve_device("cpu" if comm.world_size > 1 else p.device)
+        # A data-parallel worker's device was placed by its launcher (cuda:{local_rank}).
+        self.device = comm.device if comm.device is not None else resolve_device(p.device)
         self.amp = resolve_precision(p.mixed_precision, self.device)
         schedule = plan_batches(len(job.examples), p.batch_size, p.num_epochs, p.seed)
         self.schedule = schedule[: p.max_steps] if p.max_steps else schedule
@@ -271,7 +275,9 @@ class _Run:
             if self.sharded:
                 from ftops_trainer.sharding import shard_frozen_base
 
-                shard_frozen_base(self.prepared.model, self.tensors, comm.world_size)
+                shard_frozen_base(
+                    self.prepared.model, self.tensors, comm.world_size, self.device.type
+                )
             if comm.rank:
                 torch.manual_seed(p.seed + comm.rank)  # its own dropout masks
         self.regularizer = self._regularizer()
@@ -283,10 +289,26 @@ class _Run:
         self.state = _State()
         self.fingerprint = fingerprint(job)
         self.resumed_from = 0
+        if comm.world_size > 1:
+            self._agree("the training data, parameters or parent", self.fingerprint)
         if job.resume and job.checkpoint_dir is not None:
             latest = checkpoints.latest(job.checkpoint_dir)
             if latest is not None:
                 self._restore(latest)
+        if comm.world_size > 1:
+            self._agree(
+                "the checkpoint to resume from (is checkpoint_dir shared by every node?)",
+                f"{self.resumed_from:x}",
+            )
+
+    def _agree(self, what: str, hex_value: str) -> None:
+        """Every rank must hold rank 0's value (nodes derive their inputs themselves):
+        a mismatch fails every rank at once instead of training on different data."""
+        mine = torch.tensor([int(hex_value[:15], 16)], dtype=torch.int64)
+        ref = mine.clone()
+        self.comm.broadcast_([ref])
+        if self.comm.any(not torch.equal(mine, ref)):
+            raise ValueError(f"data-parallel workers disagree with rank 0 on {what}")
 
     # -- pieces ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -76,6 +77,38 @@ class TrainerSettings(ServiceSettings, AuthSettings):
     retention_set_size: int = Field(
         256, ge=1, description="Most records in a job's frozen retention set."
     )
+
+    advertise_host: str = Field(
+        "",
+        description=(
+            "Host other trainer replicas reach this one at, for a multi-node job's "
+            "rendezvous (node 0's torch.distributed TCPStore; the workers' own connections "
+            "follow it). Empty: grpc_host, or this machine's name when that is a wildcard."
+        ),
+    )
+    gang_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "A multi-node job whose gang (nodes - 1 idle replicas of the queue joining node "
+            "0) has not formed within this time fails with a clear error."
+        ),
+    )
+    distributed_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "A multi-node job's collectives and rendezvous time out after this long (a node "
+            "that died or hangs); the job then resumes from its checkpoint."
+        ),
+    )
+
+    def rendezvous_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if self.grpc_host in ("", "0.0.0.0", "::", "[::]"):
+            return socket.getfqdn()
+        return self.grpc_host
 
     def allowed_dataset_dirs(self) -> list[Path]:
         return [Path(p.strip()).resolve() for p in self.dataset_dirs.split(",") if p.strip()]

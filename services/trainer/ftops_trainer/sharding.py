@@ -29,13 +29,17 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return set()
 
 
-def shard_frozen_base(model: nn.Module, trainable: Sequence[torch.Tensor], world_size: int) -> int:
-    """Shard ``model``'s frozen weights over the default process group, one unit per
-    transformer block plus the rest at the root. Returns the number of sharded blocks."""
+def shard_frozen_base(
+    model: nn.Module, trainable: Sequence[torch.Tensor], world_size: int, device_type: str = "cpu"
+) -> int:
+    """Shard ``model``'s frozen weights over the default process group (all ``world_size``
+    ranks, every node), one unit per transformer block plus the rest at the root. The
+    mesh's device type is the workers' ("cuda" under NCCL: each rank's current device).
+    Returns the number of sharded blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = init_device_mesh(device_type, (world_size,))
     ignored = {p for p in model.parameters() if any(p is t for t in trainable)}
     classes = _layer_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in classes]

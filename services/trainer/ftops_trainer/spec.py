@@ -11,6 +11,7 @@ from typing import get_args
 from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime.errors import InvalidArgument
 from ftops_trainer.dataset import Overlong
+from ftops_trainer.distributed import world_size_problem
 from ftops_trainer.gate import GateConfig
 from ftops_trainer.params import (
     METHODS,
@@ -37,6 +38,7 @@ OVERLONG: tuple[str, ...] = get_args(Overlong)
 DEFAULT_GATE = GateConfig()
 DEFAULT_HOLDOUT_FRACTION = 0.1
 DEFAULT_NEAR_DUP_THRESHOLD = NearDedupConfig().threshold
+MAX_NODES = 16
 
 
 def spec_fingerprint(spec: trainer_pb2.JobSpec) -> str:
@@ -101,6 +103,8 @@ def validate_spec(spec: trainer_pb2.JobSpec) -> None:
         problems.append("hyperparameters.regularization_weight must be >= 0")
     if hp.world_size > 64:
         problems.append("hyperparameters.world_size is too large (at most 64)")
+    if hp.nodes > MAX_NODES:
+        problems.append(f"hyperparameters.nodes is too large (at most {MAX_NODES})")
     if hp.parallelism and hp.parallelism not in PARALLELISM:
         problems.append(f"hyperparameters.parallelism must be one of {', '.join(PARALLELISM)}")
     data = spec.data
@@ -127,6 +131,15 @@ def validate_spec(spec: trainer_pb2.JobSpec) -> None:
         _in_unit(problems, "gate.holdout_fraction", gate.holdout_fraction, closed=False)
     if problems:
         raise InvalidArgument("invalid job spec: " + "; ".join(problems))
+
+
+def validate_placement(spec: trainer_pb2.JobSpec, gpu_count: int) -> None:
+    """What this trainer's hardware refuses (its queue's replicas are alike): on GPUs each
+    worker takes its own, so world_size may not exceed the visible GPU count."""
+    device_type = "cuda" if gpu_count > 0 else "cpu"  # the job's device is "auto"
+    problem = world_size_problem(device_type, max(1, spec.hyperparameters.world_size), gpu_count)
+    if problem:
+        raise InvalidArgument(f"invalid job spec: hyperparameters.{problem} on this trainer")
 
 
 def effective_spec(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> trainer_pb2.JobSpec:

@@ -8,7 +8,8 @@ The pieces: ``methods`` (LoRA/DoRA/rsLoRA, AdaLoRA, IA3, prompt and prefix tunin
 top-layer partial fine-tuning, QLoRA on CUDA), ``schedule`` (batches, warmup + decay),
 ``loop`` (the optimizer steps, weighting, evaluation, early stopping), ``checkpoints``
 (resumable, no pickles), ``regularization`` (L2/EWC towards the parent) and
-``distributed`` (data parallel over CPU worker processes).
+``distributed`` (data parallel over worker processes: gloo on CPU, NCCL on GPUs, one
+node or a gang of several).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftops_trainer.dataset import Example, Record, tokenize_all
 from ftops_trainer.loop import (
@@ -41,6 +42,9 @@ from ftops_trainer.methods import (
 )
 from ftops_trainer.params import DEFAULT_TARGET_MODULES, TrainParams, total_steps, validate_training
 
+if TYPE_CHECKING:
+    from ftops_trainer.distributed import NodeSpec
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_FILES",
@@ -57,6 +61,7 @@ __all__ = [
     "TrainingStopped",
     "total_steps",
     "train_adapter",
+    "train_member",
 ]
 
 
@@ -97,6 +102,7 @@ def train_adapter(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     world_size: int = 1,
+    node: NodeSpec | None = None,
 ) -> TrainResult:
     """Train an adapter on ``records`` and write it to ``out_dir``.
 
@@ -108,8 +114,84 @@ def train_adapter(
     estimate the Fisher information for ``regularization="ewc"``. With
     ``params.checkpoint_every`` a checkpoint lands in ``checkpoint_dir`` (default: next to
     ``out_dir``) every N steps; ``resume=True`` continues from the newest one there.
-    ``world_size > 1`` trains data-parallel in that many CPU worker processes.
+    ``world_size > 1`` trains data-parallel in that many worker processes (one per GPU on
+    CUDA); ``node`` makes this node 0 of a multi-node gang (``train_member`` the others).
     """
+    result = _train(
+        base_dir,
+        records,
+        params,
+        out_dir,
+        base_model_name=base_model_name,
+        parent_adapter_dir=parent_adapter_dir,
+        progress=progress,
+        should_stop=should_stop,
+        on_metrics=on_metrics,
+        eval_records=eval_records,
+        replay_records=replay_records,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        world_size=world_size,
+        node=node,
+    )
+    assert result is not None  # global rank 0 trains here
+    return result
+
+
+def train_member(
+    base_dir: Path,
+    records: Sequence[Record],
+    params: TrainParams,
+    out_dir: Path,
+    *,
+    node: NodeSpec,
+    world_size: int,
+    base_model_name: str = "",
+    parent_adapter_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    eval_records: Sequence[Record] | None = None,
+    replay_records: Sequence[Record] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> None:
+    """Node ``node.node_rank`` (> 0) of a multi-node job: the same inputs as node 0's
+    ``train_adapter``; its workers take part in every collective, node 0 exports."""
+    if node.node_rank < 1:
+        raise ValueError("train_member is for nodes other than node 0")
+    _train(
+        base_dir,
+        records,
+        params,
+        out_dir,
+        base_model_name=base_model_name,
+        parent_adapter_dir=parent_adapter_dir,
+        should_stop=should_stop,
+        eval_records=eval_records,
+        replay_records=replay_records,
+        checkpoint_dir=checkpoint_dir,
+        resume=True,
+        world_size=world_size,
+        node=node,
+    )
+
+
+def _train(
+    base_dir: Path,
+    records: Sequence[Record],
+    params: TrainParams,
+    out_dir: Path,
+    *,
+    base_model_name: str,
+    parent_adapter_dir: Path | None,
+    should_stop: Callable[[], bool] | None,
+    eval_records: Sequence[Record] | None,
+    replay_records: Sequence[Record] | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    world_size: int,
+    node: NodeSpec | None,
+    progress: ProgressFn | None = None,
+    on_metrics: MetricsFn | None = None,
+) -> TrainResult | None:
     # Imported here: the service starts (and answers health checks) without paying
     # for the transformers/peft import until the first job runs.
     from transformers import AutoTokenizer
@@ -158,12 +240,13 @@ def train_adapter(
         resume=resume,
     )
     hooks = Hooks(should_stop=should_stop, progress=progress, on_metrics=on_metrics)
-    if world_size == 1:
+    if world_size == 1 and node is None:
         result = run_training(job, LocalComm(), hooks)
         assert result is not None  # rank 0 always returns one
     else:
         from ftops_trainer.distributed import run_data_parallel
 
-        result = run_data_parallel(job, world_size, hooks)
-    result.seconds = time.monotonic() - started
+        result = run_data_parallel(job, world_size, hooks, node)
+    if result is not None:
+        result.seconds = time.monotonic() - started
     return result

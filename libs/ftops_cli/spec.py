@@ -31,7 +31,8 @@ validated into a ``trainer.v1.JobSpec``.
     eval_steps: 20
     regularization: none          # none | l2 | ewc (towards the parent adapter)
     regularization_weight: 0.1
-    world_size: 2                 # data-parallel worker processes
+    world_size: 2                 # data-parallel worker processes (one per GPU on CUDA)
+    nodes: 1                      # trainer replicas (machines), each with world_size workers
     parallelism: ddp              # ddp | fsdp (shard the frozen base over the workers)
     train_on_prompt: false
     overlong: truncate            # truncate | refuse
@@ -88,6 +89,7 @@ INT_KEYS = (
     "early_stopping_patience",
     "eval_steps",
     "world_size",
+    "nodes",
     "replay_capacity",
     "target_r",
 )
@@ -231,6 +233,7 @@ def build_job_spec(values: Mapping[str, Any]) -> trainer_pb2.JobSpec:
         regularization=values.get("regularization", ""),
         regularization_weight=values.get("regularization_weight", 0.0),
         world_size=values.get("world_size", 0),
+        nodes=values.get("nodes", 0),
         parallelism=values.get("parallelism", ""),
     )
     if "warmup_ratio" in values:

@@ -27,15 +27,23 @@ from ftops_runtime import events
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.errors import FailedPrecondition, NotFound, PermanentEventError
 from ftops_runtime.tasks import cancel_and_wait
+from ftops_trainer.distributed import visible_gpus
+from ftops_trainer.gang import gang_subject, slot_expired
 from ftops_trainer.intake import Intake
 from ftops_trainer.runner import JobRunner, StopReason, TransientJobError
 from ftops_trainer.settings import TrainerSettings
-from ftops_trainer.spec import effective_spec, spec_fingerprint, validate_spec
+from ftops_trainer.spec import (
+    effective_spec,
+    spec_fingerprint,
+    validate_placement,
+    validate_spec,
+)
 from ftops_trainer.store import JobExists, JobState, JobStore, is_terminal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
+_PASS_ON_DELAY_S = 0.5
 MAX_PAGE_SIZE = 500
 
 
@@ -72,8 +80,12 @@ class JobManager:
         self._intake = Intake(settings, registry)
         self._runner = JobRunner(settings, registry, bus.publish, self._intake)
         self._running: dict[str, _Running] = {}
+        # Gang memberships: nodes > 0 of other replicas' multi-node jobs, by job/node.
+        self._members: dict[str, threading.Event] = {}
+        # Jobs plus memberships running here; at most max_concurrent_jobs.
+        self._active = 0
         self._closing = False
-        self._idle = asyncio.Event()  # set whenever no job runs here
+        self._idle = asyncio.Event()  # set whenever no job (or membership) runs here
         self._idle.set()
 
     async def start(self) -> None:
@@ -94,6 +106,15 @@ class JobManager:
                 ack_wait_s=self._settings.job_ack_wait_s,
                 batch=1,
             )
+        # Member slots of multi-node jobs (see gang.py): taken while this replica is idle.
+        self._bus.subscribe(
+            gang_subject(self._settings.job_queue),
+            f"trainer-{self._settings.job_queue}-gang",
+            self._on_gang_slot,
+            payload_type=trainer_pb2.GangSlot,
+            ack_wait_s=self._settings.job_ack_wait_s,
+            batch=1,
+        )
 
     def interrupt(self) -> None:
         """Stop taking jobs and stop the running ones at their next step (they keep their
@@ -102,6 +123,8 @@ class JobManager:
         for running in self._running.values():
             running.reason = StopReason.SHUTDOWN
             running.stop.set()
+        for stop in self._members.values():
+            stop.set()
 
     async def close(self) -> None:
         """Interrupt running jobs and wait for their handlers to hand them back."""
@@ -113,6 +136,7 @@ class JobManager:
 
     async def submit(self, spec: trainer_pb2.JobSpec, idempotency_key: str = "") -> trainer_pb2.Job:
         validate_spec(spec)
+        validate_placement(spec, visible_gpus())
         fingerprint = spec_fingerprint(spec)
         job_id = job_id_for(idempotency_key)
         if idempotency_key:
@@ -216,6 +240,20 @@ class JobManager:
     async def _on_queued_job(self, event: events_pb2.JobEvent, delivery: Delivery) -> None:
         if self._closing:
             raise RuntimeError("trainer shutting down")  # nak: another replica takes it
+        # A gang membership may hold the capacity this subscription stands for: wait for
+        # it, heartbeating the job (a nak would spend the job's deliveries).
+        while self._active >= self._settings.max_concurrent_jobs:
+            await delivery.in_progress()
+            await asyncio.sleep(min(1.0, self._settings.job_ack_wait_s / 3))
+            if self._closing:
+                raise RuntimeError("trainer shutting down")
+        self._active += 1
+        try:
+            await self._run_queued(event, delivery)
+        finally:
+            self._active -= 1
+
+    async def _run_queued(self, event: events_pb2.JobEvent, delivery: Delivery) -> None:
         if not event.job_id:
             raise PermanentEventError("queued job event without a job id")
         record = await self._store.get(event.job_id)
@@ -256,9 +294,50 @@ class JobManager:
         finally:
             await cancel_and_wait([heartbeat, flusher])
             del self._running[job.job_id]
-            if not self._running:
-                self._idle.set()
+            self._update_idle()
         await self._finish(running)
+
+    def _update_idle(self) -> None:
+        if not self._running and not self._members:
+            self._idle.set()
+
+    async def _on_gang_slot(self, slot: trainer_pb2.GangSlot, delivery: Delivery) -> None:
+        if slot_expired(slot):
+            return  # node 0 has failed the job by now
+        if self._closing or self._active >= self._settings.max_concurrent_jobs:
+            await self._pass_on(slot)
+            return
+        self._active += 1
+        key = f"{slot.job_id}/{slot.node_rank}"
+        stop = self._members[key] = threading.Event()
+        self._idle.clear()
+        heartbeat = asyncio.create_task(self._heartbeat(delivery))
+        try:
+            record = await self._store.get(slot.job_id)
+            job = record.job
+            if job.state != JobState.JOB_STATE_RUNNING or job.attempts != slot.attempt:
+                return  # a slot of an attempt that ended
+            log.info("job %s: joining as node %d of %d", job.job_id, slot.node_rank, slot.nodes)
+            await self._runner.run_member(job, slot, stop)
+        except Exception as exc:
+            # Node 0 owns the job and learns of this through the gang (an abort, or its
+            # collectives failing): the slot itself is done either way.
+            log.warning("job %s: node %d ended with %r", slot.job_id, slot.node_rank, exc)
+        finally:
+            await cancel_and_wait([heartbeat])
+            del self._members[key]
+            self._active -= 1
+            self._update_idle()
+
+    async def _pass_on(self, slot: trainer_pb2.GangSlot) -> None:
+        """Leave a slot to an idle replica: a fresh copy goes back on the queue (a nak
+        would spend its deliveries, busy replicas may decline it many times before its
+        deadline). Should both copies survive, the rank claim lets only one join."""
+        await asyncio.sleep(_PASS_ON_DELAY_S)
+        copy = trainer_pb2.GangSlot()
+        copy.CopyFrom(slot)
+        copy.meta.event_id = f"{slot.meta.event_id.split('~')[0]}~{uuid.uuid4().hex[:8]}"
+        await self._bus.publish(gang_subject(self._settings.job_queue), copy)
 
     async def _finish(self, running: _Running) -> None:
         job = running.job

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import logging
 import shutil
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from torch.multiprocessing.spawn import ProcessException
 
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
@@ -35,9 +39,10 @@ from ftops_runtime.retry import retry_forever
 from ftops_trainer import artifacts
 from ftops_trainer.dataset import Record, load_dataset, parse_jsonl
 from ftops_trainer.evaluation import build_retention_set, evaluate_sets
-from ftops_trainer.gate import GateConfig, evaluate_gate, split_holdout
+from ftops_trainer.gang import GangFailed, Leader, Member
+from ftops_trainer.gate import GateConfig, HoldoutSplit, evaluate_gate, split_holdout
 from ftops_trainer.intake import Intake
-from ftops_trainer.replay import REPLAY_FILES, lineage_buffer, mix_replay
+from ftops_trainer.replay import REPLAY_FILES, ReplayBuffer, lineage_buffer, mix_replay
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.spec import pipeline_config, train_params
 from ftops_trainer.store import REGISTRY_TIMEOUT_S, JobState
@@ -46,7 +51,9 @@ from ftops_trainer.training import (
     NothingToTrain,
     TrainingStopped,
     TrainMetrics,
+    TrainResult,
     train_adapter,
+    train_member,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,8 @@ log = logging.getLogger(__name__)
 # Any base model directory may ship what it knows as prompt/completion JSONL under this
 # name; the trainer then measures retention on it (the tiny dev model ships one).
 RETENTION_PROBE_FILE = "ftops_retention.jsonl"
+# A gang member waits for node 0's go until the slot's deadline and this much longer.
+_GO_SLACK_S = 10.0
 
 Publish = Callable[[str, Message], Awaitable[None]]
 
@@ -93,6 +102,19 @@ def probe_split(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
         digest = hashlib.sha256(f"{r.prompt}\x00{r.completion}".encode()).digest()
         (held if digest[0] % 2 else replay).append(r)
     return replay, held
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    data: bytes
+    split: HoldoutSplit[Record]
+    base: registry_pb2.BaseModel
+    base_dir: Path
+    parent_dir: Path | None
+    buffer: ReplayBuffer
+    probe_replay: list[Record]
+    probe_held: list[Record]
+    train_records: list[Record]
 
 
 class JobRunner:
@@ -144,16 +166,12 @@ class JobRunner:
             # Finished for good: its checkpoints are no longer needed.
             shutil.rmtree(self._settings.checkpoint_dir / job.job_id, ignore_errors=True)
 
-    async def _pipeline(
-        self,
-        job: trainer_pb2.Job,
-        work: Path,
-        stop: threading.Event,
-        report: Callable[[], None],
-    ) -> None:
+    async def _inputs(
+        self, job: trainer_pb2.Job, work: Path, report: Callable[[], None]
+    ) -> _Inputs:
+        """Everything training needs, from the job's dataset, base model and parent. Seeded
+        throughout, so every node of a multi-node job derives the same inputs."""
         spec = job.spec
-        loop = asyncio.get_running_loop()
-
         # -- data ---------------------------------------------------------------------
         data = await self._intake.fetch_dataset(spec.dataset_artifact_id)
         parsed = await asyncio.to_thread(
@@ -216,7 +234,132 @@ class JobRunner:
             split.train, buffer, spec.replay.ratio, seed=spec.hyperparameters.seed
         )
         job.replay_records = len(train_records) - len(split.train)
-        seeded = set(probe_replay)
+        return _Inputs(
+            data=data,
+            split=split,
+            base=base,
+            base_dir=base_dir,
+            parent_dir=parent_dir,
+            buffer=buffer,
+            probe_replay=probe_replay,
+            probe_held=probe_held,
+            train_records=train_records,
+        )
+
+    def _train_kwargs(self, job: trainer_pb2.Job, inputs: _Inputs, work: Path) -> dict[str, Any]:
+        """What ``train_adapter`` (node 0) and ``train_member`` (the others) share."""
+        hp = job.spec.hyperparameters
+        return {
+            "base_dir": inputs.base_dir,
+            "records": inputs.train_records,
+            "params": train_params(job.spec),
+            "out_dir": work / "adapter",
+            "base_model_name": inputs.base.name,
+            "parent_adapter_dir": inputs.parent_dir,
+            "checkpoint_dir": self._settings.checkpoint_dir / job.job_id,
+            # Early stopping watches the held-out new data (never the training set).
+            "eval_records": (
+                inputs.split.holdout
+                if hp.early_stopping_patience and not inputs.split.holdout_is_training
+                else None
+            ),
+            # EWC estimates what matters to the parent on what the lineage knows.
+            "replay_records": inputs.buffer.records or None,
+            "world_size": max(1, hp.world_size),
+        }
+
+    async def _train(
+        self,
+        job: trainer_pb2.Job,
+        kwargs: dict[str, Any],
+        stop: threading.Event,
+        on_metrics: Callable[[TrainMetrics], None],
+    ) -> TrainResult:
+        run = functools.partial(
+            train_adapter, should_stop=stop.is_set, on_metrics=on_metrics, resume=True, **kwargs
+        )
+        if job.spec.hyperparameters.nodes <= 1:
+            return await asyncio.to_thread(run)
+        # Node 0 of a gang: recruit the members, then train with them.
+        try:
+            leader = await Leader.open(self._settings, job, self._publish)
+        except Exception as exc:
+            raise TransientJobError(f"could not open the job's rendezvous: {exc}") from exc
+        try:
+            try:
+                await leader.wait_members(stop)
+            except GangFailed as exc:
+                raise JobFailed(str(exc)) from exc
+            try:
+                return await asyncio.to_thread(run, node=leader.node())
+            except TrainingStopped:
+                if stop.is_set():
+                    raise
+                raise TransientJobError(
+                    "a member node stopped training (its replica shut down)"
+                ) from None
+            except ProcessException as exc:
+                # A worker failed, here or because a member node died or hung (the
+                # collectives time out): another attempt resumes from the checkpoint.
+                raise TransientJobError(f"multi-node training failed: {exc}") from exc
+        finally:
+            leader.close()
+
+    async def run_member(
+        self, job: trainer_pb2.Job, slot: trainer_pb2.GangSlot, stop: threading.Event
+    ) -> None:
+        """Be node ``slot.node_rank`` of ``job``'s gang until the training ends. Node 0
+        owns the job: its record, progress, checkpoints and results."""
+        member = await asyncio.to_thread(Member.join, slot, self._settings.instance_id)
+        if member is None:
+            return
+        work = self._settings.work_dir / f"{job.job_id}.node{slot.node_rank}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            try:
+                inputs = await self._inputs(job, work, lambda: None)
+                kwargs = self._train_kwargs(job, inputs, work)
+            except Exception as exc:
+                await asyncio.to_thread(member.fail, str(exc))
+                raise
+            await asyncio.to_thread(member.ready)
+            wait = max(0.0, slot.deadline.ToSeconds() - time.time()) + _GO_SLACK_S
+            if not await asyncio.to_thread(member.wait_go, wait, stop):
+                log.info(
+                    "job %s: node %d left the gang before it started", job.job_id, slot.node_rank
+                )
+                return
+            log.info("job %s: training as node %d of %d", job.job_id, slot.node_rank, slot.nodes)
+            kwargs.pop("out_dir")
+            await asyncio.to_thread(
+                train_member,
+                out_dir=work / "adapter",
+                node=member.node(self._settings.distributed_timeout_s),
+                should_stop=stop.is_set,
+                **kwargs,
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _pipeline(
+        self,
+        job: trainer_pb2.Job,
+        work: Path,
+        stop: threading.Event,
+        report: Callable[[], None],
+    ) -> None:
+        spec = job.spec
+        loop = asyncio.get_running_loop()
+        inputs = await self._inputs(job, work, report)
+        split, buffer, base_dir = inputs.split, inputs.buffer, inputs.base_dir
+        parent_dir, probe_held, data, base = (
+            inputs.parent_dir,
+            inputs.probe_held,
+            inputs.data,
+            inputs.base,
+        )
+        seeded = set(inputs.probe_replay)
         retention_set = build_retention_set(
             [r for r in buffer.records if r not in seeded],
             probe_held,
@@ -247,28 +390,7 @@ class JobRunner:
         def on_metrics(m: TrainMetrics) -> None:
             loop.call_soon_threadsafe(_apply_metrics, job, m, report)
 
-        result = await asyncio.to_thread(
-            train_adapter,
-            base_dir,
-            train_records,
-            train_params(spec),
-            work / "adapter",
-            base_model_name=base.name,
-            parent_adapter_dir=parent_dir,
-            should_stop=stop.is_set,
-            on_metrics=on_metrics,
-            checkpoint_dir=self._settings.checkpoint_dir / job.job_id,
-            resume=True,
-            # Early stopping watches the held-out new data (never the training set).
-            eval_records=(
-                split.holdout
-                if spec.hyperparameters.early_stopping_patience and not split.holdout_is_training
-                else None
-            ),
-            # EWC estimates what matters to the parent on what the lineage knows.
-            replay_records=buffer.records or None,
-            world_size=max(1, spec.hyperparameters.world_size),
-        )
+        result = await self._train(job, self._train_kwargs(job, inputs, work), stop, on_metrics)
         job.records_used = result.examples
         job.records_truncated = result.truncated
         job.resumed_from_step = result.resumed_from_step

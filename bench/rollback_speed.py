@@ -1,16 +1,20 @@
 """Rollback speed (issue 5, bench 2): how fast a bad canary is taken back to 0%.
 
 A real gateway and a real monitor (their service objects, over real NATS and Redis) with
-default release settings (canary 5/25/50/100, default analysis); 50 requests/s of open-loop
-client traffic through the gateway. The inference replica is a stand-in servicer started
+default release settings (canary 5/25/50/100, default analysis, mirrored evidence at its
+default 20%: during the 5% step a further 15% of the traffic is mirrored from stable requests
+to the candidate and judged with its own requests); 50 requests/s of open-loop client
+traffic through the gateway. The inference replica is a stand-in servicer started
 here whose latency and faults are set per version (the same faults the inference service's
 ``fault_*`` settings inject, but exact and instant to set): the stable version answers in
 ~20 ms; the candidate either fails 30% of its requests (INTERNAL, so the gateway's retry on
 another replica does not mask it) or answers 2x slower.
 
-Measured per case: seconds from the candidate's first request to the route holding it at
-0%, how many requests the candidate answered meanwhile, and the client-visible failures
-(the stable version answers for a failing candidate, so this should be 0).
+Measured per case: seconds from the candidate's first request (answered or mirrored) to the
+route holding it at 0%, how many requests the candidate answered users meanwhile and how
+many mirrored ones it served, and the client-visible failures (the stable version answers
+for a failing candidate, so this should be 0). The 30%-errors case is also run with the
+mirror off (``evidence_mirror_percent`` 0): the 5% step's own traffic alone, the baseline.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ftops_monitor.settings import MonitorSettings
 from ftops_runtime.client import channel
 
 RATE = 50.0  # client requests per second
-RUNS = 3  # releases per case
+RUNS = 10  # releases per case
 STABLE_MS = 20.0
 TIMEOUT_S = 120.0  # give up on a case after this long
 VERSIONS = ("ver_stable", "ver_errors", "ver_slow")
@@ -55,11 +59,13 @@ class StandIn(inference_pb2_grpc.InferenceServiceServicer):
     """Answers after ~STABLE_MS x slowdown; fails error_rate of a version's requests."""
 
     faults: dict[str, Fault] = field(default_factory=dict)
-    calls: dict[str, list[float]] = field(default_factory=dict)
+    # Per version: (when, mirrored) of every call; the gateway names mirrors "<id>-shadow".
+    calls: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
     async def Generate(self, request: Any, context: Any) -> inference_pb2.GenerateResponse:
-        self.calls.setdefault(request.version_id, []).append(time.monotonic())
+        mirrored = request.request_id.endswith("-shadow")
+        self.calls.setdefault(request.version_id, []).append((time.monotonic(), mirrored))
         fault = self.faults.get(request.version_id, Fault())
         await asyncio.sleep(STABLE_MS * fault.slowdown * self.rng.uniform(0.8, 1.2) / 1000)
         if self.rng.random() < fault.error_rate:
@@ -106,6 +112,7 @@ async def _server(add: Any) -> tuple[grpc.aio.Server, str]:
 class Outcome:
     seconds: float
     candidate_requests: int
+    mirrored_requests: int
     client_failures: int
     client_requests: int
     state: str
@@ -113,7 +120,11 @@ class Outcome:
 
 
 async def _case(
-    gw: GatewayService, stub: gateway_pb2_grpc.GatewayServiceStub, standin: StandIn, bad: str
+    gw: GatewayService,
+    stub: gateway_pb2_grpc.GatewayServiceStub,
+    standin: StandIn,
+    bad: str,
+    evidence_mirror_percent: int | None = None,
 ) -> Outcome:
     alias = f"bot-{uuid.uuid4().hex[:6]}"
     await gw.releases.set_route(alias, "ver_stable")
@@ -144,9 +155,10 @@ async def _case(
     loader = asyncio.create_task(load())
     await asyncio.sleep(3.0)  # a baseline for the stable arm, as in production
     standin.calls.pop(bad, None)
-    await gw.releases.start_release(
-        gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id=bad)
-    )
+    request = gateway_pb2.StartReleaseRequest(alias=alias, candidate_version_id=bad)
+    if evidence_mirror_percent is not None:
+        request.evidence_mirror_percent = evidence_mirror_percent
+    await gw.releases.start_release(request)
     deadline = time.monotonic() + TIMEOUT_S
     route = gw.routes.get(alias)
     while time.monotonic() < deadline:
@@ -157,13 +169,13 @@ async def _case(
     ended = time.monotonic()
     stop.set()
     await loader
-    calls = standin.calls.get(bad, [])
-    first = calls[0] if calls else ended
-    answered = sum(1 for t in calls if t <= ended)
+    calls = [c for c in standin.calls.get(bad, []) if c[0] <= ended]
+    first = calls[0][0] if calls else ended
     assert route is not None
     return Outcome(
         seconds=ended - first,
-        candidate_requests=answered,
+        candidate_requests=sum(not mirrored for _, mirrored in calls),
+        mirrored_requests=sum(mirrored for _, mirrored in calls),
         client_failures=client_failures,
         client_requests=client_requests,
         state=route.release_state or "running (timed out)",
@@ -216,14 +228,25 @@ async def main() -> None:
         )
         async with channel(gw.address) as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-            for name, bad in (("30% errors", "ver_errors"), ("2x slower", "ver_slow")):
-                outcomes = [await _case(gw, stub, standin, bad) for _ in range(RUNS)]
+            cases: tuple[tuple[str, str, int | None], ...] = (
+                ("30% errors", "ver_errors", None),
+                ("2x slower", "ver_slow", None),
+                ("30% errors, mirror off", "ver_errors", 0),
+            )
+            for name, bad, evidence in cases:
+                outcomes = [await _case(gw, stub, standin, bad, evidence) for _ in range(RUNS)]
                 report.add(f"{name}: time to 0%", [o.seconds for o in outcomes])
                 report.notes[f"{name}: seconds to 0% per run"] = ", ".join(
                     f"{o.seconds:.2f}" for o in outcomes
                 )
-                report.notes[f"{name}: requests the candidate answered per run"] = ", ".join(
+                report.notes[f"{name}: requests the candidate answered users per run"] = ", ".join(
                     str(o.candidate_requests) for o in outcomes
+                )
+                report.notes[f"{name}: mirrored requests it served per run"] = ", ".join(
+                    str(o.mirrored_requests) for o in outcomes
+                )
+                report.notes[f"{name}: within 5 s"] = (
+                    f"{sum(o.seconds <= 5.0 for o in outcomes)} of {len(outcomes)}"
                 )
                 report.notes[f"{name}: client-visible failures"] = (
                     f"{sum(o.client_failures for o in outcomes)} of "

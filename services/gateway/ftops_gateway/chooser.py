@@ -2,7 +2,10 @@
 
 Order: flag rules (first match decides), then the weight — per request, or with a sticky
 split by a hash of the user/session key, so that a user keeps its arm and raising the
-weight only ever moves users from stable to candidate. Pure given ``rng``.
+weight only ever moves users from stable to candidate. ``mirrors`` then decides whether a
+stable-arm request is also sent to the candidate in the background: ``shadow_percent``, or a
+canary's evidence share while its step is small (docs/analysis.md, "mirrored evidence").
+Pure given ``rng``.
 """
 
 from __future__ import annotations

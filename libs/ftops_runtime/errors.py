@@ -51,5 +51,14 @@ class DataLoss(FtopsError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class RemoteError(FtopsError):
+    """A status relayed from another service (e.g. an answer on a multiplexed stream): it
+    keeps the remote code and message, as a failed downstream gRPC call does."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class PermanentEventError(Exception):
     """An event that can never be handled (malformed, contradictory): dead-letter it."""

@@ -101,33 +101,46 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         raise NotImplementedError
 
 
+def server_span(method: str, carrier: Mapping[str, str]) -> Any:
+    """A SERVER span for one call of ``method``, child of the caller's span (traceparent in
+    ``carrier``). Also used for the requests carried over a multiplexed stream."""
+    service, _, name = method.lstrip("/").partition("/")
+    return tracer.start_as_current_span(
+        method.lstrip("/"),
+        context=telemetry.extract(carrier),
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def record_call(
+    span: trace.Span, method: str, code: grpc.StatusCode, details: str, started: float
+) -> None:
+    """The call's status on its span, and its duration in ``rpc.server.duration``."""
+    if code != grpc.StatusCode.OK:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(Status(StatusCode.ERROR, details or code.name))
+    rpc_duration.record(
+        (time.perf_counter() - started) * 1000,
+        {"rpc.method": method.lstrip("/"), "rpc.grpc.status_code": code.name},
+    )
+
+
 class TracingInterceptor(_WrappingInterceptor):
     """A SERVER span per call, child of the caller's span (traceparent in metadata)."""
 
-    def _span(self, method: str, md: Mapping[str, str]) -> Any:
-        service, _, name = method.lstrip("/").partition("/")
-        span = tracer.start_as_current_span(
-            method.lstrip("/"),
-            context=telemetry.extract(md),
-            kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-        return span
+    @staticmethod
+    def _span(method: str, md: Mapping[str, str]) -> Any:
+        return server_span(method, md)
 
     @staticmethod
     def _record(span: trace.Span, context: Any, method: str, started: float) -> None:
         code = context.code()
         if code is None:
             code = grpc.StatusCode.OK
-        if code != grpc.StatusCode.OK:
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            span.set_status(Status(StatusCode.ERROR, str(context.details() or code.name)))
-        rpc_duration.record(
-            (time.perf_counter() - started) * 1000,
-            {"rpc.method": method.lstrip("/"), "rpc.grpc.status_code": code.name},
-        )
+        record_call(span, method, code, str(context.details() or ""), started)
 
     def wrap_unary(self, behavior: Behavior, method: str, md: Mapping[str, str]) -> Behavior:
         async def traced(request: Any, context: Any) -> Any:
@@ -153,6 +166,17 @@ class TracingInterceptor(_WrappingInterceptor):
         return traced
 
 
+def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call answers with: a domain error's own, a
+    downstream call's, or INTERNAL (logged with its traceback, never shown to the caller)."""
+    if isinstance(exc, FtopsError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or exc.code().name
+    log.exception("unhandled error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}"
+
+
 class ErrorMappingInterceptor(_WrappingInterceptor):
     """Domain errors become their status code with the message as details; errors from a
     downstream gRPC call keep their code; anything else is INTERNAL, logged with its
@@ -160,12 +184,8 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
 
     @staticmethod
     async def _abort(exc: BaseException, method: str, context: Any) -> None:
-        if isinstance(exc, FtopsError):
-            await context.abort(exc.code, str(exc))
-        if isinstance(exc, grpc.aio.AioRpcError):
-            await context.abort(exc.code(), exc.details() or exc.code().name)
-        log.exception("unhandled error in %s", method, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+        code, details = status_of(exc, method)
+        await context.abort(code, details)
 
     def wrap_unary(self, behavior: Behavior, method: str, md: Mapping[str, str]) -> Behavior:
         async def mapped(request: Any, context: Any) -> Any:

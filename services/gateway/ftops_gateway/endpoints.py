@@ -18,6 +18,7 @@ import grpc
 
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
+from ftops_gateway.multiplexer import MultiplexChannel
 from ftops_runtime.server import grpc_options
 
 # A replica silent for this many heartbeat intervals is treated as gone.
@@ -38,6 +39,7 @@ class Endpoint:
     last_heard: float = 0.0
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
+    _multiplex: MultiplexChannel | None = None
 
     def stub(self) -> inference_pb2_grpc.InferenceServiceStub:
         if self._stub is None:
@@ -46,6 +48,12 @@ class Endpoint:
             self._channel = grpc.aio.insecure_channel(self.address, options=grpc_options(64))
             self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         return self._stub
+
+    def multiplex(self, metadata: tuple[tuple[str, str], ...]) -> MultiplexChannel:
+        """The one stream this gateway sends this replica's requests over."""
+        if self._multiplex is None:
+            self._multiplex = MultiplexChannel(self.stub(), address=self.address, metadata=metadata)
+        return self._multiplex
 
     def usable(self, now: float) -> bool:
         if self.serving is None:
@@ -65,9 +73,11 @@ class Endpoint:
         return self.replica_id or self.address
 
     async def close(self) -> None:
+        if self._multiplex is not None:
+            await self._multiplex.close()
         if self._channel is not None:
             await self._channel.close()
-        self._channel, self._stub = None, None
+        self._channel, self._stub, self._multiplex = None, None, None
 
 
 def _age_s(event: events_pb2.ReplicaAnnounce) -> float:

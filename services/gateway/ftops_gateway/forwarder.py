@@ -1,22 +1,28 @@
 """Sends one request to an inference replica, retrying once on another replica when the
-first is UNAVAILABLE before it produced anything (a replica restarting or gone)."""
+first is UNAVAILABLE before it produced anything (a replica restarting or gone).
+
+Requests go over the replica's multiplexed stream (``transport="multiplex"``, the default;
+see multiplexer.py), or as one gRPC call each (``"unary"``, and for a replica too old to
+have the stream)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
+from ftops_gateway.multiplexer import MultiplexUnsupported
 from ftops_runtime import telemetry
-from ftops_runtime.errors import Unavailable
+from ftops_runtime.errors import FtopsError, Unavailable
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2
+TRANSPORTS = ("multiplex", "unary")
 
 
 @dataclass
@@ -27,24 +33,80 @@ class Attempt:
     retried: bool = False
 
 
-def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
-    """The trace context, and the gateway's own key (inference checks its callers)."""
+def _key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The gateway's own key (inference checks its callers)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _trace_context() -> dict[str, str]:
     carrier: dict[str, str] = {}
     telemetry.inject(carrier)
-    if api_key:
-        carrier["authorization"] = f"Bearer {api_key}"
-    return tuple(carrier.items())
+    return carrier
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return bool(exc.code() == grpc.StatusCode.UNAVAILABLE)
+    return isinstance(exc, FtopsError) and exc.code == grpc.StatusCode.UNAVAILABLE
 
 
 class Forwarder:
-    def __init__(self, pool: EndpointPool, *, timeout_s: float = 120.0, api_key: str = "") -> None:
+    def __init__(
+        self,
+        pool: EndpointPool,
+        *,
+        timeout_s: float = 120.0,
+        api_key: str = "",
+        transport: str = "multiplex",
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.pool = pool
         self._timeout_s = timeout_s
-        self._api_key = api_key
+        self._key = _key_metadata(api_key)
+        self._multiplex = transport == "multiplex"
+
+    async def _generate_on(
+        self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
+    ) -> inference_pb2.GenerateResponse:
+        trace_context = _trace_context()
+        if self._multiplex:
+            channel = endpoint.multiplex(self._key)
+            if not channel.unsupported:
+                try:
+                    return await channel.generate(
+                        request, timeout_s=self._timeout_s, trace_context=trace_context
+                    )
+                except MultiplexUnsupported:
+                    pass
+        response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
+            request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
+        )
+        return response
+
+    async def _stream_on(
+        self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
+        trace_context = _trace_context()
+        if self._multiplex:
+            channel = endpoint.multiplex(self._key)
+            if not channel.unsupported:
+                chunks = channel.generate_stream(
+                    request, timeout_s=self._timeout_s, trace_context=trace_context
+                )
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                    return
+                except MultiplexUnsupported:
+                    pass  # said before anything was produced: the stream was never there
+                finally:
+                    await chunks.aclose()
+        call = endpoint.stub().GenerateStream(
+            request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
+        )
+        async for chunk in call:
+            yield chunk
 
     def _pick(self, version_id: str, tried: list[str]) -> Endpoint:
         endpoint = self.pool.pick(version_id, exclude=tried)
@@ -66,11 +128,8 @@ class Forwarder:
             tried.append(endpoint.address)
             endpoint.outstanding += 1
             try:
-                response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
-                    request, timeout=self._timeout_s, metadata=_metadata(self._api_key)
-                )
-                return response
-            except grpc.aio.AioRpcError as exc:
+                return await self._generate_on(endpoint, request)
+            except (grpc.aio.AioRpcError, FtopsError) as exc:
                 if not _retryable(exc) or len(tried) >= ATTEMPTS:
                     raise
                 log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
@@ -89,14 +148,15 @@ class Forwarder:
             endpoint.outstanding += 1
             produced = False
             try:
-                call = endpoint.stub().GenerateStream(
-                    request, timeout=self._timeout_s, metadata=_metadata(self._api_key)
-                )
-                async for chunk in call:
-                    produced = True
-                    yield chunk
+                chunks = self._stream_on(endpoint, request)
+                try:
+                    async for chunk in chunks:
+                        produced = True
+                        yield chunk
+                finally:
+                    await chunks.aclose()
                 return
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, FtopsError) as exc:
                 if produced or not _retryable(exc) or len(tried) >= ATTEMPTS:
                     raise
                 log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)

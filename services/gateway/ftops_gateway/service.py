@@ -75,7 +75,9 @@ class GatewayService:
             batch_max=settings.metrics_batch_max,
             queue_max=settings.metrics_queue_max,
         )
-        forwarder = Forwarder(self.pool, api_key=settings.registry_api_key)
+        forwarder = Forwarder(
+            self.pool, api_key=settings.registry_api_key, transport=settings.inference_transport
+        )
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight
         )

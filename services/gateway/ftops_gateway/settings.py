@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ftops_runtime.auth import AuthSettings
@@ -18,6 +20,11 @@ class GatewaySettings(ServiceSettings, AuthSettings):
     )
     inference_endpoints: str = Field(
         "", description="Comma separated inference host:port list (static fallback)."
+    )
+    inference_transport: Literal["multiplex", "unary"] = Field(
+        "multiplex",
+        description="How requests reach inference: 'multiplex' (one long-lived stream per "
+        "replica, each request a message on it) or 'unary' (a gRPC call per request).",
     )
     metrics_flush_s: float = Field(0.5, gt=0, description="Request-result batch interval.")
     metrics_batch_max: int = Field(64, ge=1, description="Flush early at this many results.")

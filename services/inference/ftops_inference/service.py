@@ -96,15 +96,13 @@ class InferenceService:
             ),
             enforce=auth.effective_mode(settings) is auth.AuthMode.enabled,
         )
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.core,
-                base_model=settings.base_model_name,
-                replica_id=settings.instance_id,
-                access=access,
-            ),
-            self.server.server,
+        self.servicer = InferenceServicer(
+            self.core,
+            base_model=settings.base_model_name,
+            replica_id=settings.instance_id,
+            access=access,
         )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server.server)
         self.base_registered = False
         self.base_fingerprint = ""
         self.events: AdapterEvents | None = None
@@ -239,6 +237,9 @@ class InferenceService:
         self._stopped = True
         await self.drain()
         await self.announcer.stop()
+        # Gateways' multiplexed streams never end on their own: end them, or the server's
+        # graceful stop would wait its whole grace period for them.
+        self.servicer.end_streams()
         await self.server.stop()
         if self._startup is not None and not self._startup.done():
             await cancel_and_wait([self._startup])

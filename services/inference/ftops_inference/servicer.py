@@ -11,6 +11,7 @@ from ftops_inference.access import InferenceAccess
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterRecord
 from ftops_inference.metrics import VersionCounts
+from ftops_inference.multiplex import MultiplexSession
 from ftops_runtime.auth import Role
 
 
@@ -27,6 +28,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._access = access
         self._base_model = base_model
         self._replica_id = replica_id
+        self._sessions: set[MultiplexSession] = set()
 
     def _status(self, record: AdapterRecord) -> inference_pb2.AdapterStatus:
         status = record.to_proto()
@@ -77,6 +79,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 ),
                 prompt_tokens=chunk.prompt_tokens,
             )
+
+    async def Multiplex(
+        self, request_iterator: AsyncIterator[inference_pb2.MultiplexRequest], context: Any
+    ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
+        # Headers at once: the gateway waits for them before sending requests on the stream.
+        await context.send_initial_metadata(())
+        session = MultiplexSession(
+            lambda request: self.Generate(request, None),
+            lambda request: self.GenerateStream(request, None),
+        )
+        self._sessions.add(session)
+        try:
+            async for answer in session.serve(request_iterator):
+                yield answer
+        finally:
+            self._sessions.discard(session)
+
+    def end_streams(self) -> None:
+        """Ends every open Multiplex stream once its requests are answered (on stop)."""
+        for session in list(self._sessions):
+            session.finish()
 
     async def LoadAdapter(
         self, request: inference_pb2.LoadAdapterRequest, context: Any

@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.Multiplex = channel.stream_stream(
+                '/ftops.inference.v1.InferenceService/Multiplex',
+                request_serializer=ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexRequest.SerializeToString,
+                response_deserializer=ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -97,6 +102,18 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Multiplex(self, request_iterator, context):
+        """The gateway's data plane: many Generate and GenerateStream requests over one
+        long-lived stream, each tagged with an id chosen by the sender; answers come back
+        tagged with it, in any order. Each request gets the same checks, limits and errors as
+        the single calls, without the cost of setting up a gRPC call per request. The stream's
+        caller is authenticated once, when it opens. A replica that drains refuses new
+        requests with UNAVAILABLE and ends the stream once its requests are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +141,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
                     response_serializer=ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'Multiplex': grpc.stream_stream_rpc_method_handler(
+                    servicer.Multiplex,
+                    request_deserializer=ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexRequest.FromString,
+                    response_serializer=ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +284,33 @@ class InferenceService:
             '/ftops.inference.v1.InferenceService/ListAdapters',
             ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
             ftops_dot_inference_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Multiplex(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ftops.inference.v1.InferenceService/Multiplex',
+            ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexRequest.SerializeToString,
+            ftops_dot_inference_dot_v1_dot_inference__pb2.MultiplexResponse.FromString,
             options,
             channel_credentials,
             insecure,

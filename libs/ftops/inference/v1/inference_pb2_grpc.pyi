@@ -39,6 +39,14 @@ class InferenceServiceStub:
     """Loads a registered version now (normally triggered by adapter.ready)."""
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.AdapterStatus]
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]
+    Multiplex: _grpc.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]
+    """The gateway's data plane: many Generate and GenerateStream requests over one
+    long-lived stream, each tagged with an id chosen by the sender; answers come back
+    tagged with it, in any order. Each request gets the same checks, limits and errors as
+    the single calls, without the cost of setting up a gRPC call per request. The stream's
+    caller is authenticated once, when it opens. A replica that drains refuses new
+    requests with UNAVAILABLE and ends the stream once its requests are done.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -51,6 +59,14 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Loads a registered version now (normally triggered by adapter.ready)."""
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.AdapterStatus]  # type: ignore[assignment]
     ListAdapters: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]  # type: ignore[assignment]
+    Multiplex: _aio.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]  # type: ignore[assignment]
+    """The gateway's data plane: many Generate and GenerateStream requests over one
+    long-lived stream, each tagged with an id chosen by the sender; answers come back
+    tagged with it, in any order. Each request gets the same checks, limits and errors as
+    the single calls, without the cost of setting up a gRPC call per request. The stream's
+    caller is authenticated once, when it opens. A replica that drains refuses new
+    requests with UNAVAILABLE and ends the stream once its requests are done.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves one base model with many adapter versions, loaded and unloaded while serving."""
@@ -90,5 +106,19 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListAdaptersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListAdaptersResponse, _abc.Awaitable[_inference_pb2.ListAdaptersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Multiplex(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.MultiplexRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.MultiplexResponse], _abc.AsyncIterator[_inference_pb2.MultiplexResponse]]:
+        """The gateway's data plane: many Generate and GenerateStream requests over one
+        long-lived stream, each tagged with an id chosen by the sender; answers come back
+        tagged with it, in any order. Each request gets the same checks, limits and errors as
+        the single calls, without the cost of setting up a gRPC call per request. The stream's
+        caller is authenticated once, when it opens. A replica that drains refuses new
+        requests with UNAVAILABLE and ends the stream once its requests are done.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,265 @@
+"""The gateway's side of inference's ``Multiplex`` stream: one long-lived stream per
+inference replica carries every request this gateway sends there, each tagged with an id.
+A gRPC call per request costs grpc-python about twice what a message on an open stream
+does, and that setup was most of what the gateway added to a request's latency.
+
+The stream opens on first use and again after it breaks. When it breaks, every request
+still waiting on it fails with UNAVAILABLE (the forwarder retries those that produced
+nothing on another replica). A request whose caller gives up or whose deadline passes is
+cancelled on the replica too. A replica without ``Multiplex`` (an older version during a
+rolling upgrade) answers UNIMPLEMENTED once; the channel then reports ``unsupported`` and
+the forwarder uses single calls for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import grpc
+
+from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
+from ftops_runtime.errors import RemoteError
+
+log = logging.getLogger(__name__)
+
+Answer = inference_pb2.MultiplexResponse | BaseException
+# How long opening a stream waits for the replica's headers.
+_OPEN_TIMEOUT_S = 5.0
+# How long a failed write waits for the stream's reader to learn why the stream ended.
+_READER_VERDICT_S = 1.0
+
+
+class MultiplexUnsupported(Exception):
+    """The replica has no Multiplex method: send this request as a single call."""
+
+
+class _Stream:
+    """One opened Multiplex call and the requests waiting on it."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.pending: dict[int, asyncio.Queue[Answer]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+
+class MultiplexChannel:
+    def __init__(
+        self,
+        stub: inference_pb2_grpc.InferenceServiceStub,
+        *,
+        address: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self._stub = stub
+        self._address = address
+        self._metadata = metadata
+        self._stream: _Stream | None = None
+        self._write_lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+        self.unsupported = False
+
+    @property
+    def open(self) -> bool:
+        """Whether a stream is up (it opens on the next request otherwise)."""
+        return self._stream is not None
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        *,
+        timeout_s: float,
+        trace_context: Mapping[str, str],
+    ) -> inference_pb2.GenerateResponse:
+        stream, request_id, answers = await self._send(
+            inference_pb2.MultiplexRequest(generate=request, trace_context=trace_context)
+        )
+        finished = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = _unwrap(await answers.get())
+            finished = True
+            if answer.WhichOneof("kind") == "response":
+                return answer.response
+            raise _error(answer)
+        except TimeoutError:
+            raise RemoteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"inference {self._address} did not answer within {timeout_s:g} s",
+            ) from None
+        finally:
+            self._done(stream, request_id, cancel=not finished)
+
+    async def generate_stream(
+        self,
+        request: inference_pb2.GenerateRequest,
+        *,
+        timeout_s: float,
+        trace_context: Mapping[str, str],
+    ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
+        stream, request_id, answers = await self._send(
+            inference_pb2.MultiplexRequest(generate_stream=request, trace_context=trace_context)
+        )
+        finished = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    answer = _unwrap(await answers.get())
+                    if answer.WhichOneof("kind") == "chunk":
+                        yield answer.chunk
+                        continue
+                    finished = True
+                    if answer.end.code != grpc.StatusCode.OK.value[0]:
+                        raise _error(answer)
+                    return
+        except TimeoutError:
+            raise RemoteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"inference {self._address} did not finish within {timeout_s:g} s",
+            ) from None
+        finally:
+            self._done(stream, request_id, cancel=not finished)
+
+    # -- the stream --------------------------------------------------------------------
+
+    async def _send(
+        self, message: inference_pb2.MultiplexRequest
+    ) -> tuple[_Stream, int, asyncio.Queue[Answer]]:
+        if self.unsupported:
+            raise MultiplexUnsupported(self._address)
+        message.id = request_id = next(self._ids)
+        answers: asyncio.Queue[Answer] = asyncio.Queue()
+        failed: Exception | None = None
+        async with self._write_lock:
+            if self.unsupported:  # learnt while this request waited for the lock
+                raise MultiplexUnsupported(self._address)
+            stream = self._stream or await self._open()
+            stream.pending[request_id] = answers
+            try:
+                await stream.call.write(message)
+            except Exception as exc:
+                failed = exc
+            except BaseException:
+                stream.pending.pop(request_id, None)
+                raise
+        if failed is not None:
+            stream.pending.pop(request_id, None)
+            raise await self._write_failed(stream, failed) from failed
+        return stream, request_id, answers
+
+    async def _open(self) -> _Stream:
+        # The replica answers a new stream with its headers at once: waiting for them tells
+        # an old replica (UNIMPLEMENTED) from a live stream before any request rides on it.
+        call = self._stub.Multiplex(metadata=self._metadata)
+        try:
+            async with asyncio.timeout(_OPEN_TIMEOUT_S):
+                await call.initial_metadata()
+            code = await call.code() if call.done() else grpc.StatusCode.OK
+            details = (await call.details()) if call.done() else ""
+        except TimeoutError:
+            call.cancel()
+            code, details = grpc.StatusCode.UNAVAILABLE, f"no answer in {_OPEN_TIMEOUT_S:g} s"
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("inference %s has no Multiplex; using single calls", self._address)
+            self.unsupported = True
+            raise MultiplexUnsupported(self._address)
+        if code != grpc.StatusCode.OK:
+            raise RemoteError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no stream to inference {self._address}: {code.name} {details or ''}".rstrip(),
+            )
+        stream = _Stream(call)
+        stream.reader = asyncio.create_task(self._read(stream), name="multiplex-reader")
+        self._stream = stream
+        return stream
+
+    async def _write_failed(self, stream: _Stream, exc: Exception) -> Exception:
+        # A write fails once the stream is over; its reader learns why (an old replica's
+        # UNIMPLEMENTED must not read as a broken replica, or the request would move on).
+        if stream.reader is not None:
+            await asyncio.wait({stream.reader}, timeout=_READER_VERDICT_S)
+        if self.unsupported:
+            return MultiplexUnsupported(self._address)
+        return RemoteError(
+            grpc.StatusCode.UNAVAILABLE, f"stream to inference {self._address} is broken: {exc!r}"
+        )
+
+    async def _read(self, stream: _Stream) -> None:
+        failure: BaseException = RemoteError(
+            grpc.StatusCode.UNAVAILABLE, f"the gateway closed its stream to {self._address}"
+        )
+        try:
+            async for answer in stream.call:
+                answers = stream.pending.get(answer.id)
+                if answers is not None:
+                    answers.put_nowait(answer)
+            failure = RemoteError(
+                grpc.StatusCode.UNAVAILABLE, f"inference {self._address} ended the stream"
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("inference %s has no Multiplex; using single calls", self._address)
+                self.unsupported = True
+                failure = MultiplexUnsupported(self._address)
+            else:
+                failure = RemoteError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"stream to inference {self._address} broke: "
+                    f"{exc.code().name} {exc.details() or ''}".rstrip(),
+                )
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            for answers in stream.pending.values():
+                answers.put_nowait(failure)
+            stream.pending.clear()
+
+    def _done(self, stream: _Stream, request_id: int, *, cancel: bool) -> None:
+        if stream.pending.pop(request_id, None) is None or not cancel:
+            return
+        # The caller left before the end (cancelled, timed out, or stopped reading a
+        # stream): tell the replica so it frees the slot. Never awaited by the caller.
+        task = asyncio.create_task(self._cancel(stream, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, stream: _Stream, request_id: int) -> None:
+        try:
+            async with self._write_lock:
+                if self._stream is stream:
+                    await stream.call.write(
+                        inference_pb2.MultiplexRequest(id=request_id, cancel=True)
+                    )
+        except Exception as exc:  # the stream is gone, and the request with it
+            log.debug("cancel of request %d not sent: %r", request_id, exc)
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        tasks = list(self._background)
+        if stream is not None:
+            stream.call.cancel()
+            if stream.reader is not None:
+                tasks.append(stream.reader)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _unwrap(answer: Answer) -> inference_pb2.MultiplexResponse:
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+def _error(answer: inference_pb2.MultiplexResponse) -> RemoteError:
+    code = _CODES.get(answer.end.code, grpc.StatusCode.UNKNOWN)
+    return RemoteError(code, answer.end.message or code.name)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}

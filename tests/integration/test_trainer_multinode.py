@@ -4,10 +4,15 @@ together they train the adapter one process trains."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +24,7 @@ import ftops_tinymodel
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_devstack.servers import free_port
 from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime import client, hashing
@@ -31,16 +37,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 BASE = "tiny-base"
 JobState = events_pb2.JobState
 Stub = Any  # trainer_pb2_grpc.TrainerServiceAsyncStub exists for type checking only
-Cluster = Callable[..., Awaitable[tuple[Any, list[Stub]]]]
+
+
+@dataclass
+class Cluster:
+    registry: Any
+    registry_address: str
+    queue: str
+    stubs: list[Stub] = field(default_factory=list)
+    add_trainer: Callable[..., Awaitable[Stub]] = field(default=cast(Any, None))
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncIterator[Cluster]:
-    """``await cluster(n, **settings)``: a registry and n trainer replicas on a fresh queue."""
+async def start_cluster(
+    tmp_path: Path, nats_url: str, tiny_model_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:
+    """``await start_cluster(n, **settings)``: a registry and n trainer replicas on a
+    fresh queue; ``cluster.add_trainer()`` adds one more with the same settings."""
     apps: list[Any] = []
     channels: list[Any] = []
 
-    async def start(replicas: int, **extra: Any) -> tuple[Any, list[Stub]]:
+    async def start(replicas: int, **extra: Any) -> Cluster:
         registry_app = RegistryApp(
             RegistrySettings(
                 grpc_port=0,
@@ -70,9 +87,10 @@ async def cluster(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncI
                 uri=str(tiny_model_dir),
             )
         )
-        queue = f"test{uuid.uuid4().hex[:8]}"
-        stubs: list[Stub] = []
-        for n in range(replicas):
+        cluster = Cluster(registry, registry_app.address, f"test{uuid.uuid4().hex[:8]}")
+
+        async def add_trainer() -> Stub:
+            n = len(cluster.stubs)
             app = TrainerApp(
                 TrainerSettings(
                     registry_address=registry_app.address,
@@ -82,12 +100,11 @@ async def cluster(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncI
                     grpc_port=0,
                     progress_interval_s=0.1,
                     watch_poll_s=0.1,
-                    job_queue=queue,
+                    job_queue=cluster.queue,
                     instance_id=f"trainer-{n}",
                     shutdown_grace_s=1,
                     auth_mode="disabled",
                     job_ack_wait_s=10,
-                    distributed_timeout_s=60,
                     **extra,
                 )
             )
@@ -96,8 +113,13 @@ async def cluster(tmp_path: Path, nats_url: str, tiny_model_dir: Path) -> AsyncI
             apps.insert(0, app)  # stopped before the registry
             channel = client.channel(app.address)
             channels.append(channel)
-            stubs.append(trainer_pb2_grpc.TrainerServiceStub(channel))
-        return registry, stubs
+            cluster.stubs.append(trainer_pb2_grpc.TrainerServiceStub(channel))
+            return cluster.stubs[-1]
+
+        cluster.add_trainer = add_trainer
+        for _ in range(replicas):
+            await add_trainer()
+        return cluster
 
     try:
         yield start
@@ -133,6 +155,13 @@ async def _train(stub: Stub, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
     return final
 
 
+async def _train_until_done(stub: Stub, job_id: str) -> trainer_pb2.Job:
+    request = trainer_pb2.GetJobRequest(job_id=job_id)
+    seen = [j async for j in stub.WatchJob(request, timeout=240)]
+    final: trainer_pb2.Job = seen[-1]
+    return final
+
+
 async def _adapter(
     registry: registry_pb2_grpc.RegistryServiceAsyncStub, version_id: str, dest: Path
 ) -> dict[str, torch.Tensor]:
@@ -142,9 +171,12 @@ async def _adapter(
 
 
 async def test_two_replicas_train_one_job_as_two_nodes_like_one_process(
-    cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_cluster: Callable[..., Awaitable[Cluster]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    registry, stubs = await cluster(2, gang_timeout_s=60)
+    cluster = await start_cluster(2, gang_timeout_s=60, distributed_timeout_s=60)
+    registry, stubs = cluster.registry, cluster.stubs
     single = await _train(stubs[0], _spec("single-bot", nodes=1))
     assert single.state == JobState.JOB_STATE_SUCCEEDED, single.error
 
@@ -167,11 +199,65 @@ async def test_two_replicas_train_one_job_as_two_nodes_like_one_process(
         assert torch.allclose(one[key], two[key], atol=1e-4, rtol=1e-3), key
 
 
-async def test_a_gang_that_cannot_form_fails_the_job_clearly(cluster: Cluster) -> None:
+async def test_a_gang_that_cannot_form_fails_the_job_clearly(
+    start_cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
     # One replica, two nodes asked for: nobody takes the member slot (the replica itself
     # is busy with the job and passes it on) until the gang timeout.
-    _, stubs = await cluster(1, gang_timeout_s=2)
-    final = await _train(stubs[0], _spec("lonely-bot", nodes=2))
+    cluster = await start_cluster(1, gang_timeout_s=2)
+    final = await _train(cluster.stubs[0], _spec("lonely-bot", nodes=2))
     assert final.state == JobState.JOB_STATE_FAILED
     assert "gang did not form within 2 s: 0 of 1 member node(s) joined" in final.error
     assert not final.version_id
+
+
+async def test_a_member_killed_mid_run_sends_the_job_back_to_resume_from_its_checkpoint(
+    start_cluster: Callable[..., Awaitable[Cluster]], tmp_path: Path, nats_url: str
+) -> None:
+    """SIGKILL the member replica (its workers die with it): node 0's collectives fail
+    instead of hanging, the job goes back to the queue, and the next attempt forms a new
+    gang with a fresh replica and resumes from the last checkpoint."""
+    cluster = await start_cluster(1, gang_timeout_s=60, distributed_timeout_s=30)
+    spec = _spec("killed-member-bot", nodes=2)
+    spec.hyperparameters.num_epochs = 20  # 40 steps: time to kill it mid-run
+    spec.hyperparameters.checkpoint_every = 5
+    # Node 0 is the only replica: it takes the job and waits for a member.
+    job = await cluster.stubs[0].SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    environ = {
+        **os.environ,
+        "FTOPS_REGISTRY_ADDRESS": cluster.registry_address,
+        "FTOPS_NATS_URL": nats_url,
+        "FTOPS_WORK_DIR": str(tmp_path / "doomed"),
+        "FTOPS_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "FTOPS_JOB_QUEUE": cluster.queue,
+        "FTOPS_JOB_ACK_WAIT_S": "10",
+        "FTOPS_INSTANCE_ID": "doomed",
+        "FTOPS_GRPC_PORT": str(free_port()),
+        "FTOPS_AUTH_MODE": "disabled",
+        "FTOPS_DISTRIBUTED_TIMEOUT_S": "30",
+    }
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ftops_trainer",
+        env=environ,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        request = trainer_pb2.GetJobRequest(job_id=job.job_id)
+        async for update in cluster.stubs[0].WatchJob(request, timeout=120):
+            if update.step >= 12:
+                break
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+        await cluster.add_trainer()  # the next attempt's member
+        final = await _train_until_done(cluster.stubs[0], job.job_id)
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+            await doomed.wait()
+    assert final.state == JobState.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempts == 2
+    assert final.resumed_from_step >= 10
+    assert final.step == final.total_steps == 40

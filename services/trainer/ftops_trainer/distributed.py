@@ -16,8 +16,11 @@ thread of an asyncio process, which must not be forked (nor may CUDA be).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queue_mod
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +35,7 @@ from torch.multiprocessing.spawn import start_processes
 from ftops_trainer.loop import Hooks, Job, TrainingStopped, TrainMetrics, TrainResult, run_training
 
 _POLL_S = 0.05
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -159,9 +163,28 @@ def _init_process_group(topo: _Topology, place: Placement, rank: int, rendezvous
     )
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A replica that is SIGKILLed must take its workers along: an orphaned worker would
+    keep a dead attempt's gang alive, or as rank 0 write checkpoints beside the attempt
+    that replaced it. Linux only (prctl); elsewhere the orphans finish and exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
 def _worker(
-    local_rank: int, job: Job, topo: _Topology, rendezvous_file: str, out: Any, stop: Any
+    local_rank: int,
+    job: Job,
+    topo: _Topology,
+    rendezvous_file: str,
+    out: Any,
+    stop: Any,
+    parent_pid: int,
 ) -> None:
+    _die_with_parent(parent_pid)
     gpus = torch.cuda.device_count() if topo.device_type == "cuda" else 0
     place = placement(topo.device_type, local_rank, gpus)
     if place.device.type == "cuda":
@@ -224,7 +247,7 @@ def run_data_parallel(
     with tempfile.TemporaryDirectory(prefix="ftops-ddp-") as rendezvous:
         context = start_processes(  # type: ignore[no-untyped-call]
             _worker,
-            args=(job, topo, f"{rendezvous}/store", out, stop),
+            args=(job, topo, f"{rendezvous}/store", out, stop, os.getpid()),
             nprocs=world_size,
             join=False,
             start_method="spawn",

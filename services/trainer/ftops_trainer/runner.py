@@ -145,6 +145,8 @@ class JobRunner:
             if stop.is_set():
                 return  # the manager knows why (cancel / shutdown) and ends the job
             raise
+        except TransientJobError:
+            raise  # the manager requeues the job (a gang that lost a node)
         except (JobFailed, FtopsError, NothingToTrain, ValueError) as exc:
             _fail(job, str(exc))
         except grpc.aio.AioRpcError as exc:

@@ -14,13 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ftops_runtime.interceptors import (
-    Authenticator,
-    AuthInterceptor,
-    ErrorMappingInterceptor,
-    TracingInterceptor,
-    api_key_authenticator,
-)
+from ftops_runtime.interceptors import Authenticator, CallInterceptor, api_key_authenticator
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -60,7 +54,7 @@ class GrpcServer:
         self.checks = dict(checks or {})
         auth = authenticate or api_key_authenticator(settings.api_key_set())
         self.server = grpc.aio.server(
-            interceptors=[TracingInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(auth)],
+            interceptors=[CallInterceptor(auth)],
             options=grpc_options(settings.max_message_mb),
         )
         self.health = health.aio.HealthServicer()

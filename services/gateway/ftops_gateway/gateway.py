@@ -132,7 +132,7 @@ class Gateway:
             fallback=fallback,
             flag=target.flag,
         )
-        result.finished_at.GetCurrentTime()
+        result.finished_at.FromNanoseconds(time.time_ns())
         self.reporter.record(result)
 
     @staticmethod

@@ -27,6 +27,8 @@ from ftops_runtime.errors import RemoteError
 log = logging.getLogger(__name__)
 
 Answer = inference_pb2.MultiplexResponse | BaseException
+# How often deadlines are checked: a late request fails at most this much after its own.
+_DEADLINE_TICK_S = 0.1
 # How long opening a stream waits for the replica's headers.
 _OPEN_TIMEOUT_S = 5.0
 # How long a failed write waits for the stream's reader to learn why the stream ended.
@@ -37,13 +39,24 @@ class MultiplexUnsupported(Exception):
     """The replica has no Multiplex method: send this request as a single call."""
 
 
+class _Answers(asyncio.Queue[Answer]):
+    """What comes back for one request, and when it must be over by."""
+
+    def __init__(self, deadline: float, timeout_s: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.expired = False
+
+
 class _Stream:
     """One opened Multiplex call and the requests waiting on it."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
-        self.pending: dict[int, asyncio.Queue[Answer]] = {}
+        self.pending: dict[int, _Answers] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.watchdog: asyncio.Task[None] | None = None
 
 
 class MultiplexChannel:
@@ -78,21 +91,16 @@ class MultiplexChannel:
         trace_context: Mapping[str, str],
     ) -> inference_pb2.GenerateResponse:
         stream, request_id, answers = await self._send(
-            inference_pb2.MultiplexRequest(generate=request, trace_context=trace_context)
+            inference_pb2.MultiplexRequest(generate=request, trace_context=trace_context),
+            timeout_s,
         )
         finished = False
         try:
-            async with asyncio.timeout(timeout_s):
-                answer = _unwrap(await answers.get())
+            answer = _unwrap(await answers.get())
             finished = True
             if answer.WhichOneof("kind") == "response":
                 return answer.response
             raise _error(answer)
-        except TimeoutError:
-            raise RemoteError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"inference {self._address} did not answer within {timeout_s:g} s",
-            ) from None
         finally:
             self._done(stream, request_id, cancel=not finished)
 
@@ -104,37 +112,32 @@ class MultiplexChannel:
         trace_context: Mapping[str, str],
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         stream, request_id, answers = await self._send(
-            inference_pb2.MultiplexRequest(generate_stream=request, trace_context=trace_context)
+            inference_pb2.MultiplexRequest(generate_stream=request, trace_context=trace_context),
+            timeout_s,
         )
         finished = False
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    answer = _unwrap(await answers.get())
-                    if answer.WhichOneof("kind") == "chunk":
-                        yield answer.chunk
-                        continue
-                    finished = True
-                    if answer.end.code != grpc.StatusCode.OK.value[0]:
-                        raise _error(answer)
-                    return
-        except TimeoutError:
-            raise RemoteError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"inference {self._address} did not finish within {timeout_s:g} s",
-            ) from None
+            while True:
+                answer = _unwrap(await answers.get())
+                if answer.WhichOneof("kind") == "chunk":
+                    yield answer.chunk
+                    continue
+                finished = True
+                if answer.end.code != grpc.StatusCode.OK.value[0]:
+                    raise _error(answer)
+                return
         finally:
             self._done(stream, request_id, cancel=not finished)
 
     # -- the stream --------------------------------------------------------------------
 
     async def _send(
-        self, message: inference_pb2.MultiplexRequest
-    ) -> tuple[_Stream, int, asyncio.Queue[Answer]]:
+        self, message: inference_pb2.MultiplexRequest, timeout_s: float
+    ) -> tuple[_Stream, int, _Answers]:
         if self.unsupported:
             raise MultiplexUnsupported(self._address)
         message.id = request_id = next(self._ids)
-        answers: asyncio.Queue[Answer] = asyncio.Queue()
+        answers = _Answers(asyncio.get_running_loop().time() + timeout_s, timeout_s)
         failed: Exception | None = None
         async with self._write_lock:
             if self.unsupported:  # learnt while this request waited for the lock
@@ -176,8 +179,27 @@ class MultiplexChannel:
             )
         stream = _Stream(call)
         stream.reader = asyncio.create_task(self._read(stream), name="multiplex-reader")
+        stream.watchdog = asyncio.create_task(self._watch(stream), name="multiplex-deadlines")
         self._stream = stream
         return stream
+
+    async def _watch(self, stream: _Stream) -> None:
+        # One timer per stream instead of one per request (asyncio.timeout's per-request
+        # timer was a measurable share of the gateway's work on a short request).
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_DEADLINE_TICK_S)
+            now = loop.time()
+            for answers in stream.pending.values():
+                if not answers.expired and now >= answers.deadline:
+                    answers.expired = True
+                    answers.put_nowait(
+                        RemoteError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"inference {self._address} did not finish within "
+                            f"{answers.timeout_s:g} s",
+                        )
+                    )
 
     async def _write_failed(self, stream: _Stream, exc: Exception) -> Exception:
         # A write fails once the stream is over; its reader learns why (an old replica's
@@ -216,6 +238,8 @@ class MultiplexChannel:
         finally:
             if self._stream is stream:
                 self._stream = None
+            if stream.watchdog is not None:
+                stream.watchdog.cancel()
             for answers in stream.pending.values():
                 answers.put_nowait(failure)
             stream.pending.clear()
@@ -244,8 +268,7 @@ class MultiplexChannel:
         tasks = list(self._background)
         if stream is not None:
             stream.call.cancel()
-            if stream.reader is not None:
-                tasks.append(stream.reader)
+            tasks.extend(t for t in (stream.reader, stream.watchdog) if t is not None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -278,7 +278,6 @@ async def world(
         MonitorSettings(
             **services,
             instance_id=f"mon-{suffix}",
-            metrics_durable=f"monitor-{suffix}",
             metrics_port=-1,
         )
     )

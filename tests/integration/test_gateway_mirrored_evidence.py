@@ -208,7 +208,6 @@ async def test_monitor_rolls_a_small_canary_back_on_mirrored_evidence(
             grpc_port=0,
             nats_url=nats_url,
             instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
             registry_address=fakes.registry,
             metrics_port=-1,
             analysis_interval_s=0.1,

@@ -274,3 +274,27 @@ async def test_a_stopping_replica_answers_what_it_has_then_ends_the_stream() -> 
     replica.sessions[-1].finish()
     await server.stop(grace=10)
     assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_an_old_stream_is_replaced_without_failing_its_requests() -> None:
+    replica = Replica()  # type: ignore[abstract]
+    server, port = await _serve(replica)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        mux = MultiplexChannel(
+            inference_pb2_grpc.InferenceServiceStub(ch), address="r", max_age_s=0.2
+        )
+        try:
+            waiting = asyncio.create_task(
+                mux.generate(_request("w", "delay:0.5"), timeout_s=10, trace_context={})
+            )
+            await _until(lambda: "w" in replica.started)
+            await asyncio.sleep(0.25)
+            # Past its age: this request opens a new stream; the old one is closed for
+            # sending and still answers what it has.
+            answer = await mux.generate(_request("n", "x"), timeout_s=10, trace_context={})
+            assert answer.text == "n:x"
+            assert len(replica.sessions) == 2
+            assert (await waiting).text == "w:delay:0.5"
+        finally:
+            await mux.close()
+    await server.stop(0)

@@ -570,7 +570,6 @@ async def test_monitor_closes_the_loop_with_the_gateway(
             grpc_port=0,
             nats_url=nats_url,
             instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
             analysis_interval_s=0.1,
             shutdown_grace_s=0.5,
             auth_mode="disabled",  # access control has its own tests (test_access_control.py)
@@ -644,7 +643,6 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
             grpc_port=0,
             nats_url=nats_url,
             instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            metrics_durable=f"mon-{uuid.uuid4().hex[:6]}",
             registry_address=fakes.registry,
             metrics_port=-1,
             analysis_interval_s=0.1,

@@ -89,7 +89,6 @@ async def _monitor(nats_url: str, **overrides: Any) -> MonitorService:
         "grpc_port": 0,
         "nats_url": nats_url,
         "instance_id": f"mon-{uuid.uuid4().hex[:6]}",
-        "metrics_durable": f"mon-{uuid.uuid4().hex[:6]}",
         "analysis_interval_s": 0.1,
         "shutdown_grace_s": 0.5,
         "metrics_port": 0,

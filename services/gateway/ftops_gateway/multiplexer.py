@@ -27,6 +27,9 @@ from ftops_runtime.errors import RemoteError
 log = logging.getLogger(__name__)
 
 Answer = inference_pb2.MultiplexResponse | BaseException
+# A stream is replaced after this long, so that the replica checks the gateway's key
+# again (streams are authenticated when they open) and connections get rebalanced.
+STREAM_MAX_AGE_S = 300.0
 # How often deadlines are checked: a late request fails at most this much after its own.
 _DEADLINE_TICK_S = 0.1
 # How long opening a stream waits for the replica's headers.
@@ -52,8 +55,9 @@ class _Answers(asyncio.Queue[Answer]):
 class _Stream:
     """One opened Multiplex call and the requests waiting on it."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, opened_at: float) -> None:
         self.call = call
+        self.opened_at = opened_at
         self.pending: dict[int, _Answers] = {}
         self.reader: asyncio.Task[None] | None = None
         self.watchdog: asyncio.Task[None] | None = None
@@ -66,9 +70,11 @@ class MultiplexChannel:
         *,
         address: str,
         metadata: tuple[tuple[str, str], ...] = (),
+        max_age_s: float = STREAM_MAX_AGE_S,
     ) -> None:
         self._stub = stub
         self._address = address
+        self._max_age_s = max_age_s
         self._metadata = metadata
         self._stream: _Stream | None = None
         self._write_lock = asyncio.Lock()
@@ -142,7 +148,7 @@ class MultiplexChannel:
         async with self._write_lock:
             if self.unsupported:  # learnt while this request waited for the lock
                 raise MultiplexUnsupported(self._address)
-            stream = self._stream or await self._open()
+            stream = self._current() or await self._open()
             stream.pending[request_id] = answers
             try:
                 await stream.call.write(message)
@@ -155,6 +161,28 @@ class MultiplexChannel:
             stream.pending.pop(request_id, None)
             raise await self._write_failed(stream, failed) from failed
         return stream, request_id, answers
+
+    def _current(self) -> _Stream | None:
+        stream = self._stream
+        if stream is None or asyncio.get_running_loop().time() - stream.opened_at < self._max_age_s:
+            return stream
+        # Old enough: new requests go on a new stream; this one is closed for sending, so
+        # the replica answers what it has and ends it.
+        self._stream = None
+        self._background_task(self._retire(stream))
+        return None
+
+    async def _retire(self, stream: _Stream) -> None:
+        try:
+            async with self._write_lock:
+                await stream.call.done_writing()
+        except Exception as exc:  # already over
+            log.debug("retiring a stream to %s: %r", self._address, exc)
+
+    def _background_task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _open(self) -> _Stream:
         # The replica answers a new stream with its headers at once: waiting for them tells
@@ -177,7 +205,7 @@ class MultiplexChannel:
                 grpc.StatusCode.UNAVAILABLE,
                 f"no stream to inference {self._address}: {code.name} {details or ''}".rstrip(),
             )
-        stream = _Stream(call)
+        stream = _Stream(call, asyncio.get_running_loop().time())
         stream.reader = asyncio.create_task(self._read(stream), name="multiplex-reader")
         stream.watchdog = asyncio.create_task(self._watch(stream), name="multiplex-deadlines")
         self._stream = stream
@@ -249,14 +277,12 @@ class MultiplexChannel:
             return
         # The caller left before the end (cancelled, timed out, or stopped reading a
         # stream): tell the replica so it frees the slot. Never awaited by the caller.
-        task = asyncio.create_task(self._cancel(stream, request_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background_task(self._cancel(stream, request_id))
 
     async def _cancel(self, stream: _Stream, request_id: int) -> None:
         try:
             async with self._write_lock:
-                if self._stream is stream:
+                if not stream.call.done():
                     await stream.call.write(
                         inference_pb2.MultiplexRequest(id=request_id, cancel=True)
                     )

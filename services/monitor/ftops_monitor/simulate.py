@@ -7,6 +7,11 @@ candidate's first request to the rollback decision and the requests it answered.
 
     python -m ftops_monitor.simulate --rate 50 --weight 5 --error-rate 0.3
     python -m ftops_monitor.simulate --rate 50 --weight 5 --slowdown 2
+    python -m ftops_monitor.simulate --rate 50 --weight 5 --error-rate 0.3 --evidence-mirror 20
+
+With ``--evidence-mirror`` stable requests are also sent to the candidate as the gateway
+does while a canary step's weight is below that share, and each mirrored result is
+reported once both answers are in.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ class Scenario:
     tick_s: float = 0.25  # analysis interval
     limit_s: float = 60.0
     max_error_rate: float = 0.05  # the gateway's default cap
+    evidence_mirror: float = 0.0  # percent of traffic the candidate is judged on (0 = off)
+
+    def mirrored_share(self) -> float:
+        """Probability that a stable request is mirrored (the gateway's rule)."""
+        if self.evidence_mirror <= self.weight:
+            return 0.0
+        return (self.evidence_mirror - self.weight) / (100.0 - self.weight)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ def _started(s: Scenario) -> events_pb2.ReleaseStarted:
         steps=[max(1, round(s.weight)), 100],
         current_weight=max(1, round(s.weight)),
         analysis=events_pb2.AnalysisSettings(auto=True, max_error_rate=s.max_error_rate),
+        evidence_mirror_percent=round(s.evidence_mirror),
     )
     event.meta.event_id = "sim-start"
     event.meta.occurred_at.FromNanoseconds(1_000_000_000)
@@ -93,6 +106,7 @@ async def run_once(s: Scenario, seed: int) -> Outcome:
     next_batch = now[0] + s.batch_s
     next_tick = now[0] + s.tick_s
     step = min(s.batch_s, s.tick_s) / 5
+    mirror = s.mirrored_share()
     serial = 0
     while now[0] < 1.0 + s.limit_s:
         now[0] += step
@@ -117,6 +131,25 @@ async def run_once(s: Scenario, seed: int) -> Outcome:
             # Reported when the request finishes, not when it arrives.
             result.finished_at.FromNanoseconds(int((next_arrival + latency / 1000) * 1e9))
             pending.append(result)
+            if mirror and not candidate and rng.random() < mirror:
+                if first is None:
+                    first = next_arrival
+                serial += 1
+                shadow_latency = s.latency_ms * math.exp(rng.gauss(0.0, s.latency_spread))
+                shadow_latency *= s.slowdown
+                mirrored = events_pb2.RequestResult(
+                    request_id=f"r{serial}",
+                    alias="sim",
+                    version_id="ver_candidate",
+                    arm="shadow",
+                    shadow=True,
+                    latency_ms=shadow_latency,
+                    status="UNAVAILABLE" if rng.random() < s.error_rate else "OK",
+                    release_id="rel_sim",
+                )
+                done_at = next_arrival + max(latency, shadow_latency) / 1000
+                mirrored.finished_at.FromNanoseconds(int(done_at * 1e9))
+                pending.append(mirrored)
             next_arrival += rng.expovariate(s.rate)
         if now[0] >= next_batch:
             done = [r for r in pending if r.finished_at.ToNanoseconds() <= now[0] * 1e9]
@@ -166,6 +199,7 @@ def main() -> None:
     parser.add_argument("--base-error-rate", type=float, default=0.0)
     parser.add_argument("--slowdown", type=float, default=1.0)
     parser.add_argument("--max-error-rate", type=float, default=0.05)
+    parser.add_argument("--evidence-mirror", type=float, default=0.0)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -178,6 +212,7 @@ def main() -> None:
         base_error_rate=args.base_error_rate,
         slowdown=args.slowdown,
         max_error_rate=args.max_error_rate,
+        evidence_mirror=args.evidence_mirror,
     )
     print(json.dumps(asyncio.run(simulate(scenario, args.runs, args.seed)), indent=2))
 

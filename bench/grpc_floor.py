@@ -48,12 +48,7 @@ async def _serve(upstream: str, port: int, ready: Any) -> None:
 
 
 def _main(upstream: str, port: int, ready: Any) -> None:
-    try:
-        import uvloop  # the services' loop, for a like-for-like floor
-
-        uvloop.run(_serve(upstream, port, ready))
-    except ImportError:
-        asyncio.run(_serve(upstream, port, ready))
+    asyncio.run(_serve(upstream, port, ready))
 
 
 def start(upstream: str, port: int) -> multiprocessing.process.BaseProcess:

@@ -13,8 +13,6 @@ from ftops_runtime.telemetry import setup_telemetry
 
 S = TypeVar("S", bound=ServiceSettings)
 
-log = logging.getLogger(__name__)
-
 
 def configure_logging(level: str, service: str) -> None:
     logging.basicConfig(
@@ -40,12 +38,4 @@ def run_service(
         install_stop_signals(stop)
         await serve(settings, stop)
 
-    if settings.event_loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:  # not built for this platform
-            log.warning("uvloop is not installed; running on asyncio's own event loop")
-        else:
-            uvloop.run(main())
-            return
     asyncio.run(main())

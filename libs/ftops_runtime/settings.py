@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import uuid
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,11 +33,6 @@ class ServiceSettings(BaseSettings):
     )
     otlp_endpoint: str = Field("", description="OTLP gRPC endpoint; empty disables export.")
     log_level: str = Field("INFO")
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop",
-        description="The asyncio event loop: uvloop (faster per request; Linux and macOS) "
-        "or the standard library's.",
-    )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Drain time on SIGTERM.")
     health_interval_s: float = Field(1.0, gt=0, description="Dependency probe interval.")
     max_message_mb: int = Field(64, gt=0, description="Largest gRPC message accepted.")

@@ -7,7 +7,9 @@ requests per second one gateway process sustains under 64 concurrent clients.
 
 A third sequential case goes through a pass-through proxy (bench/grpc_floor.py: bytes
 forwarded as they are, nothing else): the least any gRPC hop in Python adds here, so what
-the gateway itself adds is the difference between the two."""
+the gateway itself adds is the difference between the two. The gateway reaches inference
+over its multiplexed stream; ``FTOPS_INFERENCE_TRANSPORT=unary python -m
+bench.gateway_overhead`` measures it with one gRPC call per request instead."""
 
 from __future__ import annotations
 

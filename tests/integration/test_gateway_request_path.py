@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -33,6 +34,7 @@ from ftops_devstack.servers import free_port
 from ftops_gateway.service import GatewayService
 from ftops_runtime.bus import EventBus
 from ftops_runtime.client import channel
+from ftops_runtime.errors import FtopsError
 from ftops_runtime.events import METRICS_REQUESTS, RELEASE_PROMOTE, new_meta, replica_subject
 
 pytestmark = pytest.mark.integration
@@ -175,6 +177,50 @@ async def test_replicas_are_chosen_from_their_announcements(
         await _until(lambda: gw.pool.get(addresses[1]).serving is False)  # type: ignore[union-attr]
         await gw.gateway.generate(gateway_pb2.GenerateRequest(model="ver_c", prompt="x"))
         assert (len(impls[0].calls), len(impls[1].calls)) == (2, 3)
+    finally:
+        await gw.stop()
+        for server in servers:
+            await server.stop(0)
+
+
+async def test_a_version_goes_only_to_replicas_of_its_base_model(
+    nats_url: str, redis_url: str, fakes: Fakes, bus: EventBus
+) -> None:
+    impls = [FakeInference(), FakeInference()]
+    servers, addresses = [], []
+    for impl in impls:
+        server, address = await _fake_server(
+            lambda s, impl=impl: inference_pb2_grpc.add_InferenceServiceServicer_to_server(impl, s)
+        )
+        servers.append(server)
+        addresses.append(address)
+    other, tiny = f"other-{uuid.uuid4().hex[:6]}", f"tiny-{uuid.uuid4().hex[:6]}"
+    # The replica of another base model is known first and has nothing outstanding.
+    await bus.publish(
+        replica_subject(other), _announce(other, addresses[0], base_model_fingerprint="fp-other")
+    )
+    gw: GatewayService = await _gateway(
+        _settings(nats_url, redis_url, fakes, inference_endpoints="")
+    )
+    try:
+        await _until(lambda: gw.pool.get(addresses[0]) is not None)
+        # (Replicas announced by earlier tests may still look alive and be tried: they fail
+        # as UNAVAILABLE too. The point is that the other base's replica is never asked.)
+        with pytest.raises(FtopsError) as refused:
+            await gw.gateway.generate(gateway_pb2.GenerateRequest(model="ver_c", prompt="x"))
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert impls[0].calls == []
+
+        await bus.publish(
+            replica_subject(tiny),
+            _announce(
+                tiny, addresses[1], base_model_fingerprint="fp-tiny", loaded_versions=["ver_c"]
+            ),
+        )
+        await _until(lambda: gw.pool.get(addresses[1]) is not None)
+        for _ in range(3):
+            await gw.gateway.generate(gateway_pb2.GenerateRequest(model="ver_c", prompt="x"))
+        assert (impls[0].calls, impls[1].calls) == ([], ["ver_c"] * 3)
     finally:
         await gw.stop()
         for server in servers:

@@ -63,6 +63,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
                     adapter=adapter,
                     number=int(number),
                     base_model="other-base" if vid == "ver_other" else "tiny-base",
+                    base_model_fingerprint="fp-other" if vid == "ver_other" else "fp-tiny",
                 )
                 if vid == "ver_rej":
                     version.state = "rejected"

@@ -218,3 +218,22 @@ def test_endpoint_pick_prefers_loaded_then_least_busy() -> None:
     assert _picked(pool, "ver_y") == "b:2"
     assert _picked(pool, "ver_x", exclude=("c:3",)) == "b:2"
     assert _picked(EndpointPool(), "ver_x") == ""
+
+
+def test_endpoint_pick_skips_replicas_of_another_base_model() -> None:
+    pool = EndpointPool(["static:1"])
+    pool.add("other:2").base_fingerprint = "fp-other"
+    tiny = pool.add("tiny:3")
+    tiny.base_fingerprint = "fp-tiny"
+    pool.add("static:1").outstanding = 5
+    tiny.outstanding = 1
+
+    def picked(base: str, exclude: tuple[str, ...] = ()) -> str:
+        endpoint = pool.pick("ver_x", exclude=exclude, base_fingerprint=base)
+        return endpoint.address if endpoint is not None else ""
+
+    assert picked("fp-tiny") == "tiny:3"  # the other base's idle replica is never chosen
+    assert picked("fp-tiny", exclude=("tiny:3",)) == "static:1"  # unknown base fits any
+    assert picked("fp-other") == "other:2"
+    assert picked("fp-third", exclude=("static:1",)) == ""
+    assert picked("") == "other:2"  # the base model itself: any replica

@@ -37,6 +37,8 @@ class Endpoint:
     serving: bool | None = None
     heartbeat_s: float = 0.0
     last_heard: float = 0.0
+    # The base model it serves (announced); empty = unknown (static), which fits any.
+    base_fingerprint: str = ""
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
     _multiplex: MultiplexChannel | None = None
@@ -61,6 +63,9 @@ class Endpoint:
         if not self.serving:
             return False
         return self.heartbeat_s <= 0 or now - self.last_heard <= SILENT_INTERVALS * self.heartbeat_s
+
+    def serves_base(self, fingerprint: str) -> bool:
+        return not fingerprint or not self.base_fingerprint or fingerprint == self.base_fingerprint
 
     def preference(self, version_id: str) -> int:
         """0 = loaded, 1 = in the CPU cache, 2 = would load it from scratch."""
@@ -117,6 +122,7 @@ class EndpointPool:
         endpoint.loaded = set(event.loaded_versions)
         endpoint.cached = set(event.cached_versions)
         endpoint.heartbeat_s = event.heartbeat_interval_s
+        endpoint.base_fingerprint = event.base_model_fingerprint
         # Heard when it was sent, not when it arrived: a starting gateway reads each
         # replica's last announcement from the stream, and a replica killed minutes ago
         # must not look alive because its last word was just replayed.
@@ -130,12 +136,19 @@ class EndpointPool:
     def get(self, address: str) -> Endpoint | None:
         return self._endpoints.get(address)
 
-    def pick(self, version_id: str, exclude: Iterable[str] = ()) -> Endpoint | None:
-        """Best usable replica not in ``exclude``: loaded, then cached, then any; fewest
-        outstanding requests; ties go to the first known (keeps tests deterministic)."""
+    def pick(
+        self, version_id: str, exclude: Iterable[str] = (), *, base_fingerprint: str = ""
+    ) -> Endpoint | None:
+        """Best usable replica not in ``exclude`` that serves the version's base model:
+        loaded, then cached, then any; fewest outstanding requests; ties go to the first
+        known (keeps tests deterministic)."""
         skip = set(exclude)
         now = self._clock()
-        usable = [e for a, e in self._endpoints.items() if a not in skip and e.usable(now)]
+        usable = [
+            e
+            for a, e in self._endpoints.items()
+            if a not in skip and e.usable(now) and e.serves_base(base_fingerprint)
+        ]
         if not usable:
             return None
         return min(usable, key=lambda e: (e.preference(version_id), e.outstanding))

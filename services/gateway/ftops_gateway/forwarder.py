@@ -8,7 +8,7 @@ have the stream)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -17,12 +17,14 @@ from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
 from ftops_gateway.multiplexer import MultiplexUnsupported
 from ftops_runtime import telemetry
-from ftops_runtime.errors import FtopsError, Unavailable
+from ftops_runtime.errors import FtopsError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2
 TRANSPORTS = ("multiplex", "unary")
+# A version id -> the fingerprint of the base model it was trained on.
+BaseLookup = Callable[[str], Awaitable[str]]
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Forwarder:
         timeout_s: float = 120.0,
         api_key: str = "",
         transport: str = "multiplex",
+        base_of: BaseLookup | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
@@ -65,6 +68,7 @@ class Forwarder:
         self._timeout_s = timeout_s
         self._key = _key_metadata(api_key)
         self._multiplex = transport == "multiplex"
+        self._base_of = base_of
 
     async def _generate_on(
         self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
@@ -108,12 +112,29 @@ class Forwarder:
         async for chunk in call:
             yield chunk
 
-    def _pick(self, version_id: str, tried: list[str]) -> Endpoint:
-        endpoint = self.pool.pick(version_id, exclude=tried)
+    async def _base(self, version_id: str) -> str:
+        """The fingerprint of the version's base model ("" for the base itself, or when it
+        cannot be learnt now: then any replica may be tried, and one serving another base
+        refuses the version)."""
+        if not version_id or self._base_of is None:
+            return ""
+        try:
+            return await self._base_of(version_id)
+        except (Unavailable, NotFound) as exc:
+            log.warning("base model of %s unknown (%s); not filtering replicas", version_id, exc)
+            return ""
+
+    def _pick(self, version_id: str, tried: list[str], base: str) -> Endpoint:
+        endpoint = self.pool.pick(version_id, exclude=tried, base_fingerprint=base)
         if endpoint is None and tried:
             # Only one replica known: a second try on it beats failing outright.
-            endpoint = self.pool.pick(version_id)
+            endpoint = self.pool.pick(version_id, base_fingerprint=base)
         if endpoint is None:
+            if base:
+                raise Unavailable(
+                    f"no usable inference replica serves the base model of {version_id} "
+                    f"(fingerprint {base[:12]})"
+                )
             raise Unavailable("no inference endpoint is known to the gateway")
         return endpoint
 
@@ -122,8 +143,9 @@ class Forwarder:
     ) -> inference_pb2.GenerateResponse:
         tried: list[str] = []
         attempt = attempt or Attempt()
+        base = await self._base(request.version_id)
         while True:
-            endpoint = self._pick(request.version_id, tried)
+            endpoint = self._pick(request.version_id, tried, base)
             attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
             endpoint.outstanding += 1
@@ -141,8 +163,9 @@ class Forwarder:
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         tried: list[str] = []
         attempt = attempt or Attempt()
+        base = await self._base(request.version_id)
         while True:
-            endpoint = self._pick(request.version_id, tried)
+            endpoint = self._pick(request.version_id, tried, base)
             attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
             endpoint.outstanding += 1

@@ -76,7 +76,10 @@ class GatewayService:
             queue_max=settings.metrics_queue_max,
         )
         forwarder = Forwarder(
-            self.pool, api_key=settings.registry_api_key, transport=settings.inference_transport
+            self.pool,
+            api_key=settings.registry_api_key,
+            transport=settings.inference_transport,
+            base_of=self.versions.base_fingerprint,
         )
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight

@@ -46,3 +46,8 @@ class VersionResolver:
         self._cache[ref] = version
         self._cache[version.version_id] = version
         return version  # type: ignore[no-any-return]
+
+    async def base_fingerprint(self, version_id: str) -> str:
+        """The fingerprint of the base model ``version_id`` was trained on (replicas that
+        serve another base cannot serve it)."""
+        return str((await self.get(version_id)).base_model_fingerprint)

@@ -193,12 +193,8 @@ class AdapterLoader:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_id}-", dir=self._cache_dir))
         try:
             await self._download(version, tmp)
-            check_adapter_config(version_id, tmp)
-            check_tensors(version_id, tmp, self._backend.module_shapes())
-            final = self._cache_dir / version_id
-            if final.exists():  # left by an earlier process; this one never loaded it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            # File reads and moves off the event loop: it is serving other versions' tokens.
+            final = await asyncio.to_thread(self._check_and_place, version_id, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
         try:
@@ -211,6 +207,15 @@ class AdapterLoader:
                 with contextlib.suppress(Exception):
                     await self._backend.unload_adapter(version_id)
             raise
+
+    def _check_and_place(self, version_id: str, tmp: Path) -> Path:
+        check_adapter_config(version_id, tmp)
+        check_tensors(version_id, tmp, self._backend.module_shapes())
+        final = self._cache_dir / version_id
+        if final.exists():  # left by an earlier process; this one never loaded it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
 
     async def _download(self, version: registry_pb2.Version, dest: Path) -> None:
         """Stream the artifact into ``dest``; the runtime checks names, sizes and sha256

@@ -181,6 +181,9 @@ async def test_replicas_are_chosen_from_their_announcements(
         await gw.stop()
         for server in servers:
             await server.stop(0)
+        await bus.publish(
+            replica_subject(r1), _announce(r1, addresses[0], serving=False, reason="stop")
+        )
 
 
 async def test_a_version_goes_only_to_replicas_of_its_base_model(
@@ -225,6 +228,12 @@ async def test_a_version_goes_only_to_replicas_of_its_base_model(
         await gw.stop()
         for server in servers:
             await server.stop(0)
+        # Gone, as a stopping replica says: later tests' gateways must not try them.
+        for replica, address in ((other, addresses[0]), (tiny, addresses[1])):
+            await bus.publish(
+                replica_subject(replica),
+                _announce(replica, address, serving=False, reason="stop"),
+            )
 
 
 async def test_route_change_reaches_every_replica_within_100_ms(

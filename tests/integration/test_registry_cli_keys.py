@@ -80,7 +80,7 @@ async def test_teams_and_keys_round_trip(registry: tuple[RegistryApp, str]) -> N
     listed = await _cli(address, secret, "keys", "list", "--team", "alpha", "--output", "json")
     assert listed.exit_code == 0, listed.output
     assert key_id in listed.stdout
-    assert secret.rsplit("_", 1)[1] not in listed.stdout
+    assert secret.removeprefix(f"ftk_{key_id}_") not in listed.stdout
     teams = await _json(address, secret, "teams", "list")
     assert [t["name"] for t in teams["teams"]] == ["alpha"]
     table = await _cli(address, secret, "keys", "list")

@@ -3,6 +3,7 @@ event envelope every payload carries."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -92,6 +93,18 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("FTOPS_MONITOR", ("monitor.>",), max_age_s=7 * 24 * 3600),
     StreamSpec("FTOPS_DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",), max_age_s=30 * 24 * 3600),
 )
+
+
+# Namespace of the event ids derived from what an event says (uuid5).
+_DERIVED_IDS = uuid.UUID("e81725f7-6495-42e3-b600-d94a0cc14f4d")
+
+
+def derived_event_id(*parts: object) -> str:
+    """An event id that every replica computes alike from the same parts, for an event
+    several replicas may publish: the bus sends the id as ``Nats-Msg-Id``, so JetStream
+    keeps one copy (``new_meta`` ids are random: one per publish)."""
+    key = json.dumps([str(p) for p in parts])  # unambiguous whatever the parts contain
+    return uuid.uuid5(_DERIVED_IDS, key).hex
 
 
 def new_meta(service: str, instance: str) -> common_pb2.EventMeta:

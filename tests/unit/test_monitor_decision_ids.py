@@ -10,11 +10,12 @@ from google.protobuf.message import Message
 
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
-from ftops_monitor.alerts import FIRING, RESOLVED, AlertBook, AlertRules, derived_event_id
+from ftops_monitor.alerts import FIRING, RESOLVED, AlertBook, AlertRules
 from ftops_monitor.analysis import DecisionKind
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.windows import Figures
 from ftops_runtime.bus import EventBus
+from ftops_runtime.events import derived_event_id
 
 
 class FakeBus:

@@ -7,27 +7,17 @@ holding (or the version has no data left in the window). Each transition is repo
 
 from __future__ import annotations
 
-import json
 import math
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ftops_monitor.windows import Figures
+from ftops_runtime.events import derived_event_id
 
 FIRING = "firing"
 RESOLVED = "resolved"
-# Namespace of the event ids the monitor derives from what an event says (uuid5).
-_DERIVED_IDS = uuid.UUID("e81725f7-6495-42e3-b600-d94a0cc14f4d")
 # Narrowest bucket of an alert's start time in its event id (see AlertBook.event_id).
 MIN_ID_BUCKET_S = 1.0
-
-
-def derived_event_id(*parts: object) -> str:
-    """An event id that every replica computes alike from the same parts: replicas that
-    publish the same event publish it under one ``Nats-Msg-Id``, and JetStream keeps one."""
-    key = json.dumps([str(p) for p in parts])  # unambiguous whatever the parts contain
-    return uuid.uuid5(_DERIVED_IDS, key).hex
 
 
 @dataclass(frozen=True)

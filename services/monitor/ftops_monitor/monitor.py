@@ -28,7 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
-from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState, derived_event_id
+from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
 from ftops_monitor.analysis import (
     AutoStep,
     Config,
@@ -47,7 +47,13 @@ from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from ftops_runtime.events import MONITOR_ALERT, RELEASE_PROMOTE, RELEASE_ROLLBACK, new_meta
+from ftops_runtime.events import (
+    MONITOR_ALERT,
+    RELEASE_PROMOTE,
+    RELEASE_ROLLBACK,
+    derived_event_id,
+    new_meta,
+)
 from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)

@@ -200,6 +200,12 @@ class Release:
     def running(self) -> bool:
         return self.state is ReleaseState.RUNNING
 
+    @property
+    def mirrored_evidence(self) -> int:
+        """Of a canary's candidate results this step, those of mirrored requests (blue-green
+        and shadow judge mirrored results only, so there it says nothing)."""
+        return 0 if self.strategy.judges_shadow else self.candidate.mirrored
+
     def in_step(self, at: float) -> bool:
         """Whether a result that finished at ``at`` is evidence for the current step."""
         return self.running and not self.paused and at >= self.step_started_at
@@ -344,8 +350,8 @@ class _Judge:
         self.numbers["weight"] = float(release.weight)
         self.numbers["min_requests"] = float(self.config.min_requests)
         self.numbers["step_seconds"] = max(0.0, now - release.step_started_at)
-        if release.candidate.mirrored and not release.strategy.judges_shadow:
-            self.numbers["mirrored_requests"] = float(release.candidate.mirrored)
+        if release.mirrored_evidence:
+            self.numbers["mirrored_requests"] = float(release.mirrored_evidence)
         if release.evaluation_failure:
             # Only a refusal puts the (many) evaluation metrics into the decision's figures;
             # GetReleaseAnalysis shows them always.
@@ -463,12 +469,8 @@ class _Judge:
     def samples(self) -> bool:
         config, c, s = self.config, self.cand, self.stab
         enough = c.requests >= config.min_requests and s.requests >= config.min_stable_requests
-        mirrored = self.release.candidate.mirrored
-        of_them = (
-            f" ({mirrored} mirrored)"
-            if mirrored and not self.release.strategy.judges_shadow
-            else ""
-        )
+        mirrored = self.release.mirrored_evidence
+        of_them = f" ({mirrored} mirrored)" if mirrored else ""
         self._add(
             "samples",
             "pass" if enough else "pending",
@@ -524,7 +526,7 @@ def _evidence_text(release: Release) -> str:
     """What the candidate's results are: its own requests, mirrored ones, or both."""
     if release.strategy.judges_shadow:
         return "shadow results"
-    mirrored = release.candidate.mirrored
+    mirrored = release.mirrored_evidence
     return f"requests ({mirrored} of them mirrored)" if mirrored else "requests"
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
+from ftops_gateway.release_spec import CANARY
 
 ARM_STABLE = "stable"
 ARM_CANDIDATE = "candidate"
@@ -27,7 +28,6 @@ ARM_SHADOW = "shadow"
 
 # Metadata keys that name a session when the request carries no user.
 SESSION_KEYS = ("session", "session_id", "x-session-id")
-CANARY = events_pb2.RELEASE_STRATEGY_CANARY
 
 
 class Rng(Protocol):

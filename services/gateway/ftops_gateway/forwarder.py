@@ -15,7 +15,7 @@ import grpc
 
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
-from ftops_gateway.multiplexer import MultiplexUnsupported
+from ftops_gateway.multiplexer import MultiplexChannel, MultiplexUnsupported
 from ftops_runtime import telemetry
 from ftops_runtime.errors import FtopsError, NotFound, Unavailable
 
@@ -70,19 +70,24 @@ class Forwarder:
         self._multiplex = transport == "multiplex"
         self._base_of = base_of
 
+    def _stream_to(self, endpoint: Endpoint) -> MultiplexChannel | None:
+        """The replica's multiplexed stream, unless requests go as single calls to it."""
+        if not self._multiplex:
+            return None
+        channel = endpoint.multiplex(self._key)
+        return None if channel.unsupported else channel
+
     async def _generate_on(
         self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
     ) -> inference_pb2.GenerateResponse:
         trace_context = _trace_context()
-        if self._multiplex:
-            channel = endpoint.multiplex(self._key)
-            if not channel.unsupported:
-                try:
-                    return await channel.generate(
-                        request, timeout_s=self._timeout_s, trace_context=trace_context
-                    )
-                except MultiplexUnsupported:
-                    pass
+        if (channel := self._stream_to(endpoint)) is not None:
+            try:
+                return await channel.generate(
+                    request, timeout_s=self._timeout_s, trace_context=trace_context
+                )
+            except MultiplexUnsupported:
+                pass
         response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
             request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
         )
@@ -92,20 +97,18 @@ class Forwarder:
         self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         trace_context = _trace_context()
-        if self._multiplex:
-            channel = endpoint.multiplex(self._key)
-            if not channel.unsupported:
-                chunks = channel.generate_stream(
-                    request, timeout_s=self._timeout_s, trace_context=trace_context
-                )
-                try:
-                    async for chunk in chunks:
-                        yield chunk
-                    return
-                except MultiplexUnsupported:
-                    pass  # said before anything was produced: the stream was never there
-                finally:
-                    await chunks.aclose()
+        if (channel := self._stream_to(endpoint)) is not None:
+            chunks = channel.generate_stream(
+                request, timeout_s=self._timeout_s, trace_context=trace_context
+            )
+            try:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            except MultiplexUnsupported:
+                pass  # said before anything was produced: the stream was never there
+            finally:
+                await chunks.aclose()
         call = endpoint.stub().GenerateStream(
             request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
         )

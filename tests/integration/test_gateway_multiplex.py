@@ -6,6 +6,7 @@ older replica without the stream (single calls instead)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,6 +93,23 @@ async def _serve(servicer: Any, port: int = 0) -> tuple[grpc.aio.Server, int]:
     return server, bound
 
 
+@contextlib.asynccontextmanager
+async def _mux_to(replica: Replica, **options: Any) -> AsyncIterator[MultiplexChannel]:
+    """A replica served on a free port, and the gateway's stream to it."""
+    server, port = await _serve(replica)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            mux = MultiplexChannel(
+                inference_pb2_grpc.InferenceServiceStub(ch), address="r", **options
+            )
+            try:
+                yield mux
+            finally:
+                await mux.close()
+    finally:
+        await server.stop(0)
+
+
 def _request(request_id: str, prompt: str, version_id: str = "") -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(
         request_id=request_id, prompt=prompt, version_id=version_id
@@ -107,97 +125,75 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_requests_share_one_stream_and_get_their_own_answers() -> None:
     replica = Replica()  # type: ignore[abstract]
-    server, port = await _serve(replica)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        mux = MultiplexChannel(inference_pb2_grpc.InferenceServiceStub(ch), address="r")
-        try:
-            slow = asyncio.create_task(
-                mux.generate(_request("a", "delay:0.3"), timeout_s=5, trace_context={})
+    async with _mux_to(replica) as mux:
+        slow = asyncio.create_task(
+            mux.generate(_request("a", "delay:0.3"), timeout_s=5, trace_context={})
+        )
+        await _until(lambda: "a" in replica.started)
+        fast = await asyncio.gather(
+            *(
+                mux.generate(_request(f"f{i}", "hi"), timeout_s=5, trace_context={})
+                for i in range(20)
             )
-            await _until(lambda: "a" in replica.started)
-            fast = await asyncio.gather(
-                *(
-                    mux.generate(_request(f"f{i}", "hi"), timeout_s=5, trace_context={})
-                    for i in range(20)
-                )
-            )
-            assert not slow.done()  # answered out of order: the fast ones did not wait
-            assert [r.text for r in fast] == [f"f{i}:hi" for i in range(20)]
-            assert (await slow).text == "a:delay:0.3"
-            chunks = [
-                c.text
-                async for c in mux.generate_stream(
-                    _request("s", "x"), timeout_s=5, trace_context={}
-                )
-            ]
-            assert chunks == ["s", "x"]
-            assert replica.unary_calls == 0
-        finally:
-            await mux.close()
-    await server.stop(0)
+        )
+        assert not slow.done()  # answered out of order: the fast ones did not wait
+        assert [r.text for r in fast] == [f"f{i}:hi" for i in range(20)]
+        assert (await slow).text == "a:delay:0.3"
+        chunks = [
+            c.text
+            async for c in mux.generate_stream(_request("s", "x"), timeout_s=5, trace_context={})
+        ]
+        assert chunks == ["s", "x"]
+        assert replica.unary_calls == 0
 
 
 async def test_errors_keep_their_code_and_message() -> None:
     replica = Replica()  # type: ignore[abstract]
-    server, port = await _serve(replica)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        mux = MultiplexChannel(inference_pb2_grpc.InferenceServiceStub(ch), address="r")
-        try:
-            with pytest.raises(RemoteError) as err:
-                await mux.generate(_request("m", "x", "missing"), timeout_s=5, trace_context={})
-            assert err.value.code == grpc.StatusCode.NOT_FOUND
-            assert "'missing' is not registered" in str(err.value)
+    async with _mux_to(replica) as mux:
+        with pytest.raises(RemoteError) as err:
+            await mux.generate(_request("m", "x", "missing"), timeout_s=5, trace_context={})
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert "'missing' is not registered" in str(err.value)
 
-            received: list[str] = []
+        received: list[str] = []
 
-            async def read_all() -> None:
-                async for chunk in mux.generate_stream(
-                    _request("b", "break-after-first"), timeout_s=5, trace_context={}
-                ):
-                    received.append(chunk.text)
+        async def read_all() -> None:
+            async for chunk in mux.generate_stream(
+                _request("b", "break-after-first"), timeout_s=5, trace_context={}
+            ):
+                received.append(chunk.text)
 
-            with pytest.raises(RemoteError) as err:
-                await read_all()
-            assert received == ["b", "break-after-first"]
-            assert err.value.code == grpc.StatusCode.INTERNAL
-            assert "backend crashed" not in str(err.value)  # internals are not leaked
-            # The stream survives a request's failure.
-            assert (await mux.generate(_request("ok", "x"), timeout_s=5, trace_context={})).text
-        finally:
-            await mux.close()
-    await server.stop(0)
+        with pytest.raises(RemoteError) as err:
+            await read_all()
+        assert received == ["b", "break-after-first"]
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        assert "backend crashed" not in str(err.value)  # internals are not leaked
+        # The stream survives a request's failure.
+        assert (await mux.generate(_request("ok", "x"), timeout_s=5, trace_context={})).text
 
 
 async def test_cancelled_and_late_requests_free_their_slot_on_the_replica() -> None:
     replica = Replica()  # type: ignore[abstract]
-    server, port = await _serve(replica)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        mux = MultiplexChannel(inference_pb2_grpc.InferenceServiceStub(ch), address="r")
-        try:
-            waiting = asyncio.create_task(
-                mux.generate(_request("gone", "delay:30"), timeout_s=60, trace_context={})
-            )
-            await _until(lambda: "gone" in replica.started)
-            waiting.cancel()  # the gateway's caller hung up
-            await _until(lambda: "gone" in replica.cancelled)
+    async with _mux_to(replica) as mux:
+        waiting = asyncio.create_task(
+            mux.generate(_request("gone", "delay:30"), timeout_s=60, trace_context={})
+        )
+        await _until(lambda: "gone" in replica.started)
+        waiting.cancel()  # the gateway's caller hung up
+        await _until(lambda: "gone" in replica.cancelled)
 
-            with pytest.raises(RemoteError) as err:
-                await mux.generate(_request("late", "delay:30"), timeout_s=0.2, trace_context={})
-            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            await _until(lambda: "late" in replica.cancelled)
+        with pytest.raises(RemoteError) as err:
+            await mux.generate(_request("late", "delay:30"), timeout_s=0.2, trace_context={})
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: "late" in replica.cancelled)
 
-            chunks = mux.generate_stream(
-                _request("left", "delay:30"), timeout_s=60, trace_context={}
-            )
-            reading = asyncio.create_task(chunks.__anext__())
-            await _until(lambda: "left" in replica.started)
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
-            await chunks.aclose()
-            await _until(lambda: "left" in replica.cancelled)
-        finally:
-            await mux.close()
-    await server.stop(0)
+        chunks = mux.generate_stream(_request("left", "delay:30"), timeout_s=60, trace_context={})
+        reading = asyncio.create_task(chunks.__anext__())
+        await _until(lambda: "left" in replica.started)
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await chunks.aclose()
+        await _until(lambda: "left" in replica.cancelled)
 
 
 async def test_a_broken_stream_fails_its_requests_as_unavailable_then_reopens() -> None:
@@ -278,23 +274,15 @@ async def test_a_stopping_replica_answers_what_it_has_then_ends_the_stream() -> 
 
 async def test_an_old_stream_is_replaced_without_failing_its_requests() -> None:
     replica = Replica()  # type: ignore[abstract]
-    server, port = await _serve(replica)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        mux = MultiplexChannel(
-            inference_pb2_grpc.InferenceServiceStub(ch), address="r", max_age_s=0.2
+    async with _mux_to(replica, max_age_s=0.2) as mux:
+        waiting = asyncio.create_task(
+            mux.generate(_request("w", "delay:0.5"), timeout_s=10, trace_context={})
         )
-        try:
-            waiting = asyncio.create_task(
-                mux.generate(_request("w", "delay:0.5"), timeout_s=10, trace_context={})
-            )
-            await _until(lambda: "w" in replica.started)
-            await asyncio.sleep(0.25)
-            # Past its age: this request opens a new stream; the old one is closed for
-            # sending and still answers what it has.
-            answer = await mux.generate(_request("n", "x"), timeout_s=10, trace_context={})
-            assert answer.text == "n:x"
-            assert len(replica.sessions) == 2
-            assert (await waiting).text == "w:delay:0.5"
-        finally:
-            await mux.close()
-    await server.stop(0)
+        await _until(lambda: "w" in replica.started)
+        await asyncio.sleep(0.25)
+        # Past its age: this request opens a new stream; the old one is closed for
+        # sending and still answers what it has.
+        answer = await mux.generate(_request("n", "x"), timeout_s=10, trace_context={})
+        assert answer.text == "n:x"
+        assert len(replica.sessions) == 2
+        assert (await waiting).text == "w:delay:0.5"

@@ -7,7 +7,6 @@ the API and the CLI."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import grpc
@@ -18,6 +17,7 @@ from test_gateway_service import (  # type: ignore[import-not-found]
     _alias,
     _collect,
     _gateway,
+    _monitor,
     _settings,
     _until,
     _wait_route,
@@ -199,24 +199,8 @@ async def test_monitor_rolls_a_small_canary_back_on_mirrored_evidence(
 ) -> None:
     """A 1% step sees almost no candidate requests of its own; the mirrored ones fail and
     the monitor rolls the candidate back on them. Clients only ever get stable answers."""
-    from ftops_monitor.service import MonitorService
-    from ftops_monitor.settings import MonitorSettings
-
     gw = await _gateway(_settings(nats_url, redis_url, fakes))
-    monitor = MonitorService(
-        MonitorSettings(
-            grpc_port=0,
-            nats_url=nats_url,
-            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            registry_address=fakes.registry,
-            metrics_port=-1,
-            analysis_interval_s=0.1,
-            shutdown_grace_s=0.5,
-            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
-        )
-    )
-    await monitor.start()
-    await monitor.bus.wait_ready(10)
+    monitor = await _monitor(nats_url, fakes)
     alias = _alias()
     try:
         await asyncio.sleep(0.5)  # the monitor's release consumers are bound

@@ -179,6 +179,28 @@ def _settings(nats_url: str, redis_url: str, fakes: Fakes, **extra: Any) -> Gate
     return GatewaySettings(**values)
 
 
+async def _monitor(nats_url: str, fakes: Fakes) -> Any:
+    """A started monitor on the test's NATS and fake registry, judging every 0.1 s."""
+    from ftops_monitor.service import MonitorService
+    from ftops_monitor.settings import MonitorSettings
+
+    monitor = MonitorService(
+        MonitorSettings(
+            grpc_port=0,
+            nats_url=nats_url,
+            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
+            registry_address=fakes.registry,
+            metrics_port=-1,
+            analysis_interval_s=0.1,
+            shutdown_grace_s=0.5,
+            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
+        )
+    )
+    await monitor.start()
+    await monitor.bus.wait_ready(10)
+    return monitor
+
+
 async def _gateway(settings: GatewaySettings) -> GatewayService:
     service = GatewayService(settings)
     await service.start()
@@ -562,22 +584,8 @@ async def test_monitor_closes_the_loop_with_the_gateway(
     nats_url: str, redis_url: str, fakes: Fakes
 ) -> None:
     """Gateway results feed the monitor, whose decisions move the gateway's route."""
-    from ftops_monitor.service import MonitorService
-    from ftops_monitor.settings import MonitorSettings
-
     gw = await _gateway(_settings(nats_url, redis_url, fakes))
-    monitor = MonitorService(
-        MonitorSettings(
-            grpc_port=0,
-            nats_url=nats_url,
-            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            analysis_interval_s=0.1,
-            shutdown_grace_s=0.5,
-            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
-        )
-    )
-    await monitor.start()
-    await monitor.bus.wait_ready(10)
+    monitor = await _monitor(nats_url, fakes)
     good, bad = _alias(), _alias()
     try:
         await asyncio.sleep(0.5)
@@ -635,24 +643,8 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
 ) -> None:
     """Blue-green: mirrored answers pass, the monitor's promotion switches 100% at once.
     Shadow: the mirrored candidate fails, the monitor rolls it back; clients never see it."""
-    from ftops_monitor.service import MonitorService
-    from ftops_monitor.settings import MonitorSettings
-
     gw = await _gateway(_settings(nats_url, redis_url, fakes))
-    monitor = MonitorService(
-        MonitorSettings(
-            grpc_port=0,
-            nats_url=nats_url,
-            instance_id=f"mon-{uuid.uuid4().hex[:6]}",
-            registry_address=fakes.registry,
-            metrics_port=-1,
-            analysis_interval_s=0.1,
-            shutdown_grace_s=0.5,
-            auth_mode="disabled",  # access control has its own tests (test_access_control.py)
-        )
-    )
-    await monitor.start()
-    await monitor.bus.wait_ready(10)
+    monitor = await _monitor(nats_url, fakes)
     green, shadowed = _alias(), _alias()
     try:
         await asyncio.sleep(0.5)  # the monitor's release consumers are bound

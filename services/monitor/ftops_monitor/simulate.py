@@ -93,6 +93,24 @@ def _started(s: Scenario) -> events_pb2.ReleaseStarted:
     return event
 
 
+def _result(
+    serial: int, arm: str, latency_ms: float, failing: bool, finished_at: float
+) -> events_pb2.RequestResult:
+    """One simulated request's result as the gateway reports it (``shadow``: mirrored)."""
+    result = events_pb2.RequestResult(
+        request_id=f"r{serial}",
+        alias="sim",
+        version_id="ver_stable" if arm == "stable" else "ver_candidate",
+        arm=arm,
+        shadow=arm == "shadow",
+        latency_ms=latency_ms,
+        status="UNAVAILABLE" if failing else "OK",
+        release_id="rel_sim",
+    )
+    result.finished_at.FromNanoseconds(int(finished_at * 1e9))
+    return result
+
+
 async def run_once(s: Scenario, seed: int) -> Outcome:
     rng = random.Random(seed)
     now = [1.0]
@@ -119,37 +137,20 @@ async def run_once(s: Scenario, seed: int) -> Outcome:
             latency = s.latency_ms * math.exp(rng.gauss(0.0, s.latency_spread))
             latency *= s.slowdown if candidate else 1.0
             serial += 1
-            result = events_pb2.RequestResult(
-                request_id=f"r{serial}",
-                alias="sim",
-                version_id="ver_candidate" if candidate else "ver_stable",
-                arm="candidate" if candidate else "stable",
-                latency_ms=latency,
-                status="UNAVAILABLE" if failing else "OK",
-                release_id="rel_sim",
-            )
+            arm = "candidate" if candidate else "stable"
             # Reported when the request finishes, not when it arrives.
-            result.finished_at.FromNanoseconds(int((next_arrival + latency / 1000) * 1e9))
-            pending.append(result)
+            done_at = next_arrival + latency / 1000
+            pending.append(_result(serial, arm, latency, failing, done_at))
             if mirror and not candidate and rng.random() < mirror:
                 if first is None:
                     first = next_arrival
                 serial += 1
                 shadow_latency = s.latency_ms * math.exp(rng.gauss(0.0, s.latency_spread))
                 shadow_latency *= s.slowdown
-                mirrored = events_pb2.RequestResult(
-                    request_id=f"r{serial}",
-                    alias="sim",
-                    version_id="ver_candidate",
-                    arm="shadow",
-                    shadow=True,
-                    latency_ms=shadow_latency,
-                    status="UNAVAILABLE" if rng.random() < s.error_rate else "OK",
-                    release_id="rel_sim",
-                )
+                failing = rng.random() < s.error_rate
+                # Reported once both answers are in, as the gateway does.
                 done_at = next_arrival + max(latency, shadow_latency) / 1000
-                mirrored.finished_at.FromNanoseconds(int(done_at * 1e9))
-                pending.append(mirrored)
+                pending.append(_result(serial, "shadow", shadow_latency, failing, done_at))
             next_arrival += rng.expovariate(s.rate)
         if now[0] >= next_batch:
             done = [r for r in pending if r.finished_at.ToNanoseconds() <= now[0] * 1e9]

@@ -288,22 +288,20 @@ class JobRunner:
         except Exception as exc:
             raise TransientJobError(f"could not open the job's rendezvous: {exc}") from exc
         try:
-            try:
-                await leader.wait_members(stop)
-            except GangFailed as exc:
-                raise JobFailed(str(exc)) from exc
-            try:
-                return await asyncio.to_thread(run, node=leader.node())
-            except TrainingStopped:
-                if stop.is_set():
-                    raise
-                raise TransientJobError(
-                    "a member node stopped training (its replica shut down)"
-                ) from None
-            except ProcessException as exc:
-                # A worker failed, here or because a member node died or hung (the
-                # collectives time out): another attempt resumes from the checkpoint.
-                raise TransientJobError(f"multi-node training failed: {exc}") from exc
+            await leader.wait_members(stop)
+            return await asyncio.to_thread(run, node=leader.node())
+        except GangFailed as exc:
+            raise JobFailed(str(exc)) from exc
+        except TrainingStopped:
+            if stop.is_set():  # also how wait_members ends on a stop
+                raise
+            raise TransientJobError(
+                "a member node stopped training (its replica shut down)"
+            ) from None
+        except ProcessException as exc:
+            # A worker failed, here or because a member node died or hung (the
+            # collectives time out): another attempt resumes from the checkpoint.
+            raise TransientJobError(f"multi-node training failed: {exc}") from exc
         finally:
             leader.close()
 
@@ -333,10 +331,8 @@ class JobRunner:
                 )
                 return
             log.info("job %s: training as node %d of %d", job.job_id, slot.node_rank, slot.nodes)
-            kwargs.pop("out_dir")
             await asyncio.to_thread(
                 train_member,
-                out_dir=work / "adapter",
                 node=member.node(self._settings.distributed_timeout_s),
                 should_stop=stop.is_set,
                 **kwargs,

@@ -92,7 +92,8 @@ class Leader:
                     leader=settings.instance_id,
                 )
                 slot.deadline.FromSeconds(int(time.time() + settings.gang_timeout_s) + 1)
-                slot.meta.event_id = f"gang-{job.job_id}-{job.attempts}-{rank}"
+                # One stored copy per slot, should the publish be retried.
+                slot.meta.event_id = events.derived_event_id("gang", job.job_id, job.attempts, rank)
                 await publish(gang_subject(settings.job_queue), slot)
         except BaseException:
             leader.close()

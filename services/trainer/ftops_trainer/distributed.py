@@ -216,10 +216,9 @@ def run_data_parallel(
     in a gang); callbacks run in the calling thread. Returns global rank 0's result: None
     on a node other than node 0."""
     device_type = worker_device_type(job.params.device, torch.cuda.is_available())
-    if device_type == "cuda":
-        problem = world_size_problem(device_type, world_size, torch.cuda.device_count())
-        if problem:
-            raise ValueError(problem)
+    problem = world_size_problem(device_type, world_size, visible_gpus())
+    if problem:
+        raise ValueError(problem)
     topo = _Topology(world_size, device_type, node)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

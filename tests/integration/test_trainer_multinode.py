@@ -148,11 +148,7 @@ def _spec(adapter: str, nodes: int) -> trainer_pb2.JobSpec:
 
 async def _train(stub: Stub, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
     job = await stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
-    seen = [
-        j async for j in stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=240)
-    ]
-    final: trainer_pb2.Job = seen[-1]
-    return final
+    return await _train_until_done(stub, job.job_id)
 
 
 async def _train_until_done(stub: Stub, job_id: str) -> trainer_pb2.Job:

@@ -136,7 +136,7 @@ async def _stored(nats_url: str, subject: str, release_id: str) -> list[events_p
         while True:
             try:
                 msgs = await sub.fetch(batch=256, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's when the fetch times out partway
                 break
             for msg in msgs:
                 event = events_pb2.ReleaseRollback.FromString(msg.data)

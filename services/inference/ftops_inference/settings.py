@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
+
+# The ranks vLLM's LoRAConfig accepts (vllm.config.lora.MaxLoRARanks); any other fails at
+# engine start, minutes in, so settings refuse it up front.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class InferenceSettings(ServiceSettings, AuthSettings):
@@ -120,8 +124,18 @@ class InferenceSettings(ServiceSettings, AuthSettings):
     )
     # vLLM backend only (backend = "vllm").
     vllm_max_loras: int = Field(8, gt=0, description="vLLM: adapters in one batch on the GPU.")
-    vllm_max_lora_rank: int = Field(64, gt=0, description="vLLM: largest LoRA rank served.")
-    vllm_max_cpu_loras: int = Field(32, gt=0, description="vLLM: adapters cached in CPU memory.")
+    # An int checked against VLLM_LORA_RANKS, not a Literal: pydantic refuses the env var's
+    # "16" for Literal[..., 16, ...].
+    vllm_max_lora_rank: int = Field(
+        64,
+        description=f"vLLM: largest LoRA rank served, one of {VLLM_LORA_RANKS}.",
+    )
+    vllm_max_cpu_loras: int = Field(
+        32,
+        gt=0,
+        description="vLLM: adapters cached in CPU memory (at least vllm_max_loras); registered "
+        "ones beyond are reloaded from disk when used.",
+    )
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="vLLM: GPUs per model.")
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vLLM: share of GPU memory the engine may take."
@@ -129,7 +143,30 @@ class InferenceSettings(ServiceSettings, AuthSettings):
     vllm_max_model_len: int = Field(
         0, ge=0, description="vLLM: context length; 0 = the model's own."
     )
-    vllm_dtype: str = Field("auto", description="vLLM: weight dtype (auto, float16, bfloat16).")
+    vllm_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        "auto",
+        description="vLLM: weight dtype: auto (the model's own), half, float16, bfloat16, "
+        "float or float32.",
+    )
+
+    @field_validator("vllm_max_lora_rank")
+    @classmethod
+    def _vllm_rank_allowed(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(
+                f"vllm_max_lora_rank must be one of {VLLM_LORA_RANKS} (the ranks vLLM "
+                f"accepts), got {rank}"
+            )
+        return rank
+
+    @model_validator(mode="after")
+    def _vllm_cpu_loras_cover_gpu_loras(self) -> InferenceSettings:
+        if self.vllm_max_cpu_loras < self.vllm_max_loras:
+            raise ValueError(
+                f"vllm_max_cpu_loras ({self.vllm_max_cpu_loras}) must be >= vllm_max_loras "
+                f"({self.vllm_max_loras}): vLLM refuses to start otherwise"
+            )
+        return self
 
     def fault_version_set(self) -> frozenset[str]:
         return frozenset(v.strip() for v in self.fault_versions.split(",") if v.strip())

@@ -1,10 +1,12 @@
 """vLLM backend (GPU): the engine in-process (``AsyncLLM``) with multi-LoRA serving.
 
 vLLM batches requests for different adapters itself and keeps its own adapter tiers
-(``max_loras`` on the GPU, ``max_cpu_loras`` in CPU memory, LRU). It caches adapters by
-integer id, so every adapter *version* gets a fresh id that is never reused: reusing an id
-for new weights would serve the old ones. vLLM is imported only when this backend starts;
-it is an optional extra installed only where a CUDA GPU is.
+(``max_loras`` on the GPU, ``max_cpu_loras`` in CPU memory, LRU). It caches adapter weights
+by integer id, but keys prefix-cache KV blocks (and de-duplicates a batch's adapters) by
+``lora_name``. So every load of an adapter *version* gets a fresh id that is never reused,
+and a name made from that id: reusing either for new weights would serve the old ones.
+vLLM is imported only when this backend starts; it is an optional extra installed only
+where a CUDA GPU is.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from ftops_inference.backend import (
 )
 from ftops_inference.base_files import read_base
 from ftops_inference.sampling import FinishReason, SamplingConfig
-from ftops_runtime.errors import FailedPrecondition, NotFound, Unavailable
+from ftops_runtime.errors import (
+    FailedPrecondition,
+    FtopsError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from ftops_inference.settings import InferenceSettings
@@ -94,8 +102,9 @@ class VLLMBackend:
         from transformers import AutoTokenizer
 
         s = self._settings
-        self._shapes, context = await asyncio.to_thread(read_base, self.model_dir)
-        self._context = s.vllm_max_model_len or context
+        self._shapes, _ = await asyncio.to_thread(read_base, self.model_dir)
+        # Our own tokenizer rather than vLLM's (engine.tokenizer): counting in a thread on
+        # the one vLLM tokenizes with could race its truncation settings ("Already borrowed").
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
         args = arg_utils.AsyncEngineArgs(
             model=str(self.model_dir),
@@ -107,9 +116,14 @@ class VLLMBackend:
             gpu_memory_utilization=s.vllm_gpu_memory_utilization,
             max_model_len=s.vllm_max_model_len or None,
             dtype=s.vllm_dtype,
+            disable_log_stats=True,  # else AsyncLLM logs throughput every few seconds
         )
-        self._engine = async_llm.AsyncLLM.from_engine_args(args)
-        log.info("vLLM engine up for %s", self.model_dir)
+        # Blocks the loop for minutes; not to_thread: vLLM may set main-thread-only signal handlers.
+        engine = async_llm.AsyncLLM.from_engine_args(args)
+        # vLLM's own limit (HF config keys, rope scaling, the setting), which prompts must fit.
+        self._context = int(engine.model_config.max_model_len)
+        self._engine = engine
+        log.info("vLLM engine up for %s (context %d)", self.model_dir, self._context)
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
@@ -140,12 +154,15 @@ class VLLMBackend:
         if version_id in self._adapters:
             return
         lora_id = next(self._ids)
+        # vLLM keys prefix-cache blocks, and de-duplicates a batch's adapters, by lora_name
+        # (LoRARequest.__eq__/__hash__), not lora_int_id: the name must be as unique as the id.
         request = importlib.import_module("vllm.lora.request").LoRARequest(
-            lora_name=version_id, lora_int_id=lora_id, lora_path=str(adapter_dir)
+            lora_name=f"{version_id}#{lora_id}", lora_int_id=lora_id, lora_path=str(adapter_dir)
         )
-        # Loads now (into the CPU cache, then a GPU slot when used) so the first real
-        # request does not pay for it.
-        await engine.add_lora(request)
+        # Loads now (from disk into vLLM's CPU cache and a GPU slot) so the first real request
+        # does not pay for it; a failure raises a plain Exception ("Call to add_lora ... failed").
+        if not await engine.add_lora(request):
+            log.warning("vLLM says LoRA id %d (%s) was already registered", lora_id, version_id)
         self._adapters[version_id] = _Adapter(lora_id, adapter_dir, request)
         self._stats[version_id] = AdapterStats("model", loads=1)
         self._on_event(version_id, "load")
@@ -159,8 +176,11 @@ class VLLMBackend:
         del self._adapters[version_id]
         async with self._released:
             await self._released.wait_for(lambda: self._in_use[version_id] == 0)
-        with contextlib.suppress(Exception):  # already evicted by vLLM's own LRU
+        try:
+            # Returns False, no error, when vLLM's CPU LRU already evicted it.
             await self._require_engine().remove_lora(adapter.lora_id)
+        except Exception:  # a dead or closed engine: the version is gone from here either way
+            log.warning("vLLM could not remove LoRA id %d", adapter.lora_id, exc_info=True)
         self._stats.pop(version_id, None)
         self._on_event(version_id, "unload")
         self._on_change()
@@ -186,6 +206,7 @@ class VLLMBackend:
         engine = self._require_engine()
         if self.failure:
             raise Unavailable(f"the vLLM engine failed: {self.failure}")
+        params = _checked_sampling_params(request.sampling)  # before _in_use is counted
         lora = None
         if request.adapter is not None:
             adapter = self._adapters.get(request.adapter)
@@ -199,22 +220,25 @@ class VLLMBackend:
         finished = False
         try:
             tokens = 0
-            async for out in engine.generate(
-                request.prompt, _sampling_params(request.sampling), request_id, lora_request=lora
-            ):
-                completion = out.outputs[0]
-                tokens += len(completion.token_ids)
-                n_prompt = len(out.prompt_token_ids or ())
-                if out.finished:
-                    finished = True
-                    reason = _finish_reason(completion.finish_reason, completion.stop_reason)
-                    yield Chunk(completion.text, tokens, n_prompt, reason)
-                    return
-                if completion.text:
-                    yield Chunk(completion.text, tokens, n_prompt)
-        except (FailedPrecondition, NotFound):
+            outputs = engine.generate(request.prompt, params, request_id, lora_request=lora)
+            # Closing vLLM's generator when our caller goes away runs its own abort now, not
+            # at garbage collection. After the finished output it ends by itself: no abort.
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    tokens += len(completion.token_ids)
+                    n_prompt = len(out.prompt_token_ids or ())
+                    if out.finished:
+                        finished = True
+                        reason = _finish_reason(completion.finish_reason, completion.stop_reason)
+                        yield Chunk(completion.text, tokens, n_prompt, reason)
+                    elif completion.text:
+                        yield Chunk(completion.text, tokens, n_prompt)
+        except FtopsError:  # ours (_finish_reason), already the right status
             raise
         except Exception as exc:
+            if _is_request_error(exc):  # prompt longer than max_model_len, bad params, ...
+                raise InvalidArgument(f"vLLM refused the request: {exc}") from exc
             if getattr(engine, "errored", False):
                 self._failure = repr(exc)
             raise Unavailable(f"the vLLM engine failed this request: {exc!r}") from exc
@@ -245,10 +269,37 @@ def _sampling_params(cfg: SamplingConfig) -> Any:
     return sampling_params.SamplingParams(**kwargs)
 
 
+def _checked_sampling_params(cfg: SamplingConfig) -> Any:
+    try:
+        return _sampling_params(cfg)
+    except Exception as exc:
+        if _is_request_error(exc):  # e.g. vLLM refuses temperature > 2
+            raise InvalidArgument(f"vLLM refused the sampling parameters: {exc}") from exc
+        raise
+
+
 def _finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishReason:
-    if reason == "length":
+    """vLLM's finish reasons: stop, length, abort, error, repetition."""
+    if reason == "length":  # max_tokens, or max_model_len reached
         return FinishReason.LENGTH
-    # vLLM says "stop" for both: a stop string is named in stop_reason, EOS leaves it None.
-    if isinstance(stop_reason, str):
-        return FinishReason.STOP
-    return FinishReason.EOS
+    if reason == "stop":
+        # A stop string is named in stop_reason; EOS leaves it None, and the model's extra
+        # EOS ids (generation_config) come back as an int stop_reason.
+        return FinishReason.STOP if isinstance(stop_reason, str) else FinishReason.EOS
+    # "abort" (ended by the engine, not by us), "error" (retryable internal failure), ...:
+    # never a completed generation.
+    raise Unavailable(f"the vLLM engine ended the request early (finish_reason={reason!r})")
+
+
+def _is_request_error(exc: BaseException) -> bool:
+    """A request vLLM refused, as opposed to an engine failure (which generate() raises as
+    EngineGenerateError or EngineDeadError)."""
+    return isinstance(exc, _request_error_types(importlib.import_module("vllm.exceptions")))
+
+
+def _request_error_types(exceptions: Any) -> tuple[type[BaseException], ...]:
+    # VLLMClientError (newer) covers VLLMValidationError; older versions make the latter a
+    # ValueError and raise plain ValueErrors too.
+    found = (getattr(exceptions, name, None) for name in ("VLLMClientError", "VLLMValidationError"))
+    kinds = [k for k in found if isinstance(k, type) and issubclass(k, BaseException)]
+    return (*kinds, ValueError)

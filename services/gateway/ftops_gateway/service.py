@@ -35,6 +35,7 @@ from ftops_runtime.events import (
     RELEASE_ROLLBACK,
     REPLICA_ANNOUNCEMENTS,
 )
+from ftops_runtime.heap import freeze_startup_heap
 from ftops_runtime.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -211,5 +212,6 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     service = GatewayService(settings)
     await service.start()
     log.info("gateway serving on %s", service.address)
+    freeze_startup_heap()
     await stop.wait()
     await service.stop()

@@ -22,6 +22,7 @@ from ftops_inference.servicer import InferenceServicer
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime import auth, client, hashing
 from ftops_runtime.bus import EventBus
+from ftops_runtime.heap import freeze_startup_heap
 from ftops_runtime.retry import retry_forever
 from ftops_runtime.server import GrpcServer
 from ftops_runtime.tasks import cancel_and_wait
@@ -281,5 +282,16 @@ async def serve(settings: InferenceSettings, stop: asyncio.Event) -> None:
     service = InferenceService(settings)
     await service.start()
     log.info("inference listening on %s (advertised as %s)", service.address, service.endpoint)
+    startup = asyncio.create_task(_freeze_heap_when_ready(service), name="freeze-heap")
     await stop.wait()
+    await cancel_and_wait([startup])
     await service.stop()
+
+
+async def _freeze_heap_when_ready(service: InferenceService) -> None:
+    # After the model is in memory: it is most of what a full collection would walk.
+    try:
+        await service.wait_ready()
+    except Exception:
+        return  # the startup task logs its own failure
+    freeze_startup_heap()

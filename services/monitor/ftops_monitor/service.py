@@ -30,6 +30,7 @@ from ftops_runtime.events import (
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
 )
+from ftops_runtime.heap import freeze_startup_heap
 from ftops_runtime.server import GrpcServer
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -186,5 +187,6 @@ async def serve(settings: MonitorSettings, stop: asyncio.Event) -> None:
     service = MonitorService(settings)
     await service.start()
     log.info("monitor serving on %s", service.address)
+    freeze_startup_heap()
     await stop.wait()
     await service.stop()

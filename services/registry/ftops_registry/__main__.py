@@ -18,11 +18,13 @@ from ftops_registry.settings import RegistrySettings
 from ftops_runtime.app import run_service
 from ftops_runtime.auth import new_api_key
 from ftops_runtime.errors import FtopsError
+from ftops_runtime.heap import freeze_startup_heap
 
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
     app = RegistryApp(settings)
     await app.start()
+    freeze_startup_heap()
     try:
         await stop.wait()
     finally:

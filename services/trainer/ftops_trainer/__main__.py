@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ftops_runtime.app import run_service
+from ftops_runtime.heap import freeze_startup_heap
 from ftops_trainer.app import TrainerApp
 from ftops_trainer.settings import TrainerSettings
 
@@ -12,6 +13,7 @@ from ftops_trainer.settings import TrainerSettings
 async def serve(settings: TrainerSettings, stop: asyncio.Event) -> None:
     app = TrainerApp(settings)
     await app.start()
+    freeze_startup_heap()
     try:
         await stop.wait()
     finally:

@@ -244,19 +244,23 @@ class EventBus:
             return await js.pull_subscribe(sub.subject, durable=sub.durable, stream=stream)
 
         psub = await retry_forever(f"subscribe {sub.subject} as {sub.durable}", bind)
+        want = 1
         while not self._closed:
             try:
-                msgs = await psub.fetch(batch=sub.batch, timeout=1.0)
+                msgs = await psub.fetch(batch=want, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
+                want = 1
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection blips: the client reconnects by itself
                 log.debug("fetch on %s failed: %s", sub.subject, exc)
+                want = 1
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
                 await self._handle(sub, msg)
+            want = next_fetch_size(sub.batch, msgs)
 
     async def _handle(self, sub: _Subscription[Any], msg: Msg) -> None:
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
@@ -367,3 +371,13 @@ def _event_id(event: Message) -> str:
 def _safe_name(name: str) -> str:
     """Consumer names may not contain '.', '*', '>' or whitespace."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def next_fetch_size(batch: int, last: list[Msg]) -> int:
+    """How many messages the next fetch asks for: what the consumer has queued, up to
+    ``batch``, and 1 when nothing is queued. A pull that asks for more than is there can
+    hold the ones it got until its timeout while it waits for the rest (up to a second
+    here, seen as a 440 ms delivery); a pull for one returns the moment one arrives."""
+    metadata = last[-1].metadata if last else None
+    queued = metadata.num_pending if metadata is not None and metadata.num_pending else 0
+    return max(1, min(batch, queued))

@@ -182,3 +182,31 @@ async def test_a_durable_takes_the_settings_of_the_replica_binding_now(nats_url:
         finally:
             await nc.close()
             await bus.close()
+
+
+async def test_a_backlog_is_consumed_whole_and_in_order(nats_url: str) -> None:
+    """Events queued before the consumer starts come in batches sized by what is queued,
+    then single events as they arrive: none lost, none reordered."""
+    durable = f"c-{uuid.uuid4().hex[:6]}"
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(event: events_pb2.AdapterReady, delivery: Delivery) -> None:
+        got.append(event.version_id)
+        if len(got) == 45:
+            done.set()
+
+    async with EventBus(nats_url, service="test", instance="i1") as bus:
+        await bus.wait_ready(10)
+        # The durable exists from now on; events published next are its backlog.
+        bus.subscribe(ADAPTER_READY, durable, handler, deliver_policy=DeliverPolicy.NEW, batch=8)
+        await asyncio.sleep(0.3)
+        backlog = [f"ver_b{i}" for i in range(40)]
+        for version in backlog:
+            await bus.publish(ADAPTER_READY, _ready_event(version))
+        for i in range(5):
+            await asyncio.sleep(0.05)
+            await bus.publish(ADAPTER_READY, _ready_event(f"ver_l{i}"))
+        await asyncio.wait_for(done.wait(), 15)
+    mine = [v for v in got if v.startswith("ver_b") or v.startswith("ver_l")]
+    assert mine == backlog + [f"ver_l{i}" for i in range(5)]

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from bench.report import Report
 from ftops.common.v1 import common_pb2
@@ -31,6 +35,7 @@ from ftops_inference.sampling import SamplingConfig
 from ftops_inference.service import InferenceService
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime import events, hashing
+from ftops_runtime.heap import freeze_startup_heap
 
 VERSIONS = 20
 RESTARTS = 5
@@ -127,16 +132,42 @@ class MemoryRegistry(registry_pb2_grpc.RegistryServiceServicer):
 
 
 class Replica:
-    """An in-process inference replica with its registry, a NATS client watching
-    adapter.loaded, and a gRPC stub."""
+    """An inference replica with its registry, a NATS client watching adapter.loaded, and
+    a gRPC stub. In this process by default; ``own_process=True`` runs it as deployed, in
+    a process of its own (``ftops-inference``), so that its clients and its registry do
+    not share its interpreter lock."""
 
-    def __init__(self, model_dir: Path, nats_url: str, cache: Path, **settings: Any) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        nats_url: str,
+        cache: Path,
+        *,
+        own_process: bool = False,
+        **settings: Any,
+    ) -> None:
         self.model_dir = model_dir
         self.nats_url = nats_url
         self.cache = cache
+        self.own_process = own_process
         self.overrides = settings
         self.registry = MemoryRegistry()  # type: ignore[abstract]
         self.loaded: dict[str, asyncio.Future[float]] = {}
+        self.service: InferenceService | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _settings(self, registry_port: int) -> dict[str, Any]:
+        return {
+            "grpc_port": 0,
+            "nats_url": self.nats_url,
+            "instance_id": self.instance,
+            "base_model_path": str(self.model_dir),
+            "registry_address": f"127.0.0.1:{registry_port}",
+            "adapter_cache_dir": str(self.cache / self.instance),
+            "max_concurrent_requests": 256,
+            "auth_mode": "disabled",
+            **self.overrides,
+        }
 
     async def __aenter__(self) -> Replica:
         import nats
@@ -146,23 +177,15 @@ class Replica:
         port = self.registry_server.add_insecure_port("127.0.0.1:0")
         await self.registry_server.start()
         self.instance = f"bench-{uuid.uuid4().hex[:6]}"
-        settings = InferenceSettings(
-            **{
-                "grpc_port": 0,
-                "nats_url": self.nats_url,
-                "instance_id": self.instance,
-                "base_model_path": str(self.model_dir),
-                "registry_address": f"127.0.0.1:{port}",
-                "adapter_cache_dir": str(self.cache / self.instance),
-                "max_concurrent_requests": 256,
-                "auth_mode": "disabled",
-                **self.overrides,
-            }
-        )
-        self.service = InferenceService(settings)
-        await self.service.start()
-        await asyncio.wait_for(self.service.wait_ready(), 120)
-        self.fingerprint = self.service.base_fingerprint
+        settings = self._settings(port)
+        if self.own_process:
+            address = await self._spawn(settings)
+        else:
+            self.service = InferenceService(InferenceSettings(**settings))
+            await self.service.start()
+            await asyncio.wait_for(self.service.wait_ready(), 120)
+            address = self.service.address
+        self.fingerprint = hashing.model_fingerprint(self.model_dir)
         self.nc = await nats.connect(self.nats_url)
 
         async def on_loaded(msg: Any) -> None:
@@ -179,14 +202,48 @@ class Replica:
                 break
             except Exception:
                 await asyncio.sleep(0.05)
-        self.channel = grpc.aio.insecure_channel(self.service.address)
+        self.channel = grpc.aio.insecure_channel(address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        if not self.own_process:
+            freeze_startup_heap()  # what the replica's entry point does once it is ready
         return self
+
+    async def _spawn(self, settings: dict[str, Any]) -> str:
+        from ftops_devstack.servers import free_port
+        from ftops_devstack.stack import health_status
+
+        settings["grpc_port"] = free_port()
+        self.process = self._launch(settings)
+        address = f"127.0.0.1:{settings['grpc_port']}"
+        deadline = time.monotonic() + 120
+        while await health_status(address) != health_pb2.HealthCheckResponse.SERVING:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the replica did not start; its log: {self.log_path}")
+            await asyncio.sleep(0.1)
+        return address
+
+    def _launch(self, settings: dict[str, Any]) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env.update({f"FTOPS_{key.upper()}": str(value) for key, value in settings.items()})
+        env.setdefault("FTOPS_TORCH_THREADS", "1")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.cache / f"{self.instance}.log"
+        with self.log_path.open("wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "ftops_inference"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
         await self.nc.close()
-        await self.service.stop()
+        if self.service is not None:
+            await self.service.stop()
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.to_thread(self.process.wait, 60)
         await self.registry_server.stop(None)
 
     async def publish_ready(self, version: registry_pb2.Version) -> float:

@@ -15,7 +15,7 @@ import pytest
 
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops_gateway.endpoints import EndpointPool
-from ftops_gateway.forwarder import Forwarder
+from ftops_gateway.forwarder import Attempt, Forwarder
 from ftops_gateway.multiplexer import MultiplexChannel
 from ftops_inference.multiplex import MultiplexSession
 from ftops_runtime.errors import NotFound, RemoteError
@@ -240,6 +240,10 @@ async def test_forwarder_retries_on_another_replica_and_uses_single_calls_for_ol
         answer = await forwarder.generate(_request("moved", "x"))
         assert answer.text == "moved:x"
         assert new.unary_calls == 0
+        # The failure ejected the dead replica: the next request goes straight to the live one.
+        attempt = Attempt()
+        answer = await forwarder.generate(_request("next", "x"), attempt)
+        assert (answer.text, attempt.retried) == ("next:x", False)
     finally:
         await pool.close()
         await new_server.stop(0)

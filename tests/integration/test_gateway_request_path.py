@@ -119,8 +119,10 @@ async def test_results_mark_fallback_and_retry(
         assert (failed.arm, failed.version_id, failed.fallback) == ("candidate", "ver_bad", False)
         assert failed.status == "UNKNOWN"  # the fake raises: grpc reports UNKNOWN
         assert (answered.arm, answered.status, answered.fallback) == ("stable", "OK", True)
-        # The dead replica is tried first (ties go to the first known), then the live one.
-        assert (answered.retried, answered.replica_id) == (True, fakes.inference)
+        # The dead replica is tried first (ties go to the first known), then the live one;
+        # its failure ejected it, so the fallback goes straight to the live one.
+        assert (failed.retried, failed.replica_id) == (True, fakes.inference)
+        assert (answered.retried, answered.replica_id) == (False, fakes.inference)
     finally:
         await gw.stop()
 

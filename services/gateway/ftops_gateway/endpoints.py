@@ -6,23 +6,46 @@ cached versions, heartbeat interval). A request goes to a usable replica — sta
 announced serving and heard from within 3 heartbeat intervals — preferring one with the
 version loaded, then cached, then any (inference loads on demand); among those, the one
 with the fewest requests this gateway has outstanding on it.
+
+A replica a call just failed on with UNAVAILABLE (killed, restarting, draining) is
+*ejected* (passive outlier detection, as Envoy does it): ``pick`` passes it over while
+any other usable replica fits the request, so later requests stop paying a failed first
+attempt long before its announcements are missed. When only ejected replicas fit, the
+best of them is still picked (trying one beats failing outright). An ejection ends when
+the replica is heard from again (an announcement *sent* after the ejection; a replayed
+older one does not count) or on its own after 3 heartbeat intervals (10 s for a replica
+that never announces), so a static replica is retried eventually.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import metrics
 
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops_gateway.multiplexer import MultiplexChannel
 from ftops_runtime.server import grpc_options
 
-# A replica silent for this many heartbeat intervals is treated as gone.
+log = logging.getLogger(__name__)
+
+# A replica silent for this many heartbeat intervals is treated as gone; an ejection of an
+# announced replica lasts as long at most.
 SILENT_INTERVALS = 3.0
+# How long an ejection lasts for a replica without a known heartbeat (static, or learnt
+# from adapter.loaded only): it is retried after that.
+EJECTION_S = 10.0
+
+_ejections = metrics.get_meter("ftops.gateway").create_counter(
+    "ftops.gateway.replica_ejections",
+    unit="{ejection}",
+    description="Replicas passed over after a call to them failed with UNAVAILABLE",
+)
 
 
 @dataclass
@@ -39,6 +62,8 @@ class Endpoint:
     last_heard: float = 0.0
     # The base model it serves (announced); empty = unknown (static), which fits any.
     base_fingerprint: str = ""
+    # Pool clock time of the last failure that ejected it; None = not ejected.
+    ejected_at: float | None = None
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
     _multiplex: MultiplexChannel | None = None
@@ -63,6 +88,17 @@ class Endpoint:
         if not self.serving:
             return False
         return self.heartbeat_s <= 0 or now - self.last_heard <= SILENT_INTERVALS * self.heartbeat_s
+
+    def ejection_s(self) -> float:
+        return SILENT_INTERVALS * self.heartbeat_s if self.heartbeat_s > 0 else EJECTION_S
+
+    def ejected(self, now: float) -> bool:
+        if self.ejected_at is None:
+            return False
+        if now - self.ejected_at < self.ejection_s():
+            return True
+        self.ejected_at = None  # served its time: tried again
+        return False
 
     def serves_base(self, fingerprint: str) -> bool:
         return not fingerprint or not self.base_fingerprint or fingerprint == self.base_fingerprint
@@ -127,7 +163,29 @@ class EndpointPool:
         # replica's last announcement from the stream, and a replica killed minutes ago
         # must not look alive because its last word was just replayed.
         endpoint.last_heard = self._clock() - _age_s(event)
+        if endpoint.ejected_at is not None and endpoint.last_heard > endpoint.ejected_at:
+            # It spoke after the failure that ejected it: back in rotation.
+            log.info("inference replica %s heard from again; no longer ejected", endpoint.name)
+            endpoint.ejected_at = None
         return endpoint
+
+    def eject(self, address: str, reason: str = "") -> None:
+        """Pass the replica over while others fit (a call to it just failed UNAVAILABLE).
+        Another failure while ejected restarts the ejection, without counting a new one."""
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            return
+        now = self._clock()
+        fresh = not endpoint.ejected(now)
+        endpoint.ejected_at = now
+        if fresh:
+            log.info(
+                "inference replica %s ejected for up to %.0f s: %s",
+                endpoint.name,
+                endpoint.ejection_s(),
+                reason or "unavailable",
+            )
+            _ejections.add(1, {"replica": endpoint.name})
 
     @property
     def addresses(self) -> list[str]:
@@ -140,8 +198,8 @@ class EndpointPool:
         self, version_id: str, exclude: Iterable[str] = (), *, base_fingerprint: str = ""
     ) -> Endpoint | None:
         """Best usable replica not in ``exclude`` that serves the version's base model:
-        loaded, then cached, then any; fewest outstanding requests; ties go to the first
-        known (keeps tests deterministic)."""
+        not ejected unless all that fit are; then loaded, then cached, then any; fewest
+        outstanding requests; ties go to the first known (keeps tests deterministic)."""
         skip = set(exclude)
         now = self._clock()
         usable = [
@@ -151,7 +209,8 @@ class EndpointPool:
         ]
         if not usable:
             return None
-        return min(usable, key=lambda e: (e.preference(version_id), e.outstanding))
+        healthy = [e for e in usable if not e.ejected(now)]
+        return min(healthy or usable, key=lambda e: (e.preference(version_id), e.outstanding))
 
     async def close(self) -> None:
         for endpoint in self._endpoints.values():

@@ -1,5 +1,8 @@
 """Sends one request to an inference replica, retrying once on another replica when the
-first is UNAVAILABLE before it produced anything (a replica restarting or gone).
+first is UNAVAILABLE before it produced anything (a replica restarting or gone). Every
+UNAVAILABLE failure — the last attempt's and a stream's that already produced chunks
+included — ejects that replica from the pool (see endpoints.py), so the requests after it
+go to another replica first instead of failing there too.
 
 Requests go over the replica's multiplexed stream (``transport="multiplex"``, the default;
 see multiplexer.py), or as one gRPC call each (``"unary"``, and for a replica too old to
@@ -50,6 +53,11 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         return bool(exc.code() == grpc.StatusCode.UNAVAILABLE)
     return isinstance(exc, FtopsError) and exc.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _reason(exc: grpc.aio.AioRpcError | FtopsError) -> str:
+    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    return f"UNAVAILABLE: {details or 'no details'}"
 
 
 class Forwarder:
@@ -155,7 +163,10 @@ class Forwarder:
             try:
                 return await self._generate_on(endpoint, request)
             except (grpc.aio.AioRpcError, FtopsError) as exc:
-                if not _retryable(exc) or len(tried) >= ATTEMPTS:
+                if not _retryable(exc):
+                    raise
+                self.pool.eject(endpoint.address, _reason(exc))
+                if len(tried) >= ATTEMPTS:
                     raise
                 log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
             finally:
@@ -183,7 +194,10 @@ class Forwarder:
                     await chunks.aclose()
                 return
             except (grpc.aio.AioRpcError, FtopsError) as exc:
-                if produced or not _retryable(exc) or len(tried) >= ATTEMPTS:
+                if not _retryable(exc):
+                    raise
+                self.pool.eject(endpoint.address, _reason(exc))
+                if produced or len(tried) >= ATTEMPTS:
                     raise
                 log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
             finally:

@@ -113,6 +113,38 @@ async def test_requests_joining_a_running_batch_are_unaffected(backend: HFPeftBa
     assert all(same(a, b) for a, b in zip(alone, results, strict=True))
 
 
+async def test_one_token_requests_joining_with_longer_ones_leave_the_rest_intact(
+    backend: HFPeftBackend,
+) -> None:
+    """Rows done at their first token (warm-ups, max_tokens 1) skip the running batch;
+    the rows that joined with them and the running one still compute what they would
+    alone."""
+    long = GenerationRequest(PROMPTS[2], SamplingConfig(max_tokens=30, seed=9), "v0")
+    joining = [
+        GenerationRequest(PROMPTS[j % len(PROMPTS)], SamplingConfig(max_tokens=n, seed=j), a)
+        for j, (n, a) in enumerate([(1, "v1"), (7, None), (1, None), (5, "v1"), (1, "v0")])
+    ]
+    long_alone = await backend.generate(long)
+    alone = [await backend.generate(r) for r in joining]
+
+    chunks = backend.stream(long)
+    parts: list[str] = []
+    async with contextlib.aclosing(chunks):
+        first = await anext(chunks)
+        parts.append(first.text)
+        joined = asyncio.gather(*(backend.generate(r) for r in joining))
+        parts += [chunk.text async for chunk in chunks]
+    results = await joined
+    assert "".join(parts) == long_alone.text
+    assert all(same(a, b) for a, b in zip(alone, results, strict=True))
+    # The model thread drops finished rows just after handing over their last chunk.
+    for _ in range(200):
+        if backend.engine.batch_size == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert backend.engine.batch_size == 0
+
+
 async def test_stream_in_a_batch_concatenates_to_generate(backend: HFPeftBackend) -> None:
     request = GenerationRequest(PROMPTS[1], SamplingConfig(max_tokens=20, stop=("ts",)), "v0")
     full = await backend.generate(request)
@@ -147,6 +179,11 @@ async def test_cancelled_stream_leaves_the_batch_at_the_next_step(
     engine._select = select  # type: ignore[method-assign]
     async with contextlib.aclosing(backend.stream(request)) as chunks:
         await anext(chunks)
+        # The first token is handed over as the row joins the batch (model thread).
+        for _ in range(200):
+            if engine.batch_size == 1:
+                break
+            await asyncio.sleep(0.01)
         assert engine.batch_size == 1
         row = engine._active[0]
     await asyncio.wait_for(left.wait(), 10)

@@ -248,8 +248,16 @@ class BatchEngine:
             active, self._active, self._past, self._mask = self._active, [], None, None
             self._crash(exc, rows + active)
             return
+        finished = self._sample(rows, logits)
+        if finished:
+            # Rows done at their first token (max_tokens 1, warm-ups, EOS) never join the
+            # running batch: joining and leaving would copy its whole cache twice.
+            keep = [i for i in range(len(rows)) if i not in finished]
+            if not keep:
+                return
+            rows = [rows[i] for i in keep]
+            mask = _take_rows(past, mask, keep)
         self._merge(rows, past, mask)
-        self._sample(rows, logits, first=len(self._active) - len(rows))
 
     def _decode(self) -> None:
         rows = self._active
@@ -271,13 +279,15 @@ class BatchEngine:
         self._past, self._mask = past, mask
         for r in rows:
             r.length += 1
-        self._sample(list(rows), logits, first=0)
+        finished = self._sample(rows, logits)
+        if finished:
+            self._select([i for i in range(len(rows)) if i not in finished])
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, *, first: int) -> None:
-        finished: list[int] = []
-        for offset, r in enumerate(rows):
-            index = first + offset
-            token = next_token(logits[offset], r.sampling, r.generator)
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> set[int]:
+        """Next token of each row (logits row i is rows[i]); the indexes of finished rows."""
+        finished: set[int] = set()
+        for index, r in enumerate(rows):
+            token = next_token(logits[index], r.sampling, r.generator)
             finish: FinishReason | None = None
             delta = ""
             if token in self._rt.eos:
@@ -294,12 +304,10 @@ class BatchEngine:
                 # The last chunk also carries what the tracker still held back.
                 text = delta + r.tracker.finish()
                 r.emit(Chunk(text, len(r.tokens), len(r.prompt_ids), finish))
-                finished.append(index)
+                finished.add(index)
             elif delta:
                 r.emit(Chunk(delta, len(r.tokens), len(r.prompt_ids)))
-        if finished:
-            gone = set(finished)
-            self._select([i for i in range(len(self._active)) if i not in gone])
+        return finished
 
     # -- cache surgery ---------------------------------------------------------------
 
@@ -325,20 +333,7 @@ class BatchEngine:
             self._past, self._mask = None, None
             return
         assert self._mask is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
-        mask = self._mask.index_select(0, index)
-        if not _mergeable(self._past):
-            # Caches with more state than keys/values (sliding windows, ...) select rows
-            # themselves and keep their columns.
-            self._past.batch_select_indices(index)
-            self._mask = mask
-            return
-        real = mask.any(dim=0).nonzero()
-        start = int(real[0].item()) if real.numel() else 0
-        self._mask = mask[:, start:]
-        for layer in self._past.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = _take_rows(self._past, self._mask, keep)
 
     # -- failure ---------------------------------------------------------------------
 
@@ -409,6 +404,24 @@ def new_row(
         tracker=TextTracker(sampling.stop),
         generator=generator,
     )
+
+
+def _take_rows(past: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep only these rows of a cache (in place) and its mask (returned), dropping the
+    left columns no kept row needs."""
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, index)
+    if not _mergeable(past):
+        # Caches with more state than keys/values (sliding windows, ...) select rows
+        # themselves and keep their columns.
+        past.batch_select_indices(index)
+        return mask
+    real = mask.any(dim=0).nonzero()
+    start = int(real[0].item()) if real.numel() else 0
+    for layer in past.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+        layer.values = layer.values.index_select(0, index)[:, :, start:]
+    return mask[:, start:]
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -238,6 +238,11 @@ class HFPeftBackend:
             self._engine.close()
 
     def _load_base(self) -> None:
+        # PEFT and safetensors are imported here, off the event loop and before serving:
+        # importing PEFT takes ~110 ms of the GIL, which the first hot-load would otherwise
+        # take from the requests being served.
+        import peft  # noqa: F401
+        import safetensors.torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)

@@ -13,6 +13,7 @@ checks, warm-up) competes with serving A, and the bench's clients and registry d
 from __future__ import annotations
 
 import asyncio
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from ftops.common.v1 import common_pb2
 from ftops.inference.v1 import inference_pb2
 
 VERSIONS = 20
-ROUNDS = 3
+ROUNDS = 5
 CLIENTS = 4
 MAX_TOKENS = 8
 PACED_S = 0.25
@@ -142,6 +143,15 @@ async def main() -> None:
     for label, phase in phases.items():
         report.notes[f"failed requests, {label}"] = phase.failed
         report.notes[f"p99 ms per round, {label}"] = ", ".join(map(str, phase.rounds_p99_ms))
+        if label != QUIET:
+            # Each round's loading window against the quiet window just before it.
+            paired = [
+                loading / quiet_p99 - 1
+                for loading, quiet_p99 in zip(phase.rounds_p99_ms, quiet.rounds_p99_ms, strict=True)
+            ]
+            report.notes[f"A p99 vs the quiet window before it, median of rounds, {label}"] = (
+                f"{statistics.median(paired) * 100:+.1f}%"
+            )
     report.notes["target"] = f"zero failures, p99 within +20% ({PACED})"
     report.write()
 

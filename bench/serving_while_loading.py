@@ -8,7 +8,9 @@ The three phases alternate over several rounds and each is pooled across them: o
 loading costs, so phases measured once each, minutes apart, compare the host's drift.
 Zero failed requests is the claim; A's p99 is the cost. The replica runs as deployed, in
 a process of its own with one torch thread, so the loads' own CPU work (download, sha256,
-checks, warm-up) competes with serving A, and the bench's clients and registry do not."""
+checks, warm-up) competes with serving A, and the bench's clients and registry do not.
+Loads are paced as configured (``load_duty_cycle``, 0.25 by default); set
+FTOPS_LOAD_DUTY_CYCLE=1 to measure them unpaced."""
 
 from __future__ import annotations
 

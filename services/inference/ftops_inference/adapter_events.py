@@ -84,7 +84,7 @@ class AdapterEvents:
         # Idempotent: a redelivered or repeated event re-announces without reloading.
         heartbeat = asyncio.create_task(_keep_alive(delivery), name="ack-heartbeat")
         try:
-            result = await self._core.load(event.version_id, announce=False)
+            result = await self._core.load(event.version_id, announce=False, background=True)
         except Unavailable as exc:
             if delivery.num_delivered < self._max_deliver:
                 raise  # the registry may come back: let the bus redeliver

@@ -99,8 +99,12 @@ class InferenceCore:
 
     # -- adapters --------------------------------------------------------------------
 
-    async def load(self, ref: str, *, announce: bool = True) -> LoadResult:
-        result = await self._require_loader().ensure_loaded(ref)
+    async def load(
+        self, ref: str, *, announce: bool = True, background: bool = False
+    ) -> LoadResult:
+        """Load ``ref``; ``background`` for a prefetch nobody waits for (it yields to
+        serving, see the load_duty_cycle setting)."""
+        result = await self._require_loader().ensure_loaded(ref, background=background)
         if result.newly_loaded and announce and self.on_loaded is not None:
             try:
                 await self.on_loaded(result.record)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 WARMUP_PROMPT = "Hello"
+# The longest pause after one step of a background load.
+MAX_PAUSE_S = 0.1
 
 
 @dataclass
@@ -78,6 +82,8 @@ class AdapterLoader:
         cache_dir: Path,
         base_fingerprint: str,
         registry_timeout_s: float = 10.0,
+        duty_cycle: float = 1.0,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._registry = registry
         self._backend = backend
@@ -87,6 +93,10 @@ class AdapterLoader:
         self.records: dict[str, AdapterRecord] = {}
         self._names: dict[str, str] = {}  # "adapter:number" -> version id (immutable)
         self._inflight: dict[str, asyncio.Task[LoadResult]] = {}
+        self._duty = duty_cycle
+        self._busy = busy
+        # Loads a request is waiting for: never paused.
+        self._urgent: set[str] = set()
         # Loads run one at a time: the backend serializes them anyway, and it keeps the
         # "already loaded?" check and the load itself atomic.
         self._lock = asyncio.Lock()
@@ -99,19 +109,28 @@ class AdapterLoader:
             return version_id
         return None
 
-    async def ensure_loaded(self, ref: str) -> LoadResult:
+    async def ensure_loaded(self, ref: str, *, background: bool = False) -> LoadResult:
         """Load ``ref`` unless it is loaded; concurrent callers share one load, and a
-        caller that goes away does not abort the load for the others."""
+        caller that goes away does not abort the load for the others. A ``background``
+        load (a prefetch nobody waits for) yields to serving; once a request waits for
+        the same load, it no longer does."""
         if not ref:
             raise InvalidArgument("version_id is empty")
         loaded = self.loaded_id(ref)
         if loaded is not None:
             return LoadResult(self.records[loaded], newly_loaded=False)
+        if not background:
+            self._urgent.add(ref)
         task = self._inflight.get(ref)
         if task is None:
             task = asyncio.create_task(self._load(ref), name=f"load-{ref}")
             self._inflight[ref] = task
-            task.add_done_callback(lambda _: self._inflight.pop(ref, None))
+
+            def done(_: asyncio.Task[LoadResult]) -> None:
+                self._inflight.pop(ref, None)
+                self._urgent.discard(ref)
+
+            task.add_done_callback(done)
         return await asyncio.shield(task)
 
     async def unload(self, ref: str) -> AdapterRecord:
@@ -131,6 +150,7 @@ class AdapterLoader:
 
     async def _load(self, ref: str) -> LoadResult:
         async with self._lock:
+            looked_up = time.monotonic()
             version = await self._get_version(ref)
             version_id = version.version_id
             self._names[ref] = version_id
@@ -140,7 +160,9 @@ class AdapterLoader:
             self.records[version_id] = record
             started = time.monotonic()
             try:
-                await self._load_version(version)
+                await self._load_version(
+                    version, functools.partial(self._pause, ref), since=looked_up
+                )
             except FtopsError as exc:
                 record.state, record.error = inference_pb2.ADAPTER_STATE_FAILED, str(exc)
                 log.warning("refused adapter version %s: %s", version_id, exc)
@@ -173,7 +195,28 @@ class AdapterLoader:
                 raise InvalidArgument(f"bad version reference {ref!r}: {exc.details()}") from exc
             raise Unavailable(f"registry GetVersion({ref}) failed: {exc.details()}") from exc
 
-    async def _load_version(self, version: registry_pb2.Version) -> None:
+    async def _pause(self, ref: str, since: float) -> float:
+        """After one step of a load that began at ``since``: while requests are being
+        served and none waits for this load, pause long enough that loading takes at
+        most the duty cycle's share of the time. The replica's interpreter is shared by
+        loading and serving (one GIL): a load's ~10 ms of Python in one burst is ~10 ms
+        added to every request it overlaps, the same work spread out is a fraction of
+        it. Returns when the next step starts."""
+        now = time.monotonic()
+        if ref not in self._urgent and self._busy():
+            pause_s = background_pause_s(now - since, self._duty)
+            if pause_s > 0:
+                await asyncio.sleep(pause_s)
+                now = time.monotonic()
+        return now
+
+    async def _load_version(
+        self,
+        version: registry_pb2.Version,
+        pause: Callable[[float], Awaitable[float]],
+        *,
+        since: float,
+    ) -> None:
         version_id = version.version_id
         if not _VERSION_ID.match(version_id):
             raise FailedPrecondition(f"registry returned an unusable version id {version_id!r}")
@@ -189,19 +232,24 @@ class AdapterLoader:
                 f"replica serves fingerprint {self.base_fingerprint[:12]}"
             )
         check_file_names(version_id, [f.path for f in version.files])
+        step = await pause(since)
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_id}-", dir=self._cache_dir))
         try:
             await self._download(version, tmp)
+            step = await pause(step)
             # File reads and moves off the event loop: it is serving other versions' tokens.
             final = await asyncio.to_thread(self._check_and_place, version_id, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
         try:
+            step = await pause(step)
             await self._backend.load_adapter(version_id, final)
+            step = await pause(step)
             await self._backend.generate(
                 GenerationRequest(WARMUP_PROMPT, SamplingConfig(max_tokens=1), version_id)
             )
+            await pause(step)
         except BaseException:
             if self._backend.holds(version_id):
                 with contextlib.suppress(Exception):
@@ -230,3 +278,12 @@ class AdapterLoader:
             check_names=lambda names: check_file_names(version_id, names),
             timeout=self._timeout * 30,
         )
+
+
+def background_pause_s(step_s: float, duty_cycle: float) -> float:
+    """The pause after a step of ``step_s`` that makes stepping take ``duty_cycle`` of the
+    time, at most MAX_PAUSE_S (a slow step, such as a large download waiting on the
+    network, would otherwise hold the load back for long)."""
+    if duty_cycle >= 1 or step_s <= 0:
+        return 0.0
+    return min(step_s * (1 / duty_cycle - 1), MAX_PAUSE_S)

@@ -190,6 +190,8 @@ class InferenceService:
             cache_dir=Path(self.settings.adapter_cache_dir),
             base_fingerprint=self.base_fingerprint,
             registry_timeout_s=self.settings.registry_timeout_s,
+            duty_cycle=self.settings.load_duty_cycle,
+            busy=lambda: self.core.in_flight > 0,
         )
         self.events = AdapterEvents(
             self.bus,

@@ -90,6 +90,17 @@ class InferenceSettings(ServiceSettings, AuthSettings):
             "that they are reloaded from the verified files on disk. Reloads are counted."
         ),
     )
+    load_duty_cycle: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description=(
+            "Hot-loads announced by adapter.ready are background work: while requests are "
+            "being served, each step of such a load (lookup, download, checks, attach, "
+            "warm-up) is followed by a pause so that loading takes at most this share of "
+            "the time (1 = no pauses). A load a request is waiting for is never paused."
+        ),
+    )
     announce_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat of the replica announcement (inference.replica.<id>)."
     )

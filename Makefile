@@ -4,15 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e up bench clean
+.PHONY: install lock docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e up bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch is pinned (torch==2.13.0, the CPU build) through the project's `ml` extra.
+# torch is pinned (torch==2.13.0, the CPU build) through the project's `ml` extra; every
+# other dependency through constraints.txt (see `lock`).
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+
+# Re-resolve every dependency from pyproject.toml in a scratch environment and pin the
+# result in constraints.txt; run the tests before committing it.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 protos:
 	$(BIN)/python scripts/gen_protos.py

@@ -27,6 +27,8 @@ RELEASE_RESUMED = "release.resumed"
 MONITOR_ALERT = "monitor.alert"
 ROUTE_CHANGED = "route.changed"
 METRICS_REQUESTS = "metrics.requests"
+# Users' scores of answers: taken by one monitor replica, applied by every one.
+METRICS_FEEDBACK = "metrics.feedback"
 TRAINER_JOB = "trainer.job"
 # Submitted training jobs wait on ``work.trainer.<queue>`` for a replica of that queue's
 # pool (a work queue: each job is taken once).
@@ -65,6 +67,7 @@ PAYLOAD_TYPES: dict[str, type[Message]] = {
     REPLICA_ANNOUNCEMENTS: events_pb2.ReplicaAnnounce,
     ROUTE_CHANGED: events_pb2.RouteChanged,
     METRICS_REQUESTS: events_pb2.RequestResultBatch,
+    METRICS_FEEDBACK: events_pb2.FeedbackSubmitted,
     TRAINER_JOB: events_pb2.JobEvent,
 }
 
@@ -84,7 +87,8 @@ class StreamSpec:
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("FTOPS_ADAPTER", ("adapter.>",)),
     StreamSpec("FTOPS_RELEASE", ("release.>", "route.>")),
-    # Request metrics are only useful for minutes; an hour bounds the stream's size.
+    # Request metrics and feedback are only useful for minutes (the monitor forgets
+    # requests after an hour, FTOPS_FEEDBACK_MAX_AGE_S); an hour bounds the stream's size.
     StreamSpec("FTOPS_METRICS", ("metrics.>",), max_age_s=3600),
     StreamSpec("FTOPS_TRAINER", ("trainer.>",), max_age_s=7 * 24 * 3600),
     StreamSpec("FTOPS_WORK", ("work.>",), work_queue=True),

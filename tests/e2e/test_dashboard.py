@@ -286,13 +286,13 @@ async def _traffic(
         await asyncio.sleep(0.2)
 
 
-def _rate_answers(monitor: MonitorService, served: list[events_pb2.RequestResult]) -> int:
+async def _rate_answers(monitor: MonitorService, served: list[events_pb2.RequestResult]) -> int:
     """Users' feedback on answers the monitor has seen (the first batch, given that the
     charts show its latencies); the candidate's answers rated a little lower."""
     rated = 0
     for result in served[:20]:
         score = 0.7 if result.arm == "candidate" else 0.85
-        monitor.monitor.submit_feedback(result.request_id, score)
+        await monitor.monitor.submit_feedback(result.request_id, score)
         rated += 1
     return rated
 
@@ -341,7 +341,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
                 f"document.querySelectorAll('{charts} path.line').length"
             )
             assert lines >= 8
-            assert _rate_answers(monitor, served) == 20
+            assert await _rate_answers(monitor, served) == 20
             # The stable's error rate above the alert threshold: listed while it fires.
             alert = await page.until("document.querySelector('#alerts .alert')?.textContent")
             assert "error_rate" in alert

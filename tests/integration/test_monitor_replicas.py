@@ -1,5 +1,6 @@
-"""Two monitor replicas on one JetStream: each sees every request result, both judge a
-release on the same evidence, and their identical decision is stored once."""
+"""Two monitor replicas on one JetStream: each sees every request result and every user's
+score whichever replica took it, both judge a release on the same evidence, and their
+identical decision is stored once."""
 
 from __future__ import annotations
 
@@ -10,17 +11,26 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import nats
 import nats.errors
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ftops.events.v1 import events_pb2
+from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops_monitor.analysis import DecisionKind
 from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
 from ftops_runtime.bus import EventBus
-from ftops_runtime.events import METRICS_REQUESTS, RELEASE_ROLLBACK, RELEASE_STARTED, new_meta
+from ftops_runtime.client import channel
+from ftops_runtime.events import (
+    METRICS_FEEDBACK,
+    METRICS_REQUESTS,
+    RELEASE_ROLLBACK,
+    RELEASE_STARTED,
+    new_meta,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +49,8 @@ def _closed_port() -> int:
     return port
 
 
-async def _monitor(nats_url: str, instance_id: str = "") -> MonitorService:
-    settings = MonitorSettings(
+def _settings(nats_url: str, instance_id: str = "") -> MonitorSettings:
+    return MonitorSettings(
         grpc_port=0,
         nats_url=nats_url,
         instance_id=instance_id or f"mon-{uuid.uuid4().hex[:6]}",
@@ -52,7 +62,10 @@ async def _monitor(nats_url: str, instance_id: str = "") -> MonitorService:
         registry_timeout_s=0.5,
         auth_mode="disabled",
     )
-    service = MonitorService(settings)
+
+
+async def _monitor(nats_url: str, instance_id: str = "") -> MonitorService:
+    service = MonitorService(_settings(nats_url, instance_id))
     await service.start()
     await service.bus.wait_ready(10)
     await asyncio.sleep(0.3)  # consumers bound (the bus offers no signal for it)
@@ -232,3 +245,154 @@ async def test_a_restarted_replica_rebuilds_release_state(nats_url: str, bus: Ev
         await _until(_knows(second, started.release_id))
     finally:
         await second.stop()
+
+
+async def _stored_feedback(nats_url: str, request_id: str) -> list[bytes]:
+    """The payloads the stream holds on ``metrics.feedback`` for the request."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            METRICS_FEEDBACK, durable=None, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        )
+        found = []
+        while True:
+            try:
+                msgs = await sub.fetch(batch=256, timeout=1.0)
+            except TimeoutError:
+                break
+            for msg in msgs:
+                if events_pb2.FeedbackSubmitted.FromString(msg.data).request_id == request_id:
+                    found.append(msg.data)
+                await msg.ack()
+        return found
+    finally:
+        await nc.close()
+
+
+async def _publish_raw(nats_url: str, payload: bytes, times: int) -> None:
+    """Stores the same event ``times`` times (no ``Nats-Msg-Id``, so JetStream keeps every
+    copy): each replica gets it that many times, as a redelivery would."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for _ in range(times):
+            await js.publish(METRICS_FEEDBACK, payload)
+    finally:
+        await nc.close()
+
+
+def _feedback(service: MonitorService, version: str, alias: str) -> tuple[int, float]:
+    f = service.monitor.window_figures(alias, version)
+    return f.feedback_count, round(f.feedback_mean, 6)
+
+
+def _rated(
+    service: MonitorService, version: str, alias: str, want: tuple[int, float]
+) -> Callable[[], bool]:
+    return lambda: _feedback(service, version, alias) == want
+
+
+async def test_feedback_given_to_one_replica_counts_on_every_replica_once(
+    nats_url: str, bus: EventBus, replicas: tuple[MonitorService, MonitorService]
+) -> None:
+    a, b = replicas
+    started = _started(f"fb-{uuid.uuid4().hex[:6]}", auto=False, min_feedback=2)
+    await bus.publish(RELEASE_STARTED, started)
+    for replica in (a, b):
+        await _until(_knows(replica, started.release_id))
+    stable = _batch(started, "ver_s", "stable", 3)
+    candidate = _batch(started, "ver_c", "candidate", 3)
+    await bus.publish(METRICS_REQUESTS, stable)
+    await bus.publish(METRICS_REQUESTS, candidate)
+    for replica in (a, b):
+        await _until(_counted(replica, started.alias, "ver_c", 3))
+
+    async with channel(a.address) as ch_a, channel(b.address) as ch_b:
+        stub_a = monitor_pb2_grpc.MonitorServiceStub(ch_a)
+        stub_b = monitor_pb2_grpc.MonitorServiceStub(ch_b)
+        for r in stable.results[:2]:
+            await stub_a.SubmitFeedback(
+                monitor_pb2.SubmitFeedbackRequest(request_id=r.request_id, score=0.9)
+            )
+        for r in candidate.results[:2]:
+            reply = await stub_a.SubmitFeedback(
+                monitor_pb2.SubmitFeedbackRequest(
+                    request_id=r.request_id, score=0.2, comment="wrong price"
+                )
+            )
+            assert (reply.version_id, reply.arm, reply.replaced) == ("ver_c", "candidate", False)
+        # Read-your-writes on the replica that took the calls: no waiting.
+        assert _feedback(a, "ver_c", started.alias) == (2, 0.2)
+
+        # Replica B counts them too: in its stats and in its release analysis.
+        await _until(_rated(b, "ver_c", started.alias, (2, 0.2)))
+        stats = await stub_b.GetVersionStats(
+            monitor_pb2.GetVersionStatsRequest(alias=started.alias, version_id="ver_c")
+        )
+        assert stats.feedback_count == 2
+        assert stats.feedback_mean == pytest.approx(0.2)
+        analysis = await stub_b.GetReleaseAnalysis(
+            monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
+        )
+        assert analysis.figures["feedback_count"] == 2
+        assert analysis.figures["stable_feedback_count"] == 2
+        assert analysis.figures["feedback_mean"] == pytest.approx(0.2)
+        assert analysis.figures["stable_feedback_mean"] == pytest.approx(0.9)
+        feedback_check = {c.name: c for c in analysis.checks}["feedback"]
+        assert feedback_check.status == "fail", feedback_check.detail
+
+        # A score given to B for a request rated on A replaces it on both.
+        target = candidate.results[0].request_id
+        again = await stub_b.SubmitFeedback(
+            monitor_pb2.SubmitFeedbackRequest(request_id=target, score=0.5)
+        )
+        assert again.replaced
+        want = (2, round((0.5 + 0.2) / 2, 6))
+        for replica in (a, b):
+            await _until(_rated(replica, "ver_c", started.alias, want))
+
+    # The first score for that request, delivered again (twice more) after the
+    # replacement: counted once, and the later score still holds on both replicas.
+    first, second = await _stored_feedback(nats_url, target)
+    assert events_pb2.FeedbackSubmitted.FromString(first).score == 0.2
+    assert events_pb2.FeedbackSubmitted.FromString(second).score == 0.5
+    # A fresh request rated by a copy stored twice: counted once.
+    fresh = events_pb2.FeedbackSubmitted.FromString(first)
+    fresh.meta.event_id = uuid.uuid4().hex
+    fresh.request_id = candidate.results[2].request_id
+    fresh.score = 0.8
+    await _publish_raw(nats_url, first, times=2)
+    await _publish_raw(nats_url, fresh.SerializeToString(), times=2)
+    want = (3, round((0.5 + 0.2 + 0.8) / 3, 6))
+    for replica in (a, b):
+        await _until(_rated(replica, "ver_c", started.alias, want))
+    await asyncio.sleep(0.5)  # nothing more (no double counting) arrives later
+    assert [_feedback(r, "ver_c", started.alias) for r in (a, b)] == [want, want]
+    for replica in (a, b):
+        release = replica.monitor.release_for(started.alias)
+        assert release is not None
+        assert (len(release.candidate.feedback), len(release.stable.feedback)) == (3, 2)
+
+
+async def test_feedback_without_nats_answers_unavailable(nats_url: str) -> None:
+    # NATS at a port where nothing listens: the score must not stay on this replica alone.
+    service = MonitorService(_settings(f"nats://127.0.0.1:{_closed_port()}"))
+    await service.start()
+    try:
+        started = _started(f"down-{uuid.uuid4().hex[:6]}", auto=False)
+        batch = _batch(started, "ver_s", "stable", 1)
+        service.monitor.ingest(batch.results)  # as if the result had come over NATS
+        async with channel(service.address) as ch:
+            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SubmitFeedback(
+                    monitor_pb2.SubmitFeedbackRequest(
+                        request_id=batch.results[0].request_id, score=1.0
+                    )
+                )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "NATS" in (info.value.details() or "")
+        assert _feedback(service, "ver_s", started.alias) == (0, 0.0)
+    finally:
+        await service.stop()

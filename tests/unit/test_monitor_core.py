@@ -13,8 +13,14 @@ from ftops.events.v1 import events_pb2
 from ftops_monitor.alerts import AlertRules
 from ftops_monitor.analysis import DecisionKind, ReleaseState
 from ftops_monitor.monitor import Monitor
-from ftops_runtime.bus import EventBus
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ftops_runtime.bus import Delivery, EventBus
+from ftops_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermanentEventError,
+    Unavailable,
+)
 
 
 class FakeBus:
@@ -207,7 +213,7 @@ async def test_canary_rolls_back_on_failing_mirrored_results_without_user_feedba
     assert "candidate 9/10 errors" in event.reason
     # Nobody saw a mirrored answer: it cannot be rated.
     with pytest.raises(NotFound):
-        monitor.submit_feedback(mirrored[0].request_id, 0.1)
+        await monitor.submit_feedback(mirrored[0].request_id, 0.1)
 
 
 async def test_shadow_release_reports_and_rolls_back_on_failure() -> None:
@@ -314,23 +320,23 @@ async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
     shadow = _results("ver_c", "shadow", 1, shadow=True)
     monitor.ingest(stable + candidate + shadow)
     with pytest.raises(NotFound, match="unknown"):
-        monitor.submit_feedback("nope", 0.5)
+        await monitor.submit_feedback("nope", 0.5)
     with pytest.raises(NotFound):
-        monitor.submit_feedback(shadow[0].request_id, 0.5)  # nobody saw a shadow answer
+        await monitor.submit_feedback(shadow[0].request_id, 0.5)  # nobody saw a shadow answer
     with pytest.raises(InvalidArgument, match=r"0\.\.1"):
-        monitor.submit_feedback(stable[0].request_id, 1.5)
+        await monitor.submit_feedback(stable[0].request_id, 1.5)
     with pytest.raises(InvalidArgument, match=r"0\.\.1"):
-        monitor.submit_feedback(stable[0].request_id, float("nan"))
+        await monitor.submit_feedback(stable[0].request_id, float("nan"))
     with pytest.raises(InvalidArgument):
-        monitor.submit_feedback("", 0.5)
+        await monitor.submit_feedback("", 0.5)
     for r in stable[:3]:
-        monitor.submit_feedback(r.request_id, 0.9)
-    first = monitor.submit_feedback(candidate[0].request_id, 0.9)
+        await monitor.submit_feedback(r.request_id, 0.9)
+    first = await monitor.submit_feedback(candidate[0].request_id, 0.9)
     assert (first.version_id, first.arm, first.replaced) == ("ver_c", "candidate", False)
-    again = monitor.submit_feedback(candidate[0].request_id, 0.1, "changed my mind")
+    again = await monitor.submit_feedback(candidate[0].request_id, 0.1, "changed my mind")
     assert again.replaced
     for r in candidate[1:3]:
-        monitor.submit_feedback(r.request_id, 0.1)
+        await monitor.submit_feedback(r.request_id, 0.1)
     stats = monitor.version_stats("bot", "ver_c")
     assert stats.feedback_count == 3
     assert stats.feedback_mean == pytest.approx(0.1)
@@ -346,7 +352,7 @@ async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() 
     [answered] = _results("ver_s", "stable", 1, fallback=True)
     answered.request_id = failed.request_id
     monitor.ingest([failed, answered])
-    reply = monitor.submit_feedback(failed.request_id, 0.2)
+    reply = await monitor.submit_feedback(failed.request_id, 0.2)
     assert (reply.version_id, reply.arm) == ("ver_s", "stable")
     release = monitor.release_for("bot")
     assert release is not None
@@ -360,7 +366,7 @@ async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() 
     answered2.request_id = failed2.request_id
     other.ingest([answered2])
     other.ingest([failed2])
-    assert other.submit_feedback(failed2.request_id, 1.0).version_id == "ver_s"
+    assert (await other.submit_feedback(failed2.request_id, 1.0)).version_id == "ver_s"
 
 
 async def test_feedback_forgets_old_requests() -> None:
@@ -370,7 +376,126 @@ async def test_feedback_forgets_old_requests() -> None:
     monitor.ingest([result])
     clock.now += 3601
     with pytest.raises(NotFound):
-        monitor.submit_feedback(result.request_id, 1.0)
+        await monitor.submit_feedback(result.request_id, 1.0)
+
+
+async def test_feedback_is_published_and_every_replica_counts_it_once() -> None:
+    a, bus = _monitor()
+    b, _ = _monitor()
+    for replica in (a, b):
+        replica.apply_started(_started(min_requests=100, min_feedback=1))
+    candidate = _results("ver_c", "candidate", 2)
+    stable = _results("ver_s", "stable", 1)
+    a.ingest(candidate + stable)
+    b.ingest(stable)  # B has not seen the candidate's results yet
+    reply = await a.submit_feedback(candidate[0].request_id, 0.2, "wrong price")
+    assert (reply.version_id, reply.arm, reply.replaced) == ("ver_c", "candidate", False)
+    [event] = bus.of("metrics.feedback")
+    assert (event.request_id, event.score, event.comment) == (
+        candidate[0].request_id,
+        0.2,
+        "wrong price",
+    )
+    assert (event.alias, event.version_id, event.arm, event.release_id) == (
+        "bot",
+        "ver_c",
+        "candidate",
+        "rel_1",
+    )
+    # Applied on A at once (read-your-writes); its own copy from the stream is a no-op.
+    assert a.version_stats("bot", "ver_c").feedback_count == 1
+    assert not a.apply_feedback(event)
+    # B counts it once however often it is delivered.
+    assert b.apply_feedback(event)
+    assert not b.apply_feedback(event)
+    await b.on_feedback(event, cast(Delivery, None))
+    for replica in (a, b):
+        stats = replica.version_stats("bot", "ver_c")
+        assert stats.feedback_count == 1
+        assert stats.feedback_mean == pytest.approx(0.2)
+        release = replica.release_for("bot")
+        assert release is not None
+        assert (len(release.candidate.feedback), len(release.stable.feedback)) == (1, 0)
+    # B knows the request from the event: a score given there replaces A's.
+    again = await b.submit_feedback(candidate[0].request_id, 0.1)
+    assert (again.version_id, again.replaced) == ("ver_c", True)
+
+    # A's stable score reaches B, whose verdict then uses both: the candidate's mean is
+    # more than 0.1 below the stable's.
+    await a.submit_feedback(stable[0].request_id, 0.9)
+    b.apply_feedback(bus.of("metrics.feedback")[-1])
+    [decision] = await b.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "mean score 0.100" in decision.reason
+
+
+async def test_the_latest_score_of_a_request_holds_whatever_the_order() -> None:
+    clock = Clock(1002.0)
+    a, bus = _monitor(clock)
+    [result] = _results("ver_s", "stable", 1)
+    a.ingest([result])
+    await a.submit_feedback(result.request_id, 0.9)
+    # Within the same tick of the clock: the second call still replaces the first.
+    again = await a.submit_feedback(result.request_id, 0.1)
+    assert again.replaced
+    first, second = bus.of("metrics.feedback")
+    assert second.meta.occurred_at.ToNanoseconds() > first.meta.occurred_at.ToNanoseconds()
+    in_order, _ = _monitor(Clock(1003.0))
+    assert in_order.apply_feedback(first)
+    assert in_order.apply_feedback(second)
+    assert not in_order.apply_feedback(first)  # redelivered late: changes nothing
+    reverse, _ = _monitor(Clock(1003.0))
+    assert reverse.apply_feedback(second)
+    assert not reverse.apply_feedback(first)  # older than the score the request holds
+    for replica in (a, in_order, reverse):
+        stats = replica.version_stats("bot", "ver_s")
+        assert stats.feedback_count == 1
+        assert stats.feedback_mean == pytest.approx(0.1)
+
+
+async def test_a_replaced_score_is_judged_again() -> None:
+    monitor, _ = _monitor()
+    monitor.apply_started(_started(min_requests=100, min_feedback=1))
+    stable = _results("ver_s", "stable", 1)
+    candidate = _results("ver_c", "candidate", 1)
+    monitor.ingest(stable + candidate)
+    await monitor.submit_feedback(stable[0].request_id, 0.9)
+    await monitor.submit_feedback(candidate[0].request_id, 0.9)
+    assert await monitor.analyze_once() == []  # waits for samples
+    # As many scores as before, a lower mean: not "nothing new".
+    await monitor.submit_feedback(candidate[0].request_id, 0.1)
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+
+
+async def test_feedback_without_nats_is_refused_and_kept_nowhere() -> None:
+    bus = FlakyBus(failures=1)
+    monitor = Monitor(cast(EventBus, bus), window_s=1e9, clock=Clock())
+    [result] = _results("ver_s", "stable", 1)
+    monitor.ingest([result])
+    with pytest.raises(Unavailable, match="NATS did not store it"):
+        await monitor.submit_feedback(result.request_id, 0.5)
+    bus.ready = False
+    with pytest.raises(Unavailable, match="NATS is unreachable"):
+        await monitor.submit_feedback(result.request_id, 0.5)
+    assert monitor.version_stats("bot", "ver_s").feedback_count == 0
+    assert monitor.requests.held(result.request_id) is None
+    assert bus.of("metrics.feedback") == []
+    bus.ready = True
+    reply = await monitor.submit_feedback(result.request_id, 0.5)
+    assert not reply.replaced
+    assert monitor.version_stats("bot", "ver_s").feedback_count == 1
+
+
+async def test_a_malformed_feedback_event_is_dead_lettered() -> None:
+    monitor, _ = _monitor()
+    for bad in (
+        events_pb2.FeedbackSubmitted(meta=_meta("no-id"), score=0.5, alias="bot"),
+        events_pb2.FeedbackSubmitted(meta=_meta("too-high"), request_id="r", score=1.5),
+    ):
+        with pytest.raises(PermanentEventError):
+            await monitor.on_feedback(bad, cast(Delivery, None))
+    assert monitor.stats.keys() == []
 
 
 async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped() -> None:

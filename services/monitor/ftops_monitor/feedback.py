@@ -1,5 +1,11 @@
 """Which version answered a request: the index that lets a user's feedback, given by
-request id, count for the right (alias, version, arm). Bounded in age and in size."""
+request id, count for the right (alias, version, arm), and which score of a request holds.
+Bounded in age and in size.
+
+Scores reach every monitor replica as ``metrics.feedback`` events, in whatever order and
+possibly more than once. The score that holds for a request is the one with the greatest
+(given at, event id): the latest given replaces the earlier ones, as a second
+``SubmitFeedback`` always has, and every replica ends up with the same one."""
 
 from __future__ import annotations
 
@@ -16,11 +22,16 @@ class Served:
     at: float  # when the request finished (wall clock seconds)
 
 
-@dataclass(frozen=True)
-class Feedback:
-    served: Served
+@dataclass(frozen=True, slots=True)
+class Given:
+    """A score and what orders it against the request's other scores."""
+
+    at: float  # when it was given (the event's occurred_at)
+    event_id: str
     score: float
-    replaced: bool
+
+    def supersedes(self, other: Given) -> bool:
+        return (self.at, self.event_id) > (other.at, other.event_id)
 
 
 class RequestIndex:
@@ -31,7 +42,7 @@ class RequestIndex:
         self.max_age_s = max_age_s
         self.max_items = max_items
         self._served: OrderedDict[str, Served] = OrderedDict()
-        self._scores: dict[str, float] = {}
+        self._scores: dict[str, Given] = {}
 
     def add(self, request_id: str, served: Served, *, answered: bool = False) -> None:
         """Remembers where a request was served. A request can have two results (the
@@ -60,14 +71,25 @@ class RequestIndex:
     def get(self, request_id: str) -> Served | None:
         return self._served.get(request_id)
 
-    def score(self, request_id: str, score: float) -> Feedback | None:
-        """Records a score (replacing an earlier one); None for an unknown request."""
-        served = self._served.get(request_id)
-        if served is None:
-            return None
-        replaced = request_id in self._scores
-        self._scores[request_id] = score
-        return Feedback(served, score, replaced)
+    def held(self, request_id: str) -> Given | None:
+        """The request's score that holds, if it has one."""
+        return self._scores.get(request_id)
+
+    def record(self, request_id: str, served: Served, given: Given) -> bool:
+        """Records ``given`` unless the request holds the same or a later score (a
+        redelivered event, or an earlier score arriving late): True when it now holds. A
+        request not known here (its result has not arrived yet) is remembered as
+        ``served`` says."""
+        if not request_id:
+            return False
+        held = self._scores.get(request_id)
+        if held is not None and not given.supersedes(held):
+            return False
+        self.add(request_id, served)
+        if request_id not in self._served:  # max_items of 0: nothing is kept
+            return True
+        self._scores[request_id] = given
+        return True
 
     def __len__(self) -> int:
         return len(self._served)

@@ -10,6 +10,10 @@ pause/resume older than the one applied is ignored.
 Every replica consumes every result and judges every release, so replicas take the same
 decisions; each decision and alert event gets an id derived from what it says
 (``decision_event_id``, ``AlertBook.event_id``), and JetStream stores one of the copies.
+
+Feedback likewise reaches every replica: the replica a ``SubmitFeedback`` call hits checks
+it and publishes ``metrics.feedback``, and every replica applies that event (the one that
+took the call at once, for read-your-writes; its own copy arriving later is a no-op).
 """
 
 from __future__ import annotations
@@ -42,12 +46,19 @@ from ftops_monitor.analysis import (
     next_step,
 )
 from ftops_monitor.evaluation import EvaluationLookup, judge_evaluations
-from ftops_monitor.feedback import RequestIndex, Served
+from ftops_monitor.feedback import Given, RequestIndex, Served
 from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ftops_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermanentEventError,
+    Unavailable,
+)
 from ftops_runtime.events import (
+    METRICS_FEEDBACK,
     MONITOR_ALERT,
     RELEASE_PROMOTE,
     RELEASE_ROLLBACK,
@@ -65,6 +76,8 @@ ARM_STABLE = "stable"
 ARM_SHADOW = "shadow"
 SEEN_MAX = 200_000
 COALESCE_S = 0.02
+# How long SubmitFeedback waits for JetStream to store its event before UNAVAILABLE.
+FEEDBACK_PUBLISH_TIMEOUT_S = 2.0
 
 ParkedEvent = (
     events_pb2.ReleasePromote
@@ -76,6 +89,11 @@ ParkedEvent = (
 
 def _seconds(ts: Timestamp, default: float) -> float:
     return ts.seconds + ts.nanos / 1e9 if ts.seconds or ts.nanos else default
+
+
+def _check_score(score: float) -> None:
+    if not math.isfinite(score) or not 0.0 <= score <= 1.0:
+        raise InvalidArgument(f"score must be within 0..1, got {score}")
 
 
 class SeenEvents:
@@ -236,22 +254,103 @@ class Monitor:
 
     # -- feedback --------------------------------------------------------------------
 
-    def submit_feedback(
+    def feedback_event(
         self, request_id: str, score: float, comment: str = ""
-    ) -> monitor_pb2.SubmitFeedbackResponse:
+    ) -> events_pb2.FeedbackSubmitted:
+        """The ``metrics.feedback`` event for a score given now, with where the request was
+        served: INVALID_ARGUMENT for a bad score, NOT_FOUND for a request not known here."""
         if not request_id:
             raise InvalidArgument("request_id is required")
-        if not math.isfinite(score) or not 0.0 <= score <= 1.0:
-            raise InvalidArgument(f"score must be within 0..1, got {score}")
-        now = self.clock()
-        self.requests.prune(now)
-        feedback = self.requests.score(request_id, score)
-        if feedback is None:
+        _check_score(score)
+        self.requests.prune(self.clock())
+        served = self.requests.get(request_id)
+        if served is None:
             raise NotFound(
                 f"request {request_id!r} is unknown: its result has not reached the monitor "
                 f"yet or is older than {self.requests.max_age_s:g} s"
             )
-        served = feedback.served
+        given_at = self.clock()
+        held = self.requests.held(request_id)
+        if held is not None and given_at <= held.at:
+            # A second call replaces the first, even within one tick of the clock or after
+            # a score stamped by a replica whose clock runs ahead.
+            given_at = held.at + 1e-3
+        meta = self._meta()
+        meta.occurred_at.FromNanoseconds(round(given_at * 1e9))
+        event = events_pb2.FeedbackSubmitted(
+            meta=meta,
+            request_id=request_id,
+            score=score,
+            comment=comment,
+            alias=served.alias,
+            version_id=served.version_id,
+            arm=served.arm,
+            release_id=served.release_id,
+        )
+        event.served_at.FromNanoseconds(round(served.at * 1e9))
+        return event
+
+    async def submit_feedback(
+        self, request_id: str, score: float, comment: str = ""
+    ) -> monitor_pb2.SubmitFeedbackResponse:
+        """Checks a score, has JetStream store it on ``metrics.feedback`` for every replica,
+        and applies it here at once. UNAVAILABLE, with nothing recorded here, when NATS
+        does not take it: a score kept by one replica alone would count for that replica's
+        verdicts only. A retry is safe (one score per request: the latest holds)."""
+        event = self.feedback_event(request_id, score, comment)
+        replaced = self.requests.held(request_id) is not None
+        if not self.bus.ready:
+            raise Unavailable(
+                "feedback not recorded: NATS is unreachable, and every monitor replica must "
+                "see a score; try again shortly"
+            )
+        try:
+            await self.bus.publish(METRICS_FEEDBACK, event, timeout=FEEDBACK_PUBLISH_TIMEOUT_S)
+        except Exception as exc:
+            raise Unavailable(
+                f"feedback not recorded: NATS did not store it ({exc!r}); try again shortly"
+            ) from exc
+        # Read-your-writes here; the event's delivery to this replica is then a no-op
+        # (or it came first, and this is).
+        self.apply_feedback(event)
+        return monitor_pb2.SubmitFeedbackResponse(
+            request_id=request_id,
+            alias=event.alias,
+            version_id=event.version_id,
+            arm=event.arm,
+            replaced=replaced,
+        )
+
+    async def on_feedback(self, event: events_pb2.FeedbackSubmitted, delivery: Delivery) -> None:
+        try:
+            if not event.request_id:
+                raise InvalidArgument("request_id is empty")
+            _check_score(event.score)
+        except InvalidArgument as exc:
+            raise PermanentEventError(f"feedback event {event.meta.event_id}: {exc}") from exc
+        self.apply_feedback(event)
+
+    def apply_feedback(self, event: events_pb2.FeedbackSubmitted) -> bool:
+        """Counts a score for the version and arm that answered (as the event says), once:
+        False when it changes nothing, for an event already applied (redelivered, or the
+        copy of one taken here) or one older than the request's score (the latest given
+        holds, ``Given.supersedes``)."""
+        if not self._seen.add(event.meta.event_id):
+            return False
+        now = self.clock()
+        given = Given(_seconds(event.meta.occurred_at, now), event.meta.event_id, event.score)
+        served = Served(
+            event.alias,
+            event.version_id,
+            event.arm,
+            event.release_id,
+            _seconds(event.served_at, given.at),
+        )
+        self.requests.prune(now)
+        if not self.requests.record(event.request_id, served, given):
+            return False
+        request_id, score = event.request_id, event.score
+        # The windows place it at the moment this replica learned of it, like results.
         self.stats.add_feedback(served.alias, served.version_id, request_id, score, now)
         release = self.release_for(served.alias)
         if (
@@ -263,16 +362,12 @@ class Monitor:
                 release.candidate.feedback.put(request_id, score, now)
             elif (served.version_id, served.arm) == (release.stable_version_id, ARM_STABLE):
                 release.stable.feedback.put(request_id, score, now)
-        if comment:
-            log.debug("feedback %.2f on %s (%s): %s", score, request_id, served.version_id, comment)
+        if event.comment:
+            log.debug(
+                "feedback %.2f on %s (%s): %s", score, request_id, served.version_id, event.comment
+            )
         self._wake.set()
-        return monitor_pb2.SubmitFeedbackResponse(
-            request_id=request_id,
-            alias=served.alias,
-            version_id=served.version_id,
-            arm=served.arm,
-            replaced=feedback.replaced,
-        )
+        return True
 
     # -- release events --------------------------------------------------------------
 
@@ -360,8 +455,8 @@ class Monitor:
         return (
             c.requests,
             s.requests,
-            len(c.feedback),
-            len(s.feedback),
+            c.feedback.revision,
+            s.feedback.revision,
             release.step_started_at,
             release.evaluation_failure,
         )
@@ -451,12 +546,14 @@ class Monitor:
         release.evaluation_figures = verdict.figures
         self._wake.set()
 
-    def _meta(self, event_id: str) -> common_pb2.EventMeta:
+    def _meta(self, event_id: str = "") -> common_pb2.EventMeta:
         """An envelope stamped by the monitor's clock: the step a decision begins is timed
-        on the same clock as the analysis (an injected one in tests). ``event_id`` is
-        derived from the event's content, so replicas publishing the same one collide."""
+        on the same clock as the analysis (an injected one in tests). A decision's
+        ``event_id`` is derived from the event's content, so replicas publishing the same
+        one collide; without one the id is new."""
         meta = new_meta(self.bus.service, self.bus.instance)
-        meta.event_id = event_id
+        if event_id:
+            meta.event_id = event_id
         meta.occurred_at.FromNanoseconds(int(self.clock() * 1e9))
         return meta
 

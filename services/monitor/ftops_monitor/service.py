@@ -23,6 +23,7 @@ from ftops_monitor.settings import MonitorSettings
 from ftops_runtime import auth, client
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
+    METRICS_FEEDBACK,
     METRICS_REQUESTS,
     RELEASE_PAUSED,
     RELEASE_PROMOTE,
@@ -142,6 +143,17 @@ class MonitorService:
             METRICS_REQUESTS,
             f"{prefix}-metrics",
             self.monitor.on_metrics,
+            deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold_s=inactive,
+        )
+        # Users' scores, the same way: whichever replica a SubmitFeedback call hit, every
+        # replica's analysis and alerts count it (idempotent on the event id; the replica
+        # that took the call applied it already). From now on, like the results: a replica
+        # judges on what it has seen since it started.
+        self.bus.subscribe(
+            METRICS_FEEDBACK,
+            f"{prefix}-feedback",
+            self.monitor.on_feedback,
             deliver_policy=DeliverPolicy.NEW,
             inactive_threshold_s=inactive,
         )

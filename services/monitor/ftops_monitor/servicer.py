@@ -105,7 +105,10 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         served = self._monitor.requests.get(request.request_id) if request.request_id else None
         if served is not None:
             await self._require(served.alias, served.version_id, Role.viewer, "SubmitFeedback")
-        return self._monitor.submit_feedback(request.request_id, request.score, request.comment)
+        # Answers once JetStream stored the score for every replica (UNAVAILABLE if not).
+        return await self._monitor.submit_feedback(
+            request.request_id, request.score, request.comment
+        )
 
     async def ListAlerts(
         self, request: monitor_pb2.ListAlertsRequest, context: Any

@@ -105,8 +105,11 @@ class FeedbackScores:
     def __init__(self, max_items: int = 50_000) -> None:
         self._scores: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._max = max_items
+        # Bumped by every put: a replaced score changes the mean but not the count.
+        self.revision = 0
 
     def put(self, request_id: str, score: float, at: float) -> None:
+        self.revision += 1
         previous = self._scores.get(request_id)
         self._scores[request_id] = (previous[0] if previous else at, score)
         if len(self._scores) > self._max:

@@ -1039,6 +1039,68 @@ class RequestResultBatch(_message.Message):
 Global___RequestResultBatch: _TypeAlias = RequestResultBatch  # noqa: Y015
 
 @_typing.final
+class FeedbackSubmitted(_message.Message):
+    """Subject: metrics.feedback. A user's score for an answer, taken by one monitor replica
+    (SubmitFeedback) once it checked the caller and the score and found where the request
+    was served, and applied by every monitor replica, the one that took the call included
+    (each reads the subject on a consumer of its own). Idempotent on the event id; for the
+    same request id the latest score wins, ordered by (meta.occurred_at, meta.event_id), so
+    replicas agree whatever order the events reach them in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    SERVED_AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    score: _builtins.float
+    """0 (bad) .. 1 (good)."""
+    comment: _builtins.str
+    alias: _builtins.str
+    """Where the request was served, as the receiving replica knew it from metrics.requests:
+    a replica that has not seen the request's result yet applies the score all the same.
+    """
+    version_id: _builtins.str
+    arm: _builtins.str
+    """"stable", "candidate", "direct" or "base" (never "shadow": nobody saw that answer)."""
+    release_id: _builtins.str
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta:
+        """occurred_at: when the score was given (the receiving replica's clock)."""
+
+    @_builtins.property
+    def served_at(self) -> _timestamp_pb2.Timestamp:
+        """When the request finished (RequestResult.finished_at)."""
+
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        request_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        comment: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        arm: _builtins.str = ...,
+        release_id: _builtins.str = ...,
+        served_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "served_at", b"served_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "comment", b"comment", "meta", b"meta", "release_id", b"release_id", "request_id", b"request_id", "score", b"score", "served_at", b"served_at", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackSubmitted: _TypeAlias = FeedbackSubmitted  # noqa: Y015
+
+@_typing.final
 class JobEvent(_message.Message):
     """Subject: trainer.job. A training job changed state or made progress."""
 

@@ -210,8 +210,9 @@ def rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     service = GatewayService(settings)
+    # Before serving: the one collection it takes then pauses no request.
+    freeze_startup_heap()
     await service.start()
     log.info("gateway serving on %s", service.address)
-    freeze_startup_heap()
     await stop.wait()
     await service.stop()

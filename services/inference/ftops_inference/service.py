@@ -36,10 +36,18 @@ class InferenceService:
     """A running inference replica. ``start()`` returns once the port is bound; the model
     loads in the background while health says NOT_SERVING."""
 
-    def __init__(self, settings: InferenceSettings, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        backend: Backend | None = None,
+        *,
+        freeze_heap: bool = False,
+    ) -> None:
+        """``freeze_heap``: the process entry point's choice (see ftops_runtime.heap)."""
         if not settings.base_model_path:
             raise ValueError("FTOPS_BASE_MODEL_PATH is not set")
         self.settings = settings
+        self._freeze_heap = freeze_heap
         self.model_dir = Path(settings.base_model_path).resolve()
         self.backend: Backend = backend or make_backend(settings, self.model_dir)
         self.bus = EventBus(
@@ -202,6 +210,10 @@ class InferenceService:
             max_deliver=self.settings.event_max_deliver,
         )
         self.core.on_loaded = self.events.announce_loaded
+        if self._freeze_heap:
+            # Now that the model is in memory (most of what a collection walks), and before
+            # serving is announced: the one collection it takes pauses no request.
+            freeze_startup_heap()
         log.info("base model %s ready (%s)", self.model_dir, self.base_fingerprint[:12])
         await retry_forever("register the base model in the registry", self._register_base)
         self.base_registered = True
@@ -281,19 +293,8 @@ def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:
 
 
 async def serve(settings: InferenceSettings, stop: asyncio.Event) -> None:
-    service = InferenceService(settings)
+    service = InferenceService(settings, freeze_heap=True)
     await service.start()
     log.info("inference listening on %s (advertised as %s)", service.address, service.endpoint)
-    startup = asyncio.create_task(_freeze_heap_when_ready(service), name="freeze-heap")
     await stop.wait()
-    await cancel_and_wait([startup])
     await service.stop()
-
-
-async def _freeze_heap_when_ready(service: InferenceService) -> None:
-    # After the model is in memory: it is most of what a full collection would walk.
-    try:
-        await service.wait_ready()
-    except Exception:
-        return  # the startup task logs its own failure
-    freeze_startup_heap()

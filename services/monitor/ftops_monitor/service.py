@@ -197,8 +197,9 @@ class MonitorService:
 
 async def serve(settings: MonitorSettings, stop: asyncio.Event) -> None:
     service = MonitorService(settings)
+    # Before serving: the one collection it takes then pauses no request.
+    freeze_startup_heap()
     await service.start()
     log.info("monitor serving on %s", service.address)
-    freeze_startup_heap()
     await stop.wait()
     await service.stop()

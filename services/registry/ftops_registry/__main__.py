@@ -23,8 +23,9 @@ from ftops_runtime.heap import freeze_startup_heap
 
 async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
     app = RegistryApp(settings)
-    await app.start()
+    # Before serving: the one collection it takes then pauses no request.
     freeze_startup_heap()
+    await app.start()
     try:
         await stop.wait()
     finally:

@@ -12,8 +12,9 @@ from ftops_trainer.settings import TrainerSettings
 
 async def serve(settings: TrainerSettings, stop: asyncio.Event) -> None:
     app = TrainerApp(settings)
-    await app.start()
+    # Before serving: the one collection it takes then pauses no request.
     freeze_startup_heap()
+    await app.start()
     try:
         await stop.wait()
     finally:

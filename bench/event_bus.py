@@ -13,7 +13,7 @@ import contextlib
 import random
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -46,33 +46,19 @@ async def _raw(url: str) -> list[float]:
     return samples
 
 
-async def _ftops(url: str) -> list[float]:
-    received: asyncio.Queue[float] = asyncio.Queue()
+Publish = Callable[[], Awaitable[object]]
 
-    async def handler(event: events_pb2.RequestResultBatch, delivery: Delivery) -> None:
-        received.put_nowait(time.perf_counter())
 
+async def _one_at_a_time(publish: Publish, received: asyncio.Queue[float]) -> list[float]:
     samples = []
-    async with EventBus(url, service="bench", instance="b") as bus:
-        bus.subscribe(
-            METRICS_REQUESTS,
-            f"bus-{uuid.uuid4().hex[:6]}",
-            handler,
-            deliver_policy=DeliverPolicy.NEW,
-        )
-        await bus.wait_ready(10)
-        await asyncio.sleep(0.5)
-        for _ in range(N):
-            t0 = time.perf_counter()
-            await bus.publish(
-                METRICS_REQUESTS, events_pb2.RequestResultBatch(meta=new_meta("b", "b"))
-            )
-            t1 = await asyncio.wait_for(received.get(), 5)
-            samples.append(t1 - t0)
+    for _ in range(N):
+        t0 = time.perf_counter()
+        await publish()
+        samples.append(await asyncio.wait_for(received.get(), 5) - t0)
     return samples
 
 
-async def _spaced(publish: Any, received: asyncio.Queue[float]) -> list[float]:
+async def _spaced(publish: Publish, received: asyncio.Queue[float]) -> list[float]:
     """Events with idle gaps between them: the case where a batch fetch waits."""
     rng = random.Random(7)
     samples = []
@@ -82,6 +68,33 @@ async def _spaced(publish: Any, received: asyncio.Queue[float]) -> list[float]:
         await publish()
         samples.append(await asyncio.wait_for(received.get(), 5) - t0)
     return samples
+
+
+async def _ftops(
+    url: str, measure: Callable[[Publish, asyncio.Queue[float]], Awaitable[list[float]]]
+) -> list[float]:
+    """``measure`` through an EventBus consumer fetching up to BATCH at a time."""
+    received: asyncio.Queue[float] = asyncio.Queue()
+
+    async def handler(event: events_pb2.RequestResultBatch, delivery: Delivery) -> None:
+        received.put_nowait(time.perf_counter())
+
+    async with EventBus(url, service="bench", instance="b") as bus:
+        bus.subscribe(
+            METRICS_REQUESTS,
+            f"bus-{uuid.uuid4().hex[:6]}",
+            handler,
+            deliver_policy=DeliverPolicy.NEW,
+            batch=BATCH,
+        )
+        await bus.wait_ready(10)
+        await asyncio.sleep(0.5)
+        return await measure(
+            lambda: bus.publish(
+                METRICS_REQUESTS, events_pb2.RequestResultBatch(meta=new_meta("b", "b"))
+            ),
+            received,
+        )
 
 
 async def _raw_batch_loop(url: str) -> list[float]:
@@ -117,30 +130,6 @@ async def _raw_batch_loop(url: str) -> list[float]:
         await nc.close()
 
 
-async def _ftops_spaced(url: str) -> list[float]:
-    received: asyncio.Queue[float] = asyncio.Queue()
-
-    async def handler(event: events_pb2.RequestResultBatch, delivery: Delivery) -> None:
-        received.put_nowait(time.perf_counter())
-
-    async with EventBus(url, service="bench", instance="b") as bus:
-        bus.subscribe(
-            METRICS_REQUESTS,
-            f"bus-{uuid.uuid4().hex[:6]}",
-            handler,
-            deliver_policy=DeliverPolicy.NEW,
-            batch=BATCH,
-        )
-        await bus.wait_ready(10)
-        await asyncio.sleep(0.5)
-        return await _spaced(
-            lambda: bus.publish(
-                METRICS_REQUESTS, events_pb2.RequestResultBatch(meta=new_meta("b", "b"))
-            ),
-            received,
-        )
-
-
 async def main() -> None:
     server = start_nats()
     try:
@@ -150,7 +139,7 @@ async def main() -> None:
             "raw nats-py JetStream publish + pull fetch + ack",
         )
         raw = await _raw(server.url)
-        ours = await _ftops(server.url)
+        ours = await _ftops(server.url, _one_at_a_time)
         base = report.add("raw nats-py", raw)
         row = report.add("ftops EventBus", ours)
         report.notes["p50 overhead vs baseline"] = f"{row.p50_ms / base.p50_ms:.2f}x"
@@ -158,7 +147,7 @@ async def main() -> None:
             f"spaced: raw loop fetching {BATCH}", await _raw_batch_loop(server.url)
         )
         ours_spaced = report.add(
-            f"spaced: EventBus, batch {BATCH}", await _ftops_spaced(server.url)
+            f"spaced: EventBus, batch {BATCH}", await _ftops(server.url, _spaced)
         )
         report.notes["spaced events"] = f"{SPACED}, 0.05-1.5 s apart (the fetch timeout is 1 s)"
         # p99 of 40 samples is their maximum.

@@ -244,23 +244,20 @@ class EventBus:
             return await js.pull_subscribe(sub.subject, durable=sub.durable, stream=stream)
 
         psub = await retry_forever(f"subscribe {sub.subject} as {sub.durable}", bind)
-        want = 1
+        msgs: list[Msg] = []
         while not self._closed:
             try:
-                msgs = await psub.fetch(batch=want, timeout=1.0)
+                msgs = await psub.fetch(batch=next_fetch_size(sub.batch, msgs), timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
-                want = 1
-                continue
+                msgs = []
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection blips: the client reconnects by itself
                 log.debug("fetch on %s failed: %s", sub.subject, exc)
-                want = 1
+                msgs = []
                 await asyncio.sleep(0.5)
-                continue
             for msg in msgs:
                 await self._handle(sub, msg)
-            want = next_fetch_size(sub.batch, msgs)
 
     async def _handle(self, sub: _Subscription[Any], msg: Msg) -> None:
         deliveries = msg.metadata.num_delivered if msg.metadata else 1

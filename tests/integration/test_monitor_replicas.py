@@ -136,9 +136,9 @@ def _knows(service: MonitorService, release_id: str) -> Callable[[], bool]:
     return lambda: release_id in service.monitor.releases
 
 
-async def _stored(nats_url: str, subject: str, release_id: str) -> list[events_pb2.ReleaseRollback]:
-    """Every message the stream holds on ``subject`` for the release (an ephemeral
-    consumer from the stream's start)."""
+async def _stored_payloads(nats_url: str, subject: str) -> list[bytes]:
+    """Every message the stream holds on ``subject`` (an ephemeral consumer from the
+    stream's start)."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
@@ -152,13 +152,17 @@ async def _stored(nats_url: str, subject: str, release_id: str) -> list[events_p
             except TimeoutError:  # nats' own, or asyncio's when the fetch times out partway
                 break
             for msg in msgs:
-                event = events_pb2.ReleaseRollback.FromString(msg.data)
-                if event.release_id == release_id:
-                    found.append(event)
+                found.append(msg.data)
                 await msg.ack()
         return found
     finally:
         await nc.close()
+
+
+async def _stored(nats_url: str, subject: str, release_id: str) -> list[events_pb2.ReleaseRollback]:
+    """The stored events on ``subject`` for the release."""
+    events = map(events_pb2.ReleaseRollback.FromString, await _stored_payloads(nats_url, subject))
+    return [e for e in events if e.release_id == release_id]
 
 
 async def test_every_replica_sees_every_result(
@@ -249,25 +253,11 @@ async def test_a_restarted_replica_rebuilds_release_state(nats_url: str, bus: Ev
 
 async def _stored_feedback(nats_url: str, request_id: str) -> list[bytes]:
     """The payloads the stream holds on ``metrics.feedback`` for the request."""
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(
-            METRICS_FEEDBACK, durable=None, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        )
-        found = []
-        while True:
-            try:
-                msgs = await sub.fetch(batch=256, timeout=1.0)
-            except TimeoutError:
-                break
-            for msg in msgs:
-                if events_pb2.FeedbackSubmitted.FromString(msg.data).request_id == request_id:
-                    found.append(msg.data)
-                await msg.ack()
-        return found
-    finally:
-        await nc.close()
+    return [
+        data
+        for data in await _stored_payloads(nats_url, METRICS_FEEDBACK)
+        if events_pb2.FeedbackSubmitted.FromString(data).request_id == request_id
+    ]
 
 
 async def _publish_raw(nats_url: str, payload: bytes, times: int) -> None:

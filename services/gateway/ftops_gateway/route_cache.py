@@ -132,4 +132,4 @@ class RouteCache:
                     self.put(route)
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
+                await pubsub.aclose()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +159,7 @@ class AdapterLoader:
             self.records[version_id] = record
             started = time.monotonic()
             try:
-                await self._load_version(
-                    version, functools.partial(self._pause, ref), since=looked_up
-                )
+                await self._load_version(ref, version, since=looked_up)
             except FtopsError as exc:
                 record.state, record.error = inference_pb2.ADAPTER_STATE_FAILED, str(exc)
                 log.warning("refused adapter version %s: %s", version_id, exc)
@@ -210,13 +207,7 @@ class AdapterLoader:
                 now = time.monotonic()
         return now
 
-    async def _load_version(
-        self,
-        version: registry_pb2.Version,
-        pause: Callable[[float], Awaitable[float]],
-        *,
-        since: float,
-    ) -> None:
+    async def _load_version(self, ref: str, version: registry_pb2.Version, *, since: float) -> None:
         version_id = version.version_id
         if not _VERSION_ID.match(version_id):
             raise FailedPrecondition(f"registry returned an unusable version id {version_id!r}")
@@ -232,24 +223,24 @@ class AdapterLoader:
                 f"replica serves fingerprint {self.base_fingerprint[:12]}"
             )
         check_file_names(version_id, [f.path for f in version.files])
-        step = await pause(since)
+        step = await self._pause(ref, since)
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_id}-", dir=self._cache_dir))
         try:
             await self._download(version, tmp)
-            step = await pause(step)
+            step = await self._pause(ref, step)
             # File reads and moves off the event loop: it is serving other versions' tokens.
             final = await asyncio.to_thread(self._check_and_place, version_id, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
         try:
-            step = await pause(step)
+            step = await self._pause(ref, step)
             await self._backend.load_adapter(version_id, final)
-            step = await pause(step)
+            step = await self._pause(ref, step)
             await self._backend.generate(
                 GenerationRequest(WARMUP_PROMPT, SamplingConfig(max_tokens=1), version_id)
             )
-            await pause(step)
+            await self._pause(ref, step)
         except BaseException:
             if self._backend.holds(version_id):
                 with contextlib.suppress(Exception):

@@ -35,7 +35,6 @@ from ftops_inference.sampling import SamplingConfig
 from ftops_inference.service import InferenceService
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime import events, hashing
-from ftops_runtime.heap import freeze_startup_heap
 
 VERSIONS = 20
 RESTARTS = 5
@@ -180,12 +179,14 @@ class Replica:
         settings = self._settings(port)
         if self.own_process:
             address = await self._spawn(settings)
+            self.fingerprint = hashing.model_fingerprint(self.model_dir)
         else:
-            self.service = InferenceService(InferenceSettings(**settings))
+            # freeze_heap: what the replica's entry point does.
+            self.service = InferenceService(InferenceSettings(**settings), freeze_heap=True)
             await self.service.start()
             await asyncio.wait_for(self.service.wait_ready(), 120)
             address = self.service.address
-        self.fingerprint = hashing.model_fingerprint(self.model_dir)
+            self.fingerprint = self.service.base_fingerprint
         self.nc = await nats.connect(self.nats_url)
 
         async def on_loaded(msg: Any) -> None:
@@ -204,8 +205,6 @@ class Replica:
                 await asyncio.sleep(0.05)
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
-        if not self.own_process:
-            freeze_startup_heap()  # what the replica's entry point does once it is ready
         return self
 
     async def _spawn(self, settings: dict[str, Any]) -> str:

@@ -206,7 +206,7 @@ class VLLMBackend:
         engine = self._require_engine()
         if self.failure:
             raise Unavailable(f"the vLLM engine failed: {self.failure}")
-        params = _checked_sampling_params(request.sampling)  # before _in_use is counted
+        params = _sampling_params(request.sampling)  # before _in_use is counted
         lora = None
         if request.adapter is not None:
             adapter = self._adapters.get(request.adapter)
@@ -266,12 +266,8 @@ def _sampling_params(cfg: SamplingConfig) -> Any:
     }
     if cfg.top_k > 0:  # left at vLLM's default (disabled) otherwise
         kwargs["top_k"] = cfg.top_k
-    return sampling_params.SamplingParams(**kwargs)
-
-
-def _checked_sampling_params(cfg: SamplingConfig) -> Any:
     try:
-        return _sampling_params(cfg)
+        return sampling_params.SamplingParams(**kwargs)
     except Exception as exc:
         if _is_request_error(exc):  # e.g. vLLM refuses temperature > 2
             raise InvalidArgument(f"vLLM refused the sampling parameters: {exc}") from exc

@@ -903,12 +903,26 @@ class RouteChanged(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     CAUSE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     cause_event_id: _builtins.str
+    revision: _builtins.int
+    """The route's revision in the gateway's store: later revisions supersede earlier ones
+    (events may arrive late or twice).
+    """
+    stable_version_id: _builtins.str
     @_builtins.property
     def meta(self) -> _common_pb2.EventMeta: ...
     @_builtins.property
     def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseSnapshot:
+        """The alias's current or latest release, as the gateway stored it. The gateway is the
+        only writer of release state; the monitor and the registry follow this.
+        """
+
     def __init__(
         self,
         *,
@@ -916,14 +930,156 @@ class RouteChanged(_message.Message):
         alias: _builtins.str = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         cause_event_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        stable_version_id: _builtins.str = ...,
+        release: Global___ReleaseSnapshot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cause_event_id", b"cause_event_id", "meta", b"meta", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cause_event_id", b"cause_event_id", "meta", b"meta", "release", b"release", "revision", b"revision", "stable_version_id", b"stable_version_id", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteChanged: _TypeAlias = RouteChanged  # noqa: Y015
+
+@_typing.final
+class ReleaseSnapshot(_message.Message):
+    """One release's whole state after a change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATE_WEIGHT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    STEP_STARTED_AT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
+    SHADOW_PERCENT_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    state: _builtins.str
+    """"running", "paused", "promoted", "rolled_back" or "replaced"."""
+    strategy: Global___ReleaseStrategy.ValueType
+    stable_version_id: _builtins.str
+    """The versions the release started with (kept after it ends)."""
+    candidate_version_id: _builtins.str
+    candidate_weight: _builtins.int
+    """Candidate share of user traffic in percent (0 once the release ended)."""
+    step_index: _builtins.int
+    evidence_mirror_percent: _builtins.int
+    shadow_percent: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def analysis(self) -> Global___AnalysisSettings: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def step_started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the current step began (start, promotion, resume): evidence counts from here."""
+
+    @_builtins.property
+    def change(self) -> Global___ReleaseChange:
+        """What changed: "started", "promote", "rollback", "paused", "resumed" or "replaced"."""
+
+    def __init__(
+        self,
+        *,
+        release_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        strategy: Global___ReleaseStrategy.ValueType = ...,
+        stable_version_id: _builtins.str = ...,
+        candidate_version_id: _builtins.str = ...,
+        candidate_weight: _builtins.int = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        step_index: _builtins.int = ...,
+        analysis: Global___AnalysisSettings | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        step_started_at: _timestamp_pb2.Timestamp | None = ...,
+        change: Global___ReleaseChange | None = ...,
+        evidence_mirror_percent: _builtins.int = ...,
+        shadow_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "change", b"change", "started_at", b"started_at", "step_started_at", b"step_started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "change", b"change", "evidence_mirror_percent", b"evidence_mirror_percent", "release_id", b"release_id", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "state", b"state", "step_index", b"step_index", "step_started_at", b"step_started_at", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseSnapshot: _TypeAlias = ReleaseSnapshot  # noqa: Y015
+
+@_typing.final
+class ReleaseChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FiguresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KIND_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    MANUAL_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    event_id: _builtins.str
+    """The event or command that caused it (a monitor decision's event id, a command's id)."""
+    weight: _builtins.int
+    final: _builtins.bool
+    reason: _builtins.str
+    manual: _builtins.bool
+    actor: _builtins.str
+    """The key id of the caller of a manual command."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def figures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        weight: _builtins.int = ...,
+        final: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        figures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        manual: _builtins.bool = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "event_id", b"event_id", "figures", b"figures", "final", b"final", "kind", b"kind", "manual", b"manual", "occurred_at", b"occurred_at", "reason", b"reason", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseChange: _TypeAlias = ReleaseChange  # noqa: Y015
 
 @_typing.final
 class RequestResult(_message.Message):
@@ -950,6 +1106,7 @@ class RequestResult(_message.Message):
     RETRIED_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     FLAG_FIELD_NUMBER: _builtins.int
+    FAILURE_ORIGIN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     alias: _builtins.str
     version_id: _builtins.str
@@ -979,6 +1136,12 @@ class RequestResult(_message.Message):
     """The candidate could not answer; the stable version did (counts against the candidate)."""
     flag: _builtins.str
     """Which flag rule routed it, if any."""
+    failure_origin: _builtins.str
+    """Where a failure arose, for the monitor to tell the candidate's faults from the
+    platform's: "replica" (the version's own error), "capacity" (refused for load: queue
+    full, rate limit), "transport" (no replica reachable, connection lost), "deadline"
+    (the gateway's deadline passed). Empty on success.
+    """
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1003,10 +1166,11 @@ class RequestResult(_message.Message):
         retried: _builtins.bool = ...,
         fallback: _builtins.bool = ...,
         flag: _builtins.str = ...,
+        failure_origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "completion_tokens", b"completion_tokens", "divergence", b"divergence", "fallback", b"fallback", "finished_at", b"finished_at", "flag", b"flag", "latency_ms", b"latency_ms", "prompt_tokens", b"prompt_tokens", "release_id", b"release_id", "replica_id", b"replica_id", "request_id", b"request_id", "retried", b"retried", "shadow", b"shadow", "shadow_of", b"shadow_of", "status", b"status", "tenant", b"tenant", "ttft_ms", b"ttft_ms", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "arm", b"arm", "completion_tokens", b"completion_tokens", "divergence", b"divergence", "failure_origin", b"failure_origin", "fallback", b"fallback", "finished_at", b"finished_at", "flag", b"flag", "latency_ms", b"latency_ms", "prompt_tokens", b"prompt_tokens", "release_id", b"release_id", "replica_id", b"replica_id", "request_id", b"request_id", "retried", b"retried", "shadow", b"shadow", "shadow_of", b"shadow_of", "status", b"status", "tenant", b"tenant", "ttft_ms", b"ttft_ms", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -193,6 +193,7 @@ class Route(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     RETIRE_PENDING_FIELD_NUMBER: _builtins.int
     EVIDENCE_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
+    STEP_STARTED_AT_FIELD_NUMBER: _builtins.int
     alias: _builtins.str
     stable_version_id: _builtins.str
     candidate_version_id: _builtins.str
@@ -217,7 +218,7 @@ class Route(_message.Message):
     previous_retired: _builtins.bool
     """adapter.retired was published for previous_version_id."""
     release_state: _builtins.str
-    """"running", "promoted", "rolled_back", or "replaced" (SetRoute ended it)."""
+    """"running", "paused", "promoted", "rolled_back", or "replaced" (SetRoute ended it)."""
     release_stable_version_id: _builtins.str
     """The versions the release started with, kept after it ends."""
     release_candidate_version_id: _builtins.str
@@ -254,6 +255,10 @@ class Route(_message.Message):
         version superseded before its hold ran out), waiting for adapter.retired.
         """
 
+    @_builtins.property
+    def step_started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the running release's current step began (start, promotion, resume)."""
+
     def __init__(
         self,
         *,
@@ -284,10 +289,11 @@ class Route(_message.Message):
         actor: _builtins.str = ...,
         retire_pending: _abc.Iterable[_builtins.str] | None = ...,
         evidence_mirror_percent: _builtins.int = ...,
+        step_started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "hold_until", b"hold_until", "last_decision", b"last_decision", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "hold_until", b"hold_until", "last_decision", b"last_decision", "started_at", b"started_at", "step_started_at", b"step_started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "evidence_mirror_percent", b"evidence_mirror_percent", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "retire_pending", b"retire_pending", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "analysis", b"analysis", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "evidence_mirror_percent", b"evidence_mirror_percent", "flags", b"flags", "hold_seconds", b"hold_seconds", "hold_until", b"hold_until", "last_decision", b"last_decision", "paused", b"paused", "previous_retired", b"previous_retired", "previous_version_id", b"previous_version_id", "release_candidate_version_id", b"release_candidate_version_id", "release_id", b"release_id", "release_stable_version_id", b"release_stable_version_id", "release_state", b"release_state", "retire_pending", b"retire_pending", "revision", b"revision", "shadow_percent", b"shadow_percent", "stable_version_id", b"stable_version_id", "started_at", b"started_at", "step_index", b"step_index", "step_started_at", b"step_started_at", "steps", b"steps", "sticky", b"sticky", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

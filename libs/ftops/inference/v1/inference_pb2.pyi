@@ -20,6 +20,31 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RequestPriority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RequestPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RequestPriority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REQUEST_PRIORITY_UNSPECIFIED: _RequestPriority.ValueType  # 0
+    """A user's request: waits in the replica's queue for a slot."""
+    REQUEST_PRIORITY_BEST_EFFORT: _RequestPriority.ValueType  # 1
+    """Mirrored or shadow traffic nobody waits for: never queued behind or ahead of user
+    requests, never takes a slot a user request needs; refused at once when the replica is
+    busy (RESOURCE_EXHAUSTED), and dropped first from the queue.
+    """
+
+class RequestPriority(_RequestPriority, metaclass=_RequestPriorityEnumTypeWrapper): ...
+
+REQUEST_PRIORITY_UNSPECIFIED: RequestPriority.ValueType  # 0
+"""A user's request: waits in the replica's queue for a slot."""
+REQUEST_PRIORITY_BEST_EFFORT: RequestPriority.ValueType  # 1
+"""Mirrored or shadow traffic nobody waits for: never queued behind or ahead of user
+requests, never takes a slot a user request needs; refused at once when the replica is
+busy (RESOURCE_EXHAUSTED), and dropped first from the queue.
+"""
+Global___RequestPriority: _TypeAlias = RequestPriority  # noqa: Y015
+
 class _AdapterState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -49,10 +74,18 @@ class GenerateRequest(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     version_id: _builtins.str
     """Adapter version to use; empty means the base model alone."""
     prompt: _builtins.str
+    priority: Global___RequestPriority.ValueType
+    timeout_ms: _builtins.int
+    """The caller's remaining deadline in milliseconds when it sent the request (0 = none).
+    Multiplexed requests carry no gRPC deadline of their own; a request that cannot get
+    a slot within it is refused at once instead of timing out in the queue.
+    """
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams: ...
     def __init__(
@@ -62,10 +95,12 @@ class GenerateRequest(_message.Message):
         version_id: _builtins.str = ...,
         prompt: _builtins.str = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
+        priority: Global___RequestPriority.ValueType = ...,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -233,15 +233,23 @@ class DownloadArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
+    team: _builtins.str
+    """Download on behalf of this team: the artifact must be usable by the team (uploaded
+    for it or used by its versions) whoever the caller is, a platform admin included, and
+    the caller needs viewer in it. How a service acting for a team (the trainer for a
+    job's team) makes sure the team may read what it was handed.
+    """
     def __init__(
         self,
         *,
         artifact_id: _builtins.str = ...,
+        team: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -484,6 +484,7 @@ class Job(_message.Message):
     REPLAY_RECORDS_FIELD_NUMBER: _builtins.int
     SPEC_FINGERPRINT_FIELD_NUMBER: _builtins.int
     HOLDOUT_RECORDS_FIELD_NUMBER: _builtins.int
+    SKIPPED_LINES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _events_pb2.JobState.ValueType
     step: _builtins.int
@@ -521,6 +522,12 @@ class Job(_message.Message):
 
     @_builtins.property
     def evaluation(self) -> _common_pb2.Evaluation: ...
+    @_builtins.property
+    def skipped_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedLine]:
+        """The first skipped (bad) lines of the dataset with why, in file order (at most 20);
+        records_skipped counts them all.
+        """
+
     def __init__(
         self,
         *,
@@ -550,14 +557,40 @@ class Job(_message.Message):
         replay_records: _builtins.int = ...,
         spec_fingerprint: _builtins.str = ...,
         holdout_records: _builtins.int = ...,
+        skipped_lines: _abc.Iterable[Global___SkippedLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "eta_seconds", b"eta_seconds", "evaluation", b"evaluation", "holdout_records", b"holdout_records", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_truncated", b"records_truncated", "records_used", b"records_used", "replay_records", b"replay_records", "resumed_from_step", b"resumed_from_step", "spec", b"spec", "spec_fingerprint", b"spec_fingerprint", "stages", b"stages", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "eta_seconds", b"eta_seconds", "evaluation", b"evaluation", "holdout_records", b"holdout_records", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_truncated", b"records_truncated", "records_used", b"records_used", "replay_records", b"replay_records", "resumed_from_step", b"resumed_from_step", "skipped_lines", b"skipped_lines", "spec", b"spec", "spec_fingerprint", b"spec_fingerprint", "stages", b"stages", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class SkippedLine(_message.Message):
+    """One dataset line left out of training."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line number in the dataset file."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedLine: _TypeAlias = SkippedLine  # noqa: Y015
 
 @_typing.final
 class StageReport(_message.Message):

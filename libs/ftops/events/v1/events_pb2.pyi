@@ -1318,3 +1318,118 @@ class JobEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ApiKeyChanged(_message.Message):
+    """Subject: auth.key_changed. An API key was revoked (or what it may do changed): every
+    service forgets what it cached for the key at once; the cache TTL is only a fallback.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    revoked: _builtins.bool
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        key_id: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "meta", b"meta", "revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKeyChanged: _TypeAlias = ApiKeyChanged  # noqa: Y015
+
+@_typing.final
+class AccessDenied(_message.Message):
+    """Calls a service refused (UNAUTHENTICATED or PERMISSION_DENIED), aggregated: one entry
+    per source, key, method, team and reason per flush interval, with how many there were.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    method: _builtins.str
+    """The RPC's name, or the HTTP route ("GET /metrics")."""
+    key_id: _builtins.str
+    """The id part of the key presented; empty when none was (or it was no ftops key)."""
+    source: _builtins.str
+    """The caller's address, without its port."""
+    code: _builtins.str
+    """UNAUTHENTICATED or PERMISSION_DENIED."""
+    team: _builtins.str
+    """The team whose resource was refused, when known."""
+    reason: _builtins.str
+    count: _builtins.int
+    @_builtins.property
+    def first_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        method: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        code: _builtins.str = ...,
+        team: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_at: _timestamp_pb2.Timestamp | None = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_at", b"first_at", "last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "count", b"count", "first_at", b"first_at", "key_id", b"key_id", "last_at", b"last_at", "method", b"method", "reason", b"reason", "service", b"service", "source", b"source", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessDenied: _TypeAlias = AccessDenied  # noqa: Y015
+
+@_typing.final
+class AccessDeniedBatch(_message.Message):
+    """Subject: audit.denied. A service's refusals since its last batch; the registry writes
+    them into its audit log (ListAudit).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    DENIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def meta(self) -> _common_pb2.EventMeta: ...
+    @_builtins.property
+    def denials(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccessDenied]: ...
+    def __init__(
+        self,
+        *,
+        meta: _common_pb2.EventMeta | None = ...,
+        denials: _abc.Iterable[Global___AccessDenied] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denials", b"denials", "meta", b"meta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessDeniedBatch: _TypeAlias = AccessDeniedBatch  # noqa: Y015

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class MonitorServiceStub:
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     def __init__(self, channel):
@@ -51,16 +53,6 @@ class MonitorServiceStub:
                 request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.GetReleaseAnalysisRequest.SerializeToString,
                 response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
                 _registered_method=True)
-        self.PromoteRelease = channel.unary_unary(
-                '/ftops.monitor.v1.MonitorService/PromoteRelease',
-                request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
-                response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
-                _registered_method=True)
-        self.RollbackRelease = channel.unary_unary(
-                '/ftops.monitor.v1.MonitorService/RollbackRelease',
-                request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
-                response_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
-                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/ftops.monitor.v1.MonitorService/SubmitFeedback',
                 request_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackRequest.SerializeToString,
@@ -75,7 +67,9 @@ class MonitorServiceStub:
 
 class MonitorServiceServicer:
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     def GetVersionStats(self, request, context):
@@ -91,19 +85,6 @@ class MonitorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetReleaseAnalysis(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PromoteRelease(self, request, context):
-        """Manual decisions; they publish the same events as the automatic ones.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RollbackRelease(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,16 +124,6 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.GetReleaseAnalysisRequest.FromString,
                     response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.SerializeToString,
             ),
-            'PromoteRelease': grpc.unary_unary_rpc_method_handler(
-                    servicer.PromoteRelease,
-                    request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.FromString,
-                    response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.SerializeToString,
-            ),
-            'RollbackRelease': grpc.unary_unary_rpc_method_handler(
-                    servicer.RollbackRelease,
-                    request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.FromString,
-                    response_serializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.SerializeToString,
-            ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
                     request_deserializer=ftops_dot_monitor_dot_v1_dot_monitor__pb2.SubmitFeedbackRequest.FromString,
@@ -173,7 +144,9 @@ def add_MonitorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class MonitorService:
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     @staticmethod
@@ -246,60 +219,6 @@ class MonitorService:
             target,
             '/ftops.monitor.v1.MonitorService/GetReleaseAnalysis',
             ftops_dot_monitor_dot_v1_dot_monitor__pb2.GetReleaseAnalysisRequest.SerializeToString,
-            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PromoteRelease(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ftops.monitor.v1.MonitorService/PromoteRelease',
-            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
-            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RollbackRelease(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ftops.monitor.v1.MonitorService/RollbackRelease',
-            ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseDecisionRequest.SerializeToString,
             ftops_dot_monitor_dot_v1_dot_monitor__pb2.ReleaseAnalysis.FromString,
             options,
             channel_credentials,

@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class MonitorServiceStub:
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     @_typing.overload
@@ -38,9 +40,6 @@ class MonitorServiceStub:
     GetVersionStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetVersionStatsRequest, _monitor_pb2.VersionStats]
     ListVersionStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListVersionStatsRequest, _monitor_pb2.ListVersionStatsResponse]
     GetReleaseAnalysis: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetReleaseAnalysisRequest, _monitor_pb2.ReleaseAnalysis]
-    PromoteRelease: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]
-    """Manual decisions; they publish the same events as the automatic ones."""
-    RollbackRelease: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.SubmitFeedbackRequest, _monitor_pb2.SubmitFeedbackResponse]
     """A user's score (0..1) of one answer, by the request id the gateway returned. The
     monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
@@ -52,16 +51,15 @@ class MonitorServiceStub:
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetVersionStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetVersionStatsRequest, _monitor_pb2.VersionStats]  # type: ignore[assignment]
     ListVersionStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListVersionStatsRequest, _monitor_pb2.ListVersionStatsResponse]  # type: ignore[assignment]
     GetReleaseAnalysis: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetReleaseAnalysisRequest, _monitor_pb2.ReleaseAnalysis]  # type: ignore[assignment]
-    PromoteRelease: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]  # type: ignore[assignment]
-    """Manual decisions; they publish the same events as the automatic ones."""
-    RollbackRelease: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ReleaseDecisionRequest, _monitor_pb2.ReleaseAnalysis]  # type: ignore[assignment]
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_monitor_pb2.SubmitFeedbackRequest, _monitor_pb2.SubmitFeedbackResponse]  # type: ignore[assignment]
     """A user's score (0..1) of one answer, by the request id the gateway returned. The
     monitor knows the ids of the results it has seen recently (NOT_FOUND otherwise); a
@@ -72,7 +70,9 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Per-version metrics from the gateway's request results, release analysis, and the
-    release decisions (release.promote / release.rollback) that follow from them.
+    automatic release decisions (release.promote / release.rollback) that follow from them.
+    The gateway owns release state and applies the decisions; manual promotion and rollback
+    are the gateway's commands (GatewayService.PromoteRelease / RollbackRelease).
     """
 
     @_abc_1.abstractmethod
@@ -93,21 +93,6 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     def GetReleaseAnalysis(
         self,
         request: _monitor_pb2.GetReleaseAnalysisRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_monitor_pb2.ReleaseAnalysis, _abc.Awaitable[_monitor_pb2.ReleaseAnalysis]]: ...
-
-    @_abc_1.abstractmethod
-    def PromoteRelease(
-        self,
-        request: _monitor_pb2.ReleaseDecisionRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_monitor_pb2.ReleaseAnalysis, _abc.Awaitable[_monitor_pb2.ReleaseAnalysis]]:
-        """Manual decisions; they publish the same events as the automatic ones."""
-
-    @_abc_1.abstractmethod
-    def RollbackRelease(
-        self,
-        request: _monitor_pb2.ReleaseDecisionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.ReleaseAnalysis, _abc.Awaitable[_monitor_pb2.ReleaseAnalysis]]: ...
 

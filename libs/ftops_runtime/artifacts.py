@@ -32,6 +32,7 @@ async def download_artifact(
     expected: Sequence[common_pb2.ArtifactFile] = (),
     check_names: Callable[[list[str]], None] | None = None,
     timeout: float = 300.0,
+    team: str = "",
 ) -> list[common_pb2.ArtifactFile]:
     """Download ``artifact_id`` into the directory ``dest`` (created if missing).
 
@@ -39,6 +40,8 @@ async def download_artifact(
     given; sizes are enforced while writing (a lying server cannot fill the disk) and every
     sha256 is checked at the end. ``check_names`` may refuse file names (file types) before
     anything is written. ``label`` starts every error message (``version ver_x``).
+    ``team``: download on behalf of that team (the registry refuses an artifact the team
+    may not use, whatever the caller's own key may read).
     """
     await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
     declared = {f.path: f for f in expected}
@@ -47,7 +50,7 @@ async def download_artifact(
     digests: list[hashlib._Hash] = []
     sizes: list[int] = []
     call = registry.DownloadArtifact(
-        registry_pb2.DownloadArtifactRequest(artifact_id=artifact_id), timeout=timeout
+        registry_pb2.DownloadArtifactRequest(artifact_id=artifact_id, team=team), timeout=timeout
     )
     try:
         async for message in call:

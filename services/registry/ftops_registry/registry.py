@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -38,6 +38,7 @@ from ftops_runtime.errors import (
     InvalidArgument,
     NotFound,
     PermanentEventError,
+    PermissionDenied,
 )
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,18 @@ class Registry:
 
     # -- base models -----------------------------------------------------------------
 
-    def register_base_model(self, name: str, fingerprint: str, uri: str) -> registry_pb2.BaseModel:
+    def register_base_model(
+        self,
+        name: str,
+        fingerprint: str,
+        uri: str,
+        admin_teams: Collection[str] | None = None,
+    ) -> registry_pb2.BaseModel:
+        """Add a base model, or record the new place of an existing one. ``admin_teams``
+        are the teams the caller administers (None: a platform admin). A base model that
+        adapters of several teams, or of a team outside ``admin_teams``, train on is a
+        platform resource: moving it would break their next jobs, so only a platform
+        admin may. Registering it again unchanged is always allowed."""
         check_name("base model", name, BASE_MODEL_RE)
         fingerprint = fingerprint.strip().lower()
         if not FINGERPRINT_RE.match(fingerprint):
@@ -118,6 +130,8 @@ class Registry:
                     "Register it under a new name."
                 )
             elif row.uri != uri:
+                if admin_teams is not None:
+                    _check_may_move(s, name, admin_teams)
                 # Same bytes, new place (a replica mounts it elsewhere): keep the newest path.
                 row.uri = uri
             audit.record(
@@ -491,6 +505,17 @@ class Registry:
         adapter = s.get(AdapterRow, row.adapter)
         assert adapter is not None
         return convert.version(row, adapter, _files(s, row.artifact_id))
+
+
+def _check_may_move(s: Session, name: str, admin_teams: Collection[str]) -> None:
+    users = set(s.scalars(select(AdapterRow.team).where(AdapterRow.base_model == name).distinct()))
+    if len(users) > 1 or not users <= set(admin_teams):
+        # Which teams use it is theirs to know: say only why.
+        raise PermissionDenied(
+            f"base model {name!r} is used by adapters of several teams or of a team you do "
+            "not administer: it is a platform resource, and only a platform admin may "
+            "change where it is registered"
+        )
 
 
 def grant_artifact(s: Session, artifact_id: str, team: str) -> None:

@@ -144,12 +144,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.BaseModel:
         resource = f"base_model:{request.name}"
         # Shared by every team: only a platform admin or some team's admin adds one.
-        await self._allow(
+        caller = await self._allow(
             "RegisterBaseModel",
             resource,
             "",
             lambda: auth.require_any_team(Role.admin, action="RegisterBaseModel"),
         )
+        # Moving one that other teams' adapters train on is for platform admins only: the
+        # core decides inside its transaction, against the adapters that use it then.
         return await self._audited(
             "RegisterBaseModel",
             resource,
@@ -158,6 +160,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.name,
             request.fingerprint,
             request.uri,
+            None if caller.platform_admin else caller.teams(Role.admin),
         )
 
     async def GetBaseModel(
@@ -228,7 +231,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.DownloadArtifactRequest, context: Any
     ) -> AsyncIterator[registry_pb2.DownloadArtifactResponse]:
         manifest = await self._db.run(self._registry.get_artifact, request.artifact_id)
-        await self._check_artifacts("DownloadArtifact", [manifest.artifact_id], Role.viewer)
+        if request.team:  # on behalf of a team: that team must be allowed, whoever asks
+            resource = f"artifact:{manifest.artifact_id}"
+            await self._require("DownloadArtifact", resource, request.team, Role.viewer)
+            await self._check_artifacts(
+                "DownloadArtifact", [manifest.artifact_id], Role.viewer, team=request.team
+            )
+        else:
+            await self._check_artifacts("DownloadArtifact", [manifest.artifact_id], Role.viewer)
         yield registry_pb2.DownloadArtifactResponse(manifest=manifest)
         for index, spec in enumerate(file_specs(manifest.files)):
             chunks = read_verified(self._store, spec, manifest.artifact_id)
@@ -243,9 +253,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> None:
         """Each artifact must be usable by ``team`` (or, without one, by some team in which
         the caller holds ``role``): uploaded for it or used by its versions. Content
-        addressing shares blobs, never access: another team's artifact id is no key."""
+        addressing shares blobs, never access: another team's artifact id is no key.
+
+        A named team is checked for platform admins too: a service acting for a team with
+        a platform-admin key (the trainer) must not hand the team another team's data.
+        Only teamless resources (made before teams existed) and auth off skip it."""
         p = auth.current()
-        if p.platform_admin:
+        if p.platform_admin and (team is None or not team or p.anonymous):
             return
         owners = await self._db.run(ownership.artifact_teams, self._db, artifact_ids)
         allowed = {team} if team is not None else p.teams(role)

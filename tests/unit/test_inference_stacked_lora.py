@@ -142,3 +142,85 @@ def test_dora_rows_compute_what_peft_computes_for_that_adapter(tiny_model_dir: P
     stack.add("dora", config, back)
     with stack.active(["dora"] * 4, torch.device("cpu")):
         torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-5)
+
+
+def _lora(base: Any, rank: int, seed: int, modules: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """A plain LoRA adapter of ``rank`` on ``modules`` of every layer (random weights)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(modules):
+            prefix = f"base_model.model.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features) * 0.05
+            state[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank) * 0.05
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(modules))
+    return config, state
+
+
+class _MatmulWork:
+    """Records the batched matmuls of a forward pass: their shapes and multiply-adds."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self._bmm = torch.bmm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.shapes.append((tuple(x.shape), tuple(y.shape)))
+        return self._bmm(x, y)
+
+    @property
+    def multiply_adds(self) -> int:
+        return sum(x[0] * x[1] * x[2] * y[2] for x, y in self.shapes)
+
+
+def test_a_large_rank_adapter_costs_the_others_nothing_loaded_or_after_unload(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's replica: a rank-4096 adapter with no traffic made every other adapter's
+    batches pay for its rank, and kept doing so after it was unloaded. The others' step
+    work (the matmuls of their forward pass) and the stacks' shapes must be the same
+    before, during and after; only the large adapter's own rows pay for its rank."""
+    from transformers import AutoModelForCausalLM
+
+    plain: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain.eval()
+    stack = LoRAStack(plain)
+    modules = ("q_proj", "v_proj")
+    for i, name in enumerate(("a", "b")):
+        stack.add(name, *_lora(plain, 8, i, modules))
+    others = ["a", "b", "a", "__base__"]
+
+    def step(names: list[str]) -> tuple[_MatmulWork, torch.Tensor]:
+        work = _MatmulWork()
+        monkeypatch.setattr(torch, "bmm", work)
+        try:
+            with stack.active(names, torch.device("cpu")):
+                out = logits(plain)
+        finally:
+            monkeypatch.setattr(torch, "bmm", work._bmm)
+        return work, out
+
+    before, out_before = step(others)
+    shapes_before = stack.stacked_ranks()
+    assert before.multiply_adds > 0
+    assert {shape[1][2] for shape in before.shapes[::2]} == {8}  # x A^T at rank 8
+
+    stack.add("big", *_lora(plain, 256, 7, modules))
+    during, out_during = step(others)
+    assert during.shapes == before.shapes
+    torch.testing.assert_close(out_during, out_before, rtol=0, atol=0)
+
+    # A batch with the large adapter: only its row pays for rank 256.
+    mixed, _ = step(["a", "big", "b", "__base__"])
+    large = [(x, y) for x, y in mixed.shapes if 256 in (y[2], x[2])]
+    assert large
+    assert all(x[0] == 1 for x, _ in large)
+
+    stack.remove("big")
+    after, out_after = step(others)
+    assert after.shapes == before.shapes
+    assert after.multiply_adds == before.multiply_adds
+    assert stack.stacked_ranks() == shapes_before  # no padding left behind
+    torch.testing.assert_close(out_after, out_before, rtol=0, atol=0)

@@ -4,6 +4,9 @@ ftops-dev up            start everything, run the demo, keep serving until Ctrl-
 ftops-dev up --no-demo  start everything and keep serving
 ftops-dev up --no-auth  without access control (no API keys needed)
 
+Ctrl-C, SIGTERM and SIGHUP stop the services, then the NATS and Redis servers it started;
+if ftops-dev itself is killed, they are killed with it (Linux).
+
 With access control on (the default) the stack prints a generated platform-admin key:
 ``export FTOPS_API_KEY=...`` and the CLI works as that key.
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +25,9 @@ from pathlib import Path
 from ftops_devstack.demo import Endpoints, run_demo
 from ftops_devstack.servers import ManagedServer, nats_for_stack, redis_for_stack
 from ftops_devstack.stack import Stack
+
+# Besides Ctrl-C: a supervisor's stop, a closed terminal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _describe(server: ManagedServer, preferred: int) -> str:
@@ -41,6 +49,34 @@ def _prepare_workdir(path: str, fresh: bool) -> Path:
 
 
 async def _up(args: argparse.Namespace) -> int:
+    """Run the stack until Ctrl-C, SIGTERM or SIGHUP; every process it started is stopped
+    on the way out (and dies with it if it is killed: see ftops_devstack.lifetime)."""
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[signal.Signals] = []
+
+    def stop_on(signum: signal.Signals) -> None:
+        # Once: a second signal during the cleanup must not cut the cleanup short.
+        if not received:
+            received.append(signum)
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop_on, signum)
+    try:
+        return await _serve(args)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        print(f"{received[0].name}: the stack was stopped.")
+        return 128 + int(received[0])
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def _serve(args: argparse.Namespace) -> int:
     workdir = _prepare_workdir(args.workdir, args.fresh)
     say = print
 
@@ -49,19 +85,23 @@ async def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     model_dir = build()
     say(f"tiny model: {model_dir} ({time.monotonic() - t0:.1f}s)")
-    nats = nats_for_stack(args.nats_port, log_file=workdir / "nats.log")
-    say(_describe(nats, args.nats_port))
-    redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
-    say(_describe(redis, args.redis_port))
-    stack = Stack(
-        workdir,
-        nats.url,
-        redis.url,
-        model_dir,
-        prefer_fixed_ports=True,
-        auth=not args.no_auth,
-    )
-    try:
+    with contextlib.ExitStack() as cleanup:
+        # Stopped in reverse order: the services first, then the servers they use.
+        nats = nats_for_stack(args.nats_port, log_file=workdir / "nats.log")
+        cleanup.callback(nats.stop)
+        say(_describe(nats, args.nats_port))
+        redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
+        cleanup.callback(redis.stop)
+        say(_describe(redis, args.redis_port))
+        stack = Stack(
+            workdir,
+            nats.url,
+            redis.url,
+            model_dir,
+            prefer_fixed_ports=True,
+            auth=not args.no_auth,
+        )
+        cleanup.callback(stack.stop)
         stack.start()
         await stack.wait_serving()
         for name, sp in stack.processes.items():
@@ -94,10 +134,6 @@ async def _up(args: argparse.Namespace) -> int:
             await asyncio.sleep(1)
         say("a service exited; stopping the stack.")
         return 1
-    finally:
-        stack.stop()
-        redis.stop()
-        nats.stop()
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftops_devstack.lifetime import die_with_parent
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -108,6 +110,7 @@ def start_nats(
         [nats_binary(), "-a", host, "-p", str(port), "-js", "-sd", workdir.name],
         stdout=out,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),
     )
     try:
         wait_port(host, port, proc=proc)
@@ -140,6 +143,7 @@ def start_redis(
         ],
         stdout=out,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),
     )
     try:
         wait_port(host, port, proc=proc)

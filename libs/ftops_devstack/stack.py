@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import free_port, port_open
 from ftops_runtime import auth
 
@@ -170,7 +171,11 @@ class Stack:
                 env=self._env(name, self._ports),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C in the terminal reaches the stack, which drains
+                # the services in order, not every process at once. Tied to the stack's
+                # life, so a stack that dies without stopping them leaves no orphans.
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         self.processes[name] = ServiceProcess(name, self._ports[name], proc, log_path)
 

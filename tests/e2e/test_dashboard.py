@@ -25,6 +25,7 @@ import pytest
 from google.protobuf.message import Message
 
 from ftops.events.v1 import events_pb2
+from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import start_nats
 from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
 from ftops_monitor.dashboard_feed import EventFeed, summarise
@@ -163,6 +164,7 @@ async def headless_page(binary: str) -> AsyncIterator[DevTools]:
         "about:blank",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
     )
     try:
         # Chromium writes its DevTools port once it listens; nothing to await but the file.

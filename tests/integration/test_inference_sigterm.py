@@ -16,6 +16,7 @@ import pytest
 
 from ftops.common.v1 import common_pb2
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
+from ftops_devstack.lifetime import die_with_parent
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +57,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits(
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log,
+        preexec_fn=die_with_parent(),
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:

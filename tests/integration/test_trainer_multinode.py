@@ -24,6 +24,7 @@ import ftops_tinymodel
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import free_port
 from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
@@ -239,6 +240,7 @@ async def test_a_member_killed_mid_run_sends_the_job_back_to_resume_from_its_che
         env=environ,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
     )
     try:
         request = trainer_pb2.GetJobRequest(job_id=job.job_id)

@@ -22,6 +22,7 @@ import ftops_tinymodel
 from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import free_port
 from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
@@ -446,6 +447,7 @@ async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url:
         env=environ,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
     )
     try:
         address = f"127.0.0.1:{environ['FTOPS_GRPC_PORT']}"

@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Written after a successful install; older than pyproject.toml or constraints.txt means
+# the environment is out of date. Every target that runs the project's tools depends on it,
+# so `make up` and `make test` work on a fresh clone without `make install` first.
+INSTALLED := $(VENV)/.installed
 
 .PHONY: install lock docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e up bench clean
 
@@ -12,8 +16,11 @@ $(BIN)/python:
 
 # torch is pinned (torch==2.13.0, the CPU build) through the project's `ml` extra; every
 # other dependency through constraints.txt (see `lock`).
-install: $(BIN)/python
+install: $(INSTALLED)
+
+$(INSTALLED): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $@
 
 # Re-resolve every dependency from pyproject.toml in a scratch environment and pin the
 # result in constraints.txt; run the tests before committing it.
@@ -24,7 +31,7 @@ lock:
 	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
-protos:
+protos: $(INSTALLED)
 	$(BIN)/python scripts/gen_protos.py
 
 # Fails when the checked-in stubs differ from what the pinned generator produces.
@@ -32,38 +39,38 @@ check-protos: protos
 	@git diff --exit-code --stat -- libs/ftops || (echo "Generated stubs changed: run 'make protos' and commit" && exit 1)
 	@test -z "$$(git status --porcelain --untracked-files=all -- libs/ftops)" || (echo "Untracked generated stubs: run 'make protos' and commit" && git status --short -- libs/ftops && exit 1)
 
-docs:
+docs: $(INSTALLED)
 	$(BIN)/python scripts/gen_config_docs.py
 
-lint:
+lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format:
+format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-typecheck:
+typecheck: $(INSTALLED)
 	$(BIN)/mypy libs/ftops_runtime libs/ftops_devstack libs/ftops_tinymodel libs/ftops_client libs/ftops_cli services tests bench scripts
 
-check: check-protos lint typecheck
+check: $(INSTALLED) check-protos lint typecheck
 
-test:
+test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-unit:
+test-unit: $(INSTALLED)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration:
+test-integration: $(INSTALLED)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-test-e2e:
+test-e2e: $(INSTALLED)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
-up:
+up: $(INSTALLED)
 	$(BIN)/ftops-dev up
 
-bench:
+bench: $(INSTALLED)
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -496,18 +496,6 @@ class FtopsClient:
         route = await self.get_route(alias)
         return ReleaseStatus(route=route, analysis=await self.release_analysis(alias))
 
-    async def promote(self, alias: str, reason: str = "") -> monitor_pb2.ReleaseAnalysis:
-        request = monitor_pb2.ReleaseDecisionRequest(alias=alias, reason=reason)
-        return await self._call(
-            "monitor", self._monitor.PromoteRelease(request, timeout=self.timeout)
-        )
-
-    async def rollback(self, alias: str, reason: str = "") -> monitor_pb2.ReleaseAnalysis:
-        request = monitor_pb2.ReleaseDecisionRequest(alias=alias, reason=reason)
-        return await self._call(
-            "monitor", self._monitor.RollbackRelease(request, timeout=self.timeout)
-        )
-
     async def get_version_stats(self, alias: str, version_id: str) -> monitor_pb2.VersionStats:
         """The monitor's figures for one version behind one alias."""
         request = monitor_pb2.GetVersionStatsRequest(alias=alias, version_id=version_id)

@@ -17,7 +17,6 @@ from nats.aio.msg import Msg
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_runtime.client import channel
@@ -212,12 +211,10 @@ async def run_demo(ep: Endpoints, say: Say = print) -> None:
         async with (
             channel(ep.trainer, api_key=ep.api_key) as tch,
             channel(ep.gateway, api_key=ep.api_key) as gch,
-            channel(ep.monitor, api_key=ep.api_key) as mch,
             channel(ep.registry, api_key=ep.api_key) as rch,
         ):
             trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
             gateway = gateway_pb2_grpc.GatewayServiceStub(gch)
-            monitor = monitor_pb2_grpc.MonitorServiceStub(mch)
             registry = registry_pb2_grpc.RegistryServiceStub(rch)
 
             say("1. Train a version of 'support-bot' on the first batch of new product facts")
@@ -262,8 +259,10 @@ async def run_demo(ep: Endpoints, say: Say = print) -> None:
             )
 
             say("4. Roll back by hand: all traffic returns to the previous version at once")
-            await monitor.RollbackRelease(
-                monitor_pb2.ReleaseDecisionRequest(alias=ALIAS, reason="demo: manual rollback")
+            await gateway.RollbackRelease(
+                gateway_pb2.ReleaseCommandRequest(
+                    alias=ALIAS, reason="demo: manual rollback", revert_promotion=True
+                )
             )
             deadline = time.monotonic() + 10
             route = await gateway.GetRoute(gateway_pb2.GetRouteRequest(alias=ALIAS))

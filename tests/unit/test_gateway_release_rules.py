@@ -409,3 +409,59 @@ def test_versions_nothing_routes_to_are_queued_for_retirement() -> None:
     # SetRoute over a running release retires its candidate.
     replaced = route_rules.set_route(_start(), "bot", "ver_n")
     assert list(replaced.retire_pending) == ["ver_c"]
+
+
+# -- the release's whole state on route.changed (the gateway is its only writer) ----------
+
+
+def test_paused_release_says_paused_on_the_route_and_in_its_snapshot() -> None:
+    route = _start(steps=[5, 50, 100])
+    assert route_rules.snapshot(route).state == "running"
+    paused = route_rules.set_paused(
+        route, "bot", "", True, event_id="e-pause", reason="look", now=1010.0
+    )
+    assert (paused.release_state, route_rules.state_of(paused)) == ("paused", "paused")
+    snap = route_rules.snapshot(paused)
+    assert (snap.state, snap.change.kind, snap.change.event_id) == ("paused", "paused", "e-pause")
+    # The step's evidence window survives a pause; a resume starts the step over.
+    assert snap.step_started_at.ToNanoseconds() == 1000 * 10**9
+    resumed = route_rules.set_paused(
+        paused, "bot", "", False, event_id="e-resume", reason="go", now=1020.0
+    )
+    snap = route_rules.snapshot(resumed)
+    assert (resumed.release_state, snap.state, snap.change.kind) == (
+        "running",
+        "running",
+        "resumed",
+    )
+    assert snap.step_started_at.ToNanoseconds() == 1020 * 10**9
+
+
+def test_snapshot_follows_each_step_and_the_end() -> None:
+    route = _start(steps=[5, 50, 100])
+    snap = route_rules.snapshot(route)
+    assert (snap.release_id, snap.candidate_weight, list(snap.steps)) == ("rel_1", 5, [5, 50, 100])
+    assert (snap.stable_version_id, snap.candidate_version_id) == ("ver_s", "ver_c")
+    assert snap.change.kind == "started"
+    step = route_rules.apply_promote(route, _promote(1, 50), now=1005.0)
+    assert step is not None
+    snap = route_rules.snapshot(step)
+    assert (snap.state, snap.step_index, snap.candidate_weight) == ("running", 1, 50)
+    assert snap.step_started_at.ToNanoseconds() == 1005 * 10**9
+    assert (snap.change.kind, snap.change.event_id) == ("promote", "p1FalseFalse")
+    final = route_rules.apply_promote(step, _promote(2, 100, final=True), now=1010.0)
+    assert final is not None
+    snap = route_rules.snapshot(final)
+    # The versions the release started with stay in its snapshot after it ended.
+    assert (snap.state, snap.candidate_weight, snap.candidate_version_id) == (
+        "promoted",
+        0,
+        "ver_c",
+    )
+    assert not snap.HasField("step_started_at")
+    replaced = route_rules.set_route(
+        _start(steps=[5, 100]), "bot", "ver_x", now=1030.0, event_id="e-set"
+    )
+    snap = route_rules.snapshot(replaced)
+    assert (snap.state, snap.change.kind, snap.change.event_id) == ("replaced", "replaced", "e-set")
+    assert route_rules.snapshot(route_rules.set_route(None, "new", "ver_s")).release_id == ""

@@ -237,21 +237,36 @@ def test_shadow_never_promotes_even_when_told_to_on_timeout() -> None:
     assert decide(release, 2000.0).kind is DecisionKind.WAIT
 
 
-def test_release_state_transitions() -> None:
+def test_release_follows_the_gateways_state() -> None:
     release = _healthy(_release())
-    assert not release.apply_promote(0, 5, False, 1001.0)  # nothing changes
-    assert release.apply_promote(1, 25, False, 1003.0)
+
+    def follow(revision: int, **kw: Any) -> bool:
+        state = kw.pop("state", ReleaseState.RUNNING)
+        return release.follow(
+            revision,
+            state,
+            paused=kw.get("paused", False),
+            step_index=kw.get("step_index", release.step_index),
+            weight=kw.get("weight", release.weight),
+            step_started_at=kw.get("at", release.step_started_at),
+        )
+
+    assert not follow(1)  # the same state: nothing changes
+    assert follow(2, step_index=1, weight=25, at=1003.0)
     assert (release.candidate.requests, release.step_started_at) == (0, 1003.0)
-    assert not release.apply_promote(0, 5, False, 1004.0)  # never backwards
-    # Pause/resume: an older event arriving late is ignored; resume restarts the step.
-    assert release.apply_pause(True, 1010.0)
+    assert not follow(2, step_index=0, weight=5, at=1001.0)  # a stale revision
+    assert (release.step_index, release.weight) == (1, 25)
+    # Paused: results are no evidence; the resume starts the step over.
+    assert follow(3, paused=True)
     assert not release.in_step(1011.0)
-    assert not release.apply_pause(False, 1005.0)
-    assert release.paused
-    assert release.apply_pause(False, 1020.0)
+    assert follow(4, paused=False, at=1020.0)
     assert release.step_started_at == 1020.0
     assert release.in_step(1021.0)
-    assert release.apply_rollback()
-    assert (release.state, release.weight) == (ReleaseState.ROLLED_BACK, 0)
-    assert not release.apply_rollback()
+    release.pending_decision = "d1"
+    assert follow(5, state=ReleaseState.ROLLED_BACK, weight=0)
+    assert (release.state, release.weight, release.pending_decision) == (
+        ReleaseState.ROLLED_BACK,
+        0,
+        "",
+    )
     assert not release.in_step(1030.0)

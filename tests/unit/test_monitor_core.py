@@ -15,7 +15,6 @@ from ftops_monitor.analysis import DecisionKind, ReleaseState
 from ftops_monitor.monitor import Monitor
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermanentEventError,
@@ -56,18 +55,58 @@ def _started(
     min_requests: int = 4,
     auto: bool = True,
     strategy: int = events_pb2.RELEASE_STRATEGY_CANARY,
+    release_id: str = "rel_1",
     **analysis: Any,
-) -> events_pb2.ReleaseStarted:
-    return events_pb2.ReleaseStarted(
+) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for a release it just started (at 1000)."""
+    event = events_pb2.RouteChanged(
         meta=_meta("started"),
-        release_id="rel_1",
         alias="bot",
+        revision=1,
         stable_version_id="ver_s",
-        candidate_version_id="ver_c",
-        strategy=strategy,  # type: ignore[arg-type]
-        steps=[5, 50, 100],
-        current_weight=5,
-        analysis=events_pb2.AnalysisSettings(min_requests=min_requests, auto=auto, **analysis),
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state="running",
+            stable_version_id="ver_s",
+            candidate_version_id="ver_c",
+            strategy=strategy,  # type: ignore[arg-type]
+            steps=[5, 50, 100],
+            candidate_weight=5,
+            analysis=events_pb2.AnalysisSettings(
+                min_requests=min_requests, auto=auto, **analysis
+            ),
+            change=events_pb2.ReleaseChange(kind="started", event_id="started"),
+        ),
+    )
+    event.release.started_at.FromNanoseconds(1000 * 10**9)
+    event.release.step_started_at.FromNanoseconds(1000 * 10**9)
+    return event
+
+
+def _changed(
+    before: events_pb2.RouteChanged, at: float, kind: str, **fields: Any
+) -> events_pb2.RouteChanged:
+    """The gateway's next route.changed: ``before`` with ``fields`` of the snapshot changed."""
+    event = events_pb2.RouteChanged()
+    event.CopyFrom(before)
+    event.revision = before.revision + 1
+    event.meta.event_id = f"{before.meta.event_id}+{kind}"
+    for name, value in fields.items():
+        setattr(event.release, name, value)
+    event.release.change.kind = kind
+    if kind in ("promote", "resumed"):
+        event.release.step_started_at.FromNanoseconds(int(at * 1e9))
+    return event
+
+
+def _applied(before: events_pb2.RouteChanged, decision: Any, at: float) -> events_pb2.RouteChanged:
+    """What the gateway publishes once it applied the monitor's decision at ``at``."""
+    if isinstance(decision, events_pb2.ReleaseRollback):
+        return _changed(before, at, "rollback", state="rolled_back", candidate_weight=0)
+    state = "promoted" if decision.final else "running"
+    weight = 0 if decision.final else decision.weight
+    return _changed(
+        before, at, "promote", state=state, step_index=decision.step_index, candidate_weight=weight
     )
 
 
@@ -108,8 +147,10 @@ def _monitor(clock: Clock | None = None, **kwargs: Any) -> tuple[Monitor, FakeBu
 
 
 async def test_monitor_promotes_through_steps_and_finishes() -> None:
-    monitor, bus = _monitor()
-    monitor.apply_started(_started())
+    clock = Clock(1002.0)
+    monitor, bus = _monitor(clock)
+    started = _started()
+    monitor.apply_route_changed(started)
     monitor.ingest(_results("ver_s", "stable", 10))
     monitor.ingest(_results("ver_c", "candidate", 3))
     assert await monitor.analyze_once() == []
@@ -121,9 +162,15 @@ async def test_monitor_promotes_through_steps_and_finishes() -> None:
     assert event.figures["stable_requests"] == 10
     release = monitor.release_for("bot")
     assert release is not None
+    # The monitor only decides: the release moves when the gateway says it moved, and
+    # until then the step is not judged again.
+    assert (release.step_index, release.weight) == (0, 5)
+    monitor.ingest(_results("ver_c", "candidate", 4))
+    assert await monitor.analyze_once() == []
+    step1 = _applied(started, event, 1002.0)
+    monitor.apply_route_changed(step1)
     assert (release.step_index, release.weight, release.candidate.requests) == (1, 50, 0)
-    # Our own event coming back from NATS changes nothing.
-    monitor.apply_promote(event)
+    monitor.apply_route_changed(step1)  # redelivered: nothing changes
     assert release.step_index == 1
     # Results finished before the step began do not count for it.
     monitor.ingest(_results("ver_c", "candidate", 10, at=999.0))
@@ -135,13 +182,14 @@ async def test_monitor_promotes_through_steps_and_finishes() -> None:
     [final] = await monitor.analyze_once()
     assert final.next is not None
     assert final.next.final
+    monitor.apply_route_changed(_applied(step1, bus.of("release.promote")[-1], 1003.0))
     assert release.state is ReleaseState.PROMOTED
     assert monitor.analysis("bot").state == "promoted"
 
 
 async def test_client_faults_and_other_releases_do_not_count() -> None:
     monitor, _ = _monitor()
-    monitor.apply_started(_started(min_requests=4))
+    monitor.apply_route_changed(_started(min_requests=4))
     monitor.ingest(_results("ver_s", "stable", 4))
     monitor.ingest(_results("ver_c", "candidate", 10, status="INVALID_ARGUMENT"))
     monitor.ingest(_results("ver_c", "candidate", 10, status="CANCELLED"))
@@ -154,7 +202,7 @@ async def test_client_faults_and_other_releases_do_not_count() -> None:
 
 async def test_monitor_rolls_back_failing_candidate_with_reasons() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(min_requests=20))
+    monitor.apply_route_changed(_started(min_requests=20))
     monitor.ingest(_results("ver_s", "stable", 300))
     monitor.ingest(_results("ver_c", "candidate", 10, status="UNAVAILABLE"))
     [decision] = await monitor.analyze_once()
@@ -164,14 +212,14 @@ async def test_monitor_rolls_back_failing_candidate_with_reasons() -> None:
     assert event.figures["errors"] == 10
     assert "error rate above stable" in event.reason
     assert not event.manual
+    assert await monitor.analyze_once() == []  # decided once, pending the gateway
+    monitor.apply_route_changed(_applied(_started(min_requests=20), event, 1002.0))
     assert monitor.analysis("bot").state == "rolled_back"
-    with pytest.raises(FailedPrecondition):
-        await monitor.rollback("bot", "again")
 
 
 async def test_blue_green_judges_shadow_results_and_switches_at_once() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN))
+    monitor.apply_route_changed(_started(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN))
     monitor.ingest(_results("ver_s", "stable", 10))
     monitor.ingest(_results("ver_c", "candidate", 10))  # not how blue-green judges
     assert await monitor.analyze_once() == []
@@ -185,7 +233,7 @@ async def test_blue_green_judges_shadow_results_and_switches_at_once() -> None:
 
 async def test_canary_counts_mirrored_results_as_candidate_evidence() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(min_requests=6))
+    monitor.apply_route_changed(_started(min_requests=6))
     monitor.ingest(_results("ver_s", "stable", 20))
     monitor.ingest(_results("ver_c", "candidate", 2))
     assert await monitor.analyze_once() == []
@@ -201,7 +249,7 @@ async def test_canary_counts_mirrored_results_as_candidate_evidence() -> None:
 
 async def test_canary_rolls_back_on_failing_mirrored_results_without_user_feedback() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(min_requests=20))
+    monitor.apply_route_changed(_started(min_requests=20))
     monitor.ingest(_results("ver_s", "stable", 300))
     monitor.ingest(_results("ver_c", "candidate", 1))
     mirrored = _results("ver_c", "shadow", 9, status="INTERNAL", shadow=True)
@@ -218,7 +266,7 @@ async def test_canary_rolls_back_on_failing_mirrored_results_without_user_feedba
 
 async def test_shadow_release_reports_and_rolls_back_on_failure() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(strategy=events_pb2.RELEASE_STRATEGY_SHADOW))
+    monitor.apply_route_changed(_started(strategy=events_pb2.RELEASE_STRATEGY_SHADOW))
     monitor.ingest(_results("ver_s", "stable", 200))
     monitor.ingest(_results("ver_c", "shadow", 4, shadow=True))
     assert await monitor.analyze_once() == []
@@ -236,12 +284,12 @@ async def test_shadow_release_reports_and_rolls_back_on_failure() -> None:
 
 async def test_pause_stops_decisions_and_resume_restarts_the_step() -> None:
     clock = Clock(1002.0)
-    monitor, _ = _monitor(clock)
-    # The pause arrives before its release: parked, then applied.
-    monitor.apply_pause(
-        events_pb2.ReleasePaused(meta=_meta("pause", 1000.5), release_id="rel_1", alias="bot")
-    )
-    monitor.apply_started(_started(step_timeout_s=5))
+    monitor, bus = _monitor(clock)
+    started = _started(step_timeout_s=5)
+    paused = _changed(started, 1000.5, "paused", state="paused")
+    # The gateway's snapshots may arrive in any order: the newest revision wins.
+    monitor.apply_route_changed(paused)
+    monitor.apply_route_changed(started)
     release = monitor.release_for("bot")
     assert release is not None
     assert release.paused
@@ -251,9 +299,7 @@ async def test_pause_stops_decisions_and_resume_restarts_the_step() -> None:
     assert await monitor.analyze_once() == []
     assert release.candidate.requests == 0  # results while paused do not count
     assert monitor.analysis("bot").paused
-    monitor.apply_pause(
-        events_pb2.ReleaseResumed(meta=_meta("resume", 1999.0), release_id="rel_1", alias="bot")
-    )
+    monitor.apply_route_changed(_changed(paused, 1999.0, "resumed", state="running"))
     assert not release.paused
     assert release.step_started_at == 1999.0
     assert await monitor.analyze_once() == []  # the step clock restarted
@@ -261,60 +307,34 @@ async def test_pause_stops_decisions_and_resume_restarts_the_step() -> None:
     monitor.ingest(_results("ver_c", "candidate", 4, at=1999.5))
     [decision] = await monitor.analyze_once()
     assert decision.kind is DecisionKind.PROMOTE
-    # Manual decisions still work on a paused release.
-    monitor.apply_pause(
-        events_pb2.ReleasePaused(meta=_meta("pause2", 2000.0), release_id="rel_1", alias="bot")
-    )
-    analysis = await monitor.promote("bot", "by hand")
-    assert analysis.state == "promoted"
+    assert len(bus.of("release.promote")) == 1
 
 
-async def test_decision_before_started_is_parked_and_order_tolerated() -> None:
-    monitor, _ = _monitor()
-    promote = events_pb2.ReleasePromote(
-        meta=_meta("p1"), release_id="rel_1", alias="bot", step_index=1, weight=50
-    )
-    monitor.apply_promote(promote)
-    assert monitor.release_for("bot") is None
-    monitor.apply_started(_started())
-    monitor.apply_started(_started())  # redelivered: idempotent
-    release = monitor.release_for("bot")
-    assert release is not None
-    assert (release.step_index, release.weight) == (1, 50)
-    monitor.apply_promote(
-        events_pb2.ReleasePromote(
-            meta=_meta("p0"), release_id="rel_1", alias="bot", step_index=0, weight=5
-        )
-    )
-    assert release.step_index == 1
-
-
-async def test_manual_decisions_and_rollback_after_promotion() -> None:
+async def test_manual_release_gets_no_automatic_decision_and_follows_the_gateway() -> None:
     monitor, bus = _monitor()
-    with pytest.raises(NotFound, match="bot"):
-        await monitor.promote("bot", "")
-    with pytest.raises(InvalidArgument):
-        await monitor.promote("", "")
-    monitor.apply_started(_started(auto=False))
-    monitor.ingest(_results("ver_c", "candidate", 50))
+    started = _started(auto=False)
+    monitor.apply_route_changed(started)
+    monitor.ingest(_results("ver_s", "stable", 50) + _results("ver_c", "candidate", 50))
     assert await monitor.analyze_once() == []  # manual release: no automatic decision
-    analysis = await monitor.promote("bot", "looks good")
+    assert bus.published == []
+    # The gateway's manual promotion reaches the monitor as the gateway's new state.
+    stepped = _changed(started, 1001.0, "promote", step_index=1, candidate_weight=50)
+    stepped.release.change.manual = True
+    monitor.apply_route_changed(stepped)
+    analysis = monitor.analysis("bot")
     assert (analysis.step_index, analysis.weight, analysis.state) == (1, 50, "running")
-    analysis = await monitor.promote("bot", "ship it")
-    assert analysis.state == "promoted"
-    final = bus.of("release.promote")[-1]
-    assert final.final
-    assert final.manual
-    analysis = await monitor.rollback("bot", "users complain")
-    assert analysis.state == "rolled_back"
-    back = bus.of("release.rollback")[-1]
-    assert (back.stable_version_id, back.candidate_version_id) == ("ver_s", "ver_c")
-    assert back.manual
+    monitor.apply_route_changed(
+        _changed(stepped, 1002.0, "rollback", state="rolled_back", candidate_weight=0)
+    )
+    assert monitor.analysis("bot").state == "rolled_back"
+    # A newer release on the alias replaces the old one in the monitor's view.
+    monitor.apply_route_changed(_started(release_id="rel_2"))
+    assert monitor.analysis("bot").release_id == "rel_2"
 
 
 async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
     monitor, bus = _monitor()
-    monitor.apply_started(_started(min_requests=4, min_feedback=3))
+    monitor.apply_route_changed(_started(min_requests=4, min_feedback=3))
     stable = _results("ver_s", "stable", 10)
     candidate = _results("ver_c", "candidate", 4)
     shadow = _results("ver_c", "shadow", 1, shadow=True)
@@ -347,7 +367,7 @@ async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
 
 async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() -> None:
     monitor, _ = _monitor()
-    monitor.apply_started(_started())
+    monitor.apply_route_changed(_started())
     [failed] = _results("ver_c", "candidate", 1, status="UNAVAILABLE")
     [answered] = _results("ver_s", "stable", 1, fallback=True)
     answered.request_id = failed.request_id
@@ -383,7 +403,7 @@ async def test_feedback_is_published_and_every_replica_counts_it_once() -> None:
     a, bus = _monitor()
     b, _ = _monitor()
     for replica in (a, b):
-        replica.apply_started(_started(min_requests=100, min_feedback=1))
+        replica.apply_route_changed(_started(min_requests=100, min_feedback=1))
     candidate = _results("ver_c", "candidate", 2)
     stable = _results("ver_s", "stable", 1)
     a.ingest(candidate + stable)
@@ -455,7 +475,7 @@ async def test_the_latest_score_of_a_request_holds_whatever_the_order() -> None:
 
 async def test_a_replaced_score_is_judged_again() -> None:
     monitor, _ = _monitor()
-    monitor.apply_started(_started(min_requests=100, min_feedback=1))
+    monitor.apply_route_changed(_started(min_requests=100, min_feedback=1))
     stable = _results("ver_s", "stable", 1)
     candidate = _results("ver_c", "candidate", 1)
     monitor.ingest(stable + candidate)
@@ -509,7 +529,7 @@ async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped()
         return refused if version_id == "ver_c" else None
 
     monitor, _ = _monitor(evaluations=lookup)
-    monitor.apply_started(_started())
+    monitor.apply_route_changed(_started())
     assert await monitor.analyze_once() == []  # starts the lookup in the background
     await monitor.settled()
     [decision] = await monitor.analyze_once()
@@ -522,7 +542,7 @@ async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped()
         return None
 
     healthy, _ = _monitor(evaluations=unreachable)
-    healthy.apply_started(_started())
+    healthy.apply_route_changed(_started())
     await healthy.analyze_once()
     await healthy.settled()
     healthy.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
@@ -533,7 +553,7 @@ async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped()
         return common_pb2.Evaluation(gate_passed=True, metrics={"retention": 0.97})
 
     evaluated, _ = _monitor(evaluations=passed)
-    evaluated.apply_started(_started())
+    evaluated.apply_route_changed(_started())
     await evaluated.analyze_once()
     await evaluated.settled()
     evaluated.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
@@ -594,7 +614,7 @@ def test_stats_queries() -> None:
 
 def test_analysis_shows_checks_of_the_running_step() -> None:
     monitor, _ = _monitor()
-    monitor.apply_started(_started(min_requests=4))
+    monitor.apply_route_changed(_started(min_requests=4))
     monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 2))
     analysis = monitor.analysis("bot")
     checks = {c.name: c.status for c in analysis.checks}
@@ -622,48 +642,43 @@ class FlakyBus(FakeBus):
 async def test_decision_waits_for_nats_and_nothing_is_lost() -> None:
     bus = FlakyBus(failures=2)
     monitor = Monitor(cast(EventBus, bus), window_s=1e9, clock=Clock())
-    monitor.apply_started(_started(min_requests=4))
+    monitor.apply_route_changed(_started(min_requests=4))
     monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
     assert await monitor.analyze_once() == []  # logged; the decision waits
     release = monitor.release_for("bot")
     assert release is not None
-    assert release.step_index == 0  # unchanged until the event is stored
-    with pytest.raises(Unavailable):
-        await monitor.promote("bot", "by hand")
+    assert not release.pending_decision  # nothing was stored, nothing is pending
+    assert await monitor.analyze_once() == []  # the second failure
     # NATS back: the same decision is taken on the next tick, without new results.
     [decision] = await monitor.analyze_once()
     assert decision.kind is DecisionKind.PROMOTE
-    assert release.step_index == 1
+    assert release.pending_decision
     assert len(bus.of("release.promote")) == 1
 
 
-async def test_automatic_step_taken_after_the_gateway_paused_is_undone() -> None:
+async def test_automatic_step_the_gateway_ignored_while_paused_is_taken_again() -> None:
     # The monitor decides at 1002; the gateway had paused at 1001.5 and ignores automatic
-    # steps while paused, so the pause reaching the monitor afterwards puts it back.
+    # steps while paused. The monitor's view never moved; after the resume the step starts
+    # over and the promotion decided then is a new event, not a duplicate of the first.
     clock = Clock(1002.0)
     monitor, bus = _monitor(clock)
-    monitor.apply_started(_started(min_requests=4))
+    started = _started(min_requests=4)
+    monitor.apply_route_changed(started)
     monitor.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
     [decision] = await monitor.analyze_once()
     assert decision.kind is DecisionKind.PROMOTE
     release = monitor.release_for("bot")
     assert release is not None
-    assert (release.step_index, release.step_started_at) == (1, 1002.0)
-    monitor.apply_pause(
-        events_pb2.ReleasePaused(meta=_meta("late-pause", 1001.5), release_id="rel_1", alias="bot")
-    )
+    paused = _changed(started, 1001.5, "paused", state="paused")
+    monitor.apply_route_changed(paused)
     assert (release.step_index, release.weight, release.paused) == (0, 5, True)
     assert release.state is ReleaseState.RUNNING
-
-    # A pause after the step was taken leaves it alone.
-    again, _ = _monitor(Clock(1002.0))
-    again.apply_started(_started(min_requests=4))
-    again.ingest(_results("ver_s", "stable", 10) + _results("ver_c", "candidate", 4))
-    await again.analyze_once()
-    again.apply_pause(
-        events_pb2.ReleasePaused(meta=_meta("pause", 1002.5), release_id="rel_1", alias="bot")
+    monitor.apply_route_changed(_changed(paused, 1003.0, "resumed", state="running"))
+    clock.now = 1004.0
+    monitor.ingest(
+        _results("ver_s", "stable", 10, at=1003.5) + _results("ver_c", "candidate", 4, at=1003.5)
     )
-    moved = again.release_for("bot")
-    assert moved is not None
-    assert (moved.step_index, moved.paused) == (1, True)
-    assert len(bus.of("release.promote")) == 1
+    [again] = await monitor.analyze_once()
+    assert again.kind is DecisionKind.PROMOTE
+    first, second = bus.of("release.promote")
+    assert first.meta.event_id != second.meta.event_id

@@ -47,17 +47,41 @@ def _meta(event_id: str, at: float) -> common_pb2.EventMeta:
     return meta
 
 
-def _started(release_id: str = "rel_1", **analysis: Any) -> events_pb2.ReleaseStarted:
-    return events_pb2.ReleaseStarted(
+def _started(release_id: str = "rel_1", **analysis: Any) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for a release it started at 1000."""
+    event = events_pb2.RouteChanged(
         meta=_meta(f"started-{release_id}", 1000.0),
-        release_id=release_id,
         alias="bot",
-        stable_version_id="ver_s",
-        candidate_version_id="ver_c",
-        steps=[5, 50, 100],
-        current_weight=5,
-        analysis=events_pb2.AnalysisSettings(min_requests=4, auto=True, **analysis),
+        revision=1,
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state="running",
+            stable_version_id="ver_s",
+            candidate_version_id="ver_c",
+            steps=[5, 50, 100],
+            candidate_weight=5,
+            analysis=events_pb2.AnalysisSettings(min_requests=4, auto=True, **analysis),
+            change=events_pb2.ReleaseChange(kind="started", event_id=f"started-{release_id}"),
+        ),
     )
+    event.release.started_at.FromNanoseconds(1000 * 10**9)
+    event.release.step_started_at.FromNanoseconds(1000 * 10**9)
+    return event
+
+
+def _next(
+    before: events_pb2.RouteChanged, at: float, kind: str, **fields: Any
+) -> events_pb2.RouteChanged:
+    """The gateway's next state: a new revision, the step begun at ``at`` when it moved."""
+    event = events_pb2.RouteChanged()
+    event.CopyFrom(before)
+    event.revision += 1
+    for name, value in fields.items():
+        setattr(event.release, name, value)
+    event.release.change.kind = kind
+    if kind in ("promote", "resumed"):
+        event.release.step_started_at.FromNanoseconds(int(at * 1e9))
+    return event
 
 
 def _results(
@@ -96,14 +120,16 @@ async def test_replicas_deciding_a_promotion_publish_one_id() -> None:
     a, bus_a, _ = _monitor("a", 1002.0)
     b, bus_b, _ = _monitor("b", 1002.3)
     for m in (a, b):
-        m.apply_started(_started())
+        m.apply_route_changed(_started())
         _healthy_step(m, 1001.0)
         [decision] = await m.analyze_once()
         assert decision.kind is DecisionKind.PROMOTE
     [first] = bus_a.ids("release.promote")
     assert bus_b.ids("release.promote") == [first]
-    # The next step is another decision.
+    # The gateway applied it at 1002.1; the next step is another decision.
+    step1 = _next(_started(), 1002.1, "promote", step_index=1, candidate_weight=50)
     for m in (a, b):
+        m.apply_route_changed(step1)
         _healthy_step(m, 1002.5)
         [decision] = await m.analyze_once()
         assert decision.next is not None
@@ -113,7 +139,7 @@ async def test_replicas_deciding_a_promotion_publish_one_id() -> None:
     assert second != first
     # The same step of another release too.
     c, bus_c, _ = _monitor("c", 1002.0)
-    c.apply_started(_started("rel_2"))
+    c.apply_route_changed(_started("rel_2"))
     _healthy_step(c, 1001.0, "rel_2")
     [decision] = await c.analyze_once()
     assert decision.next is not None
@@ -122,19 +148,17 @@ async def test_replicas_deciding_a_promotion_publish_one_id() -> None:
     assert other != first
 
 
-async def test_rollback_has_one_id_per_release_automatic_or_manual() -> None:
+async def test_rollback_has_one_id_per_release() -> None:
     a, bus_a, _ = _monitor("a", 1002.0)
-    b, bus_b, _ = _monitor("b", 1002.0)
-    a.apply_started(_started(max_error_rate=0.1))
-    b.apply_started(_started(max_error_rate=0.1))
+    b, bus_b, _ = _monitor("b", 1002.4)
     failing = _results("ver_s", "stable", 10, at=1001.0) + _results(
         "ver_c", "candidate", 10, at=1001.0, status="INTERNAL"
     )
-    a.ingest(failing)
-    [decision] = await a.analyze_once()
-    assert decision.kind is DecisionKind.ROLLBACK
-    # The other replica is rolled back by hand at the same moment: the same decision.
-    await b.rollback("bot", "by hand")
+    for m in (a, b):
+        m.apply_route_changed(_started(max_error_rate=0.1))
+        m.ingest(failing)
+        [decision] = await m.analyze_once()
+        assert decision.kind is DecisionKind.ROLLBACK
     assert bus_a.ids("release.rollback") == bus_b.ids("release.rollback")
     assert len(bus_a.ids("release.rollback")) == 1
     # Ids have the envelope's format (hex, like new_meta's).
@@ -143,23 +167,21 @@ async def test_rollback_has_one_id_per_release_automatic_or_manual() -> None:
     assert int(event_id, 16) >= 0
 
 
-async def test_a_step_undone_by_a_pause_is_taken_again_under_a_new_id() -> None:
-    # The gateway paused (1001.5) before the monitor's step (1002) and ignored it; the
-    # pause undoes the step here, and after the resume the same step is a new decision
-    # (the gateway remembers the ignored id: reusing it would lose the step).
+async def test_a_step_the_gateway_ignored_while_paused_is_taken_again_under_a_new_id() -> None:
+    # The gateway paused (1001.5) before the monitor's step (1002) and ignored it; after
+    # the resume the same step is a new decision (the gateway remembers the ignored id:
+    # reusing it would lose the step).
     monitor, bus, clock = _monitor("a", 1002.0)
-    monitor.apply_started(_started())
+    started = _started()
+    monitor.apply_route_changed(started)
     _healthy_step(monitor, 1001.0)
     await monitor.analyze_once()
-    monitor.apply_pause(
-        events_pb2.ReleasePaused(meta=_meta("pause", 1001.5), release_id="rel_1", alias="bot")
-    )
+    paused = _next(started, 1001.5, "paused", state="paused")
+    monitor.apply_route_changed(paused)
     release = monitor.release_for("bot")
     assert release is not None
     assert release.step_index == 0
-    monitor.apply_pause(
-        events_pb2.ReleaseResumed(meta=_meta("resume", 1003.0), release_id="rel_1", alias="bot")
-    )
+    monitor.apply_route_changed(_next(paused, 1003.0, "resumed", state="running"))
     clock.now = 1004.0
     _healthy_step(monitor, 1003.5)
     [decision] = await monitor.analyze_once()

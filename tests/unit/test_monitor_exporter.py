@@ -30,16 +30,20 @@ def _monitor() -> Monitor:
         clock=lambda: 1002.0,
         alert_rules=AlertRules(error_rate_above=0.1, for_s=0, min_requests=1),
     )
-    started = events_pb2.ReleaseStarted(
-        release_id="rel_1",
+    started = events_pb2.RouteChanged(
         alias="bot",
-        stable_version_id="ver_s",
-        candidate_version_id="ver_c",
-        steps=[5, 100],
-        current_weight=5,
+        revision=1,
+        release=events_pb2.ReleaseSnapshot(
+            release_id="rel_1",
+            state="running",
+            stable_version_id="ver_s",
+            candidate_version_id="ver_c",
+            steps=[5, 100],
+            candidate_weight=5,
+        ),
     )
-    started.meta.occurred_at.FromSeconds(1000)
-    monitor.apply_started(started)
+    started.release.started_at.FromSeconds(1000)
+    monitor.apply_route_changed(started)
     results = []
     for i, status in enumerate(["OK", "OK", "OK", "UNAVAILABLE"]):
         r = events_pb2.RequestResult(

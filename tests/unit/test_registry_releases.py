@@ -188,3 +188,53 @@ def test_releases_never_put_traffic_on_a_rejected_version(history: ReleaseHistor
         ("release:rel-bad", "release.rollback", "ok"),
     ]
     assert {e.actor for e in entries} == {"test/t1"}
+
+
+def changed(
+    release: str, revision: int, state: str, kind: str, t: int, weight: int = 10, **change: object
+) -> events_pb2.RouteChanged:
+    """The gateway's route.changed after it applied ``kind`` at ``t``."""
+    event = events_pb2.RouteChanged(
+        meta=meta(t),
+        alias="support-bot",
+        revision=revision,
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release,
+            state=state,
+            strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+            stable_version_id="ver_a",
+            candidate_version_id="ver_b",
+            candidate_weight=weight,
+            steps=[10, 50, 100],
+            change=events_pb2.ReleaseChange(
+                kind=kind, event_id=f"{release}-{kind}-{revision}", weight=weight, **change
+            ),
+        ),
+    )
+    event.release.change.occurred_at.CopyFrom(Timestamp(seconds=1_700_000_000 + t))
+    event.release.started_at.CopyFrom(Timestamp(seconds=1_700_000_000))
+    return event
+
+
+def test_history_from_route_changed_records_what_the_gateway_applied(
+    history: ReleaseHistory,
+) -> None:
+    assert history.apply_route_changed(changed("rel-rc", 1, "running", "started", 0))
+    assert history.apply_route_changed(changed("rel-rc", 2, "paused", "paused", 5, reason="look"))
+    assert history.get("rel-rc").state == "paused"  # the route's and the release's agree
+    assert history.apply_route_changed(changed("rel-rc", 3, "running", "resumed", 9))
+    step = changed("rel-rc", 4, "running", "promote", 12, weight=50, reason="healthy")
+    assert history.apply_route_changed(step)
+    assert not history.apply_route_changed(step)  # redelivered: recorded once
+    # A change that touched no release (a retirement, a plain SetRoute) records nothing.
+    retired = changed("rel-rc", 5, "running", "promote", 12, weight=50)
+    retired.release.change.event_id = step.release.change.event_id
+    assert not history.apply_route_changed(retired)
+    assert not history.apply_route_changed(events_pb2.RouteChanged(alias="x", revision=1))
+    record = history.get("rel-rc")
+    assert [d.kind for d in record.history] == ["started", "paused", "resumed", "promote"]
+    assert (record.state, record.current_weight) == ("running", 50)
+    assert history.apply_route_changed(
+        changed("rel-rc", 6, "promoted", "promote", 20, weight=100, final=True)
+    )
+    assert (history.get("rel-rc").state, history.get("rel-rc").current_weight) == ("promoted", 100)

@@ -36,6 +36,7 @@ from ftops_runtime.events import (
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
     ROUTE_CHANGED,
+    derived_event_id,
     new_meta,
 )
 from ftops_runtime.interceptors import current_principal
@@ -88,19 +89,25 @@ class ReleaseManager:
     # -- publishing ----------------------------------------------------------------------
 
     async def _announce(self, route: gateway_pb2.Route, cause_event_id: str) -> None:
-        """route.changed is informational: a NATS outage must not undo a stored change."""
+        """route.changed carries the release's whole state: the monitor and the registry
+        follow it, so it is published for every stored change (retried in the background
+        through a NATS outage; Redis already holds the change, so nothing is undone). Its
+        id derives from the alias and revision: every retry and every gateway replica that
+        announces the same revision lands once."""
+        meta = new_meta(self.bus.service, self.bus.instance)
+        meta.event_id = derived_event_id("route.changed", route.alias, route.revision)
         event = events_pb2.RouteChanged(
-            meta=new_meta(self.bus.service, self.bus.instance),
+            meta=meta,
             alias=route.alias,
             weights=route_rules.weights(route),
             cause_event_id=cause_event_id,
+            revision=route.revision,
+            stable_version_id=route.stable_version_id,
+            release=route_rules.snapshot(route),
         )
-        try:
-            await self.bus.publish(ROUTE_CHANGED, event, timeout=2.0)
-        except Exception as exc:
-            log.warning("could not publish route.changed for %s: %s", route.alias, exc)
+        await self._publish_reliably(ROUTE_CHANGED, event)
 
-    async def _publish_decision(self, subject: str, event: Message) -> None:
+    async def _publish_reliably(self, subject: str, event: Message) -> None:
         """Publish an applied decision; Redis already holds it, so a NATS outage only
         delays the event (same id: JetStream stores a retried publish once)."""
         try:
@@ -151,14 +158,16 @@ class ReleaseManager:
 
         def mutate(current: gateway_pb2.Route | None) -> gateway_pb2.Route:
             ended[:] = [current] if current is not None and route_rules.is_running(current) else []
-            return route_rules.set_route(current, alias, version_id, time.time())
+            return route_rules.set_route(
+                current, alias, version_id, time.time(), event_id=meta.event_id
+            )
 
         route, _ = await self._change(alias, mutate, event_id=meta.event_id)
         assert route is not None
         if ended:
             # The running release is over: tell the monitor and the registry's history.
             old = ended[0]
-            await self._publish_decision(
+            await self._publish_reliably(
                 RELEASE_ROLLBACK,
                 events_pb2.ReleaseRollback(
                     meta=meta,
@@ -170,7 +179,7 @@ class ReleaseManager:
                     manual=True,
                 ),
             )
-        await self._announce(route, meta.event_id if ended else "")
+        await self._announce(route, meta.event_id)
         return route
 
     async def get_route(self, alias: str) -> gateway_pb2.Route:
@@ -378,7 +387,8 @@ class ReleaseManager:
             reason=reason,
             actor=_actor(),
         )
-        await self._publish_decision(RELEASE_PAUSED if paused else RELEASE_RESUMED, event)
+        await self._publish_reliably(RELEASE_PAUSED if paused else RELEASE_RESUMED, event)
+        await self._announce(route, meta.event_id)
         return gateway_pb2.Release(route=route, state=route_rules.state_of(route))
 
     async def promote(self, request: gateway_pb2.ReleaseCommandRequest) -> gateway_pb2.Release:
@@ -410,7 +420,7 @@ class ReleaseManager:
         route, _ = await self._change(alias, mutate, event_id=meta.event_id)
         assert route is not None
         assert decided
-        await self._publish_decision(RELEASE_PROMOTE, decided[0])
+        await self._publish_reliably(RELEASE_PROMOTE, decided[0])
         await self._announce(route, meta.event_id)
         return gateway_pb2.Release(route=route, state=route_rules.state_of(route))
 
@@ -451,7 +461,7 @@ class ReleaseManager:
         route, _ = await self._change(alias, mutate, event_id=meta.event_id)
         assert route is not None
         assert decided
-        await self._publish_decision(RELEASE_ROLLBACK, decided[0])
+        await self._publish_reliably(RELEASE_ROLLBACK, decided[0])
         await self._announce(route, meta.event_id)
         return gateway_pb2.Release(route=route, state=route_rules.state_of(route))
 

@@ -88,10 +88,16 @@ def _end_candidate(route: gateway_pb2.Route, state: str) -> None:
     route.candidate_weight = 0
     route.paused = False
     route.release_state = state
+    route.ClearField("step_started_at")
 
 
 def set_route(
-    current: gateway_pb2.Route | None, alias: str, version_id: str, now: float = 0.0
+    current: gateway_pb2.Route | None,
+    alias: str,
+    version_id: str,
+    now: float = 0.0,
+    *,
+    event_id: str = "",
 ) -> gateway_pb2.Route:
     """All traffic to one version; a running release ends as "replaced"."""
     if current is None:
@@ -108,6 +114,16 @@ def set_route(
         if current.candidate_version_id != version_id:
             _pend_retirement(route, current.candidate_version_id)
         _end_candidate(route, REPLACED)
+        route.last_decision.CopyFrom(
+            _decision(
+                REPLACED,
+                event_id=event_id,
+                now=now,
+                final=True,
+                reason=f"replaced: SetRoute sent all traffic to {version_id}",
+                manual=True,
+            )
+        )
     _unpend(route)
     return route
 
@@ -155,6 +171,7 @@ def start_release(
     route.release_stable_version_id = current.stable_version_id
     route.release_candidate_version_id = spec.candidate_version_id
     route.started_at.FromNanoseconds(int(now * 1e9))
+    route.step_started_at.FromNanoseconds(int(now * 1e9))
     route.actor = actor
     route.last_decision.CopyFrom(
         _decision(
@@ -211,6 +228,7 @@ def apply_promote(
         _unpend(new)
     else:
         new.candidate_weight = weight
+        new.step_started_at.FromNanoseconds(int(now * 1e9))
     return new
 
 
@@ -315,6 +333,11 @@ def set_paused(
         raise FailedPrecondition(f"release {route.release_id} of {alias!r} is already {what}")
     new = _copy(route, now)
     new.paused = paused
+    # The route's state is the release's state: clients see "paused" in both.
+    new.release_state = PAUSED if paused else RUNNING
+    if not paused:
+        # Evidence from before the pause is stale: the step starts over.
+        new.step_started_at.FromNanoseconds(int(now * 1e9))
     new.last_decision.CopyFrom(
         _decision(
             "paused" if paused else "resumed",
@@ -371,6 +394,42 @@ def versions_in_use(route: gateway_pb2.Route) -> set[str]:
     if route.previous_version_id and not route.previous_retired:
         used.add(route.previous_version_id)
     return used - {""}
+
+
+def snapshot(route: gateway_pb2.Route) -> events_pb2.ReleaseSnapshot:
+    """The release's whole state for route.changed (empty when the alias never had one)."""
+    if not route.release_id:
+        return events_pb2.ReleaseSnapshot()
+    decision = route.last_decision
+    change = events_pb2.ReleaseChange(
+        kind=decision.kind,
+        event_id=decision.event_id,
+        weight=decision.weight,
+        final=decision.final,
+        reason=decision.reason,
+        figures=dict(decision.figures),
+        manual=decision.manual,
+        actor=route.actor if decision.kind == "started" else "",
+    )
+    change.occurred_at.CopyFrom(decision.occurred_at)
+    snap = events_pb2.ReleaseSnapshot(
+        release_id=route.release_id,
+        state=state_of(route),
+        strategy=route.strategy,
+        stable_version_id=route.release_stable_version_id,
+        candidate_version_id=route.release_candidate_version_id,
+        candidate_weight=route.candidate_weight if is_running(route) else 0,
+        steps=list(route.steps),
+        step_index=route.step_index,
+        analysis=route.analysis,
+        change=change,
+        evidence_mirror_percent=route.evidence_mirror_percent,
+        shadow_percent=route.shadow_percent,
+    )
+    snap.started_at.CopyFrom(route.started_at)
+    if route.HasField("step_started_at"):
+        snap.step_started_at.CopyFrom(route.step_started_at)
+    return snap
 
 
 def weights(route: gateway_pb2.Route) -> dict[str, int]:

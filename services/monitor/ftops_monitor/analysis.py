@@ -11,11 +11,19 @@ evidence while a small step runs). Checks, each able to fail the step at any mom
   * latency: one-sided Mann-Whitney U of the candidate against stable x (1 + effect);
   * latency_ratio: candidate p95 above ``max_latency_ratio`` x stable p95 (legacy guard);
   * feedback: candidate mean score more than ``max_feedback_drop`` below the stable's;
-  * divergence: mean shadow divergence above ``max_divergence``.
+  * divergence: mean shadow divergence above ``max_divergence``;
+  * deadlines: the candidate past the gateway's deadline significantly more than stable.
 
-A step passes once both arms have their minimum results, no check failed and the observed
-error rate is within the cap. Until then it is inconclusive; at ``step_timeout_s`` the
-release's ``on_inconclusive`` action applies. Details and defaults: docs/analysis.md.
+Only the version's own failures count as errors (``outcomes.classify``); capacity
+refusals, transport failures and deadlines are infrastructure outcomes, left out of error
+rates and latencies. Two things **hold** a step instead of failing it: both arms over the
+error cap (error_cap), and infrastructure outcomes above ``max_infra_rate`` of either arm's
+results (infrastructure). A held step gets no automatic decision, not even at its time
+limit, except a rollback for a failed check; the monitor raises an alert.
+
+A step passes once both arms have their minimum results, no check failed or holds and the
+observed error rate is within the cap. Until then it is inconclusive; at ``step_timeout_s``
+the release's ``on_inconclusive`` action applies. Details and defaults: docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from ftops.events.v1 import events_pb2
+from ftops_monitor.outcomes import Outcome
 from ftops_monitor.stats import (
     compare_error_rates,
     exceeds_rate,
@@ -35,6 +44,10 @@ from ftops_monitor.windows import FeedbackScores, Figures, Sample, figures
 
 # Latency comparisons need a few successful results per arm before they mean anything.
 MIN_LATENCY_SAMPLES = 5
+# Infrastructure outcomes (capacity, transport, deadline) above this share of an arm's
+# results in the step hold it: too much of the traffic never reached a verdict on the
+# version, and the operator should see why (an alert is raised; it never rolls back).
+MAX_INFRA_RATE = 0.05
 # Per arm and step, the latest results kept for latency figures and Mann-Whitney (the
 # error counts cover all). The test's power comes from the smaller arm, the candidate's;
 # a bigger stable sample would only make every analysis slower.
@@ -45,6 +58,18 @@ class ReleaseState(StrEnum):
     RUNNING = "running"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
+    # SetRoute sent all traffic elsewhere while the release ran.
+    REPLACED = "replaced"
+
+    @classmethod
+    def of_snapshot(cls, state: str) -> ReleaseState:
+        """The gateway's state name; "paused" is a running release that is paused."""
+        if state == "paused":
+            return cls.RUNNING
+        try:
+            return cls(state)
+        except ValueError:
+            return cls.RUNNING
 
 
 class Strategy(StrEnum):
@@ -105,6 +130,8 @@ class Config:
     min_feedback: int = 20
     max_feedback_drop: float = 0.1
     max_divergence: float = 0.0  # 0 = off
+    # Not in AnalysisSettings: the monitor's own bar for holding a step (MAX_INFRA_RATE).
+    max_infra_rate: float = MAX_INFRA_RATE
 
     @classmethod
     def from_proto(cls, a: events_pb2.AnalysisSettings) -> Config:
@@ -134,21 +161,65 @@ class Config:
 
 class ArmData:
     """One arm's results and feedback since the step began: running counts for the error
-    tests, latencies for Mann-Whitney (bounded)."""
+    tests, latencies for Mann-Whitney (bounded).
+
+    ``requests`` and ``errors`` cover what the version did itself (successes and its own
+    failures); infrastructure outcomes (capacity refusals, transport failures, the
+    gateway's deadline) are counted apart: they are no evidence of the version's error
+    rate or latency, but too many of them hold the step (``_Judge.infrastructure``)."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         # Of ``requests``, results of mirrored requests (answered to nobody).
         self.mirrored = 0
+        self.capacity = 0
+        self.transport = 0
+        self.deadlines = 0
+        # Mirrored requests the candidate refused for load: the mirror is best-effort load
+        # on top of its share, so these say nothing and hold nothing (shown, not counted).
+        self.mirror_refused = 0
         self.samples: deque[Sample] = deque(maxlen=MAX_STEP_SAMPLES)
         self.feedback = FeedbackScores()
 
-    def add(self, sample: Sample, *, mirrored: bool = False) -> None:
-        self.requests += 1
-        self.mirrored += 1 if mirrored else 0
-        self.errors += 0 if sample.ok else 1
-        self.samples.append(sample)
+    def add(
+        self, sample: Sample, *, mirrored: bool = False, outcome: Outcome | None = None
+    ) -> None:
+        """Counts one result; ``outcome`` defaults to ok / the version's own failure."""
+        if outcome is None:
+            outcome = Outcome.OK if sample.ok else Outcome.REPLICA
+        if outcome is Outcome.CAPACITY:
+            if mirrored:
+                self.mirror_refused += 1
+            else:
+                self.capacity += 1
+        elif outcome is Outcome.TRANSPORT:
+            self.transport += 1
+        elif outcome is Outcome.DEADLINE:
+            self.deadlines += 1
+        elif outcome is not Outcome.CLIENT:
+            self.requests += 1
+            self.mirrored += 1 if mirrored else 0
+            self.errors += 0 if outcome is Outcome.OK else 1
+            self.samples.append(sample)
+
+    @property
+    def infra_errors(self) -> int:
+        return self.capacity + self.transport + self.deadlines
+
+    @property
+    def results(self) -> int:
+        """Every counted result, infrastructure outcomes included."""
+        return self.requests + self.infra_errors
+
+    @property
+    def infra_rate(self) -> float:
+        return self.infra_errors / self.results if self.results else 0.0
+
+    @property
+    def attempted(self) -> int:
+        """Results the version worked on (not refused, reached): the deadline rate's base."""
+        return self.requests + self.deadlines
 
     def latencies(self) -> list[float]:
         return [s.latency_ms for s in self.samples if s.ok]
@@ -166,6 +237,10 @@ class ArmData:
 
 @dataclass
 class Release:
+    """The monitor's view of one release: its state as the gateway last published it
+    (``route.changed``; the gateway is the only writer of release state) and the evidence
+    gathered for the current step."""
+
     release_id: str
     alias: str
     stable_version_id: str
@@ -178,10 +253,13 @@ class Release:
     weight: int = 0
     state: ReleaseState = ReleaseState.RUNNING
     paused: bool = False
-    # occurred_at of the newest pause/resume applied: an older one arriving late is stale.
-    pause_changed_at: float = 0.0
-    auto_step: AutoStep | None = None
     step_started_at: float = 0.0
+    # The route revision this state comes from: an older snapshot arriving late is stale.
+    revision: int = 0
+    # The id of the decision published for the current step, until the gateway's next
+    # snapshot shows it applied (or ignored): the step is not judged again meanwhile.
+    pending_decision: str = ""
+    pending_since: float = 0.0
     candidate: ArmData = field(default_factory=ArmData)
     stable: ArmData = field(default_factory=ArmData)
     # Set once the registry's evaluation of the candidate is known to refuse it.
@@ -215,64 +293,36 @@ class Release:
         self.stable = ArmData()
         self.step_started_at = max(at, self.step_started_at)
 
-    def apply_promote(self, step_index: int, weight: int, final: bool, at: float) -> bool:
-        """Move forward (never backwards); False when the promotion changes nothing."""
-        if not self.running or step_index < self.step_index:
+    def follow(
+        self,
+        revision: int,
+        state: ReleaseState,
+        *,
+        paused: bool,
+        step_index: int,
+        weight: int,
+        step_started_at: float,
+    ) -> bool:
+        """Take the gateway's state at ``revision``; False when it is stale or changes
+        nothing the analysis depends on. A new step (a promotion, a resume) starts its
+        evidence over; whatever decision was pending is settled by this state."""
+        if revision <= self.revision:
             return False
-        if not final and step_index == self.step_index and weight == self.weight:
+        self.revision = revision
+        changed = (state, paused, step_index, weight) != (
+            self.state,
+            self.paused,
+            self.step_index,
+            self.weight,
+        ) or step_started_at > self.step_started_at
+        if not changed:
             return False
-        self.step_index = step_index
-        self.weight = 100 if final else weight
-        self.auto_step = None
-        self.restart_step(at)
-        if final:
-            self.state = ReleaseState.PROMOTED
+        self.state, self.paused = state, paused
+        self.step_index, self.weight = step_index, weight
+        if step_started_at > self.step_started_at:
+            self.restart_step(step_started_at)
+        self.pending_decision, self.pending_since = "", 0.0
         return True
-
-    def apply_rollback(self) -> bool:
-        """Rollback of the running release, or of its completed promotion."""
-        if self.state is ReleaseState.ROLLED_BACK:
-            return False
-        self.state = ReleaseState.ROLLED_BACK
-        self.weight = 0
-        self.auto_step = None
-        self.restart_step(self.step_started_at)
-        return True
-
-    def apply_pause(self, paused: bool, at: float) -> bool:
-        """Pause or resume as of ``at``; a resume starts the step over."""
-        if at < self.pause_changed_at or paused == self.paused:
-            return False
-        if paused and self.auto_step is not None and self.auto_step.at > at:
-            # Our automatic step was decided after the pause: the gateway ignored it (it
-            # takes no automatic step while paused), so the release is where it was.
-            self.auto_step.restore(self)
-        self.auto_step = None
-        self.pause_changed_at = at
-        self.paused = paused
-        if not paused:
-            self.restart_step(at)
-        return True
-
-
-@dataclass(frozen=True)
-class AutoStep:
-    """Where a release was before the monitor's latest automatic promotion."""
-
-    at: float
-    step_index: int
-    weight: int
-    step_started_at: float
-
-    @classmethod
-    def of(cls, release: Release, at: float) -> AutoStep:
-        return cls(at, release.step_index, release.weight, release.step_started_at)
-
-    def restore(self, release: Release) -> None:
-        release.state = ReleaseState.RUNNING
-        release.step_index, release.weight = self.step_index, self.weight
-        release.candidate, release.stable = ArmData(), ArmData()
-        release.step_started_at = self.step_started_at
 
 
 @dataclass(frozen=True)
@@ -308,6 +358,9 @@ class Decision:
     next: NextStep | None = None
     checks: tuple[Check, ...] = ()
     verdict: str = ""
+    # Why the step is held (failures that are not the candidate's): no automatic decision
+    # but a rollback for the candidate's own failures, and an alert (monitor.py).
+    held: str = ""
 
 
 def arm_figures(candidate: Figures, stable: Figures | None) -> dict[str, float]:
@@ -352,17 +405,36 @@ class _Judge:
         self.numbers["step_seconds"] = max(0.0, now - release.step_started_at)
         if release.mirrored_evidence:
             self.numbers["mirrored_requests"] = float(release.mirrored_evidence)
+        self._infra_figures()
         if release.evaluation_failure:
             # Only a refusal puts the (many) evaluation metrics into the decision's figures;
             # GetReleaseAnalysis shows them always.
             self.numbers.update(release.evaluation_figures)
         self.checks: list[Check] = []
         self.failures: list[str] = []
+        self.holds: list[str] = []
 
     def _add(self, name: str, status: str, detail: str) -> None:
         self.checks.append(Check(name, status, detail))
         if status == "fail":
             self.failures.append(detail)
+
+    def _hold(self, name: str, detail: str) -> None:
+        """A blocking pending check that no timeout turns into a decision."""
+        self._add(name, "pending", detail)
+        self.holds.append(detail)
+
+    def _infra_figures(self) -> None:
+        c, s = self.release.candidate, self.release.stable
+        self.numbers["infra_errors"] = float(c.infra_errors)
+        self.numbers["infra_rate"] = c.infra_rate
+        self.numbers["stable_infra_errors"] = float(s.infra_errors)
+        self.numbers["stable_infra_rate"] = s.infra_rate
+        if c.deadlines or s.deadlines:
+            self.numbers["deadlines"] = float(c.deadlines)
+            self.numbers["stable_deadlines"] = float(s.deadlines)
+        if c.mirror_refused:
+            self.numbers["mirror_refused"] = float(c.mirror_refused)
 
     def evaluation(self) -> None:
         if self.release.evaluation_failure:
@@ -400,12 +472,62 @@ class _Judge:
         test = exceeds_rate(c.errors, c.requests, cap, self.config.alpha)
         self.numbers["cap_log_lr"] = test.log_lr
         what = f"candidate {c.errors}/{c.requests} errors ({c.error_rate:.1%}), cap {cap:.1%}"
-        if test.rejected:
+        s = self.stab
+        if test.rejected and s.requests and s.error_rate > cap:
+            # Stable fails as often: a failure mode of the platform or of both versions,
+            # not the candidate's (the errors check still fails a candidate worse than
+            # stable). Rolling back would not help; an operator should look.
+            self._hold(
+                "error_cap",
+                f"release held, both arms failing over the cap: {what}, stable "
+                f"{s.errors}/{s.requests} ({s.error_rate:.1%})",
+            )
+        elif test.rejected:
             self._add("error_cap", "fail", f"error rate above the cap: {what}")
         elif c.requests and c.error_rate > cap:
             self._add("error_cap", "pending", f"above the cap, not yet significant: {what}")
         else:
             self._add("error_cap", "pass", what)
+
+    def deadlines(self) -> None:
+        """Deadlines count against the candidate only when it shows significantly more of
+        them than stable (the errors check's test): both arms timing out alike is load."""
+        c, s, alpha = self.release.candidate, self.release.stable, self.config.alpha
+        if not c.deadlines:
+            return
+        if not s.attempted:
+            self._add("deadlines", "pending", "no stable results to compare deadlines with")
+            return
+        test = compare_error_rates(c.deadlines, c.attempted, s.deadlines, s.attempted, alpha)
+        self.numbers["deadlines_log_lr"] = test.log_lr
+        what = (
+            f"candidate {c.deadlines}/{c.attempted} past the deadline "
+            f"({c.deadlines / c.attempted:.1%}) vs stable {s.deadlines}/{s.attempted} "
+            f"({s.deadlines / s.attempted:.1%}, upper bound {test.bound:.1%})"
+        )
+        if test.rejected:
+            self._add(
+                "deadlines",
+                "fail",
+                f"deadline exceeded more than stable at alpha {alpha:g}: {what}",
+            )
+        else:
+            self._add("deadlines", "pass", what)
+
+    def infrastructure(self) -> None:
+        """Holds the step while either arm has too many results that are no evidence."""
+        limit = self.config.max_infra_rate
+        arms = (("candidate", self.release.candidate), ("stable", self.release.stable))
+        what = ", ".join(f"{name} {_infra_text(arm)}" for name, arm in arms)
+        over = [name for name, arm in arms if arm.infra_rate > limit]
+        if over:
+            self._hold(
+                "infrastructure",
+                f"release held, infrastructure failures above {limit:.0%} of the step's "
+                f"results on {' and '.join(over)} (not the candidate's): {what}",
+            )
+        else:
+            self._add("infrastructure", "pass", what)
 
     def latency(self) -> None:
         config = self.config
@@ -486,6 +608,8 @@ def decide(release: Release, now: float) -> Decision:
     judge.evaluation()
     judge.errors()
     judge.error_cap()
+    judge.deadlines()
+    judge.infrastructure()
     judge.latency()
     judge.feedback()
     judge.divergence()
@@ -511,6 +635,10 @@ def decide(release: Release, now: float) -> Decision:
         )
     waited = now - release.step_started_at
     waiting = ", ".join(c.detail for c in checks if c.status == "pending" and c.name in _BLOCKING)
+    if judge.holds:
+        # Not the candidate's doing: neither the time limit's action nor a pass applies.
+        held = "; ".join(judge.holds)
+        return Decision(DecisionKind.WAIT, held, numbers, checks=checks, verdict="held", held=held)
     if waited >= release.config.step_timeout_s:
         return _timed_out(release, waited, waiting, numbers, checks)
     return Decision(
@@ -532,7 +660,15 @@ def _evidence_text(release: Release) -> str:
 
 # Checks whose pending state keeps a step from passing (feedback and divergence need data
 # many releases never get: without it they simply do not count).
-_BLOCKING = frozenset({"samples", "errors", "error_cap"})
+_BLOCKING = frozenset({"samples", "errors", "error_cap", "infrastructure"})
+
+
+def _infra_text(arm: ArmData) -> str:
+    text = (
+        f"{arm.infra_errors}/{arm.results} infrastructure ({arm.capacity} capacity, "
+        f"{arm.transport} transport, {arm.deadlines} deadline)"
+    )
+    return text + (f", {arm.mirror_refused} mirrors refused" if arm.mirror_refused else "")
 
 
 def _timed_out(

@@ -1,11 +1,13 @@
 """The monitor's core: consumes request results and release events, keeps per-version
 windows and release state, runs the analysis and the alert rules, publishes decisions.
 
-Release state is rebuilt from the release events alone (the release stream keeps them),
-and every update is idempotent on the event id and tolerant of order: the events of one
-release come through different consumers, so a decision or a pause may arrive before its
-``release.started`` (it is parked until then), promotions never move backwards, and a
-pause/resume older than the one applied is ignored.
+Release state has one owner, the gateway: it applies every command and every decision in
+its store and publishes the release's whole state on ``route.changed``. The monitor only
+follows that state (rebuilt at start by replaying the subject; a snapshot older than the
+revision applied is ignored) and decides: it publishes ``release.promote`` /
+``release.rollback`` and does not change its own view until the gateway's next snapshot
+shows what was applied. There is no manual promote or rollback here: those are the
+gateway's commands.
 
 Every replica consumes every result and judges every release, so replicas take the same
 decisions; each decision and alert event gets an id derived from what it says
@@ -34,16 +36,13 @@ from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
 from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
 from ftops_monitor.analysis import (
-    AutoStep,
     Config,
     Decision,
     DecisionKind,
     Release,
     ReleaseState,
     Strategy,
-    arm_figures,
     decide,
-    next_step,
 )
 from ftops_monitor.evaluation import EvaluationLookup, judge_evaluations
 from ftops_monitor.feedback import Given, RequestIndex, Served
@@ -51,7 +50,6 @@ from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermanentEventError,
@@ -78,13 +76,9 @@ SEEN_MAX = 200_000
 COALESCE_S = 0.02
 # How long SubmitFeedback waits for JetStream to store its event before UNAVAILABLE.
 FEEDBACK_PUBLISH_TIMEOUT_S = 2.0
-
-ParkedEvent = (
-    events_pb2.ReleasePromote
-    | events_pb2.ReleaseRollback
-    | events_pb2.ReleasePaused
-    | events_pb2.ReleaseResumed
-)
+# A published decision the gateway's state has not reflected after this long (the gateway
+# was down, or ignored it as stale) lets the step be judged again.
+PENDING_DECISION_S = 10.0
 
 
 def _seconds(ts: Timestamp, default: float) -> float:
@@ -119,17 +113,14 @@ def decision_event_id(release: Release, decision: Decision) -> str:
     """The id of a promotion or rollback, the same on every replica that takes it.
 
     JetStream drops a message whose ``Nats-Msg-Id`` it stored within the stream's duplicate
-    window (120 s, ``ensure_streams``). Replicas take a decision within moments of each
-    other (the same results, ticks apart), and once one replica's event is stored the
-    others apply it from the release stream and stop deciding that step, so the window is
-    ample. Past it (a replica cut off from the release stream for minutes) the second copy
-    is stored, and the gateway ignores it: a step it already took, a release already ended.
+    window (120 s, ``ensure_streams``), so replicas deciding the same step moments apart
+    publish it once; a copy past the window is ignored by the gateway (a step it already
+    took, a release already ended).
 
-    A release is rolled back at most once. A promotion names its target step and the
-    release's last pause/resume (its time comes from the gateway's event, so replicas
-    agree): an automatic step the gateway ignored because the release was paused is undone
-    here when the pause arrives, and taken again after the resume. That second one must not
-    be a duplicate of the first (the gateway also remembers ids it ignored).
+    A release is rolled back at most once. A promotion names its target step and when the
+    current step began (the gateway's time, on every replica alike): after a pause and a
+    resume the step begins again, and the promotion taken then is a new decision, not a
+    duplicate of one the gateway ignored while the release was paused.
     """
     if decision.kind is DecisionKind.ROLLBACK:
         return derived_event_id("rollback", release.release_id)
@@ -142,7 +133,7 @@ def decision_event_id(release: Release, decision: Decision) -> str:
         step.step_index,
         step.weight,
         step.final,
-        round(release.pause_changed_at * 1e6),
+        round(release.step_started_at * 1e6),
     )
 
 
@@ -172,7 +163,6 @@ class Monitor:
         self._evaluated: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._latest: dict[str, str] = {}  # alias -> release_id of its newest release
-        self._parked: dict[str, list[ParkedEvent]] = {}
         self._seen = SeenEvents()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -369,83 +359,72 @@ class Monitor:
         self._wake.set()
         return True
 
-    # -- release events --------------------------------------------------------------
+    # -- release state (the gateway's route.changed) ----------------------------------
 
-    async def on_started(self, event: events_pb2.ReleaseStarted, delivery: Delivery) -> None:
-        self.apply_started(event)
+    async def on_route_changed(self, event: events_pb2.RouteChanged, delivery: Delivery) -> None:
+        self.apply_route_changed(event)
+        self._wake.set()
 
-    async def on_promote(self, event: events_pb2.ReleasePromote, delivery: Delivery) -> None:
-        self.apply_promote(event)
-
-    async def on_rollback(self, event: events_pb2.ReleaseRollback, delivery: Delivery) -> None:
-        self.apply_rollback(event)
-
-    async def on_paused(self, event: events_pb2.ReleasePaused, delivery: Delivery) -> None:
-        self.apply_pause(event)
-
-    async def on_resumed(self, event: events_pb2.ReleaseResumed, delivery: Delivery) -> None:
-        self.apply_pause(event)
-
-    def apply_started(self, event: events_pb2.ReleaseStarted) -> None:
-        if not self._seen.add(event.meta.event_id) or event.release_id in self.releases:
-            return
-        release = Release(
-            release_id=event.release_id,
-            alias=event.alias,
-            stable_version_id=event.stable_version_id,
-            candidate_version_id=event.candidate_version_id,
-            steps=list(event.steps) or [event.current_weight or 100],
-            config=Config.from_proto(event.analysis),
-            started_at=_seconds(event.meta.occurred_at, self.clock()),
-            strategy=Strategy.from_proto(event.strategy),
-            weight=event.current_weight,
-        )
-        self.releases[release.release_id] = release
-        newest = self.release_for(event.alias)
-        if newest is None or release.started_at >= newest.started_at:
-            self._latest[event.alias] = release.release_id
-        log.info(
-            "release %s of %s (%s): %s -> %s steps %s",
-            release.release_id,
-            release.alias,
-            release.strategy.value,
-            release.stable_version_id,
-            release.candidate_version_id,
-            release.steps,
-        )
-        for parked in self._parked.pop(release.release_id, []):
-            self._apply(release, parked)
-
-    def apply_promote(self, event: events_pb2.ReleasePromote) -> None:
-        self._apply_or_park(event)
-
-    def apply_rollback(self, event: events_pb2.ReleaseRollback) -> None:
-        self._apply_or_park(event)
-
-    def apply_pause(self, event: events_pb2.ReleasePaused | events_pb2.ReleaseResumed) -> None:
-        self._apply_or_park(event)
-
-    def _apply_or_park(self, event: ParkedEvent) -> None:
-        if not self._seen.add(event.meta.event_id):
-            return
-        release = self.releases.get(event.release_id)
+    def apply_route_changed(self, event: events_pb2.RouteChanged) -> None:
+        """Follow the gateway's release state (idempotent; stale revisions ignored)."""
+        snap = event.release
+        if not snap.release_id:
+            return  # a route without a release (SetRoute on a new alias)
+        state = ReleaseState.of_snapshot(snap.state)
+        paused = snap.state == "paused"
+        weight = 100 if state is ReleaseState.PROMOTED else snap.candidate_weight
+        step_started = _seconds(snap.step_started_at, 0.0)
+        release = self.releases.get(snap.release_id)
         if release is None:
-            self._parked.setdefault(event.release_id, []).append(event)
-            return
-        self._apply(release, event)
-
-    def _apply(self, release: Release, event: ParkedEvent) -> None:
-        at = _seconds(event.meta.occurred_at, self.clock())
-        if isinstance(event, events_pb2.ReleasePromote):
-            if release.apply_promote(event.step_index, event.weight, event.final, at):
-                release.last_decision, release.last_reason = "promote", event.reason
-        elif isinstance(event, events_pb2.ReleaseRollback):
-            if release.apply_rollback():
-                release.last_decision, release.last_reason = "rollback", event.reason
-        elif release.apply_pause(isinstance(event, events_pb2.ReleasePaused), at):
-            what = "paused" if release.paused else "resumed"
+            release = Release(
+                release_id=snap.release_id,
+                alias=event.alias,
+                stable_version_id=snap.stable_version_id,
+                candidate_version_id=snap.candidate_version_id,
+                steps=list(snap.steps) or [snap.candidate_weight or 100],
+                config=Config.from_proto(snap.analysis),
+                started_at=_seconds(snap.started_at, self.clock()),
+                strategy=Strategy.from_proto(snap.strategy),
+                step_index=snap.step_index,
+                weight=weight,
+                state=state,
+                paused=paused,
+                step_started_at=step_started,
+                revision=event.revision,
+            )
+            self.releases[release.release_id] = release
+            newest = self.release_for(event.alias)
+            if newest is None or release.started_at >= newest.started_at:
+                self._latest[event.alias] = release.release_id
             log.info(
-                "release %s of %s %s: %s", release.release_id, release.alias, what, event.reason
+                "release %s of %s (%s, %s): %s -> %s steps %s",
+                release.release_id,
+                release.alias,
+                release.strategy.value,
+                snap.state,
+                release.stable_version_id,
+                release.candidate_version_id,
+                release.steps,
+            )
+        elif not release.follow(
+            event.revision,
+            state,
+            paused=paused,
+            step_index=snap.step_index,
+            weight=weight,
+            step_started_at=step_started,
+        ):
+            return
+        change = snap.change
+        if change.kind in ("promote", "rollback", "replaced"):
+            release.last_decision, release.last_reason = change.kind, change.reason
+        elif change.kind in ("paused", "resumed"):
+            log.info(
+                "release %s of %s %s: %s",
+                release.release_id,
+                release.alias,
+                change.kind,
+                change.reason,
             )
 
     # -- decisions -------------------------------------------------------------------
@@ -470,6 +449,8 @@ class Monitor:
             for release in self.latest_releases():
                 if not release.running or not release.config.auto or release.paused:
                     continue
+                if release.pending_decision and now - release.pending_since < PENDING_DECISION_S:
+                    continue  # the gateway has not shown yet what it did with it
                 self._ensure_evaluation(release)
                 key = self._judged_key(release)
                 timed_out = now - release.step_started_at >= release.config.step_timeout_s
@@ -491,7 +472,7 @@ class Monitor:
                     self._judged[release.release_id] = key
                     continue
                 try:
-                    await self._publish(release, decision, manual=False)
+                    await self._publish(release, decision)
                 except Unavailable as exc:
                     # Not marked judged: the next tick takes the decision again.
                     log.warning(
@@ -564,9 +545,8 @@ class Monitor:
         except Exception as exc:
             raise Unavailable(f"{subject} not published, nothing changed: {exc!r}") from exc
 
-    async def _publish(self, release: Release, decision: Decision, *, manual: bool) -> None:
-        # Stored once however many replicas publish it; each applies its own copy (their
-        # occurred_at, the new step's start, differ by the moments between their decisions).
+    async def _publish(self, release: Release, decision: Decision) -> None:
+        # Stored once however many replicas publish it (the id derives from its content).
         meta = self._meta(decision_event_id(release, decision))
         if decision.kind is DecisionKind.PROMOTE:
             assert decision.next is not None
@@ -581,13 +561,8 @@ class Monitor:
                 final=decision.next.final,
                 reason=decision.reason,
                 figures=decision.figures,
-                manual=manual,
             )
-            before = None if manual else AutoStep.of(release, self.clock())
             await self._send(RELEASE_PROMOTE, promote)
-            self.apply_promote(promote)
-            # Kept until the next pause shows whether the gateway took the step.
-            release.auto_step = before
         else:
             rollback = events_pb2.ReleaseRollback(
                 meta=meta,
@@ -597,14 +572,13 @@ class Monitor:
                 stable_version_id=release.stable_version_id,
                 reason=decision.reason,
                 figures=decision.figures,
-                manual=manual,
             )
             await self._send(RELEASE_ROLLBACK, rollback)
-            self.apply_rollback(rollback)
+        # The gateway applies it; our view changes with its route.changed.
+        release.pending_decision, release.pending_since = meta.event_id, self.clock()
         self.decisions_total[(release.alias, decision.kind.value)] += 1
         log.info(
-            "%s%s of %s (%s): %s",
-            "manual " if manual else "",
+            "%s of %s (%s): %s",
             decision.kind.value,
             release.alias,
             release.release_id,
@@ -642,52 +616,6 @@ class Monitor:
         return monitor_pb2.ListAlertsResponse(
             alerts=[alert_event(s, FIRING, now - s.since) for s in self.alerts.active(alias)]
         )
-
-    # -- manual decisions ------------------------------------------------------------
-
-    def _require_release(self, alias: str) -> Release:
-        if not alias:
-            raise InvalidArgument("alias is required")
-        release = self.release_for(alias)
-        if release is None:
-            raise NotFound(f"no release known for alias {alias!r}")
-        return release
-
-    def _manual_figures(self, release: Release) -> dict[str, float]:
-        return arm_figures(release.candidate.figures(), release.stable.figures())
-
-    async def promote(self, alias: str, reason: str) -> monitor_pb2.ReleaseAnalysis:
-        async with self._lock:
-            release = self._require_release(alias)
-            if release.state is not ReleaseState.RUNNING:
-                raise FailedPrecondition(
-                    f"release {release.release_id} of {alias!r} is {release.state.value}; "
-                    "only a running release can be promoted"
-                )
-            step = next_step(release)
-            decision = Decision(
-                DecisionKind.PROMOTE,
-                reason or "manual promotion",
-                self._manual_figures(release),
-                step,
-            )
-            await self._publish(release, decision, manual=True)
-        return self.analysis(alias)
-
-    async def rollback(self, alias: str, reason: str) -> monitor_pb2.ReleaseAnalysis:
-        """Rolls back the running release, or undoes its completed promotion (the event
-        then names the previous stable version as the target)."""
-        async with self._lock:
-            release = self._require_release(alias)
-            if release.state is ReleaseState.ROLLED_BACK:
-                raise FailedPrecondition(
-                    f"release {release.release_id} of {alias!r} is already rolled back"
-                )
-            decision = Decision(
-                DecisionKind.ROLLBACK, reason or "manual rollback", self._manual_figures(release)
-            )
-            await self._publish(release, decision, manual=True)
-        return self.analysis(alias)
 
     # -- read API --------------------------------------------------------------------
 

@@ -25,11 +25,7 @@ from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
     METRICS_FEEDBACK,
     METRICS_REQUESTS,
-    RELEASE_PAUSED,
-    RELEASE_PROMOTE,
-    RELEASE_RESUMED,
-    RELEASE_ROLLBACK,
-    RELEASE_STARTED,
+    ROUTE_CHANGED,
 )
 from ftops_runtime.heap import freeze_startup_heap
 from ftops_runtime.server import GrpcServer
@@ -157,23 +153,15 @@ class MonitorService:
             deliver_policy=DeliverPolicy.NEW,
             inactive_threshold_s=inactive,
         )
-        # Release state is rebuilt at every start by replaying the release history into a
-        # per-process consumer (one per subject: a consumer has one filter subject).
-        handlers = (
-            (RELEASE_STARTED, self.monitor.on_started, "started"),
-            (RELEASE_PROMOTE, self.monitor.on_promote, "promote"),
-            (RELEASE_ROLLBACK, self.monitor.on_rollback, "rollback"),
-            (RELEASE_PAUSED, self.monitor.on_paused, "paused"),
-            (RELEASE_RESUMED, self.monitor.on_resumed, "resumed"),
+        # Release state is the gateway's: rebuilt at every start by replaying route.changed
+        # into a per-process consumer, then followed as it changes.
+        self.bus.subscribe(
+            ROUTE_CHANGED,
+            f"{prefix}-routes",
+            self.monitor.on_route_changed,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold_s=inactive,
         )
-        for subject, handler, suffix in handlers:
-            self.bus.subscribe(
-                subject,
-                f"{prefix}-{suffix}",
-                handler,
-                deliver_policy=DeliverPolicy.ALL,
-                inactive_threshold_s=inactive,
-            )
         if self.settings.metrics_port >= 0:
             self.dashboard.subscribe(self.bus, f"{prefix}-dashboard", inactive)
         await self.bus.start()

@@ -86,18 +86,6 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         await self._require(request.alias, "", Role.viewer, "GetReleaseAnalysis")
         return self._monitor.analysis(request.alias)
 
-    async def PromoteRelease(
-        self, request: monitor_pb2.ReleaseDecisionRequest, context: Any
-    ) -> monitor_pb2.ReleaseAnalysis:
-        await self._require(request.alias, "", Role.releaser, "PromoteRelease")
-        return await self._monitor.promote(request.alias, request.reason)
-
-    async def RollbackRelease(
-        self, request: monitor_pb2.ReleaseDecisionRequest, context: Any
-    ) -> monitor_pb2.ReleaseAnalysis:
-        await self._require(request.alias, "", Role.releaser, "RollbackRelease")
-        return await self._monitor.rollback(request.alias, request.reason)
-
     async def SubmitFeedback(
         self, request: monitor_pb2.SubmitFeedbackRequest, context: Any
     ) -> monitor_pb2.SubmitFeedbackResponse:

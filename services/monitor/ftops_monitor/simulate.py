@@ -77,19 +77,28 @@ class Outcome:
     promoted_s: float | None = None  # the step passed instead (after this many seconds)
 
 
-def _started(s: Scenario) -> events_pb2.ReleaseStarted:
-    event = events_pb2.ReleaseStarted(
-        release_id="rel_sim",
+def _started(s: Scenario) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for the release it just started."""
+    weight = max(1, round(s.weight))
+    event = events_pb2.RouteChanged(
         alias="sim",
+        revision=1,
         stable_version_id="ver_stable",
-        candidate_version_id="ver_candidate",
-        steps=[max(1, round(s.weight)), 100],
-        current_weight=max(1, round(s.weight)),
-        analysis=events_pb2.AnalysisSettings(auto=True, max_error_rate=s.max_error_rate),
-        evidence_mirror_percent=round(s.evidence_mirror),
+        release=events_pb2.ReleaseSnapshot(
+            release_id="rel_sim",
+            state="running",
+            stable_version_id="ver_stable",
+            candidate_version_id="ver_candidate",
+            steps=[weight, 100],
+            candidate_weight=weight,
+            analysis=events_pb2.AnalysisSettings(auto=True, max_error_rate=s.max_error_rate),
+            evidence_mirror_percent=round(s.evidence_mirror),
+            change=events_pb2.ReleaseChange(kind="started", event_id="sim-start"),
+        ),
     )
     event.meta.event_id = "sim-start"
-    event.meta.occurred_at.FromNanoseconds(1_000_000_000)
+    event.release.started_at.FromNanoseconds(1_000_000_000)
+    event.release.step_started_at.FromNanoseconds(1_000_000_000)
     return event
 
 
@@ -104,7 +113,8 @@ def _result(
         arm=arm,
         shadow=arm == "shadow",
         latency_ms=latency_ms,
-        status="UNAVAILABLE" if failing else "OK",
+        status="INTERNAL" if failing else "OK",
+        failure_origin="replica" if failing else "",
         release_id="rel_sim",
     )
     result.finished_at.FromNanoseconds(int(finished_at * 1e9))
@@ -116,7 +126,7 @@ async def run_once(s: Scenario, seed: int) -> Outcome:
     now = [1.0]
     bus = _Recorder()
     monitor = Monitor(cast(EventBus, bus), clock=lambda: now[0])
-    monitor.apply_started(_started(s))
+    monitor.apply_route_changed(_started(s))
     pending: list[events_pb2.RequestResult] = []
     first: float | None = None
     answered = 0

@@ -1,4 +1,5 @@
-"""NATS consumers that turn release events into release history.
+"""The NATS consumer that turns route.changed (the gateway's state after each change it
+applied) into release history.
 
 One durable per subject, shared by every registry replica (work sharing: each event is
 recorded by one replica; the unique event id covers redeliveries and races anyway).
@@ -31,9 +32,7 @@ def subscribe_release_events(
     bus: EventBus, db: Database, releases: ReleaseHistory, *, durable: str = DEFAULT_DURABLE
 ) -> None:
     """Start recording release events (call once the database is migrated)."""
-    _subscribe(bus, events.RELEASE_STARTED, durable, db, releases.apply_started)
-    _subscribe(bus, events.RELEASE_PROMOTE, durable, db, releases.apply_promote)
-    _subscribe(bus, events.RELEASE_ROLLBACK, durable, db, releases.apply_rollback)
+    _subscribe(bus, events.ROUTE_CHANGED, durable, db, releases.apply_route_changed)
 
 
 def _subscribe(

@@ -1,7 +1,12 @@
-"""Release history: the registry's record of what the monitor decided and when.
+"""Release history: the registry's record of what happened to each release and when.
 
-Fed by ``release.started`` / ``release.promote`` / ``release.rollback`` events, which are
-delivered at least once and, being on three consumers, in no guaranteed order. So:
+Fed by ``route.changed``: the gateway, the only writer of release state, publishes the
+release's whole state after every change it applied (start, each promotion, rollback,
+pause, resume, replacement), so the history holds what was done, not what was asked (a
+monitor decision the gateway ignored, say for a paused release, is never recorded).
+``apply_started`` / ``apply_promote`` / ``apply_rollback`` record the release events
+themselves (imports of older history). Events are delivered at least once and in no
+guaranteed order. So:
 each event is one decision row keyed by its unique event id (a redelivery is a no-op), a
 decision for a release we have not seen creates it from the event's own fields, and an
 older event arriving late is kept in the history without moving the state backwards.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -32,7 +38,9 @@ from ftops_runtime.errors import InvalidArgument, NotFound, PermanentEventError
 
 log = logging.getLogger(__name__)
 
-RUNNING, PROMOTED, ROLLED_BACK = "running", "promoted", "rolled_back"
+RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
+# Change kinds that put the release's versions on traffic.
+_SERVING_CHANGES = frozenset({"started", "promote", "resumed"})
 STRATEGY_PREFIX = "RELEASE_STRATEGY_"
 
 
@@ -119,9 +127,61 @@ class ReleaseHistory:
             event, event.alias, event.stable_version_id, event.candidate_version_id, apply
         )
 
+    def apply_route_changed(self, event: events_pb2.RouteChanged) -> bool:
+        """Record the change a route.changed carries (False: already recorded, or the
+        change touched no release: a plain SetRoute, a retirement)."""
+        snap = event.release
+        change = snap.change
+        if not snap.release_id or not change.event_id or not change.kind:
+            return False
+
+        def apply(release: ReleaseRow, _created: bool, newest: bool) -> dict[str, Any]:
+            release.alias = event.alias or release.alias
+            release.stable_version_id = snap.stable_version_id or release.stable_version_id
+            release.candidate_version_id = snap.candidate_version_id or release.candidate_version_id
+            release.strategy = strategy_name(snap.strategy) or release.strategy
+            release.steps = list(snap.steps) or release.steps
+            if snap.HasField("started_at"):
+                release.started_at = convert.from_timestamp(snap.started_at)
+            if newest:
+                # The snapshot is the gateway's state after this change: take it whole.
+                release.state = snap.state or release.state
+                release.current_weight = 100 if snap.state == PROMOTED else snap.candidate_weight
+            return {
+                "kind": change.kind,
+                "weight": change.weight,
+                "final": change.final,
+                "reason": change.reason,
+                "figures": dict(change.figures),
+                "manual": change.manual,
+            }
+
+        producer = "/".join(
+            p for p in (event.meta.producer_service, event.meta.producer_instance) if p
+        )
+        return self._record(
+            _Source(
+                event_id=change.event_id,
+                release_id=snap.release_id,
+                occurred=convert.from_timestamp(change.occurred_at)
+                if change.HasField("occurred_at")
+                else _occurred(event),
+                producer=change.actor or producer or "unknown",
+                method=f"release.{change.kind}",
+            ),
+            event.alias,
+            snap.stable_version_id,
+            snap.candidate_version_id,
+            apply,
+            servable=change.kind in _SERVING_CHANGES,
+        )
+
     def _record(
         self,
-        event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+        event: events_pb2.ReleaseStarted
+        | events_pb2.ReleasePromote
+        | events_pb2.ReleaseRollback
+        | _Source,
         alias: str,
         stable: str,
         candidate: str,
@@ -130,12 +190,13 @@ class ReleaseHistory:
         servable: bool = False,
     ) -> bool:
         """``servable``: the event routes traffic to its versions, so none may be rejected."""
-        event_id = event.meta.event_id
+        source = event if isinstance(event, _Source) else _Source.of(event)
+        event_id = source.event_id
         if not event_id:
-            raise PermanentEventError(f"release event for {event.release_id!r} has no event id")
-        if not event.release_id:
+            raise PermanentEventError(f"release event for {source.release_id!r} has no event id")
+        if not source.release_id:
             raise PermanentEventError(f"release event {event_id} has no release_id")
-        occurred = _occurred(event)
+        occurred = source.occurred
 
         def work(s: Session) -> bool:
             seen = s.scalar(
@@ -149,14 +210,14 @@ class ReleaseHistory:
                     # routing); a known rejected one is refused.
                     version = s.get(VersionRow, version_id) if version_id else None
                     if version is not None:
-                        check_servable(version, f"{role} version of release {event.release_id}")
-            release = s.get(ReleaseRow, event.release_id, with_for_update=True)
+                        check_servable(version, f"{role} version of release {source.release_id}")
+            release = s.get(ReleaseRow, source.release_id, with_for_update=True)
             created = release is None
             if release is None:
                 # Decisions can overtake the started event (separate consumers): create the
                 # release from what this event says; ``started`` fills the rest later.
                 release = ReleaseRow(
-                    release_id=event.release_id,
+                    release_id=source.release_id,
                     alias=alias,
                     stable_version_id=stable,
                     candidate_version_id=candidate,
@@ -175,15 +236,15 @@ class ReleaseHistory:
                 release.updated_at = occurred
             s.add(
                 ReleaseDecisionRow(
-                    event_id=event_id, release_id=event.release_id, occurred_at=occurred, **fields
+                    event_id=event_id, release_id=source.release_id, occurred_at=occurred, **fields
                 )
             )
             audit.record(
                 s,
                 f"release.{fields['kind']}",
-                f"release:{event.release_id}",
+                f"release:{source.release_id}",
                 detail=f"event {event_id}: {release.state} at weight {release.current_weight}",
-                actor=_producer(event),
+                actor=source.producer,
             )
             # Unique event_id: a replica that recorded it meanwhile makes this fail, and
             # the retry then finds the row and returns False.
@@ -194,21 +255,21 @@ class ReleaseHistory:
             recorded = self.db.write(work)
         except RejectedVersionError as exc:
             # Refused (dead-lettered): audited on its own, the decision's transaction is gone.
-            method = "release." + type(event).__name__.removeprefix("Release").lower()
+            method = source.method
             outcome, detail = exc.code.name, f"event {event_id}: {exc}"
             self.db.write(
                 lambda s: audit.record(
                     s,
                     method,
-                    f"release:{event.release_id}",
+                    f"release:{source.release_id}",
                     outcome=outcome,
                     detail=detail,
-                    actor=_producer(event),
+                    actor=source.producer,
                 )
             )
             raise
         if recorded:
-            log.info("release %s: recorded %s", event.release_id, event_id)
+            log.info("release %s: recorded %s", source.release_id, event_id)
         return recorded
 
     # -- queries ---------------------------------------------------------------------
@@ -273,6 +334,30 @@ class ReleaseHistory:
             )
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What a history row needs to know of the event that caused it."""
+
+    event_id: str
+    release_id: str
+    occurred: datetime
+    producer: str
+    method: str
+
+    @classmethod
+    def of(
+        cls,
+        event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+    ) -> _Source:
+        return cls(
+            event_id=event.meta.event_id,
+            release_id=event.release_id,
+            occurred=_occurred(event),
+            producer=_producer(event),
+            method="release." + type(event).__name__.removeprefix("Release").lower(),
+        )
+
+
 def _producer(
     event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
 ) -> str:
@@ -282,7 +367,10 @@ def _producer(
 
 
 def _occurred(
-    event: events_pb2.ReleaseStarted | events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+    event: events_pb2.ReleaseStarted
+    | events_pb2.ReleasePromote
+    | events_pb2.ReleaseRollback
+    | events_pb2.RouteChanged,
 ) -> datetime:
     return convert.from_timestamp(event.meta.occurred_at)
 

@@ -174,7 +174,9 @@ async def test_hf_eviction_and_reload_keep_outputs_and_unload_frees_the_weights(
         runtime = hf._rt
         assert runtime is not None
         assert runtime.stack is not None
-        ref = weakref.ref(next(iter(runtime.stack._layers.values())).a)
+        layer = next(iter(runtime.stack._layers.values()))
+        ref = weakref.ref(next(iter(layer.buckets.values())).a)
+        del layer
         await hf.unload_adapter("v1")
         assert ref() is None  # freed at once: nothing holds the unloaded weights any more
         assert "v1" not in runtime.stack

@@ -81,10 +81,19 @@ def message_for(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
 
 
+def one_line(message: str) -> str:
+    """A multi-line server message on one line: lines joined by "; ", except after a line
+    that introduces the next ones ("... 3 bad lines:"), which is followed by a space."""
+    out = ""
+    for line in (part.strip() for part in message.splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
+
+
 def fail(exc: BaseException, *, debug: bool = False) -> NoReturn:
     """Report ``exc`` on stderr (one line; the traceback too with --debug) and exit."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    one_line = "; ".join(line.strip() for line in message_for(exc).splitlines() if line.strip())
-    typer.echo(f"error: {one_line}", err=True)
+    typer.echo(f"error: {one_line(message_for(exc))}", err=True)
     raise typer.Exit(exit_code_for(exc))

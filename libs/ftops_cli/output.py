@@ -13,6 +13,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ftops.events.v1 import events_pb2
@@ -46,7 +47,8 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) 
     for column in columns:
         t.add_column(column, overflow="fold")
     for row in rows:
-        t.add_row(*(str(cell) for cell in row))
+        # Cells are data (a dataset's text, a server's message), never Rich markup.
+        t.add_row(*(escape(str(cell)) for cell in row))
     return t
 
 

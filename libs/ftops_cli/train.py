@@ -108,6 +108,7 @@ def _print_job(job: trainer_pb2.Job) -> None:
                 "pipeline",
                 or_dash(", ".join(f"{s.name} {s.records_in}->{s.records_out}" for s in job.stages)),
             ),
+            ("skipped lines", _skipped(job)),
             ("replay", f"{job.replay_records} records" if job.replay_records else "-"),
             ("gate", _gate(job)),
             ("parent", or_dash(job.spec.parent_version_id)),
@@ -116,6 +117,14 @@ def _print_job(job: trainer_pb2.Job) -> None:
             ("error", or_dash(job.error)),
         ],
     )
+
+
+def _skipped(job: trainer_pb2.Job) -> str:
+    """The bad lines the trainer left out, one a line, as many as the record names."""
+    lines = [f"line {s.line}: {s.reason}" for s in job.skipped_lines]
+    if job.records_skipped > len(lines):
+        lines.append(f"... and {job.records_skipped - len(lines)} more")
+    return "\n".join(lines) or "-"
 
 
 def _gate(job: trainer_pb2.Job) -> str:

@@ -89,3 +89,26 @@ def test_eta_is_shown_as_hours_minutes_seconds() -> None:
     assert _duration(75.4) == "0:01:15"
     assert _duration(3 * 3600 + 61) == "3:01:01"
     assert _duration(-5) == "0:00:00"
+
+
+def test_job_table_lists_the_skipped_lines_as_data(capsys: pytest.CaptureFixture[str]) -> None:
+    from ftops.trainer.v1 import trainer_pb2
+    from ftops_cli.train import _print_job
+
+    job = trainer_pb2.Job(job_id="job_1", records_total=1000, records_used=995, records_skipped=7)
+    job.skipped_lines.add(line=3, reason="invalid JSON (Expecting value at column 1)")
+    job.skipped_lines.add(line=9, reason='messages[0]: unknown role "[bold]x"')
+    _print_job(job)
+    out = capsys.readouterr().out
+    assert "line 3: invalid JSON (Expecting value at column 1)" in out
+    assert 'unknown role "[bold]x"' in out  # the user's text, not Rich markup
+    assert "... and 5 more" in out
+
+
+def test_a_multi_line_error_reads_as_one_line() -> None:
+    from ftops_cli.errors import one_line
+
+    message = "dataset has 2 bad lines out of 3:\nline 1: invalid JSON (x)\nline 3: bad\n"
+    assert one_line(message) == (
+        "dataset has 2 bad lines out of 3: line 1: invalid JSON (x); line 3: bad"
+    )

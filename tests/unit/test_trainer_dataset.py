@@ -434,3 +434,57 @@ def test_tiny_model_without_its_template_uses_the_default_one(tiny_model_dir: An
     )
     trained = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE_INDEX]
     assert tok.decode(trained) == f"Hello.{tok.eos_token}"
+
+
+def test_json_errors_name_the_column_once() -> None:
+    # json says "Unterminated string starting at"; the report adds "at column N" itself.
+    (error,) = parse_jsonl(b'{"text": "never closed').errors
+    assert error.reason == "invalid JSON (Unterminated string starting at column 10)"
+    assert " at at " not in error.reason
+
+
+def test_the_job_record_names_the_first_skipped_lines_and_the_log_the_count() -> None:
+    from ftops.trainer.v1 import trainer_pb2
+    from ftops_trainer.intake import SKIPPED_LINES_SHOWN, describe_skipped, skipped_lines
+
+    rows: list[Any] = [{"text": f"fact {i}"} for i in range(1000)]
+    bad_at = [3, 250, 500, 750, 1000]
+    for line in bad_at:
+        rows[line - 1] = "{oops"
+    parsed = load_dataset(jsonl(*rows), max_bad_line_ratio=0.01)
+    job = trainer_pb2.Job(
+        records_total=parsed.total,
+        records_skipped=len(parsed.errors),
+        skipped_lines=skipped_lines(parsed.errors),
+    )
+    assert [s.line for s in job.skipped_lines] == bad_at
+    assert all(s.reason.startswith("invalid JSON") for s in job.skipped_lines)
+    logged = describe_skipped(job)
+    assert logged.startswith("5 of 1000 dataset lines skipped (line 3: invalid JSON")
+    assert "line 1000: invalid JSON" in logged
+    # Many bad lines: the record keeps the first few, the count and the log say the rest.
+    many = parse_jsonl(jsonl(*(["{oops"] * 50)))
+    shown = skipped_lines(many.errors)
+    assert [s.line for s in shown] == list(range(1, SKIPPED_LINES_SHOWN + 1))
+    job = trainer_pb2.Job(records_total=50, records_skipped=50, skipped_lines=shown)
+    assert describe_skipped(job).endswith(f"; and {50 - SKIPPED_LINES_SHOWN} more)")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "says"),
+    [
+        ({"dataset_jsonl": b""}, "the dataset file is empty"),
+        ({}, "a dataset is required"),
+        ({"dataset_uri": ""}, "a dataset is required"),
+    ],
+)
+def test_a_missing_or_empty_dataset_is_named_plainly(dataset: dict[str, Any], says: str) -> None:
+    from ftops.trainer.v1 import trainer_pb2
+    from ftops_runtime.errors import InvalidArgument
+    from ftops_trainer.spec import validate_spec
+
+    spec = trainer_pb2.JobSpec(adapter="bot", base_model="tiny", **dataset)
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(spec)
+    assert says in str(err.value)
+    assert "(bytes)" not in str(err.value)

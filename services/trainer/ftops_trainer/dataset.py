@@ -195,7 +195,8 @@ def _parse_line(text: str, category_key: str, timestamp_key: str) -> Record | st
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return f"invalid JSON ({exc.msg} at column {exc.colno})"
+        # Some of json's messages end in "at" ("Unterminated string starting at").
+        return f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     found = [(kind, label) for kind, label, keys in _FORMATS if any(k in obj for k in keys)]

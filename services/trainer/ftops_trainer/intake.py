@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +19,36 @@ from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime.artifacts import download_artifact
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from ftops_trainer import artifacts
-from ftops_trainer.dataset import load_dataset
+from ftops_trainer import access, artifacts
+from ftops_trainer.dataset import LineError, load_dataset
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.store import REGISTRY_TIMEOUT_S
 
 DATASET_FILE = "dataset.jsonl"
+# The job record names this many skipped lines; records_skipped counts them all.
+SKIPPED_LINES_SHOWN = 20
+
+
+def skipped_lines(errors: Sequence[LineError]) -> list[trainer_pb2.SkippedLine]:
+    """The first skipped lines with why, for the job record (GetJob, WatchJob, the CLI)."""
+    return [
+        trainer_pb2.SkippedLine(line=e.line, reason=e.reason) for e in errors[:SKIPPED_LINES_SHOWN]
+    ]
+
+
+def describe_skipped(job: trainer_pb2.Job) -> str:
+    """One line for the trainer's log: the count, then the lines the record names."""
+    shown = "; ".join(f"line {s.line}: {s.reason}" for s in job.skipped_lines)
+    more = job.records_skipped - len(job.skipped_lines)
+    tail = f"; and {more} more" if more > 0 else ""
+    return f"{job.records_skipped} of {job.records_total} dataset lines skipped ({shown}{tail})"
 
 
 @dataclass(frozen=True)
 class Prepared:
-    spec: trainer_pb2.JobSpec  # the dataset replaced by its artifact id
+    spec: trainer_pb2.JobSpec  # the dataset replaced by its artifact id, the team filled in
     records_total: int
-    records_bad: int
+    skipped: list[LineError]
 
 
 class Intake:
@@ -45,11 +63,13 @@ class Intake:
         return int(self._settings.max_dataset_mb * 1024 * 1024)
 
     async def prepare(self, spec: trainer_pb2.JobSpec) -> Prepared:
+        # First what the job's team may use: nothing of another team's is read before.
+        team = await access.job_team(self._registry, spec.adapter, spec.team)
         base = await self.base_model(spec.base_model)
         if spec.parent_version_id:
-            await self.parent_version(spec.parent_version_id, base)
+            await self.parent_version(spec.parent_version_id, base, team=team, adapter=spec.adapter)
         await asyncio.to_thread(self._check_method, spec, base)
-        data = await self.dataset_bytes(spec)
+        data = await self.dataset_bytes(spec, team)
         # InvalidArgument with every bad line numbered, before anything is stored.
         parsed = await asyncio.to_thread(
             load_dataset,
@@ -61,9 +81,10 @@ class Intake:
         )
         out = trainer_pb2.JobSpec()
         out.CopyFrom(spec)
+        out.team = team
         if spec.WhichOneof("dataset") != "dataset_artifact_id":
-            out.dataset_artifact_id = await self.store_dataset(data, team=spec.team)
-        return Prepared(out, parsed.total, len(parsed.errors))
+            out.dataset_artifact_id = await self.store_dataset(data, team=team)
+        return Prepared(out, parsed.total, parsed.errors)
 
     def _check_method(self, spec: trainer_pb2.JobSpec, base: registry_pb2.BaseModel) -> None:
         """The method against the device and the base model's shape (config only, no
@@ -98,16 +119,20 @@ class Intake:
         return base
 
     async def parent_version(
-        self, version_id: str, base: registry_pb2.BaseModel
+        self, version_id: str, base: registry_pb2.BaseModel, *, team: str, adapter: str
     ) -> registry_pb2.Version:
+        """The parent, once it is known to be a version of ``team``'s ``adapter``."""
         try:
             parent: registry_pb2.Version = await self._registry.GetVersion(
                 registry_pb2.GetVersionRequest(version_id=version_id), timeout=REGISTRY_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"parent version {version_id!r} not found in the registry") from exc
+            if exc.code() in access.HIDDEN:
+                missing = exc.code() == grpc.StatusCode.NOT_FOUND
+                what = f"parent version {version_id!r}"
+                raise access.not_the_teams(what, team, missing=missing) from exc
             raise
+        access.check_parent(parent, ref=version_id, team=team, adapter=adapter)
         if parent.base_model_fingerprint and parent.base_model_fingerprint != base.fingerprint:
             raise FailedPrecondition(
                 f"parent version {parent.version_id} was trained on base model "
@@ -121,14 +146,14 @@ class Intake:
             )
         return parent
 
-    async def dataset_bytes(self, spec: trainer_pb2.JobSpec) -> bytes:
+    async def dataset_bytes(self, spec: trainer_pb2.JobSpec, team: str) -> bytes:
         which = spec.WhichOneof("dataset")
         if which == "dataset_jsonl":
             data = spec.dataset_jsonl
         elif which == "dataset_uri":
             data = await asyncio.to_thread(self._read_uri, spec.dataset_uri)
         else:
-            data = await self.fetch_dataset(spec.dataset_artifact_id)
+            data = await self.fetch_dataset(spec.dataset_artifact_id, team=team)
         if len(data) > self.max_bytes:
             raise InvalidArgument(
                 f"dataset is {len(data) / 2**20:.1f} MiB, over the "
@@ -160,11 +185,24 @@ class Intake:
                 f"cannot read dataset_uri {uri!r}: {exc.strerror or exc}"
             ) from exc
 
-    async def fetch_dataset(self, artifact_id: str) -> bytes:
+    async def fetch_dataset(self, artifact_id: str, *, team: str) -> bytes:
+        """The dataset artifact, downloaded on behalf of ``team`` ("" only for teamless jobs
+        of platform admins): the registry refuses one the team may not use."""
         with tempfile.TemporaryDirectory(dir=self._settings.work_dir) as tmp:
-            files = await download_artifact(
-                self._registry, artifact_id, Path(tmp), label=f"dataset artifact {artifact_id}"
-            )
+            try:
+                files = await download_artifact(
+                    self._registry,
+                    artifact_id,
+                    Path(tmp),
+                    label=f"dataset artifact {artifact_id}",
+                    team=team,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in access.HIDDEN:
+                    missing = exc.code() == grpc.StatusCode.NOT_FOUND
+                    what = f"dataset artifact {artifact_id!r}"
+                    raise access.not_the_teams(what, team, missing=missing) from exc
+                raise
             if [f.path for f in files] != [DATASET_FILE]:
                 raise InvalidArgument(f"artifact {artifact_id} is not a dataset ({DATASET_FILE})")
             return await asyncio.to_thread((Path(tmp) / DATASET_FILE).read_bytes)

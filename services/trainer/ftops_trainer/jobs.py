@@ -29,7 +29,7 @@ from ftops_runtime.errors import FailedPrecondition, NotFound, PermanentEventErr
 from ftops_runtime.tasks import cancel_and_wait
 from ftops_trainer.distributed import visible_gpus
 from ftops_trainer.gang import gang_subject, slot_expired
-from ftops_trainer.intake import Intake
+from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
 from ftops_trainer.runner import JobRunner, StopReason, TransientJobError
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.spec import (
@@ -154,7 +154,8 @@ class JobManager:
             updated_at=now,
             spec_fingerprint=fingerprint,
             records_total=prepared.records_total,
-            records_skipped=prepared.records_bad,
+            records_skipped=len(prepared.skipped),
+            skipped_lines=skipped_lines(prepared.skipped),
         )
         try:
             await self._store.create(job)
@@ -177,6 +178,8 @@ class JobManager:
             await self._store.update(job_id, lambda j: _fail(j, reason))
             raise
         log.info("job %s queued for adapter %s", job_id, job.spec.adapter)
+        if job.records_skipped:
+            log.warning("job %s: %s", job_id, describe_skipped(job))
         await self._job_event(job, "queued")
         return job
 

@@ -41,7 +41,7 @@ from ftops_trainer.dataset import Record, load_dataset, parse_jsonl
 from ftops_trainer.evaluation import build_retention_set, evaluate_sets
 from ftops_trainer.gang import GangFailed, Leader, Member
 from ftops_trainer.gate import GateConfig, HoldoutSplit, evaluate_gate, split_holdout
-from ftops_trainer.intake import Intake
+from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
 from ftops_trainer.replay import REPLAY_FILES, ReplayBuffer, lineage_buffer, mix_replay
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.spec import pipeline_config, train_params
@@ -175,7 +175,8 @@ class JobRunner:
         throughout, so every node of a multi-node job derives the same inputs."""
         spec = job.spec
         # -- data ---------------------------------------------------------------------
-        data = await self._intake.fetch_dataset(spec.dataset_artifact_id)
+        # Checked again here: a job queued before a refusal existed must not run either.
+        data = await self._intake.fetch_dataset(spec.dataset_artifact_id, team=spec.team)
         parsed = await asyncio.to_thread(
             load_dataset,
             data,
@@ -189,6 +190,10 @@ class JobRunner:
         cleaned = await asyncio.to_thread(run_pipeline, parsed.records, pipeline_config(spec))
         job.records_total = parsed.total
         job.records_skipped = len(parsed.errors)
+        del job.skipped_lines[:]
+        job.skipped_lines.extend(skipped_lines(parsed.errors))
+        if parsed.errors:
+            log.warning("job %s: %s", job.job_id, describe_skipped(job))
         del job.stages[:]
         job.stages.extend(
             trainer_pb2.StageReport(
@@ -214,8 +219,10 @@ class JobRunner:
         parent_dir: Path | None = None
         replay_dir: Path | None = None
         if spec.parent_version_id:
-            parent = await self._intake.parent_version(spec.parent_version_id, base)
-            parent_dir = await self._download_adapter(parent, work / "parent")
+            parent = await self._intake.parent_version(
+                spec.parent_version_id, base, team=spec.team, adapter=spec.adapter
+            )
+            parent_dir = await self._download_adapter(parent, work / "parent", spec.team)
             if parent.replay_artifact_id:
                 replay_dir = work / "parent-replay"
                 await download_artifact(
@@ -223,6 +230,7 @@ class JobRunner:
                     parent.replay_artifact_id,
                     replay_dir,
                     label=f"replay buffer of {parent.version_id}",
+                    team=spec.team,
                 )
         probes = await asyncio.to_thread(self._probes, base_dir, spec)
         probe_replay, probe_held = probe_split(probes)
@@ -424,9 +432,15 @@ class JobRunner:
         buffer_dir = work / "replay"
         await asyncio.to_thread(buffer.save, buffer_dir)
         replay_files = artifacts.describe_files(buffer_dir, REPLAY_FILES)
-        replay_artifact = await artifacts.upload_artifact(self._registry, buffer_dir, replay_files)
+        # Uploaded for the job's team: what lets its version use them, whatever else the
+        # trainer's key may do.
+        replay_artifact = await artifacts.upload_artifact(
+            self._registry, buffer_dir, replay_files, team=spec.team
+        )
         files = await asyncio.to_thread(artifacts.describe_files, result.adapter_dir, ADAPTER_FILES)
-        artifact = await artifacts.upload_artifact(self._registry, result.adapter_dir, files)
+        artifact = await artifacts.upload_artifact(
+            self._registry, result.adapter_dir, files, team=spec.team
+        )
         version: registry_pb2.Version = await self._registry.RegisterVersion(
             registry_pb2.RegisterVersionRequest(
                 adapter=spec.adapter,
@@ -539,13 +553,14 @@ class JobRunner:
                 "since it was registered; refusing to train an adapter for the wrong weights"
             )
 
-    async def _download_adapter(self, parent: registry_pb2.Version, dest: Path) -> Path:
+    async def _download_adapter(self, parent: registry_pb2.Version, dest: Path, team: str) -> Path:
         files = await download_artifact(
             self._registry,
             parent.artifact_id,
             dest,
             label=f"parent version {parent.version_id}",
             expected=list(parent.files),
+            team=team,
         )
         missing = set(ADAPTER_FILES) - {f.path for f in files}
         if missing:

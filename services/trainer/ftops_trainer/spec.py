@@ -62,10 +62,12 @@ def validate_spec(spec: trainer_pb2.JobSpec) -> None:
     if not spec.base_model:
         problems.append("base_model is required (a base model name registered in the registry)")
     which = spec.WhichOneof("dataset")
-    if which is None or not getattr(spec, which):
+    if which == "dataset_jsonl" and not spec.dataset_jsonl:
+        problems.append("the dataset file is empty: expected JSONL, one JSON object a line")
+    elif which is None or not getattr(spec, which):
         problems.append(
-            "a dataset is required: dataset_jsonl (bytes), dataset_uri (a path) or "
-            "dataset_artifact_id"
+            "a dataset is required: the JSONL itself (dataset_jsonl), a path on the trainer "
+            "(dataset_uri) or a registry artifact id (dataset_artifact_id)"
         )
     if spec.method and spec.method not in METHODS:
         problems.append(f"method {spec.method!r} is not one of {', '.join(METHODS)}")

@@ -83,6 +83,8 @@ def make_core(backend: FakeBackend, *, loader: bool = True, **limits: int) -> In
         max_new_tokens_limit=limits.get("max_new_tokens_limit", 20),
         default_max_tokens=8,
         max_concurrent_requests=limits.get("max_concurrent_requests", 2),
+        max_queue_length=limits.get("max_queue_length", 0),
+        max_queue_wait_s=10.0,
     )
     if loader:
         core.loader = AdapterLoader(
@@ -134,20 +136,46 @@ async def test_not_ready_is_unavailable() -> None:
         await make_core(FakeBackend(), loader=False).generate("", "hi", common_pb2.SamplingParams())
 
 
-async def test_too_many_in_flight_is_resource_exhausted() -> None:
+async def test_requests_beyond_the_slots_wait_their_turn_within_the_queue() -> None:
     backend = FakeBackend()
     backend.gate.clear()
-    core = make_core(backend, max_concurrent_requests=2)
+    core = make_core(backend, max_concurrent_requests=2, max_queue_length=1)
     params = common_pb2.SamplingParams()
-    held = [asyncio.create_task(core.generate("", "hi", params)) for _ in range(2)]
+    held = [asyncio.create_task(core.generate("", "hi", params)) for _ in range(3)]
     while len(backend.requests) < 2:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
-    with pytest.raises(ResourceExhausted, match="limit is 2"):
+    assert (core.admission.running, core.admission.waiting, core.in_flight) == (2, 1, 3)
+    with pytest.raises(ResourceExhausted, match=r"the limit is 2\) and 1 waiting") as info:
         await core.generate("", "hi", params)
+    assert info.value.retry_after_ms > 0
+    # A bad request is refused before it could wait for a slot.
+    with pytest.raises(InvalidArgument, match="prompt is empty"):
+        await core.generate("", "", params)
     backend.gate.set()
     await asyncio.gather(*held)
+    assert len(backend.requests) == 3  # the queued one was served
     assert core.in_flight == 0
-    await core.generate("", "hi", params)  # admitted again once the others finished
+    assert core.admission.service_time_s is not None
+
+
+async def test_a_best_effort_request_is_dropped_for_a_user_request() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()
+    core = make_core(backend, max_concurrent_requests=1, max_queue_length=4)
+    params = common_pb2.SamplingParams()
+    mirror = asyncio.create_task(core.generate("", "mirror", params, best_effort=True))
+    while len(backend.requests) < 1:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    user = asyncio.create_task(core.generate("", "user", params))
+    with pytest.raises(ResourceExhausted, match="best-effort request dropped") as info:
+        await mirror
+    assert info.value.retry_after_ms > 0
+    backend.gate.set()
+    assert (await user)[1].text == "ok"
+    assert [r.prompt for r in backend.requests] == ["mirror", "user"]
+    assert core.in_flight == 0
+    # The replica's choice, not the version's error.
+    assert core.metrics.by_version[""].errors == 0
 
 
 def otel_points(reader: Any) -> dict[str, list[Any]]:

@@ -1,15 +1,18 @@
-"""The inference service without gRPC: request validation, admission control, on-demand
-adapter loads, generation with per-version metrics, drain, and injected faults."""
+"""The inference service without gRPC: request validation, admission (a bounded queue in
+front of the batch, admission.py), on-demand adapter loads, generation with per-version
+metrics, drain, and injected faults."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from ftops.common.v1 import common_pb2
+from ftops_inference.admission import Admission, AdmissionLimits, Slot
 from ftops_inference.backend import Backend, Chunk, Completion, GenerationRequest
 from ftops_inference.faults import Faults
 from ftops_inference.loader import AdapterLoader, AdapterRecord, LoadResult
@@ -34,6 +37,9 @@ class InferenceCore:
         max_new_tokens_limit: int,
         default_max_tokens: int,
         max_concurrent_requests: int,
+        max_queue_length: int = 0,
+        max_queue_wait_s: float = 0.0,
+        best_effort_reserve: int = 0,
         faults: Faults | None = None,
         metrics: ServingMetrics | None = None,
     ) -> None:
@@ -42,22 +48,41 @@ class InferenceCore:
         self.on_loaded: LoadedHook | None = None
         self.faults = faults or Faults()
         self.metrics = metrics or ServingMetrics()
-        self.draining = False
         self._max_prompt_tokens = max_prompt_tokens
         self._max_new_tokens_limit = max_new_tokens_limit
         self._default_max_tokens = default_max_tokens
         self.max_concurrent = max_concurrent_requests
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.admission = Admission(
+            AdmissionLimits(
+                max_running=max_concurrent_requests,
+                max_queue_length=max_queue_length,
+                max_queue_wait_s=max_queue_wait_s,
+                best_effort_reserve=best_effort_reserve,
+            )
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
 
     async def wait_idle(self) -> None:
-        """Until no request is in flight (drain)."""
-        await self._idle.wait()
+        """Until no request runs or waits for a slot (drain)."""
+        await self.admission.wait_idle()
+
+    def refuse_waiting(self) -> int:
+        """Refuse the requests still waiting for a slot (the drain ran out of time)."""
+        return self.admission.refuse_waiting(
+            "this replica stopped before this request got a slot; retry on another"
+        )
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Requests running or waiting for a slot."""
+        return self.admission.in_flight
 
     @property
     def serving(self) -> bool:
@@ -74,28 +99,12 @@ class InferenceCore:
             raise Unavailable("the base model is still loading; retry shortly")
         return self.loader
 
-    @contextlib.contextmanager
-    def _admit(self) -> Iterator[None]:
+    def _check_serving(self) -> None:
         if self.draining:
             raise Unavailable("this replica is draining for shutdown; retry on another")
         failure = self.backend.failure
         if failure is not None:
             raise Unavailable(f"this replica's model failed and is recovering ({failure})")
-        # Counted from admission to the last token, queued requests included, so a
-        # burst is refused at once instead of timing out in a queue.
-        if self._in_flight >= self.max_concurrent:
-            raise ResourceExhausted(
-                f"{self._in_flight} requests in flight, the limit is {self.max_concurrent}; "
-                "retry later"
-            )
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     # -- adapters --------------------------------------------------------------------
 
@@ -128,9 +137,8 @@ class InferenceCore:
 
     # -- generation ------------------------------------------------------------------
 
-    async def _prepare(
-        self, version_ref: str, prompt: str, params: common_pb2.SamplingParams
-    ) -> GenerationRequest:
+    async def _validate(self, prompt: str, params: common_pb2.SamplingParams) -> GenerationRequest:
+        """The request checked before it may wait for a slot: a bad one never queues."""
         self._require_loader()
         sampling = sampling_from_proto(
             params,
@@ -151,17 +159,29 @@ class InferenceCore:
             raise InvalidArgument(
                 f"prompt has {n_tokens} tokens; this server accepts at most {limit}"
             )
-        adapter: str | None = None
-        if version_ref not in BASE_REFS:
-            adapter = (await self.load(version_ref)).record.version_id
-        return GenerationRequest(prompt=prompt, sampling=sampling, adapter=adapter)
+        return GenerationRequest(prompt=prompt, sampling=sampling, adapter=None)
+
+    async def _adapter(self, version_ref: str) -> str | None:
+        """The version to serve, loaded on demand (with a slot: a load is work)."""
+        if version_ref in BASE_REFS:
+            return None
+        return (await self.load(version_ref)).record.version_id
 
     async def generate(
-        self, version_ref: str, prompt: str, params: common_pb2.SamplingParams
+        self,
+        version_ref: str,
+        prompt: str,
+        params: common_pb2.SamplingParams,
+        *,
+        best_effort: bool = False,
+        timeout_s: float | None = None,
     ) -> tuple[str, Completion]:
         parts: list[str] = []
         served, last = "", None
-        async with contextlib.aclosing(self.stream(version_ref, prompt, params)) as chunks:
+        chunks_of = self.stream(
+            version_ref, prompt, params, best_effort=best_effort, timeout_s=timeout_s
+        )
+        async with contextlib.aclosing(chunks_of) as chunks:
             async for served, chunk in chunks:  # noqa: B007 - the version is the same in each
                 parts.append(chunk.text)
                 last = chunk
@@ -173,34 +193,71 @@ class InferenceCore:
         return served, completion
 
     async def stream(
-        self, version_ref: str, prompt: str, params: common_pb2.SamplingParams
+        self,
+        version_ref: str,
+        prompt: str,
+        params: common_pb2.SamplingParams,
+        *,
+        best_effort: bool = False,
+        timeout_s: float | None = None,
     ) -> AsyncGenerator[tuple[str, Chunk], None]:
-        with self._admit():
-            started = time.perf_counter()
-            request = await self._prepare(version_ref, prompt, params)
-            version = request.adapter or ""
-            ttft: float | None = None
-            last: Chunk | None = None
-            outcome = "error"
-            try:
-                self.faults.before_first_token(version)
-                chunks = self.backend.stream(request)
-                async with contextlib.aclosing(self.faults.slowed(version, chunks)) as slowed:
-                    async for chunk in slowed:
-                        if ttft is None and (chunk.text or chunk.completion_tokens):
-                            ttft = time.perf_counter() - started
-                        last = chunk
-                        yield version, chunk
-                outcome = "ok"
-            except (GeneratorExit, asyncio.CancelledError):
-                outcome = "cancelled"  # the client went away
-                raise
-            finally:
-                self.metrics.request_done(
-                    version,
-                    outcome=outcome,
-                    prompt_tokens=last.prompt_tokens if last else 0,
-                    completion_tokens=last.completion_tokens if last else 0,
-                    ttft_s=ttft,
-                    latency_s=time.perf_counter() - started,
-                )
+        """``best_effort``: mirrored traffic (never waits, dropped for user requests);
+        ``timeout_s``: the caller's remaining deadline (None = none)."""
+        self._check_serving()
+        request = await self._validate(prompt, params)
+        slot = await self.admission.acquire(best_effort=best_effort, timeout_s=timeout_s)
+        completed = False
+        try:
+            request = dataclasses.replace(request, adapter=await self._adapter(version_ref))
+            async with contextlib.aclosing(self._generate_in(slot, request)) as items:
+                async for item in items:
+                    yield item
+            completed = True
+        except asyncio.CancelledError:
+            if slot.dropped and _only_our_cancel():
+                raise ResourceExhausted(
+                    "best-effort request dropped: a user request needed its slot",
+                    retry_after_ms=self.admission.retry_after_ms(),
+                ) from None
+            raise
+        finally:
+            self.admission.release(slot, completed=completed)
+
+    async def _generate_in(
+        self, slot: Slot, request: GenerationRequest
+    ) -> AsyncGenerator[tuple[str, Chunk], None]:
+        started = time.perf_counter()
+        version = request.adapter or ""
+        ttft: float | None = None
+        last: Chunk | None = None
+        outcome = "error"
+        try:
+            self.faults.before_first_token(version)
+            chunks = self.backend.stream(request)
+            async with contextlib.aclosing(self.faults.slowed(version, chunks)) as slowed:
+                async for chunk in slowed:
+                    if ttft is None and (chunk.text or chunk.completion_tokens):
+                        ttft = time.perf_counter() - started
+                    last = chunk
+                    yield version, chunk
+            outcome = "ok"
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client went away, or a best-effort request was dropped for a user's.
+            outcome = "dropped" if slot.dropped else "cancelled"
+            raise
+        finally:
+            self.metrics.request_done(
+                version,
+                outcome=outcome,
+                prompt_tokens=last.prompt_tokens if last else 0,
+                completion_tokens=last.completion_tokens if last else 0,
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - started,
+            )
+
+
+def _only_our_cancel() -> bool:
+    """Undo the admission's cancel of this task; False when someone else (the client)
+    cancelled it too, and the cancellation must go on."""
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() == 0

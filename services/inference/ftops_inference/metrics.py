@@ -68,7 +68,8 @@ class ServingMetrics:
         otel.requests.add(1, attrs)
         counts = self._counts(version)
         counts.requests += 1
-        if outcome != "ok":
+        # A best-effort request dropped for a user's is the replica's choice, not an error.
+        if outcome not in ("ok", "dropped"):
             counts.errors += 1
         counts.completion_tokens += completion_tokens
         version_attr = {"version": version or "base"}

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from ftops.inference.v1 import inference_pb2
+from ftops_runtime.errors import retry_after_ms_of
 from ftops_runtime.interceptors import record_call, server_span, status_of
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -34,10 +35,11 @@ GenerateStream = Callable[
 
 
 def _end(
-    request_id: int, code: grpc.StatusCode, message: str = ""
+    request_id: int, code: grpc.StatusCode, message: str = "", retry_after_ms: int = 0
 ) -> inference_pb2.MultiplexResponse:
     return inference_pb2.MultiplexResponse(
-        id=request_id, end=_End(code=code.value[0], message=message)
+        id=request_id,
+        end=_End(code=code.value[0], message=message, retry_after_ms=retry_after_ms),
     )
 
 
@@ -148,6 +150,6 @@ class MultiplexSession:
                 raise
             except Exception as exc:
                 code, details = status_of(exc, method)
-                self._out.put_nowait(_end(message.id, code, details))
+                self._out.put_nowait(_end(message.id, code, details, retry_after_ms_of(exc)))
             finally:
                 record_call(span, method, code, details, started)

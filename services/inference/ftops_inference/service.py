@@ -64,6 +64,9 @@ class InferenceService:
             max_new_tokens_limit=settings.max_new_tokens_limit,
             default_max_tokens=settings.default_max_tokens,
             max_concurrent_requests=settings.max_concurrent_requests,
+            max_queue_length=settings.max_queue_length,
+            max_queue_wait_s=settings.max_queue_wait_s,
+            best_effort_reserve=settings.best_effort_reserve(),
             faults=Faults(
                 error_rate=settings.fault_error_rate,
                 delay_factor=settings.fault_delay_factor,
@@ -244,7 +247,14 @@ class InferenceService:
         try:
             await asyncio.wait_for(self.core.wait_idle(), self.settings.drain_timeout_s)
         except TimeoutError:
-            log.warning("drain timeout: %d requests still in flight", self.core.in_flight)
+            # Those still waiting for a slot produced nothing: refused UNAVAILABLE, the
+            # gateway retries them on another replica.
+            refused = self.core.refuse_waiting()
+            log.warning(
+                "drain timeout: %d requests still running, %d waiting refused",
+                self.core.admission.running,
+                refused,
+            )
 
     async def stop(self) -> None:
         if self._stopped:

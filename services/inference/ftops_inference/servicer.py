@@ -8,11 +8,34 @@ from typing import Any
 from ftops.common.v1 import common_pb2
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops_inference.access import InferenceAccess
+from ftops_inference.backend import Chunk
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterRecord
 from ftops_inference.metrics import VersionCounts
 from ftops_inference.multiplex import MultiplexSession
 from ftops_runtime.auth import Role
+from ftops_runtime.errors import FtopsError, retry_after_metadata
+
+
+def _best_effort(request: inference_pb2.GenerateRequest) -> bool:
+    return request.priority == inference_pb2.REQUEST_PRIORITY_BEST_EFFORT
+
+
+def _timeout_s(request: inference_pb2.GenerateRequest, context: Any) -> float | None:
+    """The caller's remaining deadline: the call's own, or the one a multiplexed request
+    carries (it has no gRPC deadline of its own); the shorter when both are set."""
+    limits = [request.timeout_ms / 1000] if request.timeout_ms else []
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is not None:
+        limits.append(remaining)
+    return min(limits) if limits else None
+
+
+def _advise_retry(context: Any, exc: FtopsError) -> None:
+    """A refusal's retry advice as the call's trailing metadata (the error interceptor
+    aborts the call after this and keeps it)."""
+    if context is not None and exc.retry_after_ms:
+        context.set_trailing_metadata(retry_after_metadata(exc))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -48,9 +71,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> inference_pb2.GenerateResponse:
         await self._may_generate(request.version_id)
-        version_id, done = await self._core.generate(
-            request.version_id, request.prompt, request.sampling
-        )
+        try:
+            version_id, done = await self._core.generate(
+                request.version_id,
+                request.prompt,
+                request.sampling,
+                best_effort=_best_effort(request),
+                timeout_s=_timeout_s(request, context),
+            )
+        except FtopsError as exc:
+            _advise_retry(context, exc)
+            raise
         return inference_pb2.GenerateResponse(
             request_id=request.request_id,
             version_id=version_id,
@@ -64,21 +95,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         await self._may_generate(request.version_id)
-        async for version_id, chunk in self._core.stream(
-            request.version_id, request.prompt, request.sampling
-        ):
-            yield inference_pb2.GenerateChunk(
-                request_id=request.request_id,
-                version_id=version_id,
-                text=chunk.text,
-                completion_tokens=chunk.completion_tokens,
-                finish_reason=(
-                    chunk.finish_reason.proto
-                    if chunk.finish_reason
-                    else common_pb2.FINISH_REASON_UNSPECIFIED
-                ),
-                prompt_tokens=chunk.prompt_tokens,
-            )
+        chunks = self._core.stream(
+            request.version_id,
+            request.prompt,
+            request.sampling,
+            best_effort=_best_effort(request),
+            timeout_s=_timeout_s(request, context),
+        )
+        try:
+            async for version_id, chunk in chunks:
+                yield self._chunk(request, version_id, chunk)
+        except FtopsError as exc:
+            _advise_retry(context, exc)
+            raise
+        finally:
+            await chunks.aclose()
+
+    @staticmethod
+    def _chunk(
+        request: inference_pb2.GenerateRequest, version_id: str, chunk: Chunk
+    ) -> inference_pb2.GenerateChunk:
+        return inference_pb2.GenerateChunk(
+            request_id=request.request_id,
+            version_id=version_id,
+            text=chunk.text,
+            completion_tokens=chunk.completion_tokens,
+            finish_reason=(
+                chunk.finish_reason.proto
+                if chunk.finish_reason
+                else common_pb2.FINISH_REASON_UNSPECIFIED
+            ),
+            prompt_tokens=chunk.prompt_tokens,
+        )
 
     async def Multiplex(
         self, request_iterator: AsyncIterator[inference_pb2.MultiplexRequest], context: Any

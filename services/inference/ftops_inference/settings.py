@@ -37,7 +37,34 @@ class InferenceSettings(ServiceSettings, AuthSettings):
     max_new_tokens_limit: int = Field(512, gt=0, description="Largest max_tokens accepted.")
     default_max_tokens: int = Field(64, gt=0, description="max_tokens when a request says 0.")
     max_concurrent_requests: int = Field(
-        16, gt=0, description="Generations in flight (queued included) before RESOURCE_EXHAUSTED."
+        16,
+        gt=0,
+        description="Generations running at once; user requests beyond wait in the queue.",
+    )
+    max_queue_length: int = Field(
+        64,
+        ge=0,
+        description=(
+            "User requests waiting (FIFO) for a slot beyond max_concurrent_requests; more are "
+            "refused at once with RESOURCE_EXHAUSTED and a retry-after. 0 = no queue."
+        ),
+    )
+    max_queue_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Longest expected wait for a slot (recent service time x position in the queue "
+            "/ max_concurrent_requests) a request is queued for; beyond it, or beyond the "
+            "caller's own deadline, it is refused at once instead of timing out queued."
+        ),
+    )
+    best_effort_reserve_share: float = Field(
+        0.25,
+        description=(
+            "Share of max_concurrent_requests (rounded down) kept for user requests: "
+            "best-effort (mirrored, shadow) requests run only on the other slots, when no "
+            "user request waits; they never queue and are dropped when a user needs a slot."
+        ),
     )
     registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of registry calls.")
     backend: Literal["hf", "echo", "vllm"] = Field(
@@ -169,6 +196,31 @@ class InferenceSettings(ServiceSettings, AuthSettings):
                 f"accepts), got {rank}"
             )
         return rank
+
+    @field_validator("best_effort_reserve_share")
+    @classmethod
+    def _reserve_share_in_range(cls, share: float) -> float:
+        if not 0 <= share < 1:
+            raise ValueError(
+                f"best_effort_reserve_share must be at least 0 and below 1, got {share}: "
+                "it is the share of slots kept for user requests, and at 1 best-effort "
+                "(mirrored) traffic could never run"
+            )
+        return share
+
+    @model_validator(mode="after")
+    def _queue_wait_allows_queueing(self) -> InferenceSettings:
+        if self.max_queue_length > 0 and self.max_queue_wait_s == 0:
+            raise ValueError(
+                f"max_queue_wait_s is 0 while max_queue_length is {self.max_queue_length}: "
+                "no queued request could be expected to get a slot; set max_queue_wait_s > 0, "
+                "or max_queue_length=0 to refuse requests beyond max_concurrent_requests"
+            )
+        return self
+
+    def best_effort_reserve(self) -> int:
+        """Slots kept for user requests."""
+        return int(self.max_concurrent_requests * self.best_effort_reserve_share)
 
     @model_validator(mode="after")
     def _vllm_cpu_loras_cover_gpu_loras(self) -> InferenceSettings:

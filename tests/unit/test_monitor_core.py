@@ -204,7 +204,8 @@ async def test_monitor_rolls_back_failing_candidate_with_reasons() -> None:
     monitor, bus = _monitor()
     monitor.apply_route_changed(_started(min_requests=20))
     monitor.ingest(_results("ver_s", "stable", 300))
-    monitor.ingest(_results("ver_c", "candidate", 10, status="UNAVAILABLE"))
+    # The candidate's own failures (INTERNAL from its replica), not the platform's.
+    monitor.ingest(_results("ver_c", "candidate", 10, status="INTERNAL"))
     [decision] = await monitor.analyze_once()
     assert decision.kind is DecisionKind.ROLLBACK
     [event] = bus.of("release.rollback")
@@ -368,7 +369,7 @@ async def test_feedback_maps_request_ids_and_changes_the_verdict() -> None:
 async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() -> None:
     monitor, _ = _monitor()
     monitor.apply_route_changed(_started())
-    [failed] = _results("ver_c", "candidate", 1, status="UNAVAILABLE")
+    [failed] = _results("ver_c", "candidate", 1, status="INTERNAL")
     [answered] = _results("ver_s", "stable", 1, fallback=True)
     answered.request_id = failed.request_id
     monitor.ingest([failed, answered])
@@ -381,7 +382,7 @@ async def test_feedback_after_a_fallback_counts_for_the_version_that_answered() 
     assert (release.candidate.requests, release.candidate.errors) == (1, 1)
     # Arriving in the other order gives the same mapping.
     other, _ = _monitor()
-    [failed2] = _results("ver_c", "candidate", 1, status="UNAVAILABLE")
+    [failed2] = _results("ver_c", "candidate", 1, status="INTERNAL")
     [answered2] = _results("ver_s", "stable", 1, fallback=True)
     answered2.request_id = failed2.request_id
     other.ingest([answered2])

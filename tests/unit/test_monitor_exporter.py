@@ -45,7 +45,7 @@ def _monitor() -> Monitor:
     started.release.started_at.FromSeconds(1000)
     monitor.apply_route_changed(started)
     results = []
-    for i, status in enumerate(["OK", "OK", "OK", "UNAVAILABLE"]):
+    for i, status in enumerate(["OK", "OK", "OK", "INTERNAL"]):
         r = events_pb2.RequestResult(
             request_id=f"r{i}",
             alias="bot",

@@ -3,6 +3,10 @@
 A rule's condition is evaluated on the version's sliding-window figures at every tick; it
 fires once the condition has held for ``for_s`` seconds and resolves as soon as it stops
 holding (or the version has no data left in the window). Each transition is reported once.
+
+Release holds (``evaluate_holds``) go through the same states: the analysis holds a step
+on failures that are not the candidate's (both arms over the error cap, infrastructure
+failures), and an operator has to hear of it, since nothing moves the release meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ FIRING = "firing"
 RESOLVED = "resolved"
 # Narrowest bucket of an alert's start time in its event id (see AlertBook.event_id).
 MIN_ID_BUCKET_S = 1.0
+# Rule name of a held release step: the prefix and the analysis check that holds it.
+RELEASE_HELD = "release_held"
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,9 @@ class AlertRules:
     # Too few results (or scores) in the window say nothing: the rule does not hold.
     min_requests: int = 10
     min_feedback: int = 10
+    # A release step held this long raises its alert (the hold is a sustained condition
+    # already: a step stays held until the failures are diluted or the step restarts).
+    release_held_for_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,17 @@ class AlertState:
     threshold: float
     message: str
     firing: bool = False
+    # How long the condition must hold before firing (the rule's), for the event id.
+    for_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A condition that holds now, with what the alert says about it."""
+
+    value: float
+    threshold: float
+    message: str
 
 
 @dataclass(frozen=True)
@@ -112,34 +132,68 @@ class AlertBook:
         out: list[Transition] = []
         keys = set(figures) | {(a, v) for _, a, v in self._states}
         for alias, version_id in sorted(keys):
+            # (Release holds share the states; their rules are not among these.)
             f = figures.get((alias, version_id), Figures())
             for rule in self.rules:
                 out.extend(self._step(rule, alias, version_id, f, now))
         return out
 
+    def evaluate_holds(
+        self, holds: Mapping[tuple[str, str, str], Condition], now: float
+    ) -> list[Transition]:
+        """Transitions of release-hold alerts, given the holds now, keyed by (rule, alias,
+        candidate version); a hold missing from ``holds`` has ended and resolves."""
+        out: list[Transition] = []
+        held = {k for k in self._states if k[0].startswith(RELEASE_HELD)}
+        for key in sorted(set(holds) | held):
+            condition = holds.get(key)
+            resolved = f"{key[0]}: the step is no longer held"
+            out.extend(self._track(key, condition, resolved, now, self.config.release_held_for_s))
+        return out
+
     def _step(
         self, rule: Rule, alias: str, version_id: str, f: Figures, now: float
     ) -> list[Transition]:
-        key = (rule.name, alias, version_id)
         value = rule.value(f)
-        holds = rule.enough(f) and rule.holds(value, rule.threshold)
+        condition = None
+        if rule.enough(f) and rule.holds(value, rule.threshold):
+            message = rule.describe.format(value=value, threshold=rule.threshold)
+            condition = Condition(value, rule.threshold, message)
+        resolved = f"{rule.name} back within {rule.threshold:g} (now {value:.4g})"
+        return self._track(
+            (rule.name, alias, version_id), condition, resolved, now, self.config.for_s, value
+        )
+
+    def _track(
+        self,
+        key: tuple[str, str, str],
+        condition: Condition | None,
+        resolved: str,
+        now: float,
+        for_s: float,
+        value_now: float = 0.0,
+    ) -> list[Transition]:
+        """One condition's state: fires after ``for_s`` of holding, resolves once not."""
         state = self._states.get(key)
-        if not holds:
+        if condition is None:
             if state is None:
                 return []
             del self._states[key]
             if not state.firing:
                 return []
-            state.value = value
-            state.message = f"{rule.name} back within {rule.threshold:g} (now {value:.4g})"
+            state.value, state.message = value_now, resolved
             return [Transition(RESOLVED, state, now - state.since)]
-        message = rule.describe.format(value=value, threshold=rule.threshold)
         if state is None:
+            name, alias, version_id = key
             state = self._states[key] = AlertState(
-                rule.name, alias, version_id, now, value, rule.threshold, message
+                name, alias, version_id, now, condition.value, condition.threshold, "", for_s=for_s
             )
-        state.value, state.message = value, message
-        if not state.firing and now - state.since >= self.config.for_s:
+        state.value, state.threshold, state.message = (
+            condition.value,
+            condition.threshold,
+            condition.message,
+        )
+        if not state.firing and now - state.since >= for_s:
             state.firing = True
             return [Transition(FIRING, state, now - state.since)]
         return []
@@ -156,7 +210,7 @@ class AlertBook:
         straddling a bucket boundary (about a tick in ``for_s``), or a replica that started
         after the condition began, publish the transition twice."""
         alert = transition.alert
-        bucket = max(self.config.for_s, MIN_ID_BUCKET_S)
+        bucket = max(alert.for_s, MIN_ID_BUCKET_S)
         episode = math.floor(alert.since / bucket)
         return derived_event_id(
             "alert", alert.rule, alert.alias, alert.version_id, transition.state, episode

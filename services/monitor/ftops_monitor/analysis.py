@@ -351,6 +351,17 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """A check holding the step: ``value`` is above ``threshold`` on an arm, and that is
+    not the candidate's fault."""
+
+    check: str
+    detail: str
+    value: float
+    threshold: float
+
+
+@dataclass(frozen=True)
 class Decision:
     kind: DecisionKind
     reason: str
@@ -360,7 +371,7 @@ class Decision:
     verdict: str = ""
     # Why the step is held (failures that are not the candidate's): no automatic decision
     # but a rollback for the candidate's own failures, and an alert (monitor.py).
-    held: str = ""
+    held: tuple[Hold, ...] = ()
 
 
 def arm_figures(candidate: Figures, stable: Figures | None) -> dict[str, float]:
@@ -412,17 +423,17 @@ class _Judge:
             self.numbers.update(release.evaluation_figures)
         self.checks: list[Check] = []
         self.failures: list[str] = []
-        self.holds: list[str] = []
+        self.holds: list[Hold] = []
 
     def _add(self, name: str, status: str, detail: str) -> None:
         self.checks.append(Check(name, status, detail))
         if status == "fail":
             self.failures.append(detail)
 
-    def _hold(self, name: str, detail: str) -> None:
+    def _hold(self, name: str, detail: str, value: float, threshold: float) -> None:
         """A blocking pending check that no timeout turns into a decision."""
         self._add(name, "pending", detail)
-        self.holds.append(detail)
+        self.holds.append(Hold(name, detail, value, threshold))
 
     def _infra_figures(self) -> None:
         c, s = self.release.candidate, self.release.stable
@@ -481,6 +492,8 @@ class _Judge:
                 "error_cap",
                 f"release held, both arms failing over the cap: {what}, stable "
                 f"{s.errors}/{s.requests} ({s.error_rate:.1%})",
+                s.error_rate,
+                cap,
             )
         elif test.rejected:
             self._add("error_cap", "fail", f"error rate above the cap: {what}")
@@ -525,6 +538,8 @@ class _Judge:
                 "infrastructure",
                 f"release held, infrastructure failures above {limit:.0%} of the step's "
                 f"results on {' and '.join(over)} (not the candidate's): {what}",
+                max(arm.infra_rate for _, arm in arms),
+                limit,
             )
         else:
             self._add("infrastructure", "pass", what)
@@ -637,8 +652,11 @@ def decide(release: Release, now: float) -> Decision:
     waiting = ", ".join(c.detail for c in checks if c.status == "pending" and c.name in _BLOCKING)
     if judge.holds:
         # Not the candidate's doing: neither the time limit's action nor a pass applies.
-        held = "; ".join(judge.holds)
-        return Decision(DecisionKind.WAIT, held, numbers, checks=checks, verdict="held", held=held)
+        held = tuple(judge.holds)
+        reason = "; ".join(h.detail for h in held)
+        return Decision(
+            DecisionKind.WAIT, reason, numbers, checks=checks, verdict="held", held=held
+        )
     if waited >= release.config.step_timeout_s:
         return _timed_out(release, waited, waiting, numbers, checks)
     return Decision(

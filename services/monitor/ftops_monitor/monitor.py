@@ -34,11 +34,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.monitor.v1 import monitor_pb2
-from ftops_monitor.alerts import FIRING, AlertBook, AlertRules, AlertState
+from ftops_monitor.alerts import FIRING, RELEASE_HELD, AlertBook, AlertRules, AlertState, Condition
 from ftops_monitor.analysis import (
     Config,
     Decision,
     DecisionKind,
+    Hold,
     Release,
     ReleaseState,
     Strategy,
@@ -46,6 +47,10 @@ from ftops_monitor.analysis import (
 )
 from ftops_monitor.evaluation import EvaluationLookup, judge_evaluations
 from ftops_monitor.feedback import Given, RequestIndex, Served
+
+# CLIENT_FAULTS re-exported: the dashboard's history skips the same results.
+from ftops_monitor.outcomes import CLIENT_FAULTS as CLIENT_FAULTS
+from ftops_monitor.outcomes import Outcome, classify
 from ftops_monitor.views import alert_event, release_analysis, version_stats
 from ftops_monitor.windows import Figures, Sample, StatsBook
 from ftops_runtime.bus import Delivery, EventBus
@@ -66,8 +71,6 @@ from ftops_runtime.events import (
 from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-# gRPC status names of results caused by the request, not by the version that served it.
-CLIENT_FAULTS = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "CANCELLED"})
 
 ARM_CANDIDATE = "candidate"
 ARM_STABLE = "stable"
@@ -169,6 +172,8 @@ class Monitor:
         self._stopping = False
         # Per release: the data its last verdict saw (nothing new -> no need to re-judge).
         self._judged: dict[str, tuple[object, ...]] = {}
+        # Per release: what holds its current step, from its last verdict (alerts).
+        self._holds: dict[str, tuple[Hold, ...]] = {}
 
     # -- state queries ---------------------------------------------------------------
 
@@ -193,7 +198,8 @@ class Monitor:
     def ingest(self, results: Iterable[events_pb2.RequestResult]) -> None:
         now = self.clock()
         for result in results:
-            if result.status in CLIENT_FAULTS:
+            outcome = classify(result.status, result.failure_origin)
+            if outcome is Outcome.CLIENT:
                 # A malformed or abandoned request says nothing about the version.
                 continue
             shadow = result.shadow or result.arm == ARM_SHADOW
@@ -205,8 +211,9 @@ class Monitor:
                 completion_tokens=result.completion_tokens,
                 divergence=result.divergence if shadow else -1.0,
             )
-            outcome = "ok" if sample.ok else "error"
-            self.results_total[(result.alias, result.version_id, result.arm, outcome)] += 1
+            # "error" is the version's own failure; the others name the infrastructure's.
+            label = "error" if outcome is Outcome.REPLICA else outcome.value
+            self.results_total[(result.alias, result.version_id, result.arm, label)] += 1
             self.stats.add(result.alias, result.version_id, sample)
             if not shadow:
                 # Users only rate answers they saw.
@@ -220,27 +227,32 @@ class Monitor:
                 and result.release_id in ("", release.release_id)
                 and release.in_step(sample.at)
             ):
-                self._add_to_step(release, result, shadow, sample)
+                self._add_to_step(release, result, shadow, sample, outcome)
         self.requests.prune(now)
 
     @staticmethod
     def _add_to_step(
-        release: Release, result: events_pb2.RequestResult, shadow: bool, sample: Sample
+        release: Release,
+        result: events_pb2.RequestResult,
+        shadow: bool,
+        sample: Sample,
+        outcome: Outcome,
     ) -> None:
+        # The arms count infrastructure outcomes apart from the versions' own (ArmData).
         if result.version_id == release.candidate_version_id:
             # Mirrored results are evidence for every strategy (a canary's "mirrored
             # evidence" tops up a small step); the candidate's own requests only for canary,
             # blue-green and shadow judge the mirror alone.
             if shadow:
-                release.candidate.add(sample, mirrored=True)
+                release.candidate.add(sample, mirrored=True, outcome=outcome)
             elif result.arm == ARM_CANDIDATE and not release.strategy.judges_shadow:
-                release.candidate.add(sample)
+                release.candidate.add(sample, outcome=outcome)
         elif (
             result.version_id == release.stable_version_id
             and result.arm == ARM_STABLE
             and not shadow
         ):
-            release.stable.add(sample)
+            release.stable.add(sample, outcome=outcome)
 
     # -- feedback --------------------------------------------------------------------
 
@@ -432,8 +444,8 @@ class Monitor:
     def _judged_key(self, release: Release) -> tuple[object, ...]:
         c, s = release.candidate, release.stable
         return (
-            c.requests,
-            s.requests,
+            c.results + c.mirror_refused,
+            s.results,
             c.feedback.revision,
             s.feedback.revision,
             release.step_started_at,
@@ -457,6 +469,7 @@ class Monitor:
                 if self._judged.get(release.release_id) == key and not timed_out:
                     continue
                 decision = decide(release, now)
+                self._note_hold(release, decision)
                 if decision.kind is DecisionKind.WAIT:
                     self._judged[release.release_id] = key
                     continue
@@ -587,9 +600,35 @@ class Monitor:
 
     # -- alerts ----------------------------------------------------------------------
 
+    def _note_hold(self, release: Release, decision: Decision) -> None:
+        """Keeps what holds the release's step (for its alert) until the next verdict."""
+        if decision.held:
+            self._holds[release.release_id] = decision.held
+        else:
+            self._holds.pop(release.release_id, None)
+
+    def _held_now(self) -> dict[tuple[str, str, str], Condition]:
+        """The holds of releases still judged (a release that ended, was paused or
+        replaced is no longer held: its alert resolves)."""
+        judged = {
+            r.release_id: r
+            for r in self.latest_releases()
+            if r.running and not r.paused and r.config.auto
+        }
+        self._holds = {k: v for k, v in self._holds.items() if k in judged}
+        out: dict[tuple[str, str, str], Condition] = {}
+        for release_id, holds in self._holds.items():
+            release = judged[release_id]
+            for hold in holds:
+                key = (f"{RELEASE_HELD}_{hold.check}", release.alias, release.candidate_version_id)
+                out[key] = Condition(hold.value, hold.threshold, hold.detail)
+        return out
+
     async def _evaluate_alerts(self, now: float) -> None:
         figures = {key: self.stats.figures(*key, now) for key in self.stats.active(now)}
-        for transition in self.alerts.evaluate(figures, now):
+        transitions = self.alerts.evaluate(figures, now)
+        transitions += self.alerts.evaluate_holds(self._held_now(), now)
+        for transition in transitions:
             event = alert_event(transition.alert, transition.state, transition.for_seconds)
             event.meta.CopyFrom(self._meta(self.alerts.event_id(transition)))
             self.alerts_total[(transition.alert.rule, transition.state)] += 1

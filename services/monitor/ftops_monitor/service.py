@@ -45,6 +45,7 @@ def alert_rules(settings: MonitorSettings) -> AlertRules:
         for_s=settings.alert_for_s,
         min_requests=settings.alert_min_requests,
         min_feedback=settings.alert_min_requests,
+        release_held_for_s=settings.alert_release_held_for_s,
     )
 
 
@@ -75,14 +76,16 @@ class MonitorService:
             ),
         )
         # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        # Revocations applied at once (auth.key_changed); refusals audited by the registry.
         authenticate, self._auth_resolver = auth.registry_authenticator(
-            settings, settings.registry_address
+            settings, settings.registry_address, bus=self.bus, service="monitor"
         )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"nats": self._nats_ok},
             authenticate=authenticate,
+            denials=self._auth_resolver.denials,
         )
         teams = auth.VersionTeams(registry, timeout_s=settings.registry_timeout_s)
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(

@@ -62,3 +62,9 @@ class MonitorSettings(ServiceSettings, AuthSettings):
     alert_min_requests: int = Field(
         10, ge=1, description="Window results (or scores) needed before an alert rule can hold."
     )
+    alert_release_held_for_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long a release step must be held (failures that are not the "
+        "candidate's) before its alert fires.",
+    )

@@ -63,6 +63,12 @@ class DataLoss(FtopsError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Internal(FtopsError):
+    """A fault of the server's own (a version that fails), not of the caller or of load."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class RemoteError(FtopsError):
     """A status relayed from another service (e.g. an answer on a multiplexed stream): it
     keeps the remote code and message, as a failed downstream gRPC call does."""

@@ -193,7 +193,7 @@ async def test_faults_hit_only_the_named_version(
     )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await generate(replica, candidate.version_id)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "injected fault" in (info.value.details() or "")
     ok = await generate(replica, stable.version_id, prompt="one two three")
     assert ok.text == "one two three"

@@ -21,7 +21,7 @@ from ftops_inference.backend import (
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.sampling import FinishReason
-from ftops_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from ftops_runtime.errors import Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 
 class FakeBackend:
@@ -217,7 +217,7 @@ async def test_metrics_per_version_and_outcome_reach_opentelemetry() -> None:
     await core.generate("", "a b", params)
     await core.generate("", "a b c", params)
     core.faults.versions = frozenset({""})  # now the base misbehaves
-    with pytest.raises(Unavailable, match="injected fault"):
+    with pytest.raises(Internal, match="injected fault"):
         await core.generate("", "a", params)
     core.metrics.adapter_event("v1", "reload")
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ftops_runtime.errors import Unavailable
+from ftops_runtime.errors import Internal
 
 T = TypeVar("T")
 
@@ -33,7 +33,9 @@ class Faults:
 
     def before_first_token(self, version_id: str) -> None:
         if self.applies(version_id) and self.rng.random() < self.error_rate:
-            raise Unavailable(f"injected fault (fault_error_rate={self.error_rate})")
+            # INTERNAL, as a version that fails on its own does: the monitor blames the
+            # version for it (UNAVAILABLE would read as the platform's fault).
+            raise Internal(f"injected fault (fault_error_rate={self.error_rate})")
 
     async def slowed(
         self, version_id: str, items: AsyncGenerator[T, None]

@@ -1,13 +1,17 @@
-"""Static checks of an adapter artifact before anything is loaded: which files may be in
-it, and whether its LoRA tensors fit the base model. Only safetensors headers are read;
+"""Checks of an adapter artifact before anything is loaded: which files may be in it,
+whether its LoRA tensors fit the base model and the replica's rank limit, and whether their
+values are finite and of a sane magnitude. Tensors are read through safetensors only;
 nothing is ever unpickled."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -15,37 +19,55 @@ from ftops_inference.backend import ModuleShape
 from ftops_runtime.errors import FailedPrecondition
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What an adapter consists of, and all a backend reads: any other name is refused.
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # PEFT saves tensors as "<prefix><module>.<kind>" with the adapter name removed.
 PEFT_PREFIX = "base_model.model."
 _TENSOR = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias"
     r"|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$"
 )
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    """What a replica serves: LoRA ranks up to ``max_rank`` (a rank costs every batch that
+    uses the adapter, and memory), and weights whose magnitude stays within
+    ``max_abs_weight`` (a trained LoRA's are far below 1; 3e38 is an attack or a diverged
+    run, and its answers would be nonsense)."""
+
+    max_rank: int = 256
+    max_abs_weight: float = 1e4
 
 
 def check_file_names(version_id: str, paths: Iterable[str]) -> None:
-    """Only adapter_config.json and *.safetensors, as plain names: a pickle (.bin, .pt)
-    is refused before it is even downloaded, and no name can escape the adapter dir."""
+    """Exactly adapter_config.json and adapter_model.safetensors, by name: a pickle, a
+    near-miss (``adapter_model.bin.``) or anything else is refused before it is even
+    downloaded, and no name can escape the adapter dir."""
     names = list(paths)
     for name in names:
-        if not _SAFE_NAME.match(name) or ".." in name:
-            raise FailedPrecondition(f"version {version_id}: artifact file name {name!r} refused")
-        if name != ADAPTER_CONFIG and not name.endswith(".safetensors"):
+        if name not in ADAPTER_FILES:
             raise FailedPrecondition(
-                f"version {version_id}: artifact file {name!r} refused; only "
-                f"{ADAPTER_CONFIG} and *.safetensors are loaded (never pickles)"
+                f"version {version_id}: artifact file {name!r} refused; an adapter consists "
+                f"of {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} only (safetensors, never pickles)"
             )
-    if ADAPTER_CONFIG not in names:
-        raise FailedPrecondition(f"version {version_id}: artifact has no {ADAPTER_CONFIG}")
-    if not any(n.endswith(".safetensors") for n in names):
-        raise FailedPrecondition(f"version {version_id}: artifact has no .safetensors file")
+    for required in ADAPTER_FILES:
+        if required not in names:
+            raise FailedPrecondition(f"version {version_id}: artifact has no {required}")
 
 
-def check_adapter_config(version_id: str, adapter_dir: Path) -> None:
+def check_adapter_config(
+    version_id: str, adapter_dir: Path, limits: AdapterLimits | None = None
+) -> None:
+    limits = limits or AdapterLimits()
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"version {version_id}: {ADAPTER_CONFIG} cannot be read ({exc.strerror})"
+        ) from exc
+    except ValueError as exc:
         raise FailedPrecondition(
             f"version {version_id}: {ADAPTER_CONFIG} is not valid JSON: {exc}"
         ) from exc
@@ -54,26 +76,37 @@ def check_adapter_config(version_id: str, adapter_dir: Path) -> None:
         raise FailedPrecondition(
             f"version {version_id}: only LoRA adapters are served, got peft_type={kind!r}"
         )
+    # PEFT builds its layers at the config's ranks before the tensors are read.
+    pattern = config.get("rank_pattern")
+    ranks = {"r": config.get("r")} | (pattern if isinstance(pattern, dict) else {})
+    for where, rank in ranks.items():
+        if isinstance(rank, int) and rank > limits.max_rank:
+            raise FailedPrecondition(
+                f"version {version_id}: {ADAPTER_CONFIG} asks for LoRA rank {rank} "
+                f"({where}), above this replica's limit of {limits.max_rank} (max_lora_rank)"
+            )
 
 
 def check_tensors(
-    version_id: str, adapter_dir: Path, base_modules: Mapping[str, ModuleShape]
+    version_id: str,
+    adapter_dir: Path,
+    base_modules: Mapping[str, ModuleShape],
+    limits: AdapterLimits | None = None,
 ) -> None:
     """Every tensor must be a LoRA matrix of a module that exists in the base with a
-    shape that fits it; A and B of one module must agree on the rank."""
+    shape that fits it, of a rank within the limit; A and B of one module must agree on
+    the rank. Reads the header only."""
+    limits = limits or AdapterLimits()
     ranks: dict[str, dict[str, int]] = {}
-    files = sorted(adapter_dir.glob("*.safetensors"))
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-        except Exception as exc:
+    shapes = _read_shapes(version_id, adapter_dir / ADAPTER_WEIGHTS)
+    for key, shape in shapes.items():
+        module, kind, rank = _check_tensor(version_id, key, shape, base_modules)
+        if rank > limits.max_rank:
             raise FailedPrecondition(
-                f"version {version_id}: {path.name} is not a valid safetensors file: {exc}"
-            ) from exc
-        for key, shape in shapes.items():
-            module, kind, rank = _check_tensor(version_id, key, shape, base_modules)
-            ranks.setdefault(module, {})[kind] = rank
+                f"version {version_id}: tensor {key!r} has LoRA rank {rank}, above this "
+                f"replica's limit of {limits.max_rank} (max_lora_rank)"
+            )
+        ranks.setdefault(module, {})[kind] = rank
     if not ranks:
         raise FailedPrecondition(f"version {version_id}: the adapter holds no LoRA tensors")
     for module, by_kind in ranks.items():
@@ -83,6 +116,46 @@ def check_tensors(
             raise FailedPrecondition(
                 f"version {version_id}: LoRA A/B of {module} are missing or disagree on rank"
             )
+
+
+def check_tensor_values(
+    version_id: str, adapter_dir: Path, limits: AdapterLimits | None = None
+) -> None:
+    """Every value finite and within the magnitude limit. One tensor in memory at a time;
+    the first offending tensor is named."""
+    limits = limits or AdapterLimits()
+    with _open(version_id, adapter_dir / ADAPTER_WEIGHTS) as handle:
+        for key in handle.keys():  # noqa: SIM118
+            tensor = handle.get_tensor(key)
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            # max() propagates NaN, and Inf is its own maximum: one pass finds both.
+            peak = float(tensor.abs().max())
+            if not math.isfinite(peak):
+                raise FailedPrecondition(
+                    f"version {version_id}: tensor {key!r} holds non-finite values (NaN or "
+                    "Inf); the adapter would answer nonsense"
+                )
+            if peak > limits.max_abs_weight:
+                raise FailedPrecondition(
+                    f"version {version_id}: tensor {key!r} holds values up to {peak:.3g}, "
+                    f"beyond the limit of {limits.max_abs_weight:g} (max_adapter_weight)"
+                )
+
+
+def _open(version_id: str, path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:
+        # safetensors' messages name no path; the file's own name is enough.
+        raise FailedPrecondition(
+            f"version {version_id}: {path.name} is not a valid safetensors file: {exc}"
+        ) from exc
+
+
+def _read_shapes(version_id: str, path: Path) -> dict[str, list[int]]:
+    with _open(version_id, path) as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
 
 
 def _check_tensor(

@@ -24,8 +24,10 @@ import grpc
 from ftops.inference.v1 import inference_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_inference.adapter_check import (
+    AdapterLimits,
     check_adapter_config,
     check_file_names,
+    check_tensor_values,
     check_tensors,
 )
 from ftops_inference.backend import Backend, GenerationRequest
@@ -83,8 +85,10 @@ class AdapterLoader:
         registry_timeout_s: float = 10.0,
         duty_cycle: float = 1.0,
         busy: Callable[[], bool] = lambda: False,
+        limits: AdapterLimits | None = None,
     ) -> None:
         self._registry = registry
+        self._limits = limits or AdapterLimits()
         self._backend = backend
         self._cache_dir = cache_dir
         self.base_fingerprint = base_fingerprint
@@ -165,9 +169,12 @@ class AdapterLoader:
                 log.warning("refused adapter version %s: %s", version_id, exc)
                 raise
             except Exception as exc:
+                # What failed, in words a caller can act on: never a path of this server
+                # (the message travels in adapter.load_failed and gRPC statuses).
                 record.state = inference_pb2.ADAPTER_STATE_FAILED
-                record.error = f"loading failed: {exc!r}"
-                log.exception("loading adapter version %s failed", version_id)
+                record.error = f"loading failed: {public_error(exc, self._cache_dir)}"
+                log.warning("loading adapter version %s failed: %s", version_id, record.error)
+                log.debug("loading adapter version %s failed", version_id, exc_info=True)
                 raise FailedPrecondition(f"version {version_id}: {record.error}") from exc
             record.load_seconds = time.monotonic() - started
             record.state = inference_pb2.ADAPTER_STATE_LOADED
@@ -248,8 +255,9 @@ class AdapterLoader:
             raise
 
     def _check_and_place(self, version_id: str, tmp: Path) -> Path:
-        check_adapter_config(version_id, tmp)
-        check_tensors(version_id, tmp, self._backend.module_shapes())
+        check_adapter_config(version_id, tmp, self._limits)
+        check_tensors(version_id, tmp, self._backend.module_shapes(), self._limits)
+        check_tensor_values(version_id, tmp, self._limits)
         final = self._cache_dir / version_id
         if final.exists():  # left by an earlier process; this one never loaded it
             shutil.rmtree(final)
@@ -269,6 +277,17 @@ class AdapterLoader:
             check_names=lambda names: check_file_names(version_id, names),
             timeout=self._timeout * 30,
         )
+
+
+def public_error(exc: BaseException, cache_dir: Path) -> str:
+    """``exc`` as a message without this server's paths: a file under the adapter cache is
+    named by its file name only (``adapter_model.safetensors: No such file or directory``)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{Path(str(exc.filename)).name}: {exc.strerror or type(exc).__name__}"
+    text = str(exc) or type(exc).__name__
+    for root in {str(cache_dir), str(cache_dir.resolve())}:
+        text = re.sub(re.escape(root) + r"[^\s'\",)]*", lambda m: Path(m[0]).name, text)
+    return text
 
 
 def background_pause_s(step_s: float, duty_cycle: float) -> float:

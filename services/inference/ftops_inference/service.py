@@ -12,6 +12,7 @@ from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_inference.access import InferenceAccess
+from ftops_inference.adapter_check import AdapterLimits
 from ftops_inference.adapter_events import AdapterEvents
 from ftops_inference.announce import Announcer
 from ftops_inference.backend import Backend
@@ -203,6 +204,7 @@ class InferenceService:
             registry_timeout_s=self.settings.registry_timeout_s,
             duty_cycle=self.settings.load_duty_cycle,
             busy=lambda: self.core.in_flight > 0,
+            limits=adapter_limits(self.settings),
         )
         self.events = AdapterEvents(
             self.bus,
@@ -273,6 +275,14 @@ class InferenceService:
         await self._auth_resolver.close()
         await self._registry_channel.close()
         await self.backend.close()
+
+
+def adapter_limits(settings: InferenceSettings) -> AdapterLimits:
+    """What this replica loads: vLLM's engine serves ranks up to its own maximum only."""
+    max_rank = settings.max_lora_rank
+    if settings.backend == "vllm":
+        max_rank = min(max_rank, settings.vllm_max_lora_rank)
+    return AdapterLimits(max_rank=max_rank, max_abs_weight=settings.max_adapter_weight)
 
 
 def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:

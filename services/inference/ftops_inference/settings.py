@@ -128,6 +128,22 @@ class InferenceSettings(ServiceSettings, AuthSettings):
             "the time (1 = no pauses). A load a request is waiting for is never paused."
         ),
     )
+    max_lora_rank: int = Field(
+        256,
+        gt=0,
+        description=(
+            "Largest LoRA rank loaded (config and tensors); higher-rank adapters are refused "
+            "at load. Each adapter's rank costs the batches that use it (and memory)."
+        ),
+    )
+    max_adapter_weight: float = Field(
+        1e4,
+        gt=0,
+        description=(
+            "Largest magnitude of an adapter weight loaded; beyond it, or NaN/Inf anywhere, "
+            "the adapter is refused at load (adapter.load_failed names the tensor)."
+        ),
+    )
     announce_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat of the replica announcement (inference.replica.<id>)."
     )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ftops_runtime.auth import startup_problems
 from ftops_runtime.server import install_stop_signals
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.telemetry import setup_telemetry
@@ -28,9 +29,15 @@ def run_service(
     settings_type: type[S],
     serve: Callable[[S, asyncio.Event], Awaitable[None]],
 ) -> None:
-    """Load settings, set up logging/telemetry, run ``serve`` until SIGTERM/SIGINT."""
+    """Load settings, refuse unsafe auth settings, set up logging/telemetry, run
+    ``serve`` until SIGTERM/SIGINT."""
     settings = settings_type()
     configure_logging(settings.log_level, service)
+    problems = startup_problems(settings)
+    if problems:
+        for problem in problems:
+            logging.getLogger(service).error("refusing to start: %s", problem)
+        raise SystemExit(f"ftops-{service}: refusing to start: " + "; ".join(problems))
     setup_telemetry(service, settings.instance_id, settings.otlp_endpoint)
 
     async def main() -> None:

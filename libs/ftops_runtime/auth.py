@@ -8,9 +8,10 @@ key as ``authorization: Bearer <key>`` or ``x-ftops-key: <key>``.
 Each service installs an authenticator on its ``GrpcServer`` (the runtime's auth
 interceptor puts the resolved principal in ``current_principal``); the registry resolves
 keys from its own database, every other service asks the registry's ``Authenticate`` and
-caches the answer for ``auth_cache_ttl_s`` (so a revocation takes effect within the TTL;
-an expiry takes effect at once, it is checked on every call). Handlers then call
-``require(team, role)``. Docs: docs/security.md.
+caches the answer for ``auth_cache_ttl_s``. A revocation takes effect at once: the
+registry publishes ``auth.key_changed`` and every service forgets the key
+(``ServiceAuth``; the TTL is only a fallback); an expiry is checked on every call.
+Handlers then call ``require(team, role)``. Docs: docs/security.md.
 """
 
 from __future__ import annotations
@@ -27,15 +28,22 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_runtime import denials
+from ftops_runtime.denials import key_from_metadata
 from ftops_runtime.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
+from ftops_runtime.events import AUTH_KEY_CHANGED
 from ftops_runtime.interceptors import Authenticator, Principal, current_principal
+
+if TYPE_CHECKING:
+    from ftops_runtime.bus import EventBus
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +149,7 @@ def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
 
 
-def key_from_metadata(md: Mapping[str, str]) -> str:
-    auth = md.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return (md.get(METADATA_KEY) or md.get("x-api-key") or "").strip()
+__all__ = ["key_from_metadata"]  # re-exported: where callers have always found it
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -175,6 +179,26 @@ def effective_mode(settings: Any) -> AuthMode:
     if mode is not None:
         return AuthMode(mode)
     return AuthMode.disabled if getattr(settings, "dev_mode", False) else AuthMode.enabled
+
+
+def startup_problems(settings: Any) -> list[str]:
+    """What makes these auth settings unfit to start a service with (each naming its
+    setting): checked by the process entry point, so a mistake stops the service at once
+    instead of leaving it open, or failing at its first call."""
+    problems = []
+    dev = bool(getattr(settings, "dev_mode", False))
+    mode = effective_mode(settings)
+    if mode is AuthMode.disabled and not dev:
+        problems.append(
+            "FTOPS_AUTH_MODE=disabled turns access control off (every caller a platform "
+            "admin) and is accepted only in development mode (FTOPS_DEV_MODE=true)"
+        )
+    if mode is AuthMode.enabled and not str(getattr(settings, "registry_api_key", "x")).strip():
+        problems.append(
+            "FTOPS_REGISTRY_API_KEY is empty while access control is on: the registry "
+            "would refuse every call this service makes; set it to this service's own key"
+        )
+    return problems
 
 
 # -- authenticators ---------------------------------------------------------------------
@@ -208,7 +232,8 @@ def authenticator(
 
 class CachedResolver:
     """Remembers answers for ``ttl_s`` (refusals for at most 5 s, so a key created a
-    moment ago works quickly), keyed by the key's hash, never the key itself."""
+    moment ago works quickly), keyed by the key's hash, never the key itself.
+    ``forget(key_id)`` drops what it knows of a key at once (a revocation)."""
 
     NEGATIVE_TTL_S = 5.0
 
@@ -228,6 +253,9 @@ class CachedResolver:
         self._entries: OrderedDict[str, tuple[float, AuthPrincipal | Unauthenticated]] = (
             OrderedDict()
         )
+        # Bumped by forget(): an answer asked before a revocation and arriving after it
+        # must not be cached (it may be the key's last "valid").
+        self._generation = 0
 
     async def __call__(self, key: str, method: str) -> AuthPrincipal:
         digest = hash_secret(key)
@@ -238,19 +266,40 @@ class CachedResolver:
             if isinstance(hit[1], Unauthenticated):
                 raise Unauthenticated(str(hit[1]))
             return hit[1]
+        generation = self._generation
         try:
             principal = await self._resolve(key, method)
         except Unauthenticated as exc:
-            self._store(digest, now + self._negative_ttl, exc)
+            self._store(digest, now + self._negative_ttl, exc, generation)
             raise
-        self._store(digest, now + self._ttl, principal)
+        self._store(digest, now + self._ttl, principal, generation)
         return principal
 
-    def _store(self, digest: str, until: float, value: AuthPrincipal | Unauthenticated) -> None:
+    def forget(self, key_id: str) -> int:
+        """Drop every cached answer for ``key_id``; returns how many there were."""
+        self._generation += 1
+        stale = [d for d, (_, value) in self._entries.items() if _key_id(value) == key_id]
+        for digest in stale:
+            del self._entries[digest]
+        return len(stale)
+
+    def _store(
+        self,
+        digest: str,
+        until: float,
+        value: AuthPrincipal | Unauthenticated,
+        generation: int,
+    ) -> None:
+        if generation != self._generation:
+            return  # a key changed while this answer was on its way: ask again next time
         self._entries[digest] = (until, value)
         self._entries.move_to_end(digest)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+def _key_id(value: AuthPrincipal | Unauthenticated) -> str:
+    return value.key_id if isinstance(value, AuthPrincipal) else ""
 
 
 class RegistryResolver:
@@ -295,14 +344,59 @@ class RegistryResolver:
             self._channel = None
 
 
+class ServiceAuth:
+    """A non-registry service's side of access control: keys checked by the registry and
+    cached (``cache``), forgotten the moment the registry announces a revocation on
+    ``auth.key_changed``, and the service's refusals (``denials``, given to its
+    ``GrpcServer``) published as ``audit.denied`` for the registry's audit log.
+
+    Every replica follows ``auth.key_changed`` with a durable of its own (fan-out) that
+    starts at new events and is removed once the replica is gone."""
+
+    def __init__(
+        self, settings: Any, registry_address: str, *, bus: EventBus | None, service: str
+    ) -> None:
+        instance = str(getattr(settings, "instance_id", "") or service)
+        self.remote = RegistryResolver(registry_address)
+        ttl = float(getattr(settings, "auth_cache_ttl_s", 30.0))
+        self.cache = CachedResolver(self.remote, ttl_s=ttl)
+        self.authenticate = authenticator(self.cache, mode=effective_mode(settings))
+        self.denials = denials.DenialRecorder(service)
+        if bus is not None:
+            from nats.js.api import DeliverPolicy  # the runtime's only nats user besides bus
+
+            self.denials.bind(denials.bus_flush(bus, service=service, instance=instance))
+            bus.subscribe(
+                AUTH_KEY_CHANGED,
+                f"{service}-keys-{instance}",
+                self.on_key_changed,
+                deliver_policy=DeliverPolicy.NEW,
+                inactive_threshold_s=300.0,
+                ack_wait_s=5.0,
+            )
+
+    async def on_key_changed(self, event: events_pb2.ApiKeyChanged, delivery: Any) -> None:
+        dropped = self.cache.forget(event.key_id)
+        log.info(
+            "API key %s changed (revoked=%s): %d cached answers dropped",
+            event.key_id,
+            event.revoked,
+            dropped,
+        )
+
+    async def close(self) -> None:
+        await self.remote.close()
+
+
 def registry_authenticator(
-    settings: Any, registry_address: str
-) -> tuple[Authenticator, RegistryResolver]:
+    settings: Any, registry_address: str, *, bus: EventBus | None = None, service: str = ""
+) -> tuple[Authenticator, ServiceAuth]:
     """What a service other than the registry installs: keys checked by the registry,
-    cached for ``settings.auth_cache_ttl_s``. Close the resolver on shutdown."""
-    remote = RegistryResolver(registry_address)
-    ttl = float(getattr(settings, "auth_cache_ttl_s", 30.0))
-    return authenticator(CachedResolver(remote, ttl_s=ttl), mode=effective_mode(settings)), remote
+    cached for ``settings.auth_cache_ttl_s``; with ``bus``, revocations applied at once
+    and refusals audited (give ``ServiceAuth.denials`` to the ``GrpcServer``). Close the
+    ``ServiceAuth`` on shutdown."""
+    guard = ServiceAuth(settings, registry_address, bus=bus, service=service or "service")
+    return guard.authenticate, guard
 
 
 # -- protobuf ---------------------------------------------------------------------------
@@ -373,7 +467,9 @@ def require(team: str, role: Role, *, action: str = "this") -> AuthPrincipal:
         message = f"{action} needs the {role} (or admin) role in team {team!r}; {_who(p)} {has}"
     # Every service's trail of denied calls (the registry also writes its audit log).
     log.warning("refused %s for key %s: %s", action, p.key_id, message)
-    raise PermissionDenied(message)
+    refusal = PermissionDenied(message)
+    denials.tag(refusal, team=team)
+    raise refusal
 
 
 def require_any_team(role: Role, *, action: str = "this") -> AuthPrincipal:

@@ -33,6 +33,10 @@ TRAINER_JOB = "trainer.job"
 # Submitted training jobs wait on ``work.trainer.<queue>`` for a replica of that queue's
 # pool (a work queue: each job is taken once).
 TRAINER_JOB_QUEUE_PREFIX = "work.trainer"
+# A key was revoked: every replica of every service forgets its cached answer for it.
+AUTH_KEY_CHANGED = "auth.key_changed"
+# Refused calls of every service, aggregated; the registry writes them to its audit log.
+AUDIT_DENIED = "audit.denied"
 
 
 def trainer_job_queue(queue: str) -> str:
@@ -69,6 +73,8 @@ PAYLOAD_TYPES: dict[str, type[Message]] = {
     METRICS_REQUESTS: events_pb2.RequestResultBatch,
     METRICS_FEEDBACK: events_pb2.FeedbackSubmitted,
     TRAINER_JOB: events_pb2.JobEvent,
+    AUTH_KEY_CHANGED: events_pb2.ApiKeyChanged,
+    AUDIT_DENIED: events_pb2.AccessDeniedBatch,
 }
 
 
@@ -95,6 +101,8 @@ STREAMS: tuple[StreamSpec, ...] = (
     # The last announcement of each replica; a replica silent for 5 minutes is forgotten.
     StreamSpec("FTOPS_REPLICA", (REPLICA_ANNOUNCEMENTS,), max_age_s=300, max_msgs_per_subject=1),
     StreamSpec("FTOPS_MONITOR", ("monitor.>",), max_age_s=7 * 24 * 3600),
+    # Revocations matter for seconds; denials until the registry has written them.
+    StreamSpec("FTOPS_AUTH", ("auth.>", "audit.>"), max_age_s=7 * 24 * 3600),
     StreamSpec("FTOPS_DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",), max_age_s=30 * 24 * 3600),
 )
 

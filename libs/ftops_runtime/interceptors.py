@@ -21,6 +21,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Status, StatusCode
 
 from ftops_runtime import telemetry
+from ftops_runtime.denials import DenialRecorder, key_from_metadata, key_id_of, source_of
 from ftops_runtime.errors import FtopsError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,37 @@ current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
 
 Behavior = Callable[..., Any]
 Authenticator = Callable[[Mapping[str, str], str], Awaitable[Principal]]
+
+
+@dataclass(frozen=True)
+class CallOrigin:
+    """Where the current call came from and where its refusals are recorded: set by the
+    interceptor for the call, inherited by the tasks it starts (a multiplexed stream's
+    requests)."""
+
+    recorder: DenialRecorder
+    source: str
+    key_id: str
+
+
+call_origin: contextvars.ContextVar[CallOrigin | None] = contextvars.ContextVar(
+    "call_origin", default=None
+)
+
+
+def note_denial(exc: BaseException, method: str, *, key_id: str | None = None) -> None:
+    """Record ``exc`` for the audit log if it refuses the current call and nobody audited
+    it yet. ``key_id``: the key the refusal concerns when it is not the call's own (the
+    registry's Authenticate checks a key sent in the request)."""
+    origin = call_origin.get()
+    if origin is None:
+        return
+    origin.recorder.record_exception(
+        exc,
+        method=method.rpartition("/")[2] or method,
+        key_id=origin.key_id if key_id is None else key_id,
+        source=origin.source,
+    )
 
 
 def server_span(method: str, carrier: Mapping[str, str]) -> Any:
@@ -80,8 +112,10 @@ def record_call(
 
 def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed call answers with: a domain error's own, a
-    downstream call's, or INTERNAL (logged with its traceback, never shown to the caller)."""
+    downstream call's, or INTERNAL (logged with its traceback, never shown to the caller).
+    A refusal (UNAUTHENTICATED, PERMISSION_DENIED) is recorded for the audit log."""
     if isinstance(exc, FtopsError):
+        note_denial(exc, method)
         return exc.code, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or exc.code().name
@@ -115,8 +149,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     One interceptor rather than a chain of three: grpc.aio rebuilds the handler once per
     interceptor per call, which cost more than the gateway's own work per request."""
 
-    def __init__(self, authenticate: Authenticator) -> None:
+    def __init__(self, authenticate: Authenticator, denials: DenialRecorder | None = None) -> None:
         self._authenticate = authenticate
+        self._denials = denials
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
@@ -165,12 +200,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _principal(self, md: Mapping[str, str], method: str, public: bool) -> Principal:
         return ANONYMOUS if public else await self._authenticate(md, method)
 
+    def _origin(self, md: Mapping[str, str], context: Any) -> CallOrigin | None:
+        if self._denials is None:
+            return None
+        peer = context.peer() if hasattr(context, "peer") else ""
+        return CallOrigin(self._denials, source_of(peer or ""), key_id_of(key_from_metadata(md)))
+
     def _wrap_unary(
         self, behavior: Behavior, method: str, md: Mapping[str, str], public: bool
     ) -> Behavior:
         async def call(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             with server_span(method, md) as span:
+                origin = call_origin.set(self._origin(md, context))
                 try:
                     token = current_principal.set(await self._principal(md, method, public))
                     try:
@@ -183,6 +225,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await context.abort(*status_of(exc, method))
                 finally:
                     _record(span, context, method, started)
+                    call_origin.reset(origin)
 
         return call
 
@@ -192,6 +235,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: Any) -> AsyncIterator[Any]:
             started = time.perf_counter()
             with server_span(method, md) as span:
+                call_origin.set(self._origin(md, context))
                 try:
                     current_principal.set(await self._principal(md, method, public))
                     async for item in behavior(request, context):

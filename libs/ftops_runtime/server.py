@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ftops_runtime.denials import DenialRecorder
 from ftops_runtime.interceptors import Authenticator, CallInterceptor, api_key_authenticator
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.tasks import cancel_and_wait
@@ -33,12 +34,30 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
     ]
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health servicer with ``List`` answered (reflection advertises it; grpc's
+    own raises NotImplementedError there, which came out as INTERNAL and a traceback)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        # _server_status: grpc's own record of what Check answers, one entry per service.
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 class GrpcServer:
     """Owns a ``grpc.aio.Server``. Register servicers on ``.server`` before ``start()``.
 
     ``checks`` are the service's own dependencies (NATS, database, Redis, model); the
     health status is SERVING only while all of them pass, probed every
     ``health_interval_s``.
+
+    ``denials`` records the calls it refuses for the audit log (flushed on ``stop``).
     """
 
     def __init__(
@@ -48,16 +67,18 @@ class GrpcServer:
         service_names: Sequence[str],
         checks: dict[str, DependencyCheck] | None = None,
         authenticate: Authenticator | None = None,
+        denials: DenialRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.service_names = list(service_names)
         self.checks = dict(checks or {})
         auth = authenticate or api_key_authenticator(settings.api_key_set())
+        self.denials = denials
         self.server = grpc.aio.server(
-            interceptors=[CallInterceptor(auth)],
+            interceptors=[CallInterceptor(auth, denials)],
             options=grpc_options(settings.max_message_mb),
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -137,6 +158,8 @@ class GrpcServer:
         # NOT_SERVING first: balancers stop sending new calls while in-flight ones finish.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=self.settings.shutdown_grace_s)
+        if self.denials is not None:
+            await self.denials.close()
         log.info("gRPC server stopped")
 
 

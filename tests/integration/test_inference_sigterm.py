@@ -48,6 +48,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits(
         "FTOPS_REGISTRY_ADDRESS": "127.0.0.1:1",
         "FTOPS_DRAIN_TIMEOUT_S": "20",
         "FTOPS_AUTH_MODE": "disabled",  # no registry to check keys with
+        "FTOPS_DEV_MODE": "true",  # auth may be off only in development mode
     }
     log = (tmp_path / "inference.log").open("wb")
     proc = await asyncio.create_subprocess_exec(

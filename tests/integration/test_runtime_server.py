@@ -187,3 +187,23 @@ async def test_api_key_hook(dependency: dict[str, bool]) -> None:
             assert resp.version_id not in {"", "anonymous"}
     finally:
         await server.stop()
+
+
+async def test_health_list_answers_every_service(dependency: dict[str, bool]) -> None:
+    # Reflection advertises List; grpc's own servicer raised NotImplementedError there,
+    # which answered INTERNAL and logged a traceback per call.
+    import asyncio
+
+    server = await _server(dependency)
+    try:
+        async with channel(server.address) as ch:
+            await asyncio.sleep(0.3)
+            listed = await health_pb2_grpc.HealthStub(ch).List(
+                health_pb2.HealthListRequest(), timeout=5
+            )
+        assert {name: s.status for name, s in listed.statuses.items()} == {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            SERVICE: health_pb2.HealthCheckResponse.SERVING,
+        }
+    finally:
+        await server.stop()

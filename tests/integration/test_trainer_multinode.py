@@ -231,6 +231,7 @@ async def test_a_member_killed_mid_run_sends_the_job_back_to_resume_from_its_che
         "FTOPS_INSTANCE_ID": "doomed",
         "FTOPS_GRPC_PORT": str(free_port()),
         "FTOPS_AUTH_MODE": "disabled",
+        "FTOPS_DEV_MODE": "true",  # auth may be off only in development mode
         "FTOPS_DISTRIBUTED_TIMEOUT_S": "30",
     }
     doomed = await asyncio.create_subprocess_exec(

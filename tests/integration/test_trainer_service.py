@@ -436,6 +436,7 @@ async def test_a_killed_replica_loses_no_job(env: Env, tmp_path: Path, nats_url:
         "FTOPS_GRPC_PORT": str(free_port()),
         "FTOPS_TORCH_THREADS": "1",
         "FTOPS_AUTH_MODE": "disabled",
+        "FTOPS_DEV_MODE": "true",  # auth may be off only in development mode
         # Progress seen early enough to kill it mid-job even on an idle machine.
         "FTOPS_PROGRESS_INTERVAL_S": "0.1",
         "FTOPS_WATCH_POLL_S": "0.1",

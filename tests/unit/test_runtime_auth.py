@@ -213,3 +213,102 @@ def test_auth_is_on_unless_development_mode_or_explicitly_off(
     monkeypatch.setenv("FTOPS_AUTH_MODE", "disabled")
     assert auth.effective_mode(_Settings()) is AuthMode.disabled
     assert auth.effective_mode(ServiceSettings()) is AuthMode.enabled  # no auth fields at all
+
+
+async def test_forget_drops_a_revoked_key_at_once() -> None:
+    clock = _Clock()
+    revoked: set[str] = set()
+    key = auth.new_api_key()[1]
+    parsed = auth.parse_api_key(key)
+    assert parsed is not None
+
+    async def resolve(presented: str, method: str) -> AuthPrincipal:
+        if presented in revoked:
+            raise Unauthenticated("revoked")
+        return AuthPrincipal(key_id=parsed.key_id, roles={"alpha": Role.releaser})
+
+    cached = CachedResolver(resolve, ttl_s=30, clock=clock)
+    assert (await cached(key, "m")).key_id == parsed.key_id
+    revoked.add(key)
+    assert cached.forget("f" * 16) == 0  # another key: nothing dropped
+    assert (await cached(key, "m")).key_id == parsed.key_id
+    assert cached.forget(parsed.key_id) == 1
+    with pytest.raises(Unauthenticated, match="revoked"):  # long before the TTL
+        await cached(key, "m")
+
+
+async def test_an_answer_asked_before_a_revocation_is_not_cached() -> None:
+    import asyncio
+
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow(presented: str, method: str) -> AuthPrincipal:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return ALPHA_TRAINER
+
+    cached = CachedResolver(slow, ttl_s=30)
+    in_flight = asyncio.create_task(cached("k", "m"))
+    await asyncio.sleep(0)
+    cached.forget(ALPHA_TRAINER.key_id)  # the revocation lands while the answer travels
+    release.set()
+    assert await in_flight is ALPHA_TRAINER
+    await cached("k", "m")
+    assert calls == 2  # the stale answer was not kept
+
+
+def test_require_tells_the_audit_which_team_was_refused() -> None:
+    token = current_principal.set(ALPHA_TRAINER)
+    try:
+        with pytest.raises(PermissionDenied) as info:
+            auth.require("beta", Role.viewer, action="GetRoute")
+    finally:
+        current_principal.reset(token)
+    assert info.value._ftops_team == "beta"  # type: ignore[attr-defined]
+
+
+class _ServiceKeySettings(ServiceSettings, AuthSettings):
+    registry_api_key: str = ""
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"FTOPS_AUTH_MODE": "disabled", "FTOPS_REGISTRY_API_KEY": "k"}, "FTOPS_AUTH_MODE"),
+        ({"FTOPS_AUTH_MODE": "enabled"}, "FTOPS_REGISTRY_API_KEY"),
+        ({}, "FTOPS_REGISTRY_API_KEY"),  # on by default outside development mode
+    ],
+)
+def test_unsafe_auth_settings_stop_the_service_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    from ftops_runtime.app import run_service
+
+    for name in ("FTOPS_AUTH_MODE", "FTOPS_DEV_MODE", "FTOPS_REGISTRY_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    served: list[object] = []
+
+    async def serve(settings: _ServiceKeySettings, stop: object) -> None:
+        served.append(settings)
+
+    with pytest.raises(SystemExit) as info:
+        run_service("svc", _ServiceKeySettings, serve)
+    assert named in str(info.value)
+    assert not served
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        _ServiceKeySettings(dev_mode=True),  # development: off by default, no key needed
+        _ServiceKeySettings(dev_mode=True, auth_mode="disabled"),
+        _ServiceKeySettings(auth_mode="enabled", registry_api_key="ftk_x"),
+        _Settings(auth_mode="enabled"),  # the registry: no service key of its own
+    ],
+)
+def test_sound_auth_settings_start(settings: ServiceSettings) -> None:
+    assert auth.startup_problems(settings) == []

@@ -112,14 +112,16 @@ class GatewayService:
         )
         # Callers' keys are checked by the registry (cached for auth_cache_ttl_s); both
         # front ends share the hook, so a key works (or not) the same over HTTP.
+        # Revocations applied at once (auth.key_changed); refusals audited by the registry.
         authenticate, self._auth_resolver = auth.registry_authenticator(
-            settings, settings.registry_address
+            settings, settings.registry_address, bus=self.bus, service="gateway"
         )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"redis": self._redis_ok, "nats": self._nats_ok},
             authenticate=authenticate,
+            denials=self._auth_resolver.denials,
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             GatewayServicer(self.gateway, self.releases, self.access), self.server.server

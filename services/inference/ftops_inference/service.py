@@ -82,8 +82,9 @@ class InferenceService:
                 settings.fault_versions or "all",
             )
         # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        # Revocations applied at once (auth.key_changed); refusals audited by the registry.
         authenticate, self._auth_resolver = auth.registry_authenticator(
-            settings, settings.registry_address
+            settings, settings.registry_address, bus=self.bus, service="inference"
         )
         self.server = GrpcServer(
             settings,
@@ -94,6 +95,7 @@ class InferenceService:
                 "registry": self._registry_ok,
             },
             authenticate=authenticate,
+            denials=self._auth_resolver.denials,
         )
         self._registry_channel = client.channel(
             settings.registry_address, api_key=settings.registry_api_key

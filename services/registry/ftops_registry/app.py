@@ -7,6 +7,7 @@ import asyncio
 import logging
 from datetime import timedelta
 
+from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_registry.artifacts import ArtifactStore, LocalArtifactStore
 from ftops_registry.artifacts_nats import NatsObjectArtifactStore
@@ -20,8 +21,9 @@ from ftops_registry.releases import ReleaseHistory
 from ftops_registry.retention import Retention
 from ftops_registry.servicer import SERVICE_NAME, RegistryServicer
 from ftops_registry.settings import RegistrySettings
-from ftops_runtime import auth
-from ftops_runtime.bus import EventBus
+from ftops_runtime import auth, events
+from ftops_runtime.bus import Delivery, EventBus
+from ftops_runtime.denials import DenialRecorder
 from ftops_runtime.errors import FtopsError
 from ftops_runtime.retry import retry_forever
 from ftops_runtime.server import GrpcServer
@@ -48,6 +50,9 @@ class RegistryApp:
         self.releases = ReleaseHistory(self.db)
         self.jobs = JobRecords(self.db)
         self.keys = Keys(self.db)
+        self.audit = AuditLog(self.db)
+        # The registry's own refusals go straight into its audit log, aggregated.
+        self.denials = DenialRecorder("registry", self._write_denials)
         self.auth_mode = auth.effective_mode(settings)
         self.bus = EventBus(
             settings.nats_url,
@@ -67,8 +72,9 @@ class RegistryApp:
             retention=Retention(
                 self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
             ),
-            audit=AuditLog(self.db),
+            audit=self.audit,
             keys=self.keys,
+            key_changed=self._announce_key_changed,
         )
         # Keys are resolved from this registry's own database; Authenticate itself is
         # public (it is how the other services check their callers' keys).
@@ -81,6 +87,7 @@ class RegistryApp:
                 mode=self.auth_mode,
                 public={f"/{SERVICE_NAME}/Authenticate"},
             ),
+            denials=self.denials,
         )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(self.servicer, self.server.server)
         self._migrate_task: asyncio.Task[None] | None = None
@@ -94,6 +101,32 @@ class RegistryApp:
 
     async def _nats_ok(self) -> bool:
         return self.bus.ready
+
+    async def _write_denials(self, entries: list[events_pb2.AccessDenied]) -> None:
+        await self.db.run(self.audit.record_denials, entries)
+
+    async def _on_denied(self, batch: events_pb2.AccessDeniedBatch, delivery: Delivery) -> None:
+        """Another service's refusals (audit.denied); a redelivered batch is written once."""
+        await self.db.run(self.audit.record_denials, list(batch.denials), batch.meta.event_id)
+
+    async def _announce_key_changed(self, key_id: str, revoked: bool) -> None:
+        """Every service forgets the key now; if NATS cannot take the event, their cache
+        TTL (FTOPS_AUTH_CACHE_TTL_S) still ends its use."""
+        event = events_pb2.ApiKeyChanged(
+            meta=events.new_meta("registry", self.settings.instance_id),
+            key_id=key_id,
+            revoked=revoked,
+        )
+        try:
+            await self.bus.publish(events.AUTH_KEY_CHANGED, event, timeout=2.0)
+        except Exception as exc:
+            log.error(
+                "could not announce the revocation of API key %s (services drop it within "
+                "FTOPS_AUTH_CACHE_TTL_S=%s s): %r",
+                key_id,
+                self.settings.auth_cache_ttl_s,
+                exc,
+            )
 
     async def _prepare_database(self) -> None:
         await retry_forever(
@@ -113,6 +146,8 @@ class RegistryApp:
             log.warning("authentication is DISABLED (development mode): every caller is admin")
         # Only now: an event handled before the schema exists would just fail and retry.
         subscribe_release_events(self.bus, self.db, self.releases, durable=self.durable)
+        # Shared by the registry replicas: each batch is written once.
+        self.bus.subscribe(events.AUDIT_DENIED, f"{self.durable}-audit-denied", self._on_denied)
 
     async def start(self) -> int:
         port = await self.server.start()

@@ -9,16 +9,22 @@ The actor is the caller the runtime's auth interceptor resolved (``current_princ
 an API key id, or "anonymous" with authentication off); it is a context variable, and
 ``Database.run`` copies the context onto its worker thread. Event-driven changes name the
 event's producer instead.
+
+Refusals of every service (the registry's unauthenticated calls included) arrive
+aggregated (``record_denials``): the registry's own from its ``DenialRecorder``, the other
+services' as ``audit.denied`` batches. Their actor is the id of the key presented
+("anonymous" when none was), their resource ``service:<service>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from datetime import datetime
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ftops.events.v1 import events_pb2
 from ftops.registry.v1 import registry_pb2
 from ftops_registry import convert
 from ftops_registry.db import Database
@@ -30,6 +36,9 @@ OK = "ok"
 MAX_DETAIL = 2000
 # Same as the other list RPCs (not imported: the registry core imports this module).
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+# How far back a redelivered audit.denied batch is looked for (redeliveries come within
+# minutes; the ``at`` index keeps the look cheap).
+_REDELIVERY_WINDOW = timedelta(days=1)
 
 
 def caller() -> str:
@@ -82,6 +91,38 @@ class AuditLog:
 
         self.db.write(work)
 
+    def record_denials(self, entries: Sequence[events_pb2.AccessDenied], batch_id: str = "") -> int:
+        """Refusals (aggregated) in one transaction; a batch already written (an
+        ``audit.denied`` redelivered: same ``batch_id``) is not written again. Returns
+        the number of entries written."""
+        if not entries:
+            return 0
+        tag = f" [{batch_id}]" if batch_id else ""
+
+        def work(s: Session) -> int:
+            if tag:
+                seen = s.scalar(
+                    select(AuditRow.id)
+                    .where(AuditRow.at >= utcnow() - _REDELIVERY_WINDOW)
+                    .where(AuditRow.detail.endswith(tag, autoescape=True))
+                    .limit(1)
+                )
+                if seen is not None:
+                    return 0
+            for entry in entries:
+                record(
+                    s,
+                    entry.method,
+                    f"service:{entry.service}",
+                    team=entry.team,
+                    outcome=entry.code,
+                    detail=denial_detail(entry)[: MAX_DETAIL - len(tag)] + tag,
+                    actor=entry.key_id or "anonymous",
+                )
+            return len(entries)
+
+        return self.db.write(work)
+
     def list(
         self,
         team: str = "",
@@ -115,6 +156,17 @@ class AuditLog:
                 entries=[_entry(r) for r in page],
                 next_page_token=encode_token(page[-1].id) if len(rows) > limit else "",
             )
+
+
+def denial_detail(entry: events_pb2.AccessDenied) -> str:
+    """The reason, and where and how often: "<reason> (12 times from 10.0.0.7, 09:00:01
+    to 09:00:02)"."""
+    source = entry.source or "an unknown address"
+    if entry.count <= 1:
+        return f"{entry.reason} (from {source})"
+    first = entry.first_at.ToDatetime().strftime("%H:%M:%S")
+    last = entry.last_at.ToDatetime().strftime("%H:%M:%S")
+    return f"{entry.reason} ({entry.count} times from {source}, {first} to {last} UTC)"
 
 
 def _entry(row: AuditRow) -> registry_pb2.AuditEntry:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -24,7 +24,7 @@ from ftops_registry.keys import Keys
 from ftops_registry.registry import Registry, file_specs
 from ftops_registry.releases import ReleaseHistory
 from ftops_registry.retention import Retention
-from ftops_runtime import auth
+from ftops_runtime import auth, denials
 from ftops_runtime.auth import AuthPrincipal, Role
 from ftops_runtime.errors import (
     FtopsError,
@@ -33,6 +33,7 @@ from ftops_runtime.errors import (
     Unauthenticated,
     Unavailable,
 )
+from ftops_runtime.interceptors import note_denial
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,8 +54,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         retention: Retention,
         audit: AuditLog,
         keys: Keys,
+        key_changed: Callable[[str, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._keys = keys
+        # Announces a revoked key to every service's key cache (auth.key_changed).
+        self._key_changed = key_changed
         self._retention = retention
         self._db = db
         self._audit = audit
@@ -85,6 +89,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def _audit_failure(
         self, method: str, resource: str, exc: FtopsError, adapter: str = "", team: str = ""
     ) -> None:
+        denials.mark_audited(exc)  # with its resource, here: the runtime need not add it
         if isinstance(exc, Unavailable):
             return  # the database is what failed: nowhere to write the entry
         try:
@@ -579,28 +584,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             for r in key.roles:
                 # Only someone who administers every team the key works for.
                 await self._require("RevokeApiKey", resource, r.team, Role.admin)
-        return await self._audited(
+        revoked = await self._audited(
             "RevokeApiKey", resource, "", self._keys.revoke_key, request.key_id
         )
+        if self._key_changed is not None:
+            await self._key_changed(request.key_id, True)
+        return revoked
 
     async def Authenticate(
         self, request: registry_pb2.AuthenticateRequest, context: Any
     ) -> registry_pb2.Principal:
-        principal = await self.resolve_key(request.api_key, "Authenticate")
+        try:
+            principal = await self.resolve_key(request.api_key, "Authenticate")
+        except Unauthenticated as exc:
+            # Audited (aggregated) under the key checked, not the asking service's.
+            note_denial(exc, "Authenticate", key_id=denials.key_id_of(request.api_key))
+            raise
         return auth.principal_to_proto(principal)
 
     async def resolve_key(self, key: str, method: str) -> AuthPrincipal:
-        """The registry's own resolver (its auth interceptor and ``Authenticate``): a
-        failed authentication is audited."""
+        """The registry's own resolver (its auth interceptor and ``Authenticate``). A
+        refused key is audited by the runtime, aggregated, under the presented key's id:
+        a flood of bad keys costs no database write per call."""
         if not key:
             raise Unauthenticated(auth.MISSING_KEY)
-        try:
-            return await self._db.run(self._keys.resolve, key)
-        except FtopsError as exc:
-            parsed = auth.parse_api_key(key)
-            name = method.rpartition("/")[2] or method
-            await self._audit_failure(name, f"key:{parsed.key_id if parsed else ''}", exc)
-            raise
+        return await self._db.run(self._keys.resolve, key)
 
 
 def _role(r: registry_pb2.TeamRole) -> Role:

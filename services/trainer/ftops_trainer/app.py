@@ -45,14 +45,16 @@ class TrainerApp:
         self._registry_health = health_pb2_grpc.HealthStub(self.registry_channel)
         self.jobs = JobManager(settings, self.registry, self.bus)
         # Callers' keys are checked by the registry (cached for auth_cache_ttl_s).
+        # Revocations applied at once (auth.key_changed); refusals audited by the registry.
         authenticate, self._auth_resolver = auth.registry_authenticator(
-            settings, settings.registry_address
+            settings, settings.registry_address, bus=self.bus, service="trainer"
         )
         self.server = GrpcServer(
             settings,
             service_names=[SERVICE_NAME],
             checks={"nats": self._nats_ok, "registry": self._registry_ok},
             authenticate=authenticate,
+            denials=self._auth_resolver.denials,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
             TrainerServicer(self.jobs), self.server.server

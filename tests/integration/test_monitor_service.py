@@ -27,11 +27,10 @@ from ftops_runtime.client import channel
 from ftops_runtime.events import (
     METRICS_REQUESTS,
     MONITOR_ALERT,
-    RELEASE_PAUSED,
     RELEASE_PROMOTE,
-    RELEASE_RESUMED,
     RELEASE_ROLLBACK,
-    RELEASE_STARTED,
+    ROUTE_CHANGED,
+    derived_event_id,
     new_meta,
 )
 
@@ -111,25 +110,106 @@ def _started(
     *,
     auto: bool = True,
     steps: tuple[int, ...] = (10, 50, 100),
+    strategy: events_pb2.ReleaseStrategy.ValueType = events_pb2.RELEASE_STRATEGY_CANARY,
+    shadow_percent: int = 0,
     **analysis: Any,
-) -> events_pb2.ReleaseStarted:
+) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for a release it just started (revision 1)."""
     settings: dict[str, Any] = {"min_requests": 10, "max_error_rate": 0.1, "auto": auto}
     settings.update(analysis)
-    return events_pb2.ReleaseStarted(
-        meta=new_meta("gateway", "test"),
+    release = events_pb2.ReleaseSnapshot(
         release_id=f"rel_{uuid.uuid4().hex[:8]}",
-        alias=alias,
+        state="running",
+        strategy=strategy,
         stable_version_id="ver_s",
         candidate_version_id=candidate,
-        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        candidate_weight=steps[0],
         steps=list(steps),
-        current_weight=steps[0],
         analysis=events_pb2.AnalysisSettings(**settings),
+        shadow_percent=shadow_percent,
+        change=events_pb2.ReleaseChange(kind="started", event_id=uuid.uuid4().hex),
+    )
+    release.started_at.GetCurrentTime()
+    release.step_started_at.CopyFrom(release.started_at)
+    release.change.occurred_at.CopyFrom(release.started_at)
+    return _route(alias, 1, release)
+
+
+def _route(
+    alias: str, revision: int, release: events_pb2.ReleaseSnapshot
+) -> events_pb2.RouteChanged:
+    meta = new_meta("gateway", "test")
+    meta.event_id = derived_event_id("route.changed", alias, revision)  # as the gateway's
+    promoted = release.state == "promoted"
+    return events_pb2.RouteChanged(
+        meta=meta,
+        alias=alias,
+        revision=revision,
+        stable_version_id=release.candidate_version_id if promoted else release.stable_version_id,
+        release=release,
     )
 
 
+def _changed(
+    before: events_pb2.RouteChanged,
+    kind: str,
+    *,
+    cause: str = "",
+    reason: str = "",
+    manual: bool = False,
+    **fields: Any,
+) -> events_pb2.RouteChanged:
+    """The gateway's next route.changed: ``before``'s release after a ``kind`` change that
+    set ``fields`` of its snapshot (a promotion or a resume starts the step over now)."""
+    release = events_pb2.ReleaseSnapshot()
+    release.CopyFrom(before.release)
+    for name, value in fields.items():
+        setattr(release, name, value)
+    release.change.Clear()
+    release.change.kind = kind
+    release.change.event_id = cause or uuid.uuid4().hex
+    release.change.reason = reason
+    release.change.manual = manual
+    release.change.occurred_at.GetCurrentTime()
+    if release.state in ("promoted", "rolled_back"):
+        release.candidate_weight = 0
+        release.ClearField("step_started_at")
+    elif kind in ("promote", "resumed"):
+        release.step_started_at.CopyFrom(release.change.occurred_at)
+    return _route(before.alias, before.revision + 1, release)
+
+
+def _applied(
+    before: events_pb2.RouteChanged,
+    decision: events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+) -> events_pb2.RouteChanged:
+    """What the gateway publishes once it applied the monitor's decision."""
+    cause, reason = decision.meta.event_id, decision.reason
+    if isinstance(decision, events_pb2.ReleaseRollback):
+        return _changed(before, "rollback", cause=cause, reason=reason, state="rolled_back")
+    return _changed(
+        before,
+        "promote",
+        cause=cause,
+        reason=reason,
+        state="promoted" if decision.final else "running",
+        step_index=decision.step_index,
+        candidate_weight=decision.weight,
+    )
+
+
+async def _follows(service: MonitorService, event: events_pb2.RouteChanged) -> None:
+    """Until the monitor has taken the gateway's state at ``event``'s revision."""
+
+    async def caught_up() -> bool:
+        release = service.monitor.release_for(event.alias)
+        return release is not None and release.revision >= event.revision
+
+    await _until(caught_up)
+
+
 def _results(
-    started: events_pb2.ReleaseStarted,
+    started: events_pb2.RouteChanged,
     version: str,
     arm: str,
     n: int,
@@ -147,7 +227,7 @@ def _results(
             ttft_ms=5.0,
             completion_tokens=8,
             status=status,
-            release_id=started.release_id,
+            release_id=started.release.release_id,
         )
         result.finished_at.GetCurrentTime()
         results.append(result)
@@ -169,28 +249,37 @@ async def test_monitor_promotes_healthy_and_rolls_back_failing(
     good = _started(f"good-{uuid.uuid4().hex[:6]}", "ver_c")
     bad = _started(f"bad-{uuid.uuid4().hex[:6]}", "ver_bad")
     try:
-        await bus.publish(RELEASE_STARTED, good)
-        await bus.publish(RELEASE_STARTED, bad)
-        await asyncio.sleep(0.3)
+        await bus.publish(ROUTE_CHANGED, good)
+        await bus.publish(ROUTE_CHANGED, bad)
+        await _follows(monitor, good)
+        await _follows(monitor, bad)
         for started in (good, bad):
             await bus.publish(METRICS_REQUESTS, _batch(_results(started, "ver_s", "stable", 30)))
         await bus.publish(METRICS_REQUESTS, _batch(_results(good, "ver_c", "candidate", 12)))
         await bus.publish(METRICS_REQUESTS, _batch(_results(bad, "ver_bad", "candidate", 4)))
-        await bus.publish(
-            METRICS_REQUESTS,
-            _batch(_results(bad, "ver_bad", "candidate", 8, status="UNAVAILABLE")),
-        )
+        # The candidate's own failures (not the platform's: those are not its errors).
+        failing = _results(bad, "ver_bad", "candidate", 8, status="INTERNAL")
+        for r in failing:
+            r.failure_origin = "replica"
+        await bus.publish(METRICS_REQUESTS, _batch(failing))
 
-        promote = await promotes.wait_for(lambda e: e.release_id == good.release_id)
+        promote = await promotes.wait_for(lambda e: e.release_id == good.release.release_id)
         assert (promote.step_index, promote.weight, promote.final) == (1, 50, False)
         assert promote.figures["requests"] == 12
         assert promote.figures["error_rate"] == 0
         assert promote.figures["stable_p95_ms"] > 0
-        rollback = await rollbacks.wait_for(lambda e: e.release_id == bad.release_id)
+        rollback = await rollbacks.wait_for(lambda e: e.release_id == bad.release.release_id)
         assert rollback.stable_version_id == "ver_s"
         assert rollback.candidate_version_id == "ver_bad"
         assert rollback.figures["errors"] == 8
         assert "error rate above the cap" in rollback.reason
+        # The monitor's view changes with the gateway's state, not with its own decision.
+        assert monitor.monitor.analysis(good.alias).step_index == 0
+        assert monitor.monitor.analysis(bad.alias).state == "running"
+        for before, decision in ((good, promote), (bad, rollback)):
+            applied = _applied(before, decision)
+            await bus.publish(ROUTE_CHANGED, applied)
+            await _follows(monitor, applied)
 
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
@@ -222,7 +311,7 @@ async def test_monitor_promotes_healthy_and_rolls_back_failing(
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "no-such-alias" in (info.value.details() or "")
         # Nothing more for the good release: its next step has no traffic of its own.
-        assert len([e for e in promotes.events if e.release_id == good.release_id]) == 1
+        assert len([e for e in promotes.events if e.release_id == good.release.release_id]) == 1
     finally:
         await monitor.stop()
 
@@ -232,9 +321,10 @@ async def test_healthy_candidate_walks_every_step(nats_url: str, bus: EventBus) 
     monitor = await _monitor(nats_url)
     started = _started(f"walk-{uuid.uuid4().hex[:6]}", "ver_c", steps=(5, 25, 50, 100))
     try:
-        await bus.publish(RELEASE_STARTED, started)
-        seen = 0
+        await bus.publish(ROUTE_CHANGED, started)
+        current = started
         for expected in ((1, 25, False), (2, 50, False), (3, 100, True)):
+            await _follows(monitor, current)
             # Results of this step are newer than the promotion that began it.
             await bus.publish(
                 METRICS_REQUESTS,
@@ -244,13 +334,16 @@ async def test_healthy_candidate_walks_every_step(nats_url: str, bus: EventBus) 
                 ),
             )
 
-            def moved_on(e: Any, after: int = seen) -> bool:
-                return bool(e.release_id == started.release_id and e.step_index > after)
+            def moved_on(e: Any, after: int = current.release.step_index) -> bool:
+                return bool(e.release_id == started.release.release_id and e.step_index > after)
 
             event = await promotes.wait_for(moved_on)
             assert (event.step_index, event.weight, event.final) == expected
             assert not event.manual
-            seen = event.step_index
+            # The gateway applies it and publishes the release's new state.
+            current = _applied(current, event)
+            await bus.publish(ROUTE_CHANGED, current)
+        await _follows(monitor, current)
         analysis = monitor.monitor.analysis(started.alias)
         assert analysis.state == "promoted"
     finally:
@@ -258,9 +351,9 @@ async def test_healthy_candidate_walks_every_step(nats_url: str, bus: EventBus) 
 
 
 def _mirrored(
-    started: events_pb2.ReleaseStarted, n: int, divergence: float
+    started: events_pb2.RouteChanged, n: int, divergence: float
 ) -> list[events_pb2.RequestResult]:
-    results = _results(started, started.candidate_version_id, "shadow", n)
+    results = _results(started, started.release.candidate_version_id, "shadow", n)
     for r in results:
         r.shadow = True
         r.shadow_of = uuid.uuid4().hex
@@ -274,14 +367,24 @@ async def test_blue_green_switches_at_once_and_shadow_stops_on_divergence(
     promotes = await _collect(bus, RELEASE_PROMOTE)
     rollbacks = await _collect(bus, RELEASE_ROLLBACK)
     monitor = await _monitor(nats_url)
-    blue_green = _started(f"bg-{uuid.uuid4().hex[:6]}", "ver_c", steps=(100,))
-    blue_green.strategy = events_pb2.RELEASE_STRATEGY_BLUE_GREEN
-    blue_green.shadow_percent = 20
-    shadow = _started(f"sh-{uuid.uuid4().hex[:6]}", "ver_c", steps=(100,), max_divergence=0.3)
-    shadow.strategy = events_pb2.RELEASE_STRATEGY_SHADOW
+    blue_green = _started(
+        f"bg-{uuid.uuid4().hex[:6]}",
+        "ver_c",
+        steps=(100,),
+        strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN,
+        shadow_percent=20,
+    )
+    shadow = _started(
+        f"sh-{uuid.uuid4().hex[:6]}",
+        "ver_c",
+        steps=(100,),
+        strategy=events_pb2.RELEASE_STRATEGY_SHADOW,
+        max_divergence=0.3,
+    )
     try:
-        await bus.publish(RELEASE_STARTED, blue_green)
-        await bus.publish(RELEASE_STARTED, shadow)
+        for started in (blue_green, shadow):
+            await bus.publish(ROUTE_CHANGED, started)
+            await _follows(monitor, started)
         for started, divergence in ((blue_green, 0.1), (shadow, 0.6)):
             await bus.publish(
                 METRICS_REQUESTS,
@@ -289,14 +392,14 @@ async def test_blue_green_switches_at_once_and_shadow_stops_on_divergence(
                     _results(started, "ver_s", "stable", 20), _mirrored(started, 12, divergence)
                 ),
             )
-        switched = await promotes.wait_for(lambda e: e.release_id == blue_green.release_id)
+        switched = await promotes.wait_for(lambda e: e.release_id == blue_green.release.release_id)
         assert (switched.weight, switched.final) == (100, True)
         assert "12 shadow results" in switched.reason
-        stopped = await rollbacks.wait_for(lambda e: e.release_id == shadow.release_id)
+        stopped = await rollbacks.wait_for(lambda e: e.release_id == shadow.release.release_id)
         assert "mean divergence 0.600" in stopped.reason
         assert stopped.figures["divergence_mean"] == pytest.approx(0.6)
         # A shadow release never promotes.
-        assert not [e for e in promotes.events if e.release_id == shadow.release_id]
+        assert not [e for e in promotes.events if e.release_id == shadow.release.release_id]
     finally:
         await monitor.stop()
 
@@ -308,7 +411,8 @@ async def test_two_times_slower_candidate_is_rolled_back_on_latency(
     monitor = await _monitor(nats_url)
     started = _started(f"slow-{uuid.uuid4().hex[:6]}", "ver_slow", max_latency_ratio=0)
     try:
-        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(ROUTE_CHANGED, started)
+        await _follows(monitor, started)
         await bus.publish(
             METRICS_REQUESTS,
             _batch(
@@ -316,7 +420,7 @@ async def test_two_times_slower_candidate_is_rolled_back_on_latency(
                 _results(started, "ver_slow", "candidate", 8, latency=200.0),
             ),
         )
-        rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+        rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release.release_id)
         assert "latency worse at 98% confidence" in rollback.reason
         assert rollback.figures["latency_p_value"] < 0.02
         assert rollback.figures["p50_ms"] > 1.9 * rollback.figures["stable_p50_ms"]
@@ -331,16 +435,9 @@ async def test_pause_stops_decisions_and_resume_restarts_the_step(
     monitor = await _monitor(nats_url)
     started = _started(f"pause-{uuid.uuid4().hex[:6]}", "ver_c")
     try:
-        await bus.publish(RELEASE_STARTED, started)
-        await bus.publish(
-            RELEASE_PAUSED,
-            events_pb2.ReleasePaused(
-                meta=new_meta("gateway", "test"),
-                release_id=started.release_id,
-                alias=started.alias,
-                reason="investigating",
-            ),
-        )
+        await bus.publish(ROUTE_CHANGED, started)
+        paused = _changed(started, "paused", reason="investigating", manual=True, state="paused")
+        await bus.publish(ROUTE_CHANGED, paused)
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
             request = monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
@@ -352,19 +449,13 @@ async def test_pause_stops_decisions_and_resume_restarts_the_step(
             stats = monitor_pb2.GetVersionStatsRequest(alias=started.alias, version_id="ver_c")
             await _until(lambda: _requests(stub, stats, 20))
             await monitor.monitor.analyze_once()  # a tick that sees those results
-            assert not [e for e in rollbacks.events if e.release_id == started.release_id]
+            assert not [e for e in rollbacks.events if e.release_id == started.release.release_id]
             analysis = await stub.GetReleaseAnalysis(request)
             assert analysis.paused
             assert analysis.figures["requests"] == 0  # results while paused do not count
 
-            await bus.publish(
-                RELEASE_RESUMED,
-                events_pb2.ReleaseResumed(
-                    meta=new_meta("gateway", "test"),
-                    release_id=started.release_id,
-                    alias=started.alias,
-                ),
-            )
+            resumed = _changed(paused, "resumed", manual=True, state="running")
+            await bus.publish(ROUTE_CHANGED, resumed)
             await _until(lambda: _paused(stub, request, False))
             await bus.publish(
                 METRICS_REQUESTS,
@@ -373,7 +464,9 @@ async def test_pause_stops_decisions_and_resume_restarts_the_step(
                     _results(started, "ver_c", "candidate", 10, status="INTERNAL"),
                 ),
             )
-            rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+            rollback = await rollbacks.wait_for(
+                lambda e: e.release_id == started.release.release_id
+            )
             assert rollback.figures["requests"] == 10  # only the resumed step's results
     finally:
         await monitor.stop()
@@ -419,7 +512,8 @@ async def test_feedback_over_grpc_changes_the_verdict(nats_url: str, bus: EventB
     stable = _results(started, "ver_s", "stable", 10)
     candidate = _results(started, "ver_c", "candidate", 5)
     try:
-        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(ROUTE_CHANGED, started)
+        await _follows(monitor, started)
         await bus.publish(METRICS_REQUESTS, _batch(stable, candidate))
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
@@ -451,7 +545,9 @@ async def test_feedback_over_grpc_changes_the_verdict(nats_url: str, bus: EventB
                     "candidate",
                     False,
                 )
-            rollback = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
+            rollback = await rollbacks.wait_for(
+                lambda e: e.release_id == started.release.release_id
+            )
             assert "mean score 0.200" in rollback.reason
             assert rollback.figures["stable_feedback_mean"] == pytest.approx(0.9)
             window = await stub.GetVersionStats(stats)
@@ -503,55 +599,78 @@ async def test_alert_fires_and_resolves_and_metrics_scrape(nats_url: str, bus: E
         await monitor.stop()
 
 
-async def test_manual_decisions_and_state_rebuilt_after_restart(
+async def test_manual_release_follows_the_gateway_and_is_rebuilt_after_restart(
     nats_url: str, bus: EventBus
 ) -> None:
     promotes = await _collect(bus, RELEASE_PROMOTE)
     rollbacks = await _collect(bus, RELEASE_ROLLBACK)
     monitor = await _monitor(nats_url)
     started = _started(f"manual-{uuid.uuid4().hex[:6]}", "ver_c", auto=False)
+    release_id = started.release.release_id
     try:
-        await bus.publish(RELEASE_STARTED, started)
+        await bus.publish(ROUTE_CHANGED, started)
+        await _follows(monitor, started)
+        # Evidence enough to pass the step: a manual release is still never decided.
+        await bus.publish(
+            METRICS_REQUESTS,
+            _batch(
+                _results(started, "ver_s", "stable", 30),
+                _results(started, "ver_c", "candidate", 12),
+            ),
+        )
         async with channel(monitor.address) as ch:
             stub = monitor_pb2_grpc.MonitorServiceStub(ch)
-            request = monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
-            await _until(lambda: _paused(stub, request, False))
-            decision = monitor_pb2.ReleaseDecisionRequest(alias=started.alias, reason="by hand")
-            analysis = await stub.PromoteRelease(decision)
-            assert (analysis.step_index, analysis.weight) == (1, 50)
-            analysis = await stub.PromoteRelease(decision)
-            assert analysis.state == "promoted"
-            final = await promotes.wait_for(
-                lambda e: e.release_id == started.release_id and e.final
+            stats = monitor_pb2.GetVersionStatsRequest(alias=started.alias, version_id="ver_c")
+            await _until(lambda: _requests(stub, stats, 12))
+            assert await monitor.monitor.analyze_once() == []
+
+            # The releaser promotes through the gateway; the monitor follows its state.
+            step = _changed(
+                started,
+                "promote",
+                reason="by hand",
+                manual=True,
+                step_index=1,
+                candidate_weight=50,
             )
-            assert final.manual
-            assert final.reason == "by hand"
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.PromoteRelease(decision)
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await bus.publish(ROUTE_CHANGED, step)
+            await _follows(monitor, step)
+            request = monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
+            analysis = await stub.GetReleaseAnalysis(request)
+            assert (analysis.state, analysis.step_index, analysis.weight) == ("running", 1, 50)
+            assert (analysis.last_decision, analysis.last_reason) == ("promote", "by hand")
+            final = _changed(step, "promote", manual=True, state="promoted", step_index=2)
+            await bus.publish(ROUTE_CHANGED, final)
+            await _follows(monitor, final)
+            assert (await stub.GetReleaseAnalysis(request)).state == "promoted"
     finally:
         await monitor.stop()
+    assert not [e for e in promotes.events if e.release_id == release_id]
 
-    # A new monitor instance rebuilds the release state from the release history.
+    # A new monitor instance rebuilds the release state from the gateway's route.changed.
     again = await _monitor(nats_url)
     try:
-        for _ in range(60):
-            release = again.monitor.release_for(started.alias)
-            if release is not None and release.state.value == "promoted":
-                break
-            await asyncio.sleep(0.05)
+        await _follows(again, final)
         assert again.monitor.analysis(started.alias).state == "promoted"
-        async with channel(again.address) as ch:
-            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
-            analysis = await stub.RollbackRelease(
-                monitor_pb2.ReleaseDecisionRequest(alias=started.alias, reason="regression")
-            )
-            assert analysis.state == "rolled_back"
-        back = await rollbacks.wait_for(lambda e: e.release_id == started.release_id)
-        # Rolling back a completed promotion targets the previous stable version.
-        assert (back.stable_version_id, back.candidate_version_id) == ("ver_s", "ver_c")
+        # The gateway reverts the completed promotion; the new instance follows that too.
+        reverted = _changed(
+            final, "rollback", reason="regression", manual=True, state="rolled_back"
+        )
+        await bus.publish(ROUTE_CHANGED, reverted)
+        await _follows(again, reverted)
+        analysis = again.monitor.analysis(started.alias)
+        assert (analysis.state, analysis.last_reason) == ("rolled_back", "regression")
+        # An older state delivered late (stored again: a copy under its own id would be
+        # dropped as a duplicate) does not move it back.
+        late = events_pb2.RouteChanged()
+        late.CopyFrom(step)
+        late.meta.event_id = uuid.uuid4().hex
+        await bus.publish(ROUTE_CHANGED, late)
+        await asyncio.sleep(0.3)
+        assert again.monitor.analysis(started.alias).state == "rolled_back"
     finally:
         await again.stop()
+    assert not [e for e in rollbacks.events if e.release_id == release_id]
 
 
 def test_meta_helper_is_complete() -> None:

@@ -12,6 +12,7 @@ from bench import (
     gateway_overhead,
     hot_load,
     multi_adapter,
+    release_under_load,
     rollback_speed,
     serving_while_loading,
     train_throughput,
@@ -28,6 +29,7 @@ def main() -> None:
     asyncio.run(adapter_memory.main())
     asyncio.run(rollback_speed.main())
     asyncio.run(zero_downtime.main())
+    asyncio.run(release_under_load.main())
     data_pipeline.main()
     train_throughput.main()
     forgetting.main()

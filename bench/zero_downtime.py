@@ -49,6 +49,7 @@ from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
+from ftops_runtime.errors import RETRY_AFTER_KEY
 from ftops_runtime.events import METRICS_REQUESTS
 
 NAME = "zero_downtime"
@@ -107,13 +108,14 @@ class Load:
     gateway: gateway_pb2_grpc.GatewayServiceStub
     rate: float
     phase: str = "warmup"
+    alias: str = ALIAS
     samples: list[Sample] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def _one(self, i: int) -> None:
         phase, kind = self.phase, "stream" if i % 2 else "unary"
         request = gateway_pb2.GenerateRequest(
-            model=ALIAS,
+            model=self.alias,
             prompt=PROMPTS[i % len(PROMPTS)],
             sampling=SAMPLING,
             user=f"user-{i % 50}",
@@ -128,6 +130,9 @@ class Load:
             self.samples.append(Sample(phase, kind, True, time.perf_counter() - t0))
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
+            advice = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY, "")
+            if advice:
+                error += f" (retry after {advice} ms)"
             self.samples.append(Sample(phase, kind, False, time.perf_counter() - t0, error))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -165,14 +170,16 @@ async def _capacity(gateway: gateway_pb2_grpc.GatewayServiceStub, seconds: float
     return done / (time.perf_counter() - started)
 
 
-async def _train(trainer: trainer_pb2_grpc.TrainerServiceStub, seed: int) -> str:
+async def _train(
+    trainer: trainer_pb2_grpc.TrainerServiceStub, seed: int, adapter: str = ALIAS
+) -> str:
     rows = [
         {"prompt": f"Ticket {seed}-{i} is about", "completion": f" topic {seed * 7 + i}."}
         for i in range(8)
     ]
     data = "\n".join(json.dumps(r) for r in rows).encode()
     spec = trainer_pb2.JobSpec(
-        adapter=ALIAS,
+        adapter=adapter,
         team="bench",
         base_model="tiny-llama",
         dataset_jsonl=data,

@@ -9,6 +9,7 @@ import pytest
 from ftops.events.v1 import events_pb2
 from ftops_monitor.analysis import (
     Config,
+    Decision,
     DecisionKind,
     Inconclusive,
     Release,
@@ -17,6 +18,7 @@ from ftops_monitor.analysis import (
     decide,
     next_step,
 )
+from ftops_monitor.outcomes import Outcome, classify
 from ftops_monitor.windows import Sample
 
 
@@ -270,3 +272,182 @@ def test_release_follows_the_gateways_state() -> None:
         "",
     )
     assert not release.in_step(1030.0)
+
+
+# -- failures that are not the candidate's (issue 13) ---------------------------------
+
+
+def _outcomes(
+    release: Release,
+    arm: str,
+    n: int,
+    outcome: Outcome,
+    *,
+    mirrored: bool = False,
+    latency: float = 100.0,
+) -> None:
+    data = release.candidate if arm == "candidate" else release.stable
+    for i in range(n):
+        sample = Sample(at=1001.0, latency_ms=latency + i % 7, ok=outcome is Outcome.OK)
+        data.add(sample, mirrored=mirrored, outcome=outcome)
+
+
+def _statuses(decision: Decision) -> dict[str, str]:
+    return {c.name: c.status for c in decision.checks}
+
+
+@pytest.mark.parametrize(
+    ("status", "origin", "outcome"),
+    [
+        ("OK", "", Outcome.OK),
+        ("INVALID_ARGUMENT", "replica", Outcome.CLIENT),  # a client fault whatever the origin
+        ("CANCELLED", "", Outcome.CLIENT),
+        ("RESOURCE_EXHAUSTED", "", Outcome.CAPACITY),  # older gateways: the status says it
+        ("UNAVAILABLE", "", Outcome.TRANSPORT),
+        ("DEADLINE_EXCEEDED", "", Outcome.DEADLINE),
+        ("INTERNAL", "", Outcome.REPLICA),
+        ("UNAVAILABLE", "replica", Outcome.REPLICA),  # the origin wins over the status
+        ("RESOURCE_EXHAUSTED", "capacity", Outcome.CAPACITY),
+        ("INTERNAL", "transport", Outcome.TRANSPORT),
+        ("UNAVAILABLE", "deadline", Outcome.DEADLINE),
+        ("RESOURCE_EXHAUSTED", "from-the-future", Outcome.CAPACITY),  # unknown: the status
+    ],
+)
+def test_results_are_classified_by_where_they_failed(
+    status: str, origin: str, outcome: Outcome
+) -> None:
+    assert classify(status, origin) is outcome
+
+
+def test_both_arms_over_the_cap_hold_the_step_instead_of_rolling_back() -> None:
+    # The issue's figures: a failure mode both arms show, far over the 5% cap.
+    release = _release(max_error_rate=0.05, step_timeout_s=60)
+    _feed(release, "stable", 64, errors=40)
+    _feed(release, "candidate", 16, errors=10)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.WAIT
+    assert decision.verdict == "held"
+    assert _statuses(decision)["error_cap"] == "pending"
+    assert "both arms failing over the cap" in decision.reason
+    [hold] = decision.held
+    assert (hold.check, hold.threshold) == ("error_cap", 0.05)
+    assert hold.value == pytest.approx(40 / 64)
+    # A held step is not the candidate's doing: the time limit's rollback does not apply.
+    assert decide(release, 1100.0).kind is DecisionKind.WAIT
+    # The same candidate against a healthy stable is rolled back at once.
+    alone = _release(max_error_rate=0.05)
+    _feed(alone, "stable", 64)
+    _feed(alone, "candidate", 16, errors=10)
+    assert decide(alone, 1002.0).kind is DecisionKind.ROLLBACK
+
+
+def test_a_candidate_worse_than_a_failing_stable_is_still_rolled_back() -> None:
+    release = _release(max_error_rate=0.05)
+    _feed(release, "stable", 200, errors=20)  # 10%: over the cap itself
+    _feed(release, "candidate", 20, errors=12)  # 60%
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "error rate above stable" in decision.reason
+
+
+def test_capacity_refusals_on_both_arms_hold_and_count_as_no_errors() -> None:
+    release = _release(max_error_rate=0.05, step_timeout_s=60)
+    _outcomes(release, "stable", 30, Outcome.OK)
+    _outcomes(release, "stable", 38, Outcome.CAPACITY, latency=1.0)
+    _outcomes(release, "candidate", 20, Outcome.OK, latency=105.0)
+    _outcomes(release, "candidate", 10, Outcome.CAPACITY, latency=1.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.WAIT
+    assert decision.verdict == "held"
+    checks = _statuses(decision)
+    assert checks["infrastructure"] == "pending"
+    assert (checks["errors"], checks["error_cap"], checks["samples"]) == ("pass", "pass", "pass")
+    assert "infrastructure failures above 5%" in decision.reason
+    assert "38 capacity" in decision.reason
+    f = decision.figures
+    assert (f["errors"], f["requests"], f["stable_errors"], f["stable_requests"]) == (0, 20, 0, 30)
+    assert (f["infra_errors"], f["stable_infra_errors"]) == (10, 38)
+    assert f["stable_infra_rate"] == pytest.approx(38 / 68)
+    # Refusals answer in a millisecond: they are no latency sample either.
+    assert f["stable_p50_ms"] > 50
+    [hold] = decision.held
+    assert (hold.check, hold.value, hold.threshold) == ("infrastructure", 38 / 68, 0.05)
+    assert decide(release, 1100.0).kind is DecisionKind.WAIT  # held past the time limit
+
+
+def test_a_few_infrastructure_failures_hold_nothing() -> None:
+    release = _healthy(_release(max_error_rate=0.05))
+    _outcomes(release, "stable", 5, Outcome.TRANSPORT)  # 5 of 205: under 5%
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.PROMOTE
+    assert _statuses(decision)["infrastructure"] == "pass"
+
+
+def test_capacity_refusals_of_mirrored_requests_are_ignored() -> None:
+    release = _release(strategy=Strategy.BLUE_GREEN, max_error_rate=0.05)
+    _feed(release, "stable", 200)
+    _outcomes(release, "candidate", 20, Outcome.OK, mirrored=True, latency=105.0)
+    _outcomes(release, "candidate", 30, Outcome.CAPACITY, mirrored=True, latency=1.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.PROMOTE
+    assert (decision.figures["errors"], decision.figures["mirror_refused"]) == (0, 30)
+    assert decision.figures["infra_errors"] == 0
+
+
+def test_a_thirty_percent_failing_candidate_is_rolled_back_through_a_burst() -> None:
+    release = _release(max_error_rate=0.05)
+    _outcomes(release, "stable", 60, Outcome.OK)
+    _outcomes(release, "stable", 40, Outcome.CAPACITY)  # both arms refused for load
+    _outcomes(release, "candidate", 10, Outcome.CAPACITY)
+    _feed(release, "candidate", 20, errors=6)  # and the candidate's own 30%
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "candidate 6/20 errors" in decision.reason
+    assert (decision.figures["errors"], decision.figures["infra_errors"]) == (6, 10)
+
+
+def test_a_two_times_slower_candidate_is_rolled_back_on_latency_through_a_burst() -> None:
+    release = _release(max_error_rate=0.05)
+    _outcomes(release, "stable", 60, Outcome.OK, latency=100.0)
+    _outcomes(release, "stable", 40, Outcome.CAPACITY, latency=1.0)
+    _outcomes(release, "candidate", 8, Outcome.OK, latency=200.0)
+    _outcomes(release, "candidate", 8, Outcome.CAPACITY, latency=1.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "latency worse" in decision.reason
+    assert "error rate" not in decision.reason
+
+
+def test_overload_latency_on_both_arms_is_not_the_candidates() -> None:
+    release = _release(max_error_rate=0.05)
+    _outcomes(release, "stable", 200, Outcome.OK, latency=900.0)  # both queueing
+    _outcomes(release, "candidate", 20, Outcome.OK, latency=950.0)
+    _outcomes(release, "stable", 4, Outcome.DEADLINE, latency=2000.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.PROMOTE
+    assert _statuses(decision)["latency"] == "pass"
+
+
+def test_deadlines_only_on_the_candidate_are_its_own() -> None:
+    release = _release(max_error_rate=0.05)
+    _outcomes(release, "stable", 200, Outcome.OK)
+    _outcomes(release, "candidate", 14, Outcome.OK, latency=105.0)
+    _outcomes(release, "candidate", 6, Outcome.DEADLINE, latency=5000.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.ROLLBACK
+    assert "deadline exceeded more than stable" in decision.reason
+    assert "candidate 6/20 past the deadline" in decision.reason
+    assert (decision.figures["deadlines"], decision.figures["stable_deadlines"]) == (6, 0)
+
+
+def test_deadlines_on_both_arms_alike_are_load_not_the_candidate() -> None:
+    release = _release(max_error_rate=0.05)
+    _outcomes(release, "stable", 160, Outcome.OK)
+    _outcomes(release, "stable", 40, Outcome.DEADLINE, latency=5000.0)
+    _outcomes(release, "candidate", 16, Outcome.OK, latency=105.0)
+    _outcomes(release, "candidate", 4, Outcome.DEADLINE, latency=5000.0)
+    decision = decide(release, 1002.0)
+    assert decision.kind is DecisionKind.WAIT
+    checks = _statuses(decision)
+    assert (checks["deadlines"], checks["infrastructure"]) == ("pass", "pending")
+    assert decision.verdict == "held"

@@ -72,9 +72,7 @@ def _started(
             strategy=strategy,  # type: ignore[arg-type]
             steps=[5, 50, 100],
             candidate_weight=5,
-            analysis=events_pb2.AnalysisSettings(
-                min_requests=min_requests, auto=auto, **analysis
-            ),
+            analysis=events_pb2.AnalysisSettings(min_requests=min_requests, auto=auto, **analysis),
             change=events_pb2.ReleaseChange(kind="started", event_id="started"),
         ),
     )
@@ -683,3 +681,164 @@ async def test_automatic_step_the_gateway_ignored_while_paused_is_taken_again() 
     assert again.kind is DecisionKind.PROMOTE
     first, second = bus.of("release.promote")
     assert first.meta.event_id != second.meta.event_id
+
+
+# -- failures that are not the candidate's (issue 13) ---------------------------------
+
+
+async def test_a_burst_refused_on_both_arms_holds_the_canary_and_alerts() -> None:
+    # 40 concurrent requests on an idle alias: both arms' replicas refuse most of them
+    # (RESOURCE_EXHAUSTED from a gateway before failure_origin, or named "capacity").
+    clock = Clock(1002.0)
+    monitor, bus = _monitor(clock, alert_rules=AlertRules(release_held_for_s=2.0))
+    monitor.apply_route_changed(_started(max_error_rate=0.05, step_timeout_s=30))
+    monitor.ingest(
+        _results("ver_s", "stable", 20, status="RESOURCE_EXHAUSTED")
+        + _results("ver_s", "stable", 4)
+        + _results("ver_c", "candidate", 6, status="RESOURCE_EXHAUSTED")
+        + _results("ver_c", "candidate", 4, status="UNAVAILABLE", failure_origin="capacity")
+        + _results("ver_c", "candidate", 6)
+    )
+    assert await monitor.analyze_once() == []
+    assert bus.of("release.rollback") == []
+    analysis = monitor.analysis("bot")
+    assert analysis.verdict == "held"
+    checks = {c.name: c for c in analysis.checks}
+    assert checks["infrastructure"].status == "pending"
+    assert "not the candidate's" in checks["infrastructure"].detail
+    assert (analysis.figures["errors"], analysis.figures["infra_errors"]) == (0, 10)
+    assert analysis.figures["stable_infra_errors"] == 20
+    assert monitor.results_total[("bot", "ver_c", "candidate", "capacity")] == 10
+    # Held long enough: the alert fires, once.
+    clock.now = 1004.5
+    await monitor.analyze_once()
+    await monitor.analyze_once()
+    [alert] = bus.of("monitor.alert")
+    assert (alert.rule, alert.state, alert.version_id) == (
+        "release_held_infrastructure",
+        "firing",
+        "ver_c",
+    )
+    assert alert.threshold == pytest.approx(0.05)
+    assert "infrastructure failures above 5%" in alert.message
+    assert [a.rule for a in monitor.list_alerts("bot").alerts] == ["release_held_infrastructure"]
+    # Past the step's time limit: still held, never rolled back.
+    clock.now = 1040.0
+    await monitor.analyze_once()
+    assert bus.of("release.rollback") == []
+    assert monitor.analysis("bot").verdict == "held"
+
+
+async def test_the_hold_alert_resolves_when_the_refusals_are_diluted() -> None:
+    clock = Clock(1002.0)
+    monitor, bus = _monitor(clock, alert_rules=AlertRules(release_held_for_s=0.0))
+    monitor.apply_route_changed(_started(min_requests=20, max_error_rate=0.05))
+    monitor.ingest(
+        _results("ver_s", "stable", 10, status="RESOURCE_EXHAUSTED")
+        + _results("ver_s", "stable", 10)
+    )
+    await monitor.analyze_once()
+    [firing] = bus.of("monitor.alert")
+    assert firing.state == "firing"
+    # The burst is over: plenty of answered requests, 10 refusals are under 5% now.
+    monitor.ingest(_results("ver_s", "stable", 300) + _results("ver_c", "candidate", 20))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    _, resolved = bus.of("monitor.alert")
+    assert (resolved.rule, resolved.state) == ("release_held_infrastructure", "resolved")
+    assert monitor.list_alerts("bot").alerts == []
+
+
+async def test_a_failure_both_arms_share_over_the_cap_holds_and_alerts() -> None:
+    monitor, bus = _monitor(alert_rules=AlertRules(release_held_for_s=0.0))
+    monitor.apply_route_changed(_started(min_requests=20, max_error_rate=0.05))
+    # The issue's rollback: "candidate 10/16 errors (62.5%), cap 5.0%", stable alike.
+    monitor.ingest(
+        _results("ver_s", "stable", 40, status="INTERNAL")
+        + _results("ver_s", "stable", 24)
+        + _results("ver_c", "candidate", 10, status="INTERNAL")
+        + _results("ver_c", "candidate", 6)
+    )
+    assert await monitor.analyze_once() == []
+    assert bus.of("release.rollback") == []
+    [alert] = bus.of("monitor.alert")
+    assert (alert.rule, alert.state) == ("release_held_error_cap", "firing")
+    assert "both arms failing over the cap" in alert.message
+    assert alert.value == pytest.approx(40 / 64)
+    assert monitor.analysis("bot").verdict == "held"
+
+
+async def test_capacity_refusals_of_the_candidates_mirrors_are_ignored() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_route_changed(
+        _started(strategy=events_pb2.RELEASE_STRATEGY_BLUE_GREEN, max_error_rate=0.05)
+    )
+    monitor.ingest(_results("ver_s", "stable", 20))
+    monitor.ingest(_results("ver_c", "shadow", 12, status="RESOURCE_EXHAUSTED", shadow=True))
+    monitor.ingest(_results("ver_c", "shadow", 4, shadow=True))
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.PROMOTE
+    [event] = bus.of("release.promote")
+    assert (event.figures["errors"], event.figures["mirror_refused"]) == (0, 12)
+
+
+async def test_a_thirty_percent_failing_candidate_is_rolled_back_during_a_burst() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_route_changed(_started(min_requests=20, max_error_rate=0.05))
+    monitor.ingest(
+        _results("ver_s", "stable", 60)
+        + _results("ver_s", "stable", 30, status="RESOURCE_EXHAUSTED")
+        + _results("ver_c", "candidate", 8, status="RESOURCE_EXHAUSTED")
+        + _results("ver_c", "candidate", 14)
+        # Its own failures, whatever the status says.
+        + _results("ver_c", "candidate", 6, status="UNAVAILABLE", failure_origin="replica")
+    )
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    [event] = bus.of("release.rollback")
+    assert (event.figures["errors"], event.figures["requests"]) == (6, 20)
+    assert event.figures["infra_errors"] == 8
+    assert "candidate 6/20 errors" in event.reason
+
+
+async def test_a_two_times_slower_candidate_is_rolled_back_on_latency_during_a_burst() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_route_changed(_started(min_requests=20, max_error_rate=0.05))
+    monitor.ingest(
+        _results("ver_s", "stable", 60, latency=100.0)
+        + _results("ver_s", "stable", 30, status="RESOURCE_EXHAUSTED", latency=1.0)
+        + _results("ver_c", "candidate", 8, latency=200.0)
+        + _results("ver_c", "candidate", 8, status="RESOURCE_EXHAUSTED", latency=1.0)
+    )
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    [event] = bus.of("release.rollback")
+    assert "latency worse" in event.reason
+    assert "error rate" not in event.reason
+
+
+async def test_deadlines_only_on_the_candidates_arm_roll_it_back() -> None:
+    monitor, bus = _monitor()
+    monitor.apply_route_changed(_started(min_requests=20))
+    monitor.ingest(
+        _results("ver_s", "stable", 200)
+        + _results("ver_c", "candidate", 14)
+        + _results("ver_c", "candidate", 6, status="DEADLINE_EXCEEDED", latency=5000.0)
+    )
+    [decision] = await monitor.analyze_once()
+    assert decision.kind is DecisionKind.ROLLBACK
+    [event] = bus.of("release.rollback")
+    assert "deadline exceeded more than stable" in event.reason
+    assert (event.figures["deadlines"], event.figures["stable_deadlines"]) == (6, 0)
+    # Alike on both arms (overload) they are not the candidate's.
+    shared, shared_bus = _monitor()
+    shared.apply_route_changed(_started(min_requests=20))
+    shared.ingest(
+        _results("ver_s", "stable", 160)
+        + _results("ver_s", "stable", 40, status="DEADLINE_EXCEEDED", latency=5000.0)
+        + _results("ver_c", "candidate", 16)
+        + _results("ver_c", "candidate", 4, status="DEADLINE_EXCEEDED", latency=5000.0)
+    )
+    assert await shared.analyze_once() == []
+    assert shared_bus.of("release.rollback") == []
+    assert shared.analysis("bot").verdict == "held"

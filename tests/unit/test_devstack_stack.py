@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from ftops_devstack.stack import SERVICES, Stack
 
 
@@ -44,3 +46,32 @@ def test_replicas_get_their_own_port_instance_and_cache(tmp_path: Path) -> None:
     assert gateway["FTOPS_HTTP_PORT"] == str(ports["gateway-3-http"])
     assert stack._env("gateway", ports)["FTOPS_HTTP_PORT"] == str(ports["gateway-http"])
     assert stack._env("monitor", ports)["FTOPS_METRICS_PORT"] == str(ports["monitor-metrics"])
+
+
+def test_the_dev_stack_trainer_gates_the_tiny_model_at_what_it_can_keep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ftops train` with no gate flags on the dev stack gets a gate its tiny model can pass
+    (the trainer's production default, 0.95, rejected the first job at 0.857)."""
+    from ftops.trainer.v1 import trainer_pb2
+    from ftops_devstack.__main__ import TINY_MODEL_MIN_RETENTION, dev_stack
+    from ftops_trainer.settings import TrainerSettings
+    from ftops_trainer.spec import effective_spec
+
+    bare = trainer_pb2.JobSpec(adapter="bot")
+    own = trainer_pb2.JobSpec(adapter="bot", gate=trainer_pb2.GateConfig(min_retention=0.9))
+    for key in [k for k in os.environ if k.startswith("FTOPS_")]:
+        monkeypatch.delenv(key)
+    assert effective_spec(bare, TrainerSettings()).gate.min_retention == pytest.approx(0.95)
+
+    stack = dev_stack(tmp_path, "nats://127.0.0.1:1", "redis://127.0.0.1:2", tmp_path, auth=True)
+    names = [n for s in SERVICES for n in stack.names(s)] + ["gateway-http", "monitor-metrics"]
+    env = stack._env("trainer", {name: 1000 + i for i, name in enumerate(names)})
+    for key, value in env.items():
+        if key.startswith("FTOPS_"):
+            monkeypatch.setenv(key, value)
+    settings = TrainerSettings()
+    assert effective_spec(bare, settings).gate.min_retention == pytest.approx(
+        TINY_MODEL_MIN_RETENTION
+    )
+    assert effective_spec(own, settings).gate.min_retention == pytest.approx(0.9)  # a job's own

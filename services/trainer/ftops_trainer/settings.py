@@ -77,6 +77,16 @@ class TrainerSettings(ServiceSettings, AuthSettings):
     retention_set_size: int = Field(
         256, ge=1, description="Most records in a job's frozen retention set."
     )
+    gate_min_retention: float = Field(
+        0.95,
+        ge=0,
+        le=2,
+        description=(
+            "The evaluation gate's least retention (score on the retention set after / "
+            "before) for a job that does not set its own; fit it to the base model (the "
+            "dev stack's tiny model forgets fast: ftops-dev up sets 0.3)."
+        ),
+    )
 
     advertise_host: str = Field(
         "",

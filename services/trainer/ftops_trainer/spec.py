@@ -182,7 +182,7 @@ def effective_spec(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> trai
         out.replay.ratio = DEFAULT_REPLAY_RATIO
     out.replay.capacity = out.replay.capacity or settings.replay_capacity
     if not out.gate.HasField("min_retention"):
-        out.gate.min_retention = DEFAULT_GATE.min_retention
+        out.gate.min_retention = settings.gate_min_retention
     if not out.gate.HasField("max_new_loss_ratio"):
         out.gate.max_new_loss_ratio = DEFAULT_GATE.max_new_loss_ratio
     if not out.gate.HasField("holdout_fraction"):

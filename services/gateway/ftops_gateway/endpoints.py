@@ -15,6 +15,13 @@ best of them is still picked (trying one beats failing outright). An ejection en
 the replica is heard from again (an announcement *sent* after the ejection; a replayed
 older one does not count) or on its own after 3 heartbeat intervals (10 s for a replica
 that never announces), so a static replica is retried eventually.
+
+Each replica announces its capacity (``max_concurrent``) and what it has in flight. A
+replica's *load* is the larger of that announced figure (up to a heartbeat old, every
+gateway's requests) and this gateway's own outstanding requests on it (current). A request
+a replica refused for capacity goes only to a replica with room (load below capacity);
+best-effort requests (mirrors) only to one below ``BEST_EFFORT_MAX_LOAD`` of it, so that
+mirrored traffic backs off before user requests would queue behind it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ SILENT_INTERVALS = 3.0
 # How long an ejection lasts for a replica without a known heartbeat (static, or learnt
 # from adapter.loaded only): it is retried after that.
 EJECTION_S = 10.0
+# Share of a replica's announced capacity beyond which no best-effort request is sent to it.
+BEST_EFFORT_MAX_LOAD = 0.75
 
 _ejections = metrics.get_meter("ftops.gateway").create_counter(
     "ftops.gateway.replica_ejections",
@@ -64,6 +73,9 @@ class Endpoint:
     base_fingerprint: str = ""
     # Pool clock time of the last failure that ejected it; None = not ejected.
     ejected_at: float | None = None
+    # Announced: generations it runs at once (0 = unknown), and its requests in flight.
+    capacity: int = 0
+    announced_in_flight: int = 0
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
     _multiplex: MultiplexChannel | None = None
@@ -102,6 +114,18 @@ class Endpoint:
 
     def serves_base(self, fingerprint: str) -> bool:
         return not fingerprint or not self.base_fingerprint or fingerprint == self.base_fingerprint
+
+    @property
+    def load(self) -> int:
+        """Requests in flight on it, as best this gateway knows."""
+        return max(self.outstanding, self.announced_in_flight)
+
+    def has_room(self) -> bool:
+        """A slot free for one more request (unknown capacity: assumed)."""
+        return self.capacity <= 0 or self.load < self.capacity
+
+    def has_room_for_best_effort(self) -> bool:
+        return self.capacity <= 0 or self.load < BEST_EFFORT_MAX_LOAD * self.capacity
 
     def preference(self, version_id: str) -> int:
         """0 = loaded, 1 = in the CPU cache, 2 = would load it from scratch."""
@@ -159,6 +183,8 @@ class EndpointPool:
         endpoint.cached = set(event.cached_versions)
         endpoint.heartbeat_s = event.heartbeat_interval_s
         endpoint.base_fingerprint = event.base_model_fingerprint
+        endpoint.capacity = event.max_concurrent
+        endpoint.announced_in_flight = event.in_flight
         # Heard when it was sent, not when it arrived: a starting gateway reads each
         # replica's last announcement from the stream, and a replica killed minutes ago
         # must not look alive because its last word was just replayed.
@@ -195,17 +221,26 @@ class EndpointPool:
         return self._endpoints.get(address)
 
     def pick(
-        self, version_id: str, exclude: Iterable[str] = (), *, base_fingerprint: str = ""
+        self,
+        version_id: str,
+        exclude: Iterable[str] = (),
+        *,
+        base_fingerprint: str = "",
+        need_room: bool = False,
     ) -> Endpoint | None:
-        """Best usable replica not in ``exclude`` that serves the version's base model:
-        not ejected unless all that fit are; then loaded, then cached, then any; fewest
-        outstanding requests; ties go to the first known (keeps tests deterministic)."""
+        """Best usable replica not in ``exclude`` that serves the version's base model
+        (and with room, for ``need_room``): not ejected unless all that fit are; then
+        loaded, then cached, then any; fewest outstanding requests; ties go to the first
+        known (keeps tests deterministic)."""
         skip = set(exclude)
         now = self._clock()
         usable = [
             e
             for a, e in self._endpoints.items()
-            if a not in skip and e.usable(now) and e.serves_base(base_fingerprint)
+            if a not in skip
+            and e.usable(now)
+            and e.serves_base(base_fingerprint)
+            and (e.has_room() or not need_room)
         ]
         if not usable:
             return None

@@ -4,6 +4,15 @@ UNAVAILABLE failure — the last attempt's and a stream's that already produced 
 included — ejects that replica from the pool (see endpoints.py), so the requests after it
 go to another replica first instead of failing there too.
 
+A replica that refuses a request for capacity (RESOURCE_EXHAUSTED: its queue is full, or
+the request's deadline is shorter than its queue) is not ejected: the request goes to
+another replica with room when there is one, never back to the same one, and otherwise
+fails with the refusal (and its retry advice). Best-effort requests (mirrors) are not sent
+at all to a replica near its announced capacity (``MirrorSkipped``).
+
+Multiplexed requests carry the time they have left (``timeout_ms``): the replica refuses at
+once a request that could not get a slot in time.
+
 Requests go over the replica's multiplexed stream (``transport="multiplex"``, the default;
 see multiplexer.py), or as one gRPC call each (``"unary"``, and for a replica too old to
 have the stream)."""
@@ -11,6 +20,7 @@ have the stream)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,7 +30,7 @@ from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
 from ftops_gateway.multiplexer import MultiplexChannel, MultiplexUnsupported
 from ftops_runtime import telemetry
-from ftops_runtime.errors import FtopsError, NotFound, Unavailable
+from ftops_runtime.errors import FtopsError, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +59,24 @@ def _trace_context() -> dict[str, str]:
     return carrier
 
 
-def _retryable(exc: BaseException) -> bool:
+class MirrorSkipped(ResourceExhausted):
+    """A best-effort request not sent: the replica it would go to is near its capacity."""
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return bool(exc.code() == grpc.StatusCode.UNAVAILABLE)
-    return isinstance(exc, FtopsError) and exc.code == grpc.StatusCode.UNAVAILABLE
+        code: grpc.StatusCode = exc.code()
+        return code
+    return exc.code if isinstance(exc, FtopsError) else None
 
 
 def _reason(exc: grpc.aio.AioRpcError | FtopsError) -> str:
     details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
     return f"UNAVAILABLE: {details or 'no details'}"
+
+
+def _best_effort(request: inference_pb2.GenerateRequest) -> bool:
+    return request.priority == inference_pb2.REQUEST_PRIORITY_BEST_EFFORT
 
 
 class Forwarder:
@@ -135,7 +154,10 @@ class Forwarder:
             log.warning("base model of %s unknown (%s); not filtering replicas", version_id, exc)
             return ""
 
-    def _pick(self, version_id: str, tried: list[str], base: str) -> Endpoint:
+    def _pick(
+        self, request: inference_pb2.GenerateRequest, tried: list[str], base: str
+    ) -> Endpoint:
+        version_id = request.version_id
         endpoint = self.pool.pick(version_id, exclude=tried, base_fingerprint=base)
         if endpoint is None and tried:
             # Only one replica known: a second try on it beats failing outright.
@@ -147,42 +169,83 @@ class Forwarder:
                     f"(fingerprint {base[:12]})"
                 )
             raise Unavailable("no inference endpoint is known to the gateway")
+        if _best_effort(request) and not endpoint.has_room_for_best_effort():
+            raise MirrorSkipped(
+                f"best-effort request not sent: inference {endpoint.name} is busy "
+                f"({endpoint.load} of {endpoint.capacity} slots)"
+            )
         return endpoint
+
+    def _retry_after(
+        self,
+        exc: grpc.aio.AioRpcError | FtopsError,
+        endpoint: Endpoint,
+        request: inference_pb2.GenerateRequest,
+        tried: list[str],
+        base: str,
+        *,
+        produced: bool = False,
+    ) -> Endpoint:
+        """The replica to try next after ``exc``, or raises it: UNAVAILABLE ejects the
+        replica and is retried once anywhere else (on it again when it is the only one);
+        a capacity refusal is retried only on another replica with room."""
+        code = _code(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.pool.eject(endpoint.address, _reason(exc))
+            if produced or len(tried) >= ATTEMPTS:
+                raise exc
+            log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
+            return self._pick(request, tried, base)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not produced and len(tried) < ATTEMPTS:
+            other = self.pool.pick(
+                request.version_id, exclude=tried, base_fingerprint=base, need_room=True
+            )
+            if other is not None:
+                log.debug("inference %s refused for capacity; trying %s", endpoint.name, other.name)
+                return other
+        raise exc
+
+    def _stamp_deadline(self, request: inference_pb2.GenerateRequest, deadline: float) -> None:
+        """What the request has left, for the replica's queue (multiplexed requests have
+        no gRPC deadline of their own)."""
+        left_ms = (deadline - time.monotonic()) * 1000
+        request.timeout_ms = max(1, int(left_ms))
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, attempt: Attempt | None = None
     ) -> inference_pb2.GenerateResponse:
         tried: list[str] = []
         attempt = attempt or Attempt()
+        deadline = time.monotonic() + self._timeout_s
         base = await self._base(request.version_id)
+        endpoint = self._pick(request, tried, base)
         while True:
-            endpoint = self._pick(request.version_id, tried, base)
             attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
+            self._stamp_deadline(request, deadline)
             endpoint.outstanding += 1
+            failed_on = endpoint
             try:
                 return await self._generate_on(endpoint, request)
             except (grpc.aio.AioRpcError, FtopsError) as exc:
-                if not _retryable(exc):
-                    raise
-                self.pool.eject(endpoint.address, _reason(exc))
-                if len(tried) >= ATTEMPTS:
-                    raise
-                log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
+                endpoint = self._retry_after(exc, failed_on, request, tried, base)
             finally:
-                endpoint.outstanding -= 1
+                failed_on.outstanding -= 1
 
     async def generate_stream(
         self, request: inference_pb2.GenerateRequest, attempt: Attempt | None = None
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         tried: list[str] = []
         attempt = attempt or Attempt()
+        deadline = time.monotonic() + self._timeout_s
         base = await self._base(request.version_id)
+        endpoint = self._pick(request, tried, base)
         while True:
-            endpoint = self._pick(request.version_id, tried, base)
             attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
+            self._stamp_deadline(request, deadline)
             endpoint.outstanding += 1
+            failed_on = endpoint
             produced = False
             try:
                 chunks = self._stream_on(endpoint, request)
@@ -194,11 +257,8 @@ class Forwarder:
                     await chunks.aclose()
                 return
             except (grpc.aio.AioRpcError, FtopsError) as exc:
-                if not _retryable(exc):
-                    raise
-                self.pool.eject(endpoint.address, _reason(exc))
-                if produced or len(tried) >= ATTEMPTS:
-                    raise
-                log.info("inference %s unavailable (%s); retrying once", endpoint.address, exc)
+                endpoint = self._retry_after(
+                    exc, failed_on, request, tried, base, produced=produced
+                )
             finally:
-                endpoint.outstanding -= 1
+                failed_on.outstanding -= 1

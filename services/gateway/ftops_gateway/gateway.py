@@ -29,7 +29,7 @@ from ftops_gateway.forwarder import Attempt, Forwarder
 from ftops_gateway.metrics_reporter import MetricsReporter
 from ftops_gateway.route_cache import RouteCache
 from ftops_gateway.shadow import Mirror, ShadowMirror
-from ftops_gateway.statuses import CLIENT_FAULTS, status_name
+from ftops_gateway.statuses import CLIENT_FAULTS, failure_origin, status_name
 from ftops_gateway.versions import VersionResolver
 from ftops_runtime.errors import InvalidArgument, NotFound
 
@@ -131,6 +131,7 @@ class Gateway:
             retried=attempt.retried,
             fallback=fallback,
             flag=target.flag,
+            failure_origin=failure_origin(status),
         )
         result.finished_at.FromNanoseconds(time.time_ns())
         self.reporter.record(result)

@@ -308,7 +308,9 @@ def _unwrap(answer: Answer) -> inference_pb2.MultiplexResponse:
 
 def _error(answer: inference_pb2.MultiplexResponse) -> RemoteError:
     code = _CODES.get(answer.end.code, grpc.StatusCode.UNKNOWN)
-    return RemoteError(code, answer.end.message or code.name)
+    return RemoteError(
+        code, answer.end.message or code.name, retry_after_ms=answer.end.retry_after_ms
+    )
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -1,14 +1,17 @@
 """Errors of the OpenAI-compatible endpoint in OpenAI's JSON shape, with the HTTP status an
-OpenAI client expects for each gRPC status code of the data plane."""
+OpenAI client expects for each gRPC status code of the data plane, and for a refusal how
+long to wait (``Retry-After`` in whole seconds, rounded up, and ``retry-after-ms``, which
+the official SDKs read first)."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import grpc
 
-from ftops_runtime.errors import FtopsError
+from ftops_runtime.errors import FtopsError, retry_after_ms_of
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_ms: int = 0,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -50,6 +54,14 @@ class OpenAIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> dict[str, str]:
+        """Retry advice on a refusal (429, 503): the server's own, or 1 s without one."""
+        if self.status not in (429, 503):
+            return {}
+        wait_ms = self.retry_after_ms or 1000
+        return {"Retry-After": str(math.ceil(wait_ms / 1000)), "retry-after-ms": str(wait_ms)}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -66,10 +78,12 @@ def invalid(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_value" if param else None)
 
 
-def from_status(code: grpc.StatusCode, message: str) -> OpenAIError:
+def from_status(code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> OpenAIError:
     status, kind = _STATUS.get(code, (500, "server_error"))
     error_code = "model_not_found" if code == grpc.StatusCode.NOT_FOUND else code.name.lower()
-    return OpenAIError(status, message or code.name, type=kind, code=error_code)
+    return OpenAIError(
+        status, message or code.name, type=kind, code=error_code, retry_after_ms=retry_after_ms
+    )
 
 
 def from_exception(exc: BaseException) -> OpenAIError:
@@ -78,8 +92,8 @@ def from_exception(exc: BaseException) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, FtopsError):
-        return from_status(exc.code, str(exc))
+        return from_status(exc.code, str(exc), retry_after_ms_of(exc))
     if isinstance(exc, grpc.aio.AioRpcError):
-        return from_status(exc.code(), exc.details() or "")
+        return from_status(exc.code(), exc.details() or "", retry_after_ms_of(exc))
     log.error("unhandled error in the OpenAI endpoint", exc_info=exc)
     return OpenAIError(500, "internal error", type="server_error", code="internal")

@@ -62,7 +62,7 @@ def _dumps(body: Any) -> str:
 
 
 def _error(exc: OpenAIError) -> web.Response:
-    return _json(exc.body(), status=exc.status)
+    return _json(exc.body(), status=exc.status, headers=exc.headers())
 
 
 def tenant_of(principal: Principal, authorization: str) -> str:

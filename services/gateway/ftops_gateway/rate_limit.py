@@ -130,9 +130,11 @@ class RateLimiter:
             return
         if int(allowed):
             return
+        wait_s = max(float(wait), 0.001)
         raise ResourceExhausted(
             f"rate limit of API key {principal.key_id} reached ({limit.rps:g} requests/s, "
-            f"burst {limit.burst}): retry in {max(float(wait), 0.001):.3f}s"
+            f"burst {limit.burst}): retry in {wait_s:.3f}s",
+            retry_after_ms=math.ceil(wait_s * 1000),
         )
 
     async def close(self) -> None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops_gateway.alias_access import AliasAccess
 from ftops_gateway.chooser import Caller
 from ftops_gateway.gateway import Gateway
 from ftops_gateway.releases import ReleaseManager
 from ftops_runtime.auth import Role
-from ftops_runtime.errors import PermissionDenied
+from ftops_runtime.errors import FtopsError, PermissionDenied, retry_after_metadata
 
 USER_HEADER = "x-ftops-user"
 TENANT_HEADER = "x-ftops-tenant"
@@ -40,6 +42,14 @@ def caller_from(request: gateway_pb2.GenerateRequest, context: Any) -> Caller:
     )
 
 
+def _advise_retry(context: Any, exc: BaseException) -> None:
+    """A refusal's retry advice (the rate limit's, a replica's) as the call's trailing
+    metadata, ``retry-after-ms``; the error interceptor aborts the call and keeps it."""
+    advice = retry_after_metadata(exc)
+    if advice and context is not None:
+        context.set_trailing_metadata(advice)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, gateway: Gateway, releases: ReleaseManager, access: AliasAccess) -> None:
         self._gateway = gateway
@@ -63,7 +73,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = caller_from(request, context)
         if caller.tenant and not request.tenant:
             request.tenant = caller.tenant  # reported with the result
-        return await self._gateway.generate(request, caller)
+        try:
+            return await self._gateway.generate(request, caller)
+        except (FtopsError, grpc.aio.AioRpcError) as exc:
+            _advise_retry(context, exc)
+            raise
 
     async def GenerateStream(
         self, request: gateway_pb2.GenerateRequest, context: Any
@@ -71,8 +85,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = caller_from(request, context)
         if caller.tenant and not request.tenant:
             request.tenant = caller.tenant
-        async for chunk in self._gateway.generate_stream(request, caller):
-            yield chunk
+        try:
+            async for chunk in self._gateway.generate_stream(request, caller):
+                yield chunk
+        except (FtopsError, grpc.aio.AioRpcError) as exc:
+            _advise_retry(context, exc)
+            raise
 
     async def SetRoute(
         self, request: gateway_pb2.SetRouteRequest, context: Any

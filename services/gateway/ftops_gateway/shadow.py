@@ -5,6 +5,12 @@ answers are in, the candidate's is reported as a ``RequestResult`` with arm "sha
 ``shadow_of`` = the stable request's id and the output divergence (1 - similarity of the
 two word sequences). Mirrors beyond ``max_in_flight`` are dropped rather than queued, so
 a slow candidate cannot pile up work behind the client traffic.
+
+Mirrors are best-effort (``REQUEST_PRIORITY_BEST_EFFORT``): not sent to a replica near its
+capacity, refused by a busy replica, dropped by one whose slot a user request needs. A
+mirror that was never served for capacity (RESOURCE_EXHAUSTED) is not reported at all, only
+counted (``ftops.gateway.mirrors_not_served``): the candidate's checks count only what was
+actually mirrored. A mirror the candidate itself failed is reported as any result is.
 """
 
 from __future__ import annotations
@@ -15,16 +21,25 @@ import difflib
 import logging
 import time
 
+from opentelemetry import metrics
+
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.chooser import ARM_SHADOW, Target
 from ftops_gateway.forwarder import Attempt, Forwarder
 from ftops_gateway.metrics_reporter import MetricsReporter
-from ftops_gateway.statuses import status_name
+from ftops_gateway.statuses import failure_origin, status_name
 from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+_not_served = metrics.get_meter("ftops.gateway").create_counter(
+    "ftops.gateway.mirrors_not_served",
+    unit="{request}",
+    description="Mirrored requests not served for capacity (not reported as results), by "
+    "reason: in_flight (the gateway's own bound), capacity (a busy replica)",
+)
 
 
 def divergence(a: str, b: str) -> float:
@@ -67,7 +82,8 @@ class ShadowMirror:
         self._max_in_flight = max_in_flight
         self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
-        self.dropped = 0
+        self.dropped = 0  # beyond max_in_flight
+        self.not_served = 0  # refused or dropped for capacity
 
     @property
     def in_flight(self) -> int:
@@ -78,6 +94,7 @@ class ShadowMirror:
     ) -> Mirror | None:
         if len(self._tasks) >= self._max_in_flight:
             self.dropped += 1
+            _not_served.add(1, {"reason": "in_flight"})
             return None
         mirror = Mirror()
         task = asyncio.create_task(
@@ -118,6 +135,7 @@ class ShadowMirror:
                         version_id=candidate.version_id,
                         prompt=request.prompt,
                         sampling=request.sampling,
+                        priority=inference_pb2.REQUEST_PRIORITY_BEST_EFFORT,
                     ),
                     attempt,
                 ),
@@ -126,6 +144,13 @@ class ShadowMirror:
             text = response.text
         except Exception as exc:
             status = status_name(exc)
+            if status == "RESOURCE_EXHAUSTED":
+                # Never served (not sent, refused or dropped for user traffic): nothing to
+                # say about the candidate, so no result.
+                self.not_served += 1
+                _not_served.add(1, {"reason": "capacity"})
+                log.debug("mirror of %s not served: %s", stable_request_id, exc)
+                return
         latency_ms = (time.monotonic() - started) * 1000
         stable_text = await mirror.stable_text(self._timeout_s)
         result = events_pb2.RequestResult(
@@ -147,6 +172,7 @@ class ShadowMirror:
             if text is not None and stable_text is not None
             else -1.0,
             retried=attempt.retried,
+            failure_origin=failure_origin(status),
         )
         result.finished_at.GetCurrentTime()
         self._reporter.record(result)

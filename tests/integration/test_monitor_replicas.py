@@ -22,13 +22,15 @@ from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops_monitor.analysis import DecisionKind
 from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
-from ftops_runtime.bus import EventBus
+from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.client import channel
 from ftops_runtime.events import (
     METRICS_FEEDBACK,
     METRICS_REQUESTS,
+    RELEASE_PROMOTE,
     RELEASE_ROLLBACK,
-    RELEASE_STARTED,
+    ROUTE_CHANGED,
+    derived_event_id,
     new_meta,
 )
 
@@ -82,24 +84,63 @@ async def replicas(nats_url: str) -> AsyncIterator[tuple[MonitorService, Monitor
         await asyncio.gather(a.stop(), b.stop())
 
 
-def _started(alias: str, **analysis: Any) -> events_pb2.ReleaseStarted:
+def _started(alias: str, **analysis: Any) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for a release it just started (revision 1)."""
     settings: dict[str, Any] = {"min_requests": 10, "max_error_rate": 0.1, "auto": True}
     settings.update(analysis)
-    return events_pb2.ReleaseStarted(
-        meta=new_meta("gateway", "test"),
+    release = events_pb2.ReleaseSnapshot(
         release_id=f"rel_{uuid.uuid4().hex[:8]}",
-        alias=alias,
+        state="running",
+        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
         stable_version_id="ver_s",
         candidate_version_id="ver_c",
-        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+        candidate_weight=10,
         steps=[10, 50, 100],
-        current_weight=10,
         analysis=events_pb2.AnalysisSettings(**settings),
+        change=events_pb2.ReleaseChange(kind="started", event_id=uuid.uuid4().hex),
+    )
+    release.started_at.GetCurrentTime()
+    release.step_started_at.CopyFrom(release.started_at)
+    return _route(alias, 1, release)
+
+
+def _route(
+    alias: str, revision: int, release: events_pb2.ReleaseSnapshot
+) -> events_pb2.RouteChanged:
+    meta = new_meta("gateway", "test")
+    meta.event_id = derived_event_id("route.changed", alias, revision)  # as the gateway's
+    return events_pb2.RouteChanged(
+        meta=meta,
+        alias=alias,
+        revision=revision,
+        stable_version_id=release.stable_version_id,
+        release=release,
     )
 
 
+def _changed(
+    before: events_pb2.RouteChanged, kind: str, cause: str = "", **fields: Any
+) -> events_pb2.RouteChanged:
+    """The gateway's next route.changed: ``before``'s release after a ``kind`` change that
+    set ``fields`` of its snapshot (a promotion or a resume starts the step over now)."""
+    release = events_pb2.ReleaseSnapshot()
+    release.CopyFrom(before.release)
+    for name, value in fields.items():
+        setattr(release, name, value)
+    release.change.Clear()
+    release.change.kind = kind
+    release.change.event_id = cause or uuid.uuid4().hex
+    release.change.occurred_at.GetCurrentTime()
+    if release.state == "rolled_back":
+        release.candidate_weight = 0
+        release.ClearField("step_started_at")
+    elif kind in ("promote", "resumed"):
+        release.step_started_at.CopyFrom(release.change.occurred_at)
+    return _route(before.alias, before.revision + 1, release)
+
+
 def _batch(
-    started: events_pb2.ReleaseStarted, version: str, arm: str, n: int, status: str = "OK"
+    started: events_pb2.RouteChanged, version: str, arm: str, n: int, status: str = "OK"
 ) -> events_pb2.RequestResultBatch:
     batch = events_pb2.RequestResultBatch(meta=new_meta("gateway", "test"))
     for i in range(n):
@@ -110,8 +151,10 @@ def _batch(
             arm=arm,
             latency_ms=40.0 + i % 5,
             status=status,
-            release_id=started.release_id,
+            release_id=started.release.release_id,
         )
+        if status != "OK":
+            result.failure_origin = "replica"  # the version's own failure
         result.finished_at.GetCurrentTime()
     return batch
 
@@ -134,6 +177,16 @@ def _counted(service: MonitorService, alias: str, version: str, n: int) -> Calla
 
 def _knows(service: MonitorService, release_id: str) -> Callable[[], bool]:
     return lambda: release_id in service.monitor.releases
+
+
+def _follows(service: MonitorService, event: events_pb2.RouteChanged) -> Callable[[], bool]:
+    """Whether the replica has taken the gateway's state at ``event``'s revision."""
+
+    def caught_up() -> bool:
+        release = service.monitor.release_for(event.alias)
+        return release is not None and release.revision >= event.revision
+
+    return caught_up
 
 
 async def _stored_payloads(nats_url: str, subject: str) -> list[bytes]:
@@ -190,11 +243,11 @@ async def test_both_replicas_decide_the_rollback_and_it_is_stored_once(
     # Analysis by hand from here: both replicas judge the same, complete evidence.
     await asyncio.gather(a.monitor.close(), b.monitor.close())
     started = _started(f"bad-{uuid.uuid4().hex[:6]}")
-    await bus.publish(RELEASE_STARTED, started)
+    await bus.publish(ROUTE_CHANGED, started)
     for replica in (a, b):
-        await _until(_knows(replica, started.release_id))
+        await _until(_knows(replica, started.release.release_id))
     await bus.publish(METRICS_REQUESTS, _batch(started, "ver_s", "stable", 30))
-    await bus.publish(METRICS_REQUESTS, _batch(started, "ver_c", "candidate", 12, "UNAVAILABLE"))
+    await bus.publish(METRICS_REQUESTS, _batch(started, "ver_c", "candidate", 12, "INTERNAL"))
     for replica in (a, b):
         await _until(_counted(replica, started.alias, "ver_c", 12))
 
@@ -203,14 +256,22 @@ async def test_both_replicas_decide_the_rollback_and_it_is_stored_once(
     assert [[d.kind for d in m] for m in made] == [[DecisionKind.ROLLBACK]] * 2
     for replica in (a, b):
         assert replica.monitor.decisions_total[(started.alias, "rollback")] == 1
-        assert replica.monitor.analysis(started.alias).state == "rolled_back"
+        # Decided, not applied: the gateway owns the release's state.
+        assert replica.monitor.analysis(started.alias).state == "running"
 
-    [stored] = await _stored(nats_url, RELEASE_ROLLBACK, started.release_id)
+    [stored] = await _stored(nats_url, RELEASE_ROLLBACK, started.release.release_id)
     assert stored.candidate_version_id == "ver_c"
     assert "error rate above the cap" in stored.reason
-    # Each replica's own event came back with the same id: nothing changes.
-    await asyncio.sleep(0.5)
+    # Waiting for the gateway, neither replica decides the release again.
+    again = await asyncio.gather(a.monitor.analyze_once(), b.monitor.analyze_once())
+    assert list(again) == [[], []]
+    # The gateway applies the one stored rollback: both replicas follow its state.
+    applied = _changed(started, "rollback", cause=stored.meta.event_id, state="rolled_back")
+    await bus.publish(ROUTE_CHANGED, applied)
+    for replica in (a, b):
+        await _until(_follows(replica, applied))
     assert [r.monitor.analysis(started.alias).state for r in (a, b)] == ["rolled_back"] * 2
+    assert [r.monitor.decisions_total[(started.alias, "rollback")] for r in (a, b)] == [1, 1]
 
 
 async def test_replicas_running_free_store_one_rollback(
@@ -218,19 +279,24 @@ async def test_replicas_running_free_store_one_rollback(
 ) -> None:
     a, b = replicas
     started = _started(f"free-{uuid.uuid4().hex[:6]}")
-    await bus.publish(RELEASE_STARTED, started)
+    await bus.publish(ROUTE_CHANGED, started)
     for replica in (a, b):
-        await _until(_knows(replica, started.release_id))
+        await _until(_knows(replica, started.release.release_id))
     await bus.publish(METRICS_REQUESTS, _batch(started, "ver_s", "stable", 30))
-    await bus.publish(METRICS_REQUESTS, _batch(started, "ver_c", "candidate", 12, "UNAVAILABLE"))
+    await bus.publish(METRICS_REQUESTS, _batch(started, "ver_c", "candidate", 12, "INTERNAL"))
 
-    def rolled_back(service: MonitorService) -> Callable[[], bool]:
-        return lambda: service.monitor.analysis(started.alias).state == "rolled_back"
+    def decided(service: MonitorService) -> Callable[[], bool]:
+        return lambda: service.monitor.decisions_total[(started.alias, "rollback")] == 1
 
     for replica in (a, b):
-        await _until(rolled_back(replica))
+        await _until(decided(replica))
     await asyncio.sleep(0.5)  # a late second decision would be stored by now
-    assert len(await _stored(nats_url, RELEASE_ROLLBACK, started.release_id)) == 1
+    [stored] = await _stored(nats_url, RELEASE_ROLLBACK, started.release.release_id)
+    applied = _changed(started, "rollback", cause=stored.meta.event_id, state="rolled_back")
+    await bus.publish(ROUTE_CHANGED, applied)
+    for replica in (a, b):
+        await _until(_follows(replica, applied))
+        assert replica.monitor.analysis(started.alias).state == "rolled_back"
 
 
 async def test_a_restarted_replica_rebuilds_release_state(nats_url: str, bus: EventBus) -> None:
@@ -240,15 +306,76 @@ async def test_a_restarted_replica_rebuilds_release_state(nats_url: str, bus: Ev
     first = await _monitor(nats_url, instance)
     started = _started(f"restart-{uuid.uuid4().hex[:6]}", auto=False)
     try:
-        await bus.publish(RELEASE_STARTED, started)
-        await _until(_knows(first, started.release_id))
+        await bus.publish(ROUTE_CHANGED, started)
+        await _until(_knows(first, started.release.release_id))
     finally:
         await first.stop()
     second = await _monitor(nats_url, instance)
     try:
-        await _until(_knows(second, started.release_id))
+        await _until(_knows(second, started.release.release_id))
     finally:
         await second.stop()
+
+
+class _Decisions:
+    def __init__(self) -> None:
+        self.events: list[events_pb2.ReleasePromote] = []
+
+    async def handler(self, event: events_pb2.ReleasePromote, delivery: Delivery) -> None:
+        self.events.append(event)
+
+
+async def test_a_replica_started_mid_release_rebuilds_it_from_route_changed(
+    nats_url: str, bus: EventBus
+) -> None:
+    # The gateway started the release, took its first step and paused it, all before this
+    # replica existed: it rebuilds state, step and pause from the replayed route.changed.
+    started = _started(f"late-{uuid.uuid4().hex[:6]}")
+    step = _changed(started, "promote", step_index=1, candidate_weight=50)
+    paused = _changed(step, "paused", state="paused")
+    for event in (started, step, paused):
+        await bus.publish(ROUTE_CHANGED, event)
+    promotes = _Decisions()
+    bus.subscribe(
+        RELEASE_PROMOTE,
+        f"t-{uuid.uuid4().hex[:8]}",
+        promotes.handler,
+        deliver_policy=DeliverPolicy.NEW,
+    )
+    late = await _monitor(nats_url)
+    try:
+        await _until(_follows(late, paused))
+        analysis = late.monitor.analysis(started.alias)
+        assert (analysis.state, analysis.step_index, analysis.weight) == ("running", 1, 50)
+        assert (analysis.release_id, analysis.paused) == (started.release.release_id, True)
+
+        # Paused: evidence that would pass the step decides nothing.
+        healthy = (
+            _batch(started, "ver_s", "stable", 30),
+            _batch(started, "ver_c", "candidate", 12),
+        )
+        for batch in healthy:
+            await bus.publish(METRICS_REQUESTS, batch)
+        await _until(_counted(late, started.alias, "ver_c", 12))
+        assert await late.monitor.analyze_once() == []
+
+        # Resumed: the rebuilt step is judged afresh and promoted to the next one.
+        resumed = _changed(paused, "resumed", state="running")
+        await bus.publish(ROUTE_CHANGED, resumed)
+        await _until(_follows(late, resumed))
+        for batch in (
+            _batch(started, "ver_s", "stable", 30),
+            _batch(started, "ver_c", "candidate", 12),
+        ):
+            await bus.publish(METRICS_REQUESTS, batch)
+        await _until(
+            lambda: any(e.release_id == started.release.release_id for e in promotes.events)
+        )
+        [promote] = [e for e in promotes.events if e.release_id == started.release.release_id]
+        assert (promote.step_index, promote.weight, promote.final) == (2, 100, True)
+        assert promote.figures["requests"] == 12  # the resumed step's results only
+    finally:
+        await late.stop()
 
 
 async def _stored_feedback(nats_url: str, request_id: str) -> list[bytes]:
@@ -288,9 +415,9 @@ async def test_feedback_given_to_one_replica_counts_on_every_replica_once(
 ) -> None:
     a, b = replicas
     started = _started(f"fb-{uuid.uuid4().hex[:6]}", auto=False, min_feedback=2)
-    await bus.publish(RELEASE_STARTED, started)
+    await bus.publish(ROUTE_CHANGED, started)
     for replica in (a, b):
-        await _until(_knows(replica, started.release_id))
+        await _until(_knows(replica, started.release.release_id))
     stable = _batch(started, "ver_s", "stable", 3)
     candidate = _batch(started, "ver_c", "candidate", 3)
     await bus.publish(METRICS_REQUESTS, stable)

@@ -21,7 +21,7 @@ from ftops_registry.app import RegistryApp
 from ftops_registry.settings import RegistrySettings
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.client import channel
-from ftops_runtime.events import RELEASE_ROLLBACK, RELEASE_STARTED, new_meta
+from ftops_runtime.events import RELEASE_ROLLBACK, ROUTE_CHANGED, derived_event_id, new_meta
 
 pytestmark = pytest.mark.integration
 BLOBS = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"\x00" * 64}
@@ -118,16 +118,28 @@ async def test_refused_evaluation_rolls_the_release_back(
         )
     )
     await monitor.start()
-    started = events_pb2.ReleaseStarted(
-        meta=new_meta("gateway", "test"),
-        release_id=release_id,
+    # The gateway's route.changed for the release it started (the monitor follows it).
+    meta = new_meta("gateway", "test")
+    meta.event_id = derived_event_id("route.changed", adapter, 1)
+    started = events_pb2.RouteChanged(
+        meta=meta,
         alias=adapter,
+        revision=1,
         stable_version_id=stable.version_id,
-        candidate_version_id=candidate.version_id,
-        steps=[10, 100],
-        current_weight=10,
-        analysis=events_pb2.AnalysisSettings(auto=True),
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state="running",
+            strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+            stable_version_id=stable.version_id,
+            candidate_version_id=candidate.version_id,
+            steps=[10, 100],
+            candidate_weight=10,
+            analysis=events_pb2.AnalysisSettings(auto=True),
+            change=events_pb2.ReleaseChange(kind="started", event_id=uuid.uuid4().hex),
+        ),
     )
+    started.release.started_at.GetCurrentTime()
+    started.release.step_started_at.CopyFrom(started.release.started_at)
     try:
         async with EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6]) as bus:
             await bus.wait_ready(10)
@@ -139,7 +151,7 @@ async def test_refused_evaluation_rolls_the_release_back(
             )
             await monitor.bus.wait_ready(10)
             await asyncio.sleep(0.3)  # consumers bound
-            await bus.publish(RELEASE_STARTED, started)
+            await bus.publish(ROUTE_CHANGED, started)
             await asyncio.wait_for(seen.wait(), 10)
         [rollback] = rollbacks
         assert "retention 0.40 < 0.95" in rollback.reason

@@ -697,3 +697,51 @@ async def test_metrics_port_taken_falls_back_to_a_free_one(nats_url: str) -> Non
         assert off.metrics_port == -1
     finally:
         await off.stop()
+
+
+async def test_a_burst_refused_on_both_arms_holds_and_alerts_instead_of_rolling_back(
+    nats_url: str, bus: EventBus
+) -> None:
+    rollbacks = await _collect(bus, RELEASE_ROLLBACK)
+    alerts = await _collect(bus, MONITOR_ALERT)
+    monitor = await _monitor(nats_url, alert_release_held_for_s=0.0)
+    started = _started(f"burst-{uuid.uuid4().hex[:6]}", "ver_c", max_error_rate=0.05)
+    release_id = started.release.release_id
+    try:
+        await bus.publish(ROUTE_CHANGED, started)
+        await _follows(monitor, started)
+        # 40 concurrent requests on the idle alias: both arms' replicas refuse most.
+        refused = _results(started, "ver_s", "stable", 30, status="RESOURCE_EXHAUSTED")
+        refused += _results(started, "ver_c", "candidate", 10, status="RESOURCE_EXHAUSTED")
+        for result in refused[::2]:
+            result.failure_origin = "capacity"  # newer gateways say so, older ones do not
+        answered = _results(started, "ver_s", "stable", 10)
+        answered += _results(started, "ver_c", "candidate", 6)
+        await bus.publish(METRICS_REQUESTS, _batch(refused, answered))
+
+        alert = await alerts.wait_for(
+            lambda e: e.alias == started.alias and e.rule == "release_held_infrastructure"
+        )
+        assert (alert.state, alert.version_id) == ("firing", "ver_c")
+        assert "infrastructure failures above 5%" in alert.message
+        async with channel(monitor.address) as ch:
+            stub = monitor_pb2_grpc.MonitorServiceStub(ch)
+            analysis = await stub.GetReleaseAnalysis(
+                monitor_pb2.GetReleaseAnalysisRequest(alias=started.alias)
+            )
+        assert analysis.verdict == "held"
+        assert (analysis.figures["errors"], analysis.figures["infra_errors"]) == (0, 10)
+        assert analysis.figures["stable_infra_errors"] == 30
+        assert {c.name: c.status for c in analysis.checks}["infrastructure"] == "pending"
+        assert [e for e in rollbacks.events if e.release_id == release_id] == []
+
+        # The candidate's own failures still roll it back, held or not.
+        failing = _results(started, "ver_c", "candidate", 10, status="INTERNAL")
+        for result in failing:
+            result.failure_origin = "replica"
+        await bus.publish(METRICS_REQUESTS, _batch(failing))
+        rollback = await rollbacks.wait_for(lambda e: e.release_id == release_id)
+        assert "error rate above" in rollback.reason
+        assert (rollback.figures["errors"], rollback.figures["infra_errors"]) == (10, 10)
+    finally:
+        await monitor.stop()

@@ -293,14 +293,21 @@ async def test_a_team_cannot_see_another_teams_adapter_by_any_path(world: World)
         )
     )
     release_id = _unique("rel")
-    started = events_pb2.ReleaseStarted(
+    # History is recorded from the gateway's route.changed for the release it started.
+    started = events_pb2.RouteChanged(
         meta=common_pb2.EventMeta(event_id=_unique("evt")),
-        release_id=release_id,
         alias="alpha-bot",
+        revision=1,
         stable_version_id=alpha.version_id,
-        candidate_version_id=alpha.version_id,
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state="running",
+            stable_version_id=alpha.version_id,
+            candidate_version_id=alpha.version_id,
+            change=events_pb2.ReleaseChange(kind="started", event_id=_unique("evt")),
+        ),
     )
-    await world.app.db.run(world.app.releases.apply_started, started)
+    assert await world.app.db.run(world.app.releases.apply_route_changed, started)
 
     viewer = world.stubs["alpha", Role.viewer]
     outsider = world.stubs["beta", Role.admin]  # admin of beta is nobody in alpha
@@ -471,6 +478,45 @@ async def test_missing_malformed_and_unknown_keys_are_unauthenticated(world: Wor
     ):
         async with channel(world.app.address, api_key=key) as ch:
             assert says in await _unauthenticated(_stub(ch).GetBaseModel(request))
+
+
+async def test_unauthenticated_calls_are_audited_under_the_key_presented(world: World) -> None:
+    since = Timestamp()
+    since.FromDatetime(datetime.now(UTC) - timedelta(seconds=1))
+    request = registry_pb2.GetBaseModelRequest(name="tiny")
+    created = await world.new_key("alpha", Role.viewer)
+    await world.admin.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=created.key.key_id))
+    unknown_id, unknown = auth.new_api_key()
+    for key in ("", unknown, unknown, created.secret):
+        async with channel(world.app.address, api_key=key) as ch:
+            await _unauthenticated(_stub(ch).GetBaseModel(request))
+    async with channel(world.app.address) as ch:
+        await _unauthenticated(
+            _stub(ch).Authenticate(registry_pb2.AuthenticateRequest(api_key=unknown))
+        )
+    wanted = {
+        ("anonymous", "GetBaseModel"): 1,
+        (unknown_id, "GetBaseModel"): 2,  # aggregated: one entry, counted twice
+        (created.key.key_id, "GetBaseModel"): 1,
+        (unknown_id, "Authenticate"): 1,
+    }
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        listed = await world.admin.ListAudit(
+            registry_pb2.ListAuditRequest(resource_prefix="service:registry", since=since)
+        )
+        seen = {
+            (e.actor, e.method): e
+            for e in listed.entries
+            if e.outcome == "UNAUTHENTICATED" and (e.actor, e.method) in wanted
+        }
+        if len(seen) == len(wanted) or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert set(seen) == set(wanted)
+    assert "2 times from 127.0.0.1" in seen[unknown_id, "GetBaseModel"].detail
+    assert "revoked" in seen[created.key.key_id, "GetBaseModel"].detail
+    assert unknown.rsplit("_", 1)[1] not in listed.SerializeToString().decode(errors="ignore")
 
 
 async def test_a_key_is_shown_once_hashed_at_rest_and_revocable(world: World) -> None:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import typer
 
+from ftops.registry.v1 import registry_pb2
 from ftops_cli.output import Output, OutputOption, or_dash, print_json, print_table, when
 from ftops_cli.runner import run
 from ftops_client import FtopsClient
+
+
+def version_state(version: registry_pb2.Version) -> str:
+    """ready, rejected (by the evaluation gate: never served), and archived when it is."""
+    state = version.state or "ready"
+    return f"{state}, archived" if version.archived else state
 
 
 def versions(ctx: typer.Context, adapter: str, output: OutputOption = Output.table) -> None:
@@ -19,11 +26,12 @@ def versions(ctx: typer.Context, adapter: str, output: OutputOption = Output.tab
             return
         print_table(
             f"versions of {adapter}",
-            ("#", "version", "parent", "base model", "job", "created"),
+            ("#", "version", "state", "parent", "base model", "job", "created"),
             (
                 (
                     v.number,
                     v.version_id,
+                    version_state(v),
                     or_dash(v.parent_version_id),
                     v.base_model,
                     or_dash(v.job_id),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from enum import StrEnum
 from typing import Annotated
 
@@ -40,6 +41,10 @@ route_app = typer.Typer(help="Gateway routes (alias → version).", no_args_is_h
 release_app = typer.Typer(
     help="Releases: canary, blue-green, shadow, flag rules, sticky split.", no_args_is_help=True
 )
+
+
+# Shown for options whose 0 means "the service decides" (a 0.0 default reads as "0% allowed").
+SERVICE_DEFAULT = "service default"
 
 
 class Strategy(StrEnum):
@@ -294,21 +299,60 @@ def release_start(
         ),
     ] = None,
     min_requests: Annotated[
-        int, typer.Option(min=0, help="requests per arm before a decision")
+        int,
+        typer.Option(
+            min=0,
+            help="requests per arm before a decision (monitor's default: 20)",
+            show_default=SERVICE_DEFAULT,
+        ),
     ] = 0,
-    max_error_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
-    max_latency_ratio: Annotated[float, typer.Option(min=0)] = 0.0,
+    max_error_rate: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="candidate error rate (0..1) that rolls back (monitor's default: no "
+            "absolute cap; errors are still tested against stable)",
+            show_default=SERVICE_DEFAULT,
+        ),
+    ] = 0.0,
+    max_latency_ratio: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="largest candidate/stable p95 latency ratio (monitor's default: unchecked; "
+            "latency is still tested against stable)",
+            show_default=SERVICE_DEFAULT,
+        ),
+    ] = 0.0,
     alpha: Annotated[
-        float, typer.Option(min=0, max=0.5, help="sequential test false alarms")
+        float,
+        typer.Option(
+            min=0,
+            max=0.5,
+            help="sequential test false alarms (monitor's default: 0.05)",
+            show_default=SERVICE_DEFAULT,
+        ),
     ] = 0.0,
     step_timeout: Annotated[
-        float, typer.Option(min=0, help="seconds a step may stay inconclusive")
+        float,
+        typer.Option(
+            min=0,
+            help="seconds a step may stay inconclusive (monitor's default: 300)",
+            show_default=SERVICE_DEFAULT,
+        ),
     ] = 0.0,
     on_inconclusive: Annotated[
         Inconclusive, typer.Option(help="what a step still inconclusive at its time limit does")
     ] = Inconclusive.rollback,
     max_divergence: Annotated[
-        float, typer.Option(min=0, max=1, help="shadow: largest mean output divergence")
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="shadow: largest mean output divergence (monitor's default: unchecked)",
+            show_default=SERVICE_DEFAULT,
+        ),
     ] = 0.0,
     manual: Annotated[
         bool, typer.Option("--manual", help="no automatic decisions: promote by hand")
@@ -553,11 +597,38 @@ def release_watch(
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
+            # The last poll predates the release's end: the last frame shows the
+            # monitor's analysis of the ended release, or none rather than a stale one.
+            if latest:
+                final = await final_analysis(client, alias, latest[-1])
+                figures[:] = [final] if final is not None else []
             redraw()
         if latest:
             _check_outcome(latest[-1])
 
     run(ctx, work)
+
+
+async def final_analysis(
+    client: FtopsClient, alias: str, release: gateway_pb2.Release, wait: float = 3.0
+) -> monitor_pb2.ReleaseAnalysis | None:
+    """The monitor's analysis of ``release`` once it has seen the release end (it learns of
+    the end from the bus, a moment after the gateway); None if it has not within ``wait``
+    seconds or cannot say."""
+    release_id = release.route.release_id
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            analysis = await client.release_analysis(alias)
+        except FtopsClientError:
+            return None
+        if analysis.release_id != release_id:
+            return None
+        if analysis.state not in ("running", "paused") or release.state in ("running", "paused"):
+            return analysis
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.2)
 
 
 def _check_outcome(release: gateway_pb2.Release) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import typer
 
-from ftops_cli.errors import EXIT_INTERRUPTED, fail
+from ftops_cli.errors import EXIT_INTERRUPTED, EXIT_OK, fail
 from ftops_client import Endpoints, FtopsClient
 
 T = TypeVar("T")
@@ -51,5 +55,18 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:
+        # The reader stopped reading (`ftops ... | head -1`): it has what it wanted.
+        silence_stdout()
+        raise typer.Exit(EXIT_OK) from None
     except Exception as exc:
         fail(exc, debug=st.debug)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush of what is still buffered
+    would otherwise hit the closed pipe again and print a traceback."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

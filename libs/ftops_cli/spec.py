@@ -59,6 +59,8 @@ from ftops.trainer.v1 import trainer_pb2
 from ftops_cli.errors import CliError
 
 DEFAULT_BASE_MODEL = "tiny-llama"
+# Keys a spec must have, with the `ftops train` flag that gives each.
+REQUIRED_KEYS = {"adapter": "--adapter", "dataset": "--data"}
 
 STR_KEYS = (
     "adapter",
@@ -196,9 +198,9 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 
 def build_job_spec(values: Mapping[str, Any]) -> trainer_pb2.JobSpec:
     """A JobSpec from validated values; reads the dataset file into the request."""
-    for required in ("adapter", "dataset"):
+    for required, flag in REQUIRED_KEYS.items():
         if required not in values:
-            raise CliError(f"missing '{required}' (--{required} or '{required}:' in --spec)")
+            raise CliError(f"missing '{required}' ({flag} or '{required}:' in --spec)")
     dataset = Path(values["dataset"])
     try:
         data = dataset.read_bytes()

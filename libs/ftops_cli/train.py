@@ -23,14 +23,17 @@ from ftops_cli.output import Output, OutputOption, job_state, or_dash, print_fie
 from ftops_cli.output import print_table as _print_table
 from ftops_cli.runner import run
 from ftops_cli.spec import build_job_spec, load_spec_file, validate
-from ftops_client import FtopsClient
+from ftops_client import FtopsClient, FtopsClientError
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 
-FAILED_STATES = (
-    events_pb2.JOB_STATE_FAILED,
-    events_pb2.JOB_STATE_CANCELLED,
-    events_pb2.JOB_STATE_REJECTED,
+REJECTED = events_pb2.JOB_STATE_REJECTED
+FAILED_STATES = (events_pb2.JOB_STATE_FAILED, events_pb2.JOB_STATE_CANCELLED, REJECTED)
+# A rejection names the gate's thresholds; this says where they come from.
+GATE_HINT = (
+    "the gate's settings and scores: ftops jobs get {job_id}; per job: --min-retention, "
+    "or 'min_retention:' / 'max_new_loss_ratio:' / 'gate: false' in --spec; the trainer's "
+    "default: FTOPS_GATE_MIN_RETENTION"
 )
 
 
@@ -42,8 +45,23 @@ def _detach_message(job_id: str) -> str:
     )
 
 
-async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> trainer_pb2.Job:
-    """Watch a job to its end with a live bar on stderr (step/total, loss, ETA)."""
+def steps_note(job: trainer_pb2.Job, max_steps: int) -> str:
+    """Why a job trains fewer steps than --max-steps asked for ("" when it does not)."""
+    if not max_steps or not job.total_steps or job.total_steps >= max_steps:
+        return ""
+    epochs = job.spec.hyperparameters.num_epochs
+    given = f"{epochs} epochs" if epochs else "the trainer's default epochs"
+    return (
+        f"note: job {job.job_id} trains {job.total_steps} steps, not max_steps {max_steps}: "
+        f"{given} over its data end first (raise --num-epochs to train longer)"
+    )
+
+
+async def follow(
+    client: FtopsClient, job_id: str, *, progress: bool = True, max_steps: int = 0
+) -> trainer_pb2.Job:
+    """Watch a job to its end with a live bar on stderr (step/total, loss, ETA); says so
+    once if ``max_steps`` (what the caller asked for) does not bind."""
     job = trainer_pb2.Job(job_id=job_id)
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -60,8 +78,13 @@ async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> 
     )
     with bar:
         task: TaskID = bar.add_task(job_id, total=None, loss="-", tps="-", eta="-")
+        noted = False
         async for update in client.watch_job(job_id):
             job = update
+            if not noted and job.total_steps:
+                noted = True
+                if note := steps_note(job, max_steps):
+                    bar.console.print(note, markup=False, highlight=False)
             bar.update(
                 task,
                 description=f"{job_id} {job_state(job.state).lower()}",
@@ -72,6 +95,29 @@ async def follow(client: FtopsClient, job_id: str, *, progress: bool = True) -> 
                 eta=_duration(job.eta_seconds) if job.step and job.step < job.total_steps else "-",
             )
     return job
+
+
+async def route_if_unrouted(client: FtopsClient, alias: str, version_id: str) -> str:
+    """Route ``alias`` to ``version_id`` if it has no route yet (a new adapter's first ready
+    version), through the gateway that owns routes; what happened, as a line for stderr.
+    Never fails the command: the version is registered either way."""
+    how = f"route it with: ftops route set {alias} {version_id}"
+    try:
+        current = await client.get_route(alias)
+    except FtopsClientError as exc:
+        if exc.code_name != "NOT_FOUND":
+            return f"note: could not read the route of {alias} ({exc}); {how}"
+    else:
+        serving = current.stable_version_id or "-"
+        return (
+            f"route {alias} unchanged (serves {serving}); release the new version with: "
+            f"ftops release start {alias} {version_id}"
+        )
+    try:
+        await client.set_route(alias, version_id)
+    except FtopsClientError as exc:
+        return f"note: {alias} has no route and routing it failed ({exc}); {how}"
+    return f"route {alias} → {version_id} (the alias had no route: its first ready version)"
 
 
 def _duration(seconds: float) -> str:
@@ -86,8 +132,10 @@ def _report(job: trainer_pb2.Job, output: Output) -> None:
     else:
         _print_job(job)
     if job.state in FAILED_STATES:
+        hint = f" ({GATE_HINT.format(job_id=job.job_id)})" if job.state == REJECTED else ""
         raise CliError(
-            f"job {job.job_id} ended {job_state(job.state)}: {job.error or 'no reason given'}",
+            f"job {job.job_id} ended {job_state(job.state)}: "
+            f"{job.error or 'no reason given'}{hint}",
             EXIT_JOB_FAILED,
         )
 
@@ -151,7 +199,10 @@ def train(
     lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
     num_epochs: Annotated[int | None, typer.Option(min=1)] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="stop after this many steps (the epochs may end first)"),
+    ] = None,
     cutoff_len: Annotated[int | None, typer.Option(min=2)] = None,
     replay_ratio: Annotated[
         float | None, typer.Option(min=0, max=0.99, help="share of replayed earlier data")
@@ -160,6 +211,13 @@ def train(
         float | None, typer.Option(min=0, help="evaluation gate: least retention kept")
     ] = None,
     wait: Annotated[bool, typer.Option(help="watch the job to its end")] = True,
+    route: Annotated[
+        bool,
+        typer.Option(
+            help="once the version is ready, route the alias named like the adapter to it "
+            "if that alias has no route yet (an existing route is never changed)"
+        ),
+    ] = True,
     output: OutputOption = Output.table,
 ) -> None:
     """Fine-tune a new adapter version and wait for it (Ctrl-C detaches)."""
@@ -192,8 +250,15 @@ def train(
         job_id = job.job_id
         typer.echo(f"submitted job {job_id} ({job_spec.adapter})", err=True)
         if wait:
-            job = await follow(client, job_id, progress=output is Output.table)
+            job = await follow(
+                client,
+                job_id,
+                progress=output is Output.table,
+                max_steps=job_spec.hyperparameters.max_steps,
+            )
         _report(job, output)
+        if route and job.state == events_pb2.JOB_STATE_SUCCEEDED and job.version_id:
+            typer.echo(await route_if_unrouted(client, job_spec.adapter, job.version_id), err=True)
 
     run(ctx, work, on_interrupt=lambda: _detach_message(job_id))
 

@@ -92,6 +92,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             release_id="rel_9",
             stable_version_id="ver_1",
             candidate_version_id="ver_2",
+            release_stable_version_id="ver_1",
+            release_candidate_version_id="ver_2",
             candidate_weight=10,
             steps=[10, 100],
         )

@@ -57,7 +57,9 @@ TEAMS = ("alpha", "beta")
 BASE = "tiny-base"
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-AUTH_TTL_S = 1.0
+# The production default: a revoked key must stop working long before it runs out.
+AUTH_TTL_S = 30.0
+REVOCATION_S = 1.0
 LIMITED_TEAM = "limited"
 LIMIT = Limit(rps=2.0, burst=2)
 
@@ -477,23 +479,166 @@ async def test_openai_http_uses_the_same_keys_and_teams(world: World) -> None:
     assert await post(world.key("alpha", Role.viewer)) == 200
 
 
-async def test_revoked_key_stops_working_within_the_cache_ttl(world: World) -> None:
-    created = await world.new_key("short-lived", {"alpha": Role.viewer})
-    stub = world.gateway(created.secret)
-    request = gateway_pb2.GenerateRequest(model="base", prompt="hi")
-    await stub.Generate(request)  # now cached as valid
+async def _until_refused(call: Callable[[], Awaitable[Any]], since: float) -> grpc.StatusCode:
+    """Repeat ``call`` until it fails; its code. Fails if that takes over REVOCATION_S."""
+    while True:
+        assert time.monotonic() - since < REVOCATION_S, "revoked key still accepted"
+        try:
+            await call()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        await asyncio.sleep(0.02)
+
+
+async def test_a_revoked_key_stops_working_everywhere_at_once(world: World) -> None:
+    # Both gateway replicas, the monitor and the trainer have the key cached as valid
+    # (for AUTH_TTL_S = 30 s); the revocation reaches them as an event within a second.
+    created = await world.new_key("leaked", {"alpha": Role.releaser})
+    alias = await world.route("alpha")
+    request = gateway_pb2.SetRouteRequest(alias=alias, version_id=world.versions["alpha"][1])
+    replicas = [world.gateway(created.secret, replica=i) for i in range(2)]
+    for stub in replicas:
+        await stub.GetRoute(gateway_pb2.GetRouteRequest(alias=alias))
+    monitor = world.monitor_stub(created.secret)
+    await monitor.ListAlerts(monitor_pb2.ListAlertsRequest())
+    trainer = world.trainer_stub(created.secret)
+    await trainer.ListJobs(trainer_pb2.ListJobsRequest(team="alpha"))
     await world.admin.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=created.key.key_id))
     revoked_at = time.monotonic()
-    code = grpc.StatusCode.OK
-    while code == grpc.StatusCode.OK:
-        assert time.monotonic() - revoked_at < AUTH_TTL_S + 1.0, "revoked key still accepted"
-        try:
-            await stub.Generate(request)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-        else:
-            await asyncio.sleep(0.05)
-    assert code == UNAUTHENTICATED
+    for stub in replicas:
+        assert await _until_refused(lambda s=stub: s.SetRoute(request), revoked_at) == (
+            UNAUTHENTICATED
+        )
+    assert (
+        await _until_refused(
+            lambda: monitor.ListAlerts(monitor_pb2.ListAlertsRequest()), revoked_at
+        )
+        == UNAUTHENTICATED
+    )
+    assert (
+        await _until_refused(
+            lambda: trainer.ListJobs(trainer_pb2.ListJobsRequest(team="alpha")), revoked_at
+        )
+        == UNAUTHENTICATED
+    )
+    route = await world.gateway(world.key("alpha", Role.viewer)).GetRoute(
+        gateway_pb2.GetRouteRequest(alias=alias)
+    )
+    assert route.stable_version_id == world.versions["alpha"][0]  # no SetRoute got through
+
+
+async def _audited(
+    world: World, service: str, since: float, match: Callable[[Any], bool], timeout: float = 10
+) -> list[Any]:
+    """The registry's audit entries of ``service``'s refusals (newer than ``since``, a
+    time.time()) that ``match``, once there are some."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    after = Timestamp()
+    after.FromSeconds(int(since) - 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = await world.admin.ListAudit(
+            registry_pb2.ListAuditRequest(
+                resource_prefix=f"service:{service}", since=after, page_size=500
+            )
+        )
+        found = [e for e in listed.entries if match(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.1)
+
+
+async def test_every_refusal_of_every_service_is_audited_with_the_key_id(world: World) -> None:
+    since = time.time()
+    unknown = auth.new_api_key()
+    revoked = await world.new_key("gone", {"alpha": Role.viewer})
+    await world.admin.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=revoked.key.key_id))
+    beta = world.key("beta", Role.viewer)
+    beta_id = _key_id(beta)
+    alias = await world.release("alpha")
+    release = await world.gateway(world.key("alpha", Role.viewer)).GetRelease(
+        gateway_pb2.GetReleaseRequest(alias=alias)
+    )
+    # gateway: no key, an unknown key, a revoked key, and a key without the role (GetRelease
+    # by id, which was not even logged).
+    gateway_route = gateway_pb2.GetRouteRequest(alias=alias)
+    await refused(world.gateway("").GetRoute(gateway_route), UNAUTHENTICATED)
+    await refused(world.gateway(unknown[1]).GetRoute(gateway_route), UNAUTHENTICATED)
+    await refused(world.gateway(revoked.secret).GetRoute(gateway_route), UNAUTHENTICATED)
+    await refused(
+        world.gateway(beta).GetRelease(
+            gateway_pb2.GetReleaseRequest(release_id=release.route.release_id)
+        )
+    )
+    # monitor and trainer: a key without the role.
+    await refused(
+        world.monitor_stub(beta).GetReleaseAnalysis(
+            monitor_pb2.GetReleaseAnalysisRequest(alias=alias)
+        )
+    )
+    await refused(world.trainer_stub(beta).ListJobs(trainer_pb2.ListJobsRequest(team="alpha")))
+    await refused(world.trainer_stub("").ListJobs(trainer_pb2.ListJobsRequest()), UNAUTHENTICATED)
+
+    def by(actor: str, method: str, outcome: str) -> Callable[[Any], bool]:
+        return lambda e: (e.actor, e.method, e.outcome) == (actor, method, outcome)
+
+    expected = [
+        ("gateway", "anonymous", "GetRoute", "UNAUTHENTICATED"),
+        ("gateway", unknown[0], "GetRoute", "UNAUTHENTICATED"),
+        ("gateway", revoked.key.key_id, "GetRoute", "UNAUTHENTICATED"),
+        ("gateway", beta_id, "GetRelease", "PERMISSION_DENIED"),
+        ("monitor", beta_id, "GetReleaseAnalysis", "PERMISSION_DENIED"),
+        ("trainer", beta_id, "ListJobs", "PERMISSION_DENIED"),
+        ("trainer", "anonymous", "ListJobs", "UNAUTHENTICATED"),
+    ]
+    for service, actor, method, outcome in expected:
+        entries = await _audited(world, service, since, by(actor, method, outcome))
+        assert entries, f"{service} {method} refused for {actor} is not in the audit log"
+        assert "127.0.0.1" in entries[0].detail  # where it came from
+    # A refusal in a team's resource is in that team's audit: alpha's admin sees it.
+    denied = await _audited(
+        world, "monitor", since, by(beta_id, "GetReleaseAnalysis", "PERMISSION_DENIED")
+    )
+    assert denied[0].team == "alpha"
+    # No secret ever reaches the log.
+    everything = await world.admin.ListAudit(registry_pb2.ListAuditRequest(page_size=500))
+    secrets = (unknown[1].rsplit("_", 1)[1], revoked.secret.rsplit("_", 1)[1])
+    assert not any(secret in e.detail for e in everything.entries for secret in secrets)
+
+
+async def test_a_flood_of_unauthenticated_calls_is_aggregated_not_dropped(world: World) -> None:
+    since = time.time()
+    flood_key = auth.new_api_key()
+    stub = world.gateway(flood_key[1], replica=1)
+    request = gateway_pb2.GetRouteRequest(alias="anything")
+    calls = 300
+    for _ in range(calls):
+        await refused(stub.GetRoute(request), UNAUTHENTICATED)
+
+    def mine(e: Any) -> bool:
+        return e.actor == flood_key[0]
+
+    deadline = time.monotonic() + 10
+    while True:
+        entries = await _audited(world, "gateway", since, mine)
+        counts = [_count(e.detail) for e in entries]
+        if sum(counts) >= calls or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert sum(counts) == calls  # every call counted ...
+    assert len(entries) < calls / 10  # ... in a handful of entries
+
+
+def _count(detail: str) -> int:
+    match = re.search(r"\((\d+) times from", detail)
+    return int(match.group(1)) if match else 1
+
+
+def _key_id(key: str) -> str:
+    parsed = auth.parse_api_key(key)
+    assert parsed is not None
+    return parsed.key_id
 
 
 async def test_rate_limit_is_per_key_and_shared_by_gateway_replicas(world: World) -> None:
@@ -665,6 +810,7 @@ async def test_inference_checks_its_callers(world: World, tiny_model_dir: Path) 
     from ftops_inference.service import InferenceService
     from ftops_inference.settings import InferenceSettings
 
+    started = time.time()
     service = InferenceService(
         InferenceSettings(
             grpc_port=0,
@@ -705,5 +851,16 @@ async def test_inference_checks_its_callers(world: World, tiny_model_dir: Path) 
         )
         listed = await stub(world.admin_key).ListAdapters(inference_pb2.ListAdaptersRequest())
         assert listed.base_model
+        # Its refusals reach the registry's audit log, ListAdapters included.
+        admin_id = _key_id(world.key("alpha", Role.admin))
+        entries = await _audited(
+            world,
+            "inference",
+            started,
+            lambda e: (e.actor, e.method) == (admin_id, "ListAdapters"),
+        )
+        assert entries
+        assert entries[0].outcome == "PERMISSION_DENIED"
+        assert await _audited(world, "inference", started, lambda e: e.outcome == "UNAUTHENTICATED")
     finally:
         await service.stop()

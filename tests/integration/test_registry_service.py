@@ -11,12 +11,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import nats
 import pytest
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -181,6 +180,12 @@ async def test_bad_uploads_are_refused_and_nothing_stored(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _upload(stub, {"../escape.json": b"{}"})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    for near_miss in ("x.pkl2", "adapter_model.bin."):  # let in by a suffix rule once
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _upload(stub, {near_miss: b"\x80\x04"})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert repr(near_miss) in (err.value.details() or "")
     assert _blob_files(app) == []
 
 
@@ -300,42 +305,50 @@ async def test_release_events_are_recorded_once(
     app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub, nats_url: str
 ) -> None:
     release_id = f"rel-{uuid.uuid4().hex[:8]}"
-
-    def meta() -> common_pb2.EventMeta:
-        return events.new_meta("monitor", "test")
-
-    started = events_pb2.ReleaseStarted(
-        meta=meta(),
-        release_id=release_id,
-        alias="support-bot",
-        stable_version_id="ver_a",
-        candidate_version_id="ver_b",
-        strategy=events_pb2.RELEASE_STRATEGY_CANARY,
-        steps=[10, 100],
-        current_weight=10,
-    )
-    promote = events_pb2.ReleasePromote(
-        meta=meta(),
-        release_id=release_id,
-        alias="support-bot",
-        candidate_version_id="ver_b",
-        stable_version_id="ver_a",
-        weight=100,
-        final=True,
-        reason="healthy",
-    )
+    alias = f"support-bot-{uuid.uuid4().hex[:6]}"
+    # The gateway's route.changed after each change it applied: start, pause, resume and
+    # the final promotion, one revision each (their changes a second apart).
+    changes: list[tuple[str, str, dict[str, Any]]] = [
+        ("started", "running", {"candidate_weight": 10}),
+        ("paused", "paused", {"candidate_weight": 10}),
+        ("resumed", "running", {"candidate_weight": 10}),
+        ("promote", "promoted", {"step_index": 1, "candidate_weight": 0}),
+    ]
+    routes: list[events_pb2.RouteChanged] = []
+    for revision, (kind, state, fields) in enumerate(changes, start=1):
+        change = events_pb2.ReleaseChange(
+            kind=kind, event_id=uuid.uuid4().hex, reason=f"{kind} reason", final=kind == "promote"
+        )
+        change.occurred_at.FromSeconds(1_700_000_000 + revision)
+        snapshot = events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state=state,
+            strategy=events_pb2.RELEASE_STRATEGY_CANARY,
+            stable_version_id="ver_a",
+            candidate_version_id="ver_b",
+            steps=[10, 100],
+            change=change,
+            **fields,
+        )
+        snapshot.started_at.FromSeconds(1_700_000_001)
+        routes.append(
+            events_pb2.RouteChanged(
+                meta=events.new_meta("gateway", "test"),
+                alias=alias,
+                revision=revision,
+                release=snapshot,
+            )
+        )
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
         # Raw publishes without Nats-Msg-Id: JetStream stores both copies, so the
-        # registry's own idempotency (unique event id) is what keeps one entry each.
-        subject_events: list[tuple[str, Message]] = [
-            (events.RELEASE_PROMOTE, promote),  # before started: created lazily
-            (events.RELEASE_STARTED, started),
-        ]
-        for subject, event in subject_events:
+        # registry's own idempotency (unique event id) is what keeps one entry each. The
+        # promotion comes first: the release is created from it, the older changes fill in
+        # the history without moving its state back.
+        for event in [routes[-1], *routes[:-1]]:
             for _ in range(2):
-                await js.publish(subject, event.SerializeToString())
+                await js.publish(events.ROUTE_CHANGED, event.SerializeToString())
     finally:
         await nc.close()
 
@@ -344,25 +357,33 @@ async def test_release_events_are_recorded_once(
     while time.monotonic() < deadline:
         try:
             release = await stub.GetRelease(registry_pb2.GetReleaseRequest(release_id=release_id))
-            if len(release.history) >= 2 and release.strategy:
+            if len(release.history) >= len(routes) and release.strategy:
                 break
         except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # let any duplicate land if it were going to
     release = await stub.GetRelease(registry_pb2.GetReleaseRequest(release_id=release_id))
-    assert [d.kind for d in release.history] == ["started", "promote"]
+    assert [d.kind for d in release.history] == ["started", "paused", "resumed", "promote"]
+    assert [d.reason for d in release.history][-1] == "promote reason"
+    assert release.history[-1].final
     assert release.state == "promoted"
     assert release.current_weight == 100
     assert release.strategy == "canary"
-    listed = await stub.ListReleases(registry_pb2.ListReleasesRequest(alias="support-bot"))
+    assert (release.stable_version_id, release.candidate_version_id) == ("ver_a", "ver_b")
+    listed = await stub.ListReleases(registry_pb2.ListReleasesRequest(alias=alias))
     assert release_id in [r.release_id for r in listed.releases]
-    # Recorded decisions are audited once each, by the producer of the event.
+    # Recorded changes are audited once each, by the producer of the event.
     audit = await stub.ListAudit(
         registry_pb2.ListAuditRequest(resource_prefix=f"release:{release_id}")
     )
-    assert sorted(e.method for e in audit.entries) == ["release.promote", "release.started"]
-    assert {e.actor for e in audit.entries} == {"monitor/test"}
+    assert sorted(e.method for e in audit.entries) == [
+        "release.paused",
+        "release.promote",
+        "release.resumed",
+        "release.started",
+    ]
+    assert {e.actor for e in audit.entries} == {"gateway/test"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -436,7 +457,7 @@ async def test_rejected_version_round_trip_and_refusals(
     app: RegistryApp, stub: registry_pb2_grpc.RegistryServiceAsyncStub, nats_url: str
 ) -> None:
     artifact = await _base_and_artifact(stub)
-    replay = await _upload(stub, {"replay.jsonl": b'{"text": "kept"}\n'})
+    replay = await _upload(stub, {"replay_buffer.jsonl": b'{"text": "kept"}\n'})
     good = await stub.RegisterVersion(
         registry_pb2.RegisterVersionRequest(
             adapter="gate-bot", base_model="tiny", artifact_id=artifact.artifact_id
@@ -480,27 +501,34 @@ async def test_rejected_version_round_trip_and_refusals(
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "replay_artifact_id" in details
 
-    # A release.started that puts it on traffic is dead-lettered at once, not recorded.
+    # A route.changed whose release started on it (puts it on traffic) is dead-lettered
+    # at once, not recorded.
     release_id = f"rel-{uuid.uuid4().hex[:8]}"
-    started = events_pb2.ReleaseStarted(
+    started = events_pb2.RouteChanged(
         meta=events.new_meta("gateway", "test"),
-        release_id=release_id,
         alias="gate-bot",
+        revision=1,
         stable_version_id=good.version_id,
-        candidate_version_id=bad.version_id,
-        steps=[10, 100],
-        current_weight=10,
+        release=events_pb2.ReleaseSnapshot(
+            release_id=release_id,
+            state="running",
+            stable_version_id=good.version_id,
+            candidate_version_id=bad.version_id,
+            steps=[10, 100],
+            candidate_weight=10,
+            change=events_pb2.ReleaseChange(kind="started", event_id=uuid.uuid4().hex),
+        ),
     )
     nc = await nats.connect(nats_url)
     try:
         dead: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_dead(msg: Msg) -> None:
-            if events_pb2.ReleaseStarted.FromString(msg.data).release_id == release_id:
+            if events_pb2.RouteChanged.FromString(msg.data).release.release_id == release_id:
                 await dead.put(msg)
 
-        await nc.subscribe(f"deadletter.{events.RELEASE_STARTED}", cb=on_dead)
-        await nc.jetstream().publish(events.RELEASE_STARTED, started.SerializeToString())
+        await nc.subscribe(f"deadletter.{events.ROUTE_CHANGED}", cb=on_dead)
+        await nc.jetstream().publish(events.ROUTE_CHANGED, started.SerializeToString())
         msg = await asyncio.wait_for(dead.get(), 15)
     finally:
         await nc.close()

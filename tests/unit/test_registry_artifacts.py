@@ -1,13 +1,18 @@
-"""Artifact uploads are verified before anything is kept; names never become paths."""
+"""Artifact uploads are verified before anything is kept; names never become paths, only
+the names artifacts consist of are accepted, and adapters above the rank limit are refused."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftops_registry.artifacts import (
+    ARTIFACT_FILES,
     FileSpec,
     LocalArtifactStore,
     UploadSession,
@@ -115,7 +120,7 @@ def test_manifest_checks() -> None:
     with pytest.raises(InvalidArgument, match="twice"):
         validate_manifest([ok, ok], max_total_bytes=100)
     with pytest.raises(InvalidArgument, match="sha256"):
-        validate_manifest([FileSpec("a.json", "XYZ", 1)], max_total_bytes=100)
+        validate_manifest([FileSpec("dataset.jsonl", "XYZ", 1)], max_total_bytes=100)
     with pytest.raises(InvalidArgument, match="allowed"):
         validate_manifest([ok], max_total_bytes=3)
 
@@ -137,3 +142,88 @@ def test_empty_file_is_fine(tmp_path: Path) -> None:
     empty = spec("empty.json", b"")
     upload(store, [(empty, b""), (spec("c.json", CONFIG), CONFIG)])
     assert store.exists(empty.sha256)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x.pkl2",  # the issue's near-misses, let in by a suffix rule
+        "adapter_model.bin.",
+        "adapter_model.safetensors.",
+        "w.safetensors",
+        "README.md",
+        "adapter_config.json ",
+    ],
+)
+def test_only_the_names_artifacts_consist_of_are_accepted(name: str) -> None:
+    with pytest.raises(InvalidArgument, match=rf"{re.escape(repr(name))} refused"):
+        validate_file_name(name)
+
+
+def test_every_name_the_trainer_uploads_is_accepted() -> None:
+    # adapter (and partial fine-tune), dataset, replay buffer: what the trainer sends.
+    for name in ARTIFACT_FILES:
+        validate_file_name(name)
+    assert set(ARTIFACT_FILES) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "dataset.jsonl",
+        "replay_buffer.json",
+        "replay_buffer.jsonl",
+    }
+
+
+def lora_weights(rank: int) -> bytes:
+    from safetensors.torch import save
+
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    return save(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(rank, 16),
+            f"{prefix}.lora_B.weight": torch.zeros(16, rank),
+        }
+    )
+
+
+def test_adapter_rank_above_the_limit_is_refused_at_upload(tmp_path: Path) -> None:
+    """A rank-4096 adapter was stored, registered and loaded; the rank is the tensors'
+    (the safetensors header streaming by) and the config's, checked before anything is kept."""
+    store = LocalArtifactStore(tmp_path)
+    config = json.dumps({"peft_type": "LORA", "r": 8}).encode()
+    ok = lora_weights(8)
+    upload(
+        store,
+        [
+            (spec("adapter_config.json", config), config),
+            (spec("adapter_model.safetensors", ok), ok),
+        ],
+    )
+
+    big = lora_weights(512)
+    big_files = [
+        (spec("adapter_config.json", config), config),
+        (spec("adapter_model.safetensors", big), big),
+    ]
+    with pytest.raises(
+        InvalidArgument, match=r"lora_A\.weight' has LoRA rank 512, above the limit of 256"
+    ):
+        upload(store, big_files, chunk=7)  # the header arrives in pieces
+    assert not list(store.tmp_dir.iterdir())
+
+    lying = json.dumps({"peft_type": "LORA", "r": 4096}).encode()
+    with pytest.raises(InvalidArgument, match=r"rank 4096 \(r\).*max_lora_rank"):
+        upload(
+            store,
+            [
+                (spec("adapter_config.json", lying), lying),
+                (spec("adapter_model.safetensors", ok), ok),
+            ],
+        )
+
+
+def test_rank_limit_is_a_setting(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    big = lora_weights(512)
+    session = UploadSession(store, [spec("adapter_model.safetensors", big)], max_lora_rank=512)
+    session.write(0, big)
+    session.finish()

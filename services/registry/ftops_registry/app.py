@@ -69,6 +69,7 @@ class RegistryApp:
             self.store,
             self.jobs,
             max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
+            max_lora_rank=settings.max_lora_rank,
             retention=Retention(
                 self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
             ),

@@ -2,19 +2,22 @@
 verifies every byte against what the client declared before anything is kept.
 
 Blobs are addressed by their sha256 only; the file names a client sends are labels in the
-manifest and never touch the filesystem.
+manifest and never touch the filesystem. Only the names artifacts consist of are accepted,
+and an adapter's LoRA ranks are checked while its bytes stream in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ftops_runtime.errors import DataLoss, InvalidArgument
 
@@ -23,6 +26,25 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Formats that execute code when loaded. Adapters travel as safetensors only.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 MAX_NAME_LEN = 255
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Every name an artifact consists of, as the trainer uploads them and the services read
+# them: an adapter (a partial fine-tune has the same two files), a dataset, a replay
+# buffer. A suffix rule let near-misses in (``x.pkl2``, ``adapter_model.bin.``).
+ARTIFACT_FILES = (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    "dataset.jsonl",
+    "replay_buffer.json",
+    "replay_buffer.jsonl",
+)
+DEFAULT_MAX_LORA_RANK = 256
+# Beyond these an adapter's config / safetensors header is not inspected (a real one is
+# a few KB / well under 1 MiB); the replica that loads it checks it in full anyway.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# LoRA tensor name -> which dimension is the rank.
+_RANK_DIM = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": -1, "lora_embedding_B": -1}
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,11 @@ def validate_file_name(name: str) -> None:
         raise InvalidArgument(
             f"artifact file {name!r} is a pickle-based format; safetensors only "
             "(save adapters with save_pretrained(safe_serialization=True))"
+        )
+    if name not in ARTIFACT_FILES:
+        raise InvalidArgument(
+            f"artifact file {name!r} refused: an artifact consists of files named "
+            f"{', '.join(ARTIFACT_FILES)} only"
         )
 
 
@@ -177,16 +204,97 @@ class LocalArtifactStore:
         return size
 
 
+class AdapterRanks:
+    """Checks an adapter's LoRA ranks as its bytes stream by: the config's ``r`` (and
+    ``rank_pattern``), kept whole, and the tensor shapes in the safetensors header (the
+    weights file's first bytes). What does not parse is left to the replica, which refuses
+    it at load; what parses and asks for too high a rank is refused here."""
+
+    def __init__(self, max_rank: int) -> None:
+        self._max_rank = max_rank
+        self._config = bytearray()
+        self._header = bytearray()
+        self._header_checked = False
+
+    def feed(self, name: str, data: bytes) -> None:
+        if name == ADAPTER_CONFIG and len(self._config) <= MAX_CONFIG_BYTES:
+            self._config += data
+        elif name == ADAPTER_WEIGHTS and not self._header_checked:
+            self._header += data
+            self._check_header()
+
+    def finish(self) -> None:
+        if not self._config or len(self._config) > MAX_CONFIG_BYTES:
+            return
+        try:
+            config = json.loads(self._config)
+        except ValueError:
+            return
+        if not isinstance(config, dict):
+            return
+        pattern = config.get("rank_pattern")
+        ranks = {k: config.get(k) for k in ("r", "init_r")}
+        ranks |= pattern if isinstance(pattern, dict) else {}
+        for where, rank in ranks.items():
+            if isinstance(rank, int) and rank > self._max_rank:
+                raise InvalidArgument(
+                    f"artifact file {ADAPTER_CONFIG!r} asks for LoRA rank {rank} ({where}), "
+                    f"above the limit of {self._max_rank} (max_lora_rank)"
+                )
+
+    def _check_header(self) -> None:
+        if len(self._header) < 8:
+            return
+        (length,) = struct.unpack("<Q", self._header[:8])
+        if length > MAX_HEADER_BYTES:
+            self._done()
+            return
+        if len(self._header) < 8 + length:
+            return
+        try:
+            header = json.loads(self._header[8 : 8 + length])
+        except ValueError:
+            header = None
+        self._done()
+        if isinstance(header, dict):
+            self._check_shapes(header)
+
+    def _check_shapes(self, header: Mapping[str, Any]) -> None:
+        for key, entry in header.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            dim = next((d for kind, d in _RANK_DIM.items() if key.endswith("." + kind)), None)
+            if dim is None or not isinstance(shape, list) or len(shape) != 2:
+                continue
+            rank = shape[dim]
+            if isinstance(rank, int) and rank > self._max_rank:
+                raise InvalidArgument(
+                    f"artifact file {ADAPTER_WEIGHTS!r}: tensor {key!r} has LoRA rank {rank}, "
+                    f"above the limit of {self._max_rank} (max_lora_rank)"
+                )
+
+    def _done(self) -> None:
+        self._header_checked = True
+        self._header = bytearray()
+
+
 class UploadSession:
     """Receives one artifact's chunks in file order, hashing as they arrive.
 
-    Nothing becomes a blob until ``finish`` has checked every file's size and sha256;
-    any failure discards all temporary data (call ``abort`` on errors you raise yourself).
+    Nothing becomes a blob until ``finish`` has checked every file's size and sha256 (and
+    an adapter's LoRA ranks); any failure discards all temporary data (call ``abort`` on
+    errors you raise yourself).
     """
 
-    def __init__(self, store: ArtifactStore, files: Sequence[FileSpec]) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        files: Sequence[FileSpec],
+        *,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+    ) -> None:
         self._store = store
         self.files = list(files)
+        self._ranks = AdapterRanks(max_lora_rank)
         self._writers: list[BlobWriter] = []
         self._hash = hashlib.sha256()
         self._received = 0
@@ -233,12 +341,14 @@ class UploadSession:
             )
         self._hash.update(data)
         self._received += len(data)
+        self._ranks.feed(spec.path, data)
         self._writers[file_index].write(data)
 
     def finish(self) -> None:
         """Verify the last files (empty ones included) and commit every blob."""
         self._advance_to(len(self.files) - 1)
         self._check_current()
+        self._ranks.finish()
         for spec, writer in zip(self.files, self._writers, strict=True):
             writer.commit(spec.sha256)
         self._writers = []

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_registry import convert, ownership
 from ftops_registry.artifacts import (
+    DEFAULT_MAX_LORA_RANK,
     ArtifactStore,
     UploadSession,
     read_verified,
@@ -51,6 +52,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         jobs: JobRecords,
         *,
         max_artifact_bytes: int,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         retention: Retention,
         audit: AuditLog,
         keys: Keys,
@@ -67,6 +69,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self._jobs = jobs
         self._store = store
         self._max_artifact_bytes = max_artifact_bytes
+        self._max_lora_rank = max_lora_rank
 
     async def _audited(
         self,
@@ -219,7 +222,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         team = await self._upload_team(first.header.team)
         specs = file_specs(first.header.files)
         validate_manifest(specs, max_total_bytes=self._max_artifact_bytes)
-        session = UploadSession(self._store, specs)
+        session = UploadSession(self._store, specs, max_lora_rank=self._max_lora_rank)
         try:
             async for msg in stream:
                 if msg.WhichOneof("part") != "chunk":

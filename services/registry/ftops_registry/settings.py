@@ -32,6 +32,12 @@ class RegistrySettings(ServiceSettings, AuthSettings):
     max_artifact_mb: int = Field(
         4096, gt=0, description="Largest artifact (sum of its files) accepted by an upload."
     )
+    max_lora_rank: int = Field(
+        256,
+        gt=0,
+        description="Largest LoRA rank an uploaded adapter may have (its adapter_config.json "
+        "and tensor shapes); higher is refused with INVALID_ARGUMENT.",
+    )
     artifact_gc_grace_s: float = Field(
         3600,
         ge=0,

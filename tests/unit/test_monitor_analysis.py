@@ -326,7 +326,8 @@ def test_both_arms_over_the_cap_hold_the_step_instead_of_rolling_back() -> None:
     _feed(release, "candidate", 16, errors=10)
     decision = decide(release, 1002.0)
     assert decision.kind is DecisionKind.WAIT
-    assert decision.verdict == "held"
+    assert decision.verdict == "inconclusive"
+    assert decision.reason.startswith("release held")
     assert _statuses(decision)["error_cap"] == "pending"
     assert "both arms failing over the cap" in decision.reason
     [hold] = decision.held
@@ -358,7 +359,8 @@ def test_capacity_refusals_on_both_arms_hold_and_count_as_no_errors() -> None:
     _outcomes(release, "candidate", 10, Outcome.CAPACITY, latency=1.0)
     decision = decide(release, 1002.0)
     assert decision.kind is DecisionKind.WAIT
-    assert decision.verdict == "held"
+    assert decision.verdict == "inconclusive"
+    assert decision.reason.startswith("release held")
     checks = _statuses(decision)
     assert checks["infrastructure"] == "pending"
     assert (checks["errors"], checks["error_cap"], checks["samples"]) == ("pass", "pass", "pass")
@@ -450,4 +452,5 @@ def test_deadlines_on_both_arms_alike_are_load_not_the_candidate() -> None:
     assert decision.kind is DecisionKind.WAIT
     checks = _statuses(decision)
     assert (checks["deadlines"], checks["infrastructure"]) == ("pass", "pending")
-    assert decision.verdict == "held"
+    assert decision.verdict == "inconclusive"
+    assert decision.reason.startswith("release held")

@@ -652,10 +652,11 @@ def decide(release: Release, now: float) -> Decision:
     waiting = ", ".join(c.detail for c in checks if c.status == "pending" and c.name in _BLOCKING)
     if judge.holds:
         # Not the candidate's doing: neither the time limit's action nor a pass applies.
+        # (The verdict stays one of the contract's; the held checks and reason say why.)
         held = tuple(judge.holds)
         reason = "; ".join(h.detail for h in held)
         return Decision(
-            DecisionKind.WAIT, reason, numbers, checks=checks, verdict="held", held=held
+            DecisionKind.WAIT, reason, numbers, checks=checks, verdict="inconclusive", held=held
         )
     if waited >= release.config.step_timeout_s:
         return _timed_out(release, waited, waiting, numbers, checks)

@@ -23,13 +23,15 @@ $(INSTALLED): $(BIN)/python pyproject.toml constraints.txt
 	@touch $@
 
 # Re-resolve every dependency from pyproject.toml in a scratch environment and pin the
-# result in constraints.txt; run the tests before committing it.
+# result in constraints.txt (and the GPU images' constraints derived from it); run the
+# tests before committing them.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
 	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
 	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+	$(PYTHON) deploy/docker/gpu_constraints.py
 
 protos: $(INSTALLED)
 	$(BIN)/python scripts/gen_protos.py

@@ -3,6 +3,8 @@
 # vLLM 0.33 brings its own torch (2.14.0, CUDA wheels carrying the CUDA runtime), which
 # conflicts with the `ml` extra's CPU pin (torch==2.13.0): the image therefore installs
 # the vllm extra plus the ml extra's other packages, never `.[inference]`.
+# Versions: constraints-inference-gpu.txt (torch and vLLM at vLLM's, every other package
+# as in constraints.txt; deploy/docker/gpu_constraints.py derives it).
 ARG CUDA_IMAGE=nvidia/cuda:12.9.1-base-ubuntu24.04
 FROM ${CUDA_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -10,11 +12,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md deploy/docker/constraints-inference-gpu.txt ./
 COPY libs ./libs
 COPY services ./services
 RUN python3 -m venv /opt/ftops \
-    && /opt/ftops/bin/pip install ".[vllm]" \
+    && /opt/ftops/bin/pip install -c constraints-inference-gpu.txt ".[vllm]" \
         "transformers==5.23.0" "peft==0.21.2" "tokenizers>=0.22" "safetensors>=0.5"
 
 FROM ${CUDA_IMAGE}

@@ -2,14 +2,15 @@
 # the same trainer extra, with torch 2.13.0 from PyPI, whose Linux wheels are the CUDA
 # build (they carry the CUDA runtime; the node's driver comes in through the NVIDIA
 # container toolkit).
+# Versions: constraints-trainer-gpu.txt (constraints.txt's, derived by gpu_constraints.py).
 #   docker build -f deploy/docker/trainer-gpu.Dockerfile -t ftops/trainer-gpu:0.1.0 .
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md deploy/docker/constraints-trainer-gpu.txt ./
 COPY libs ./libs
 COPY services ./services
-RUN python -m venv /opt/ftops && /opt/ftops/bin/pip install ".[trainer]"
+RUN python -m venv /opt/ftops && /opt/ftops/bin/pip install -c constraints-trainer-gpu.txt ".[trainer]"
 
 FROM python:3.11-slim
 COPY --from=build /opt/ftops /opt/ftops

@@ -4,11 +4,11 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY libs ./libs
 COPY services ./services
 RUN python -m venv /opt/ftops \
-    && /opt/ftops/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[trainer]"
+    && /opt/ftops/bin/pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[trainer]"
 
 FROM python:3.11-slim
 COPY --from=build /opt/ftops /opt/ftops

@@ -6,6 +6,7 @@ inference), FTOPS_ variables that are real settings, and an entry point that exi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 import shlex
@@ -172,3 +173,47 @@ def test_copied_sources_exist(image: str) -> None:
         *sources, _ = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), f"{image}: COPY {source}"
+
+
+def _gpu_constraints() -> Any:
+    """deploy/docker/gpu_constraints.py (a script beside the Dockerfiles, not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_constraints", DOCKER / "gpu_constraints.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_installs_the_pinned_versions(image: str) -> None:
+    """CPU images install from constraints.txt (what the tests pass with), GPU images from
+    constraints of their own (another torch)."""
+    docker = parse_dockerfile(DOCKER / f"{image}.Dockerfile")
+    [install] = [r for r in docker.runs if "pip install" in r]
+    gpu = image.endswith("-gpu")
+    lock = f"constraints-{image}.txt" if gpu else "constraints.txt"
+    assert f"pip install -c {lock} " in install
+    source = f"deploy/docker/{lock}" if gpu else lock
+    assert any(source in copy.split()[:-1] for copy in docker.copies), f"{image}: {lock} not copied"
+
+
+def test_gpu_constraints_follow_the_cpu_lock(pyproject: dict[str, Any]) -> None:
+    gpu = _gpu_constraints()
+    cpu_lock = (ROOT / "constraints.txt").read_text()
+    assert set(gpu.OVERRIDES) == {image for image in IMAGES if image.endswith("-gpu")}
+    for image in gpu.OVERRIDES:
+        assert gpu.path(image).read_text() == gpu.render(image, cpu_lock), (
+            f"{gpu.path(image).name} is stale: run python deploy/docker/gpu_constraints.py"
+        )
+    pins = dict(
+        line.split("==")
+        for line in gpu.path("inference-gpu").read_text().splitlines()
+        if "==" in line
+    )
+    # The pinned vLLM is the one the vllm extra allows; the CPU torch pin is not kept.
+    [vllm_spec] = pyproject["project"]["optional-dependencies"]["vllm"]
+    assert pins["vllm"].startswith(vllm_spec.removeprefix("vllm==").removesuffix("*"))
+    assert pins["torch"] != "2.13.0"
+    trainer = gpu.path("trainer-gpu").read_text()
+    assert "torch==2.13.0" in trainer.splitlines()

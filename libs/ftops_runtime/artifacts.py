@@ -13,7 +13,7 @@ import grpc
 
 from ftops.common.v1 import common_pb2
 from ftops.registry.v1 import registry_pb2
-from ftops_runtime.errors import DataLoss, NotFound, Unavailable
+from ftops_runtime.errors import DataLoss, NotFound, PermissionDenied, Unavailable
 
 
 def safe_file_name(label: str, path: str) -> str:
@@ -93,6 +93,8 @@ async def download_artifact(
             raise NotFound(f"{label}: artifact {artifact_id} is not stored") from exc
         if exc.code() == grpc.StatusCode.DATA_LOSS:
             raise DataLoss(f"{label}: {exc.details()}") from exc
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # no retry changes the answer
+            raise PermissionDenied(f"{label}: {exc.details()}") from exc
         raise Unavailable(
             f"{label}: downloading artifact {artifact_id} failed: {exc.details()}"
         ) from exc

@@ -479,6 +479,25 @@ async def test_openai_http_uses_the_same_keys_and_teams(world: World) -> None:
     assert await post(world.key("alpha", Role.viewer)) == 200
 
 
+async def test_openai_model_list_shows_only_the_callers_teams(world: World) -> None:
+    alpha, beta = await world.route("alpha"), await world.route("beta")
+    url = f"http://{world.gateways[0].http.address}/v1/models"
+
+    async def listed(key: str) -> set[str]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Authorization": f"Bearer {key}"}) as response,
+        ):
+            assert response.status == 200
+            return {m["id"] for m in (await response.json())["data"]}
+
+    seen_by_beta = await listed(world.key("beta", Role.viewer))
+    assert beta in seen_by_beta
+    assert alpha not in seen_by_beta
+    assert not set(world.versions["alpha"]) & seen_by_beta  # nor alpha's versions
+    assert {alpha, beta} <= await listed(world.admin_key)  # a platform admin sees all
+
+
 async def _until_refused(call: Callable[[], Awaitable[Any]], since: float) -> grpc.StatusCode:
     """Repeat ``call`` until it fails; its code. Fails if that takes over REVOCATION_S."""
     while True:
@@ -802,6 +821,130 @@ async def test_trainer_jobs_belong_to_their_team(world: World) -> None:
     await refused(world.trainer_stub(world.key("beta", Role.trainer)).CancelJob(cancel))
     cancelled = await trainer.CancelJob(cancel)
     assert cancelled.error == "cancelled by request"
+
+
+def _registry(world: World, key: str) -> RegistryStub:
+    return cast(
+        "RegistryStub",
+        registry_pb2_grpc.RegistryServiceStub(world._channel(world.registry.address, key)),
+    )
+
+
+async def _upload_dataset(stub: RegistryStub, data: bytes, team: str) -> str:
+    files = [
+        common_pb2.ArtifactFile(
+            path="dataset.jsonl", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+        )
+    ]
+
+    async def parts() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+        yield registry_pb2.UploadArtifactRequest(
+            header=registry_pb2.UploadHeader(files=files, team=team)
+        )
+        yield registry_pb2.UploadArtifactRequest(
+            chunk=registry_pb2.FileChunk(file_index=0, data=data)
+        )
+
+    artifact: registry_pb2.Artifact = await stub.UploadArtifact(parts())
+    return str(artifact.artifact_id)
+
+
+async def _submit_refused(stub: TrainerStub, spec: trainer_pb2.JobSpec) -> str:
+    return await refused(stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec)))
+
+
+async def _jobs_of(world: World, team: str) -> list[trainer_pb2.Job]:
+    listed = await world.trainer_stub(world.admin_key).ListJobs(
+        trainer_pb2.ListJobsRequest(team=team, page_size=500)
+    )
+    return list(listed.jobs)
+
+
+async def test_a_job_may_not_use_another_teams_dataset(world: World) -> None:
+    # Issue 14: beta's trainer named alpha's private dataset by id, the job ran, and then
+    # beta's viewer could download the dataset. The trainer reads it with its own
+    # (platform-admin) key, so it must check for the job's team, before the job exists.
+    rows = [
+        {"prompt": f"Alpha secret S-{i} costs", "completion": f" {i} credits."} for i in range(8)
+    ]
+    secret = "\n".join(json.dumps(r) for r in rows).encode()
+    dataset = await _upload_dataset(
+        _registry(world, world.key("alpha", Role.trainer)), secret, "alpha"
+    )
+    beta = world.trainer_stub(world.key("beta", Role.trainer))
+    spec = _spec("beta")
+    spec.dataset_artifact_id = dataset
+    message = await _submit_refused(beta, spec)
+    assert "'alpha'" not in message
+    # Word for word what a dataset id that exists nowhere gets.
+    unknown = hashlib.sha256(b"no such dataset").hexdigest()
+    spec.dataset_artifact_id = unknown
+    assert (await _submit_refused(beta, spec)).replace(unknown, "?") == message.replace(
+        dataset, "?"
+    )
+    assert not [j for j in await _jobs_of(world, "beta") if j.spec.dataset_artifact_id == dataset]
+    beta_viewer = _registry(world, world.key("beta", Role.viewer))
+    await refused_stream(
+        beta_viewer.DownloadArtifact(registry_pb2.DownloadArtifactRequest(artifact_id=dataset))
+    )
+    # Alpha's own jobs use it.
+    alpha = world.trainer_stub(world.key("alpha", Role.trainer))
+    mine = _spec("alpha")
+    mine.dataset_artifact_id = dataset
+    job = await alpha.SubmitJob(trainer_pb2.SubmitJobRequest(spec=mine))
+    assert (job.spec.dataset_artifact_id, job.records_total) == (dataset, 8)
+    await alpha.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id))
+
+
+async def test_a_job_naming_another_teams_adapter_or_parent_is_refused_at_submit(
+    world: World,
+) -> None:
+    # Issue 14: both ran first and failed later (the second after training from alpha's
+    # weights, naming alpha's adapter in its error).
+    beta = world.trainer_stub(world.key("beta", Role.trainer))
+    takeover = _spec("beta")
+    takeover.adapter = "alpha-bot"
+    message = await _submit_refused(beta, takeover)
+    assert "another team" in message
+    assert "'alpha'" not in message
+
+    alpha_v1 = world.versions["alpha"][0]
+    child = _spec("beta")
+    child.parent_version_id = alpha_v1
+    message = await _submit_refused(beta, child)
+    assert "alpha" not in message.replace(alpha_v1, "?")  # neither its adapter nor its team
+    unknown = "ver_" + "0" * 20
+    child.parent_version_id = unknown
+    assert (await _submit_refused(beta, child)).replace(unknown, "?") == message.replace(
+        alpha_v1, "?"
+    )
+    queued = await _jobs_of(world, "beta")
+    assert not [j for j in queued if j.spec.adapter == "alpha-bot"]
+    assert not [j for j in queued if j.spec.parent_version_id in (alpha_v1, unknown)]
+
+    # Within a team, a parent of another adapter is refused too (lineage never crosses
+    # adapters), and a parent of the job's own adapter is fine.
+    artifact = await _upload(world.admin, f"alpha two {uuid.uuid4().hex}".encode(), "alpha")
+    other = await world.admin.RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter=f"alpha-two-{uuid.uuid4().hex[:6]}",
+            team="alpha",
+            base_model=BASE,
+            artifact_id=artifact,
+        )
+    )
+    alpha = world.trainer_stub(world.key("alpha", Role.trainer))
+    crossing = _spec("alpha")
+    crossing.parent_version_id = other.version_id
+    message = await refused(
+        alpha.SubmitJob(trainer_pb2.SubmitJobRequest(spec=crossing)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "lineage" in message
+    own = _spec("beta")
+    own.parent_version_id = world.versions["beta"][0]
+    job = await beta.SubmitJob(trainer_pb2.SubmitJobRequest(spec=own))
+    await beta.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id))
 
 
 async def test_inference_checks_its_callers(world: World, tiny_model_dir: Path) -> None:

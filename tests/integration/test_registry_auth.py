@@ -255,7 +255,7 @@ async def test_team_rpc_matrix(world: World, rpc: str, role: Role) -> None:
 
 @pytest.mark.parametrize("role", ROLES, ids=str)
 async def test_base_models_are_added_by_admins_only(world: World, role: Role) -> None:
-    request = registry_pb2.RegisterBaseModelRequest(name="tiny", fingerprint=FP, uri="/m/tiny")
+    request = registry_pb2.RegisterBaseModelRequest(name=_unique("base"), fingerprint=FP, uri="/m")
     if role is Role.admin:
         await world.stubs["alpha", role].RegisterBaseModel(request)
     else:
@@ -265,6 +265,82 @@ async def test_base_models_are_added_by_admins_only(world: World, role: Role) ->
         registry_pb2.GetBaseModelRequest(name="tiny")
     )
     assert base.fingerprint == FP
+
+
+async def test_a_base_model_other_teams_use_is_moved_by_platform_admins_only(
+    world: World,
+) -> None:
+    # Issue 14: beta's admin re-registered the base model alpha trains on (same
+    # fingerprint, another uri) and alpha's next job failed.
+    def move(name: str, uri: str) -> registry_pb2.RegisterBaseModelRequest:
+        return registry_pb2.RegisterBaseModelRequest(name=name, fingerprint=FP, uri=uri)
+
+    since = Timestamp()
+    since.FromDatetime(datetime.now(UTC) - timedelta(seconds=1))
+    for team in TEAMS:  # "tiny": alpha-bot and beta-bot train on it
+        error = await _denied(world.stubs[team, Role.admin].RegisterBaseModel(move("tiny", "/x")))
+        assert "platform" in (error.details() or "")
+        assert "alpha" not in (error.details() or "")
+        assert "beta" not in (error.details() or "")
+    tiny = await world.admin.GetBaseModel(registry_pb2.GetBaseModelRequest(name="tiny"))
+    assert tiny.uri == "/models/tiny"
+    # Registering it again unchanged (as an inference replica does at start) changes nothing.
+    await world.stubs["alpha", Role.admin].RegisterBaseModel(move("tiny", "/models/tiny"))
+    audit = await world.admin.ListAudit(
+        registry_pb2.ListAuditRequest(resource_prefix="base_model:tiny", since=since)
+    )
+    assert [e.outcome for e in audit.entries].count("PERMISSION_DENIED") == len(TEAMS)
+
+    # One only alpha's adapters use: alpha's admin may move it, beta's may not.
+    own = _unique("alpha-base")
+    await world.stubs["alpha", Role.admin].RegisterBaseModel(move(own, "/a"))
+    artifact = await _upload(world.stubs["alpha", Role.trainer], _unique("w").encode())
+    await world.stubs["alpha", Role.trainer].RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter=_unique("alpha-own"),
+            team="alpha",
+            base_model=own,
+            artifact_id=artifact.artifact_id,
+        )
+    )
+    await world.stubs["alpha", Role.admin].RegisterBaseModel(move(own, "/b"))
+    await _denied(world.stubs["beta", Role.admin].RegisterBaseModel(move(own, "/c")))
+    # The platform admin moves shared ones.
+    await world.admin.RegisterBaseModel(move("tiny", "/elsewhere/tiny"))
+    await world.admin.RegisterBaseModel(move("tiny", "/models/tiny"))
+
+
+async def test_a_version_uses_only_artifacts_its_team_may_use_whoever_registers_it(
+    world: World,
+) -> None:
+    """Issue 14: a service acting for beta with a platform-admin key (the trainer) put
+    alpha's dataset in a beta version, and beta's viewer could download it from then on.
+    The team's access is checked whoever calls; a download may name the team it is for."""
+    secret = _unique("alpha dataset").encode()
+    dataset = (await _upload(world.stubs["alpha", Role.trainer], secret)).artifact_id
+    error = await _denied(
+        world.admin.RegisterVersion(
+            registry_pb2.RegisterVersionRequest(
+                adapter="beta-bot",
+                artifact_id=world.artifacts["beta"],
+                dataset_artifact_id=dataset,
+            )
+        )
+    )
+    assert "'beta'" in (error.details() or "")
+    beta_viewer = world.stubs["beta", Role.viewer]
+    request = registry_pb2.DownloadArtifactRequest(artifact_id=dataset)
+    await _denied(_drain(beta_viewer.DownloadArtifact(request)))
+
+    # Downloads on behalf of a team: the team must be allowed, even for a platform admin.
+    for_beta = registry_pb2.DownloadArtifactRequest(artifact_id=dataset, team="beta")
+    await _denied(_drain(world.admin.DownloadArtifact(for_beta)))
+    for_alpha = registry_pb2.DownloadArtifactRequest(artifact_id=dataset, team="alpha")
+    assert await _drain(world.admin.DownloadArtifact(for_alpha)) == len(secret)
+    assert await _drain(world.stubs["alpha", Role.viewer].DownloadArtifact(for_alpha))
+    await _denied(_drain(beta_viewer.DownloadArtifact(for_alpha)))  # not beta's to ask
+    # Without a team a platform admin still reads everything.
+    assert await _drain(world.admin.DownloadArtifact(request)) == len(secret)
 
 
 @pytest.mark.parametrize("role", ROLES, ids=str)

@@ -507,3 +507,43 @@ async def test_a_job_trains_in_two_workers_with_a_sharded_base(env: Env) -> None
     assert final.step == final.total_steps == 4
     assert final.spec.hyperparameters.world_size == 2
     assert final.spec.hyperparameters.parallelism == "fsdp"
+
+
+async def test_skipped_lines_are_reported_with_their_numbers(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [
+        json.dumps({"prompt": f"Widget W-{i} costs", "completion": f" {i} credits."})
+        for i in range(1000)
+    ]
+    bad = {3: "{oops", 250: '{"question": "q"}', 500: "[1]", 750: '{"text": ""}', 1000: "{"}
+    for line, text in bad.items():
+        rows[line - 1] = text
+    spec = trainer_pb2.JobSpec(
+        adapter="skippy-bot",
+        base_model=BASE,
+        dataset_jsonl="\n".join(rows).encode(),
+        hyperparameters=trainer_pb2.Hyperparameters(max_steps=1, batch_size=4),
+        gate=trainer_pb2.GateConfig(disabled=True, holdout_fraction=0.02),
+        replay=trainer_pb2.ReplayConfig(ratio=0),
+    )
+    with caplog.at_level("WARNING", logger="ftops_trainer"):
+        job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+        seen = [job, await env.stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id))]
+        seen += await watch_until_done(env.stub, job.job_id)
+    final = seen[-1]
+    assert final.state == JobState.JOB_STATE_SUCCEEDED, final.error
+    # At submit, in GetJob, on the watch stream and in the finished record: which and why.
+    for record in seen:
+        assert (record.records_total, record.records_skipped) == (1000, 5)
+        assert [s.line for s in record.skipped_lines] == sorted(bad)
+    reasons = {s.line: s.reason for s in final.skipped_lines}
+    assert reasons[3].startswith("invalid JSON")
+    assert "unknown format" in reasons[250]
+    assert "JSON object" in reasons[500]
+    assert '"text"' in reasons[750]
+    # And in the trainer's log, at submit and when the job ran.
+    logged = [r.getMessage() for r in caplog.records if "dataset lines skipped" in r.getMessage()]
+    assert len(logged) >= 2
+    assert "5 of 1000 dataset lines skipped (line 3: invalid JSON" in logged[0]
+    assert "line 1000: invalid JSON" in logged[0]

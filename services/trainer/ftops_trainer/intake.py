@@ -18,7 +18,7 @@ import grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2
 from ftops_runtime.artifacts import download_artifact
-from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from ftops_trainer import access, artifacts
 from ftops_trainer.dataset import LineError, load_dataset
 from ftops_trainer.settings import TrainerSettings
@@ -197,12 +197,10 @@ class Intake:
                     label=f"dataset artifact {artifact_id}",
                     team=team,
                 )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in access.HIDDEN:
-                    missing = exc.code() == grpc.StatusCode.NOT_FOUND
-                    what = f"dataset artifact {artifact_id!r}"
-                    raise access.not_the_teams(what, team, missing=missing) from exc
-                raise
+            except (NotFound, PermissionDenied) as exc:
+                what = f"dataset artifact {artifact_id!r}"
+                missing = isinstance(exc, NotFound)
+                raise access.not_the_teams(what, team, missing=missing) from exc
             if [f.path for f in files] != [DATASET_FILE]:
                 raise InvalidArgument(f"artifact {artifact_id} is not a dataset ({DATASET_FILE})")
             return await asyncio.to_thread((Path(tmp) / DATASET_FILE).read_bytes)

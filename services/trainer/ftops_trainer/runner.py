@@ -55,6 +55,7 @@ from ftops_trainer.training import (
     train_adapter,
     train_member,
 )
+from ftops_trainer.weights_check import check_trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +398,8 @@ class JobRunner:
             loop.call_soon_threadsafe(_apply_metrics, job, m, report)
 
         result = await self._train(job, self._train_kwargs(job, inputs, work), stop, on_metrics)
+        # A diverged run fails here: never evaluated, uploaded or registered.
+        await asyncio.to_thread(check_trained_weights, result.adapter_dir)
         job.records_used = result.examples
         job.records_truncated = result.truncated
         job.resumed_from_step = result.resumed_from_step

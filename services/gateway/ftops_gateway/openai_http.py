@@ -27,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ftops.gateway.v1 import gateway_pb2
+from ftops_gateway.alias_access import GuardedGateway
 from ftops_gateway.gateway import BASE_MODEL, Gateway
 from ftops_gateway.openai_errors import OpenAIError, from_exception, invalid
 from ftops_gateway.openai_responses import Shape
@@ -212,9 +213,21 @@ class OpenAIHttpServer:
             release_id=route.release_id,
         )
 
-    async def _list_models(self, request: web.Request) -> web.Response:
-        await self._principal(request, METHOD_ROUTES)
+    async def _visible_routes(self, principal: Principal) -> dict[str, gateway_pb2.Route]:
+        """The routes whose alias the caller may view: its teams' (platform admins and
+        auth off: all). Other teams' aliases and versions are not shown at all."""
         routes = self._route_table()
+        access = self._gateway.access if isinstance(self._gateway, GuardedGateway) else None
+        if access is None:
+            return routes
+        token = current_principal.set(principal)
+        try:
+            return {alias: r for alias, r in routes.items() if await access.may_view(r)}
+        finally:
+            current_principal.reset(token)
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        routes = await self._visible_routes(await self._principal(request, METHOD_ROUTES))
         data = [self._model(BASE_MODEL, kind="base")]
         pointed_at: dict[str, list[str]] = {}
         for alias in sorted(routes):

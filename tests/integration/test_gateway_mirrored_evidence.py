@@ -203,7 +203,7 @@ async def test_monitor_rolls_a_small_canary_back_on_mirrored_evidence(
     monitor = await _monitor(nats_url, fakes)
     alias = _alias()
     try:
-        await asyncio.sleep(0.5)  # the monitor's release consumers are bound
+        await asyncio.sleep(0.5)  # the monitor's route.changed consumer is bound
         await gw.releases.set_route(alias, "ver_s")
         await gw.releases.start_release(
             gateway_pb2.StartReleaseRequest(
@@ -214,7 +214,7 @@ async def test_monitor_rolls_a_small_canary_back_on_mirrored_evidence(
                 analysis=events_pb2.AnalysisSettings(min_requests=10, auto=True),
             )
         )
-        await asyncio.sleep(0.3)  # release.started reached the monitor
+        await asyncio.sleep(0.3)  # route.changed reached the monitor
         for i in range(80):
             reply = await gw.gateway.generate(
                 gateway_pb2.GenerateRequest(model=alias, prompt=f"p{i}")

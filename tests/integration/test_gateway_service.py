@@ -647,7 +647,7 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
     monitor = await _monitor(nats_url, fakes)
     green, shadowed = _alias(), _alias()
     try:
-        await asyncio.sleep(0.5)  # the monitor's release consumers are bound
+        await asyncio.sleep(0.5)  # the monitor's route.changed consumer is bound
         # Sub-millisecond fakes: scheduling noise would dominate a 20% latency effect.
         analysis = events_pb2.AnalysisSettings(min_requests=10, auto=True, latency_effect=1.0)
         for alias, candidate, strategy in (
@@ -663,7 +663,7 @@ async def test_monitor_judges_blue_green_and_shadow_on_mirrored_traffic(
                     analysis=analysis,
                 )
             )
-        await asyncio.sleep(0.3)  # release.started reached the monitor
+        await asyncio.sleep(0.3)  # route.changed reached the monitor
         for _ in range(60):
             for alias in (green, shadowed):
                 reply = await gw.gateway.generate(

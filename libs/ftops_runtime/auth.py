@@ -168,8 +168,8 @@ class AuthSettings(BaseSettings):
     auth_cache_ttl_s: float = Field(
         30.0,
         ge=0,
-        description="How long a service trusts the registry's answer for a key (a revoked "
-        "key stops working within this time).",
+        description="How long a service trusts the registry's answer for a key. A revocation "
+        "reaches every service at once (auth.key_changed); this is the fallback.",
     )
 
 

@@ -38,13 +38,13 @@ SEEDED = common_pb2.SamplingParams(max_tokens=24, temperature=0.9, top_k=40, see
 GREEDY = common_pb2.SamplingParams(max_tokens=24)
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(str(out), safe_serialization=True)
     return out
 
@@ -60,13 +60,22 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.downloaded: list[str] = []
 
     def add_version(
-        self, adapter_dir: Path, fingerprint: str, *, adapter: str = "bot", corrupt: bool = False
+        self,
+        adapter_dir: Path,
+        fingerprint: str,
+        *,
+        adapter: str = "bot",
+        corrupt: bool = False,
+        names: dict[str, str] | None = None,
     ) -> registry_pb2.Version:
+        """``names`` lists files under other names than their own (a hostile upload)."""
         files = []
         for name in ADAPTER_FILES:
             data = (adapter_dir / name).read_bytes()
             declared = common_pb2.ArtifactFile(
-                path=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+                path=(names or {}).get(name, name),
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
             )
             if corrupt and name.endswith(".safetensors"):
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])  # same size, other content
@@ -408,3 +417,82 @@ async def test_unload_then_generate_loads_again(stack: Stack) -> None:
     assert status.state == inference_pb2.ADAPTER_STATE_UNLOADED
     again = await generate(stack, version.version_id)
     assert again.text == first.text
+
+
+def hostile_copy(adapter_dir: Path, out: Path, key: str, poison: Any) -> Path:
+    """A copy of a real adapter with one tensor poisoned."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter_dir / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    tensors[key] = poison(tensors[key].clone())
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _one_nan(t: torch.Tensor) -> torch.Tensor:
+    t.view(-1)[7] = float("nan")
+    return t
+
+
+async def test_hostile_adapters_are_refused_naming_what_is_wrong(
+    stack: Stack, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The issue's hostile copies of a real adapter loaded (adapter.loaded, no warning) and
+    answered nonsense: NaN, +Inf, one NaN, ~3e38, a consistent rank-512 adapter (above the
+    default max_lora_rank), and weights under another file name (which failed with the
+    cache's path in the message). Each is adapter.load_failed naming the tensor or file,
+    with no server path, and a good adapter keeps serving throughout."""
+    from safetensors.torch import load_file
+
+    good = stack.registry.add_version(stack.adapters[0], stack.fingerprint)
+    await stack.stub.LoadAdapter(inference_pb2.LoadAdapterRequest(version_id=good.version_id))
+    before = await generate(stack, good.version_id)
+
+    keys = sorted(load_file(str(stack.adapters[0] / "adapter_model.safetensors")))
+    key = next(k for k in keys if k.endswith("v_proj.lora_B.weight"))
+    cases: list[tuple[Path, dict[str, str] | None, str]] = [
+        (
+            hostile_copy(stack.adapters[0], tmp_path / "nan", key, lambda t: t.fill_(float("nan"))),
+            None,
+            f"{key}' holds non-finite",
+        ),
+        (
+            hostile_copy(stack.adapters[0], tmp_path / "inf", key, lambda t: t.fill_(float("inf"))),
+            None,
+            f"{key}' holds non-finite",
+        ),
+        (
+            hostile_copy(stack.adapters[0], tmp_path / "one", key, _one_nan),
+            None,
+            f"{key}' holds non-finite",
+        ),
+        (
+            hostile_copy(stack.adapters[0], tmp_path / "huge", key, lambda t: t.fill_(3e38)),
+            None,
+            f"{key}' holds values up to 3e+38",
+        ),
+        (make_adapter(tiny_model_dir, tmp_path / "rank", 3, rank=512), None, "rank 512"),
+        (
+            stack.adapters[1],
+            {"adapter_model.safetensors": "weights.safetensors"},
+            "'weights.safetensors' refused",
+        ),
+    ]
+    cache = stack.service.settings.adapter_cache_dir
+    for adapter_dir, names, reason in cases:
+        bad = stack.registry.add_version(adapter_dir, stack.fingerprint, names=names)
+        await publish_ready(stack, bad)
+        failed = await next_event(stack, events.ADAPTER_LOAD_FAILED, bad.version_id)
+        assert reason in failed.reason
+        assert cache not in failed.reason
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate(stack, bad.version_id)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason in (info.value.details() or "")
+
+    after = await generate(stack, good.version_id)
+    assert after.text == before.text

@@ -145,7 +145,7 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
     status = _json(stack, "release", "status", ALIAS)
     assert status["route"]["candidateVersionId"] == v2["versionId"]
     assert status["route"]["candidateWeight"] == 10
-    # The monitor learns of the release from release.started on NATS.
+    # The monitor learns of the release from the gateway's route.changed on NATS.
     _until(
         "the monitor to see the release",
         lambda: _json(stack, "release", "status", ALIAS)["analysis"].get("releaseId"),
@@ -168,7 +168,7 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
         releases = _json(stack, "release", "history", ALIAS).get("releases", [])
         history: list[dict[str, Any]] = releases[0].get("history", []) if releases else []
         kinds = [d["kind"] for d in history]
-        # Each kind has its own consumer in the registry: they land in any order.
+        # The registry records each change from route.changed as it arrives.
         complete = kinds.count("promote") == 2 and {"started", "rollback"} <= set(kinds)
         return history if complete else None
 

@@ -1,6 +1,7 @@
-"""The monitor's live dashboard in headless Chromium: a real monitor on real NATS, release
-events and request results published on NATS, the page driven over the Chrome DevTools
-protocol. The browser test keeps a screenshot at test-artifacts/dashboard.png."""
+"""The monitor's live dashboard in headless Chromium: a real monitor on real NATS, the
+gateway's route.changed, release events and request results published on NATS, the page
+driven over the Chrome DevTools protocol. The browser test keeps a screenshot at
+test-artifacts/dashboard.png."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ from ftops_runtime.events import (
     RELEASE_PROMOTE,
     RELEASE_ROLLBACK,
     RELEASE_STARTED,
+    ROUTE_CHANGED,
+    derived_event_id,
     new_meta,
 )
 
@@ -258,6 +261,57 @@ def _started(alias: str) -> events_pb2.ReleaseStarted:
     )
 
 
+def _route(started: events_pb2.ReleaseStarted) -> events_pb2.RouteChanged:
+    """The gateway's route.changed for the release ``started`` announces (the monitor's
+    release state comes from it; the dashboard's feed lists the release.* events)."""
+    release = events_pb2.ReleaseSnapshot(
+        release_id=started.release_id,
+        state="running",
+        strategy=started.strategy,
+        stable_version_id=started.stable_version_id,
+        candidate_version_id=started.candidate_version_id,
+        candidate_weight=started.current_weight,
+        steps=started.steps,
+        analysis=started.analysis,
+        change=events_pb2.ReleaseChange(
+            kind="started", event_id=started.meta.event_id, actor=started.actor
+        ),
+    )
+    release.started_at.CopyFrom(started.meta.occurred_at)
+    release.step_started_at.CopyFrom(started.meta.occurred_at)
+    return _routed(started.alias, 1, release)
+
+
+def _routed(
+    alias: str, revision: int, release: events_pb2.ReleaseSnapshot
+) -> events_pb2.RouteChanged:
+    meta = new_meta("gateway", "test")
+    meta.event_id = derived_event_id("route.changed", alias, revision)  # as the gateway's
+    return events_pb2.RouteChanged(meta=meta, alias=alias, revision=revision, release=release)
+
+
+def _applied(
+    before: events_pb2.RouteChanged,
+    decision: events_pb2.ReleasePromote | events_pb2.ReleaseRollback,
+    at: float,
+) -> events_pb2.RouteChanged:
+    """What the gateway publishes once it applied the monitor's decision at ``at``."""
+    release = events_pb2.ReleaseSnapshot()
+    release.CopyFrom(before.release)
+    release.change.Clear()
+    release.change.event_id = decision.meta.event_id
+    release.change.reason = decision.reason
+    release.change.occurred_at.FromNanoseconds(int(at * 1e9))
+    if isinstance(decision, events_pb2.ReleaseRollback):
+        release.change.kind, release.state, release.candidate_weight = "rollback", "rolled_back", 0
+        release.ClearField("step_started_at")
+    else:
+        release.change.kind = "promote"
+        release.step_index, release.candidate_weight = decision.step_index, decision.weight
+        release.step_started_at.CopyFrom(release.change.occurred_at)
+    return _routed(before.alias, before.revision + 1, release)
+
+
 def _batch(started: events_pb2.ReleaseStarted, n: int) -> events_pb2.RequestResultBatch:
     batch = events_pb2.RequestResultBatch(meta=new_meta("gateway", "test"))
     for i in range(n):
@@ -322,7 +376,9 @@ async def test_dashboard_shows_a_canary_and_updates_live(
         pytest.skip("no chromium binary (apt-get install chromium, or set FTOPS_CHROMIUM)")
     alias = f"support-bot-{uuid.uuid4().hex[:4]}"
     started = _started(alias)
+    route = _route(started)
     await bus.publish(RELEASE_STARTED, started)
+    await bus.publish(ROUTE_CHANGED, route)
     served: list[events_pb2.RequestResult] = []
     traffic = asyncio.create_task(_traffic(bus, started, served))
     url = f"http://127.0.0.1:{monitor.metrics_port}/dashboard"
@@ -359,20 +415,20 @@ async def test_dashboard_shows_a_canary_and_updates_live(
             )
             await page.evaluate("window.notReloaded = true")
 
-            await bus.publish(
-                RELEASE_PROMOTE,
-                events_pb2.ReleasePromote(
-                    meta=new_meta("monitor", "test"),
-                    release_id=started.release_id,
-                    alias=alias,
-                    candidate_version_id=started.candidate_version_id,
-                    stable_version_id=started.stable_version_id,
-                    step_index=1,
-                    weight=50,
-                    reason="candidate healthy over 40 requests: step 1 at 50%",
-                    figures={"requests": 40, "error_rate": 0.025, "p95_ms": 81.5},
-                ),
+            promote = events_pb2.ReleasePromote(
+                meta=new_meta("monitor", "test"),
+                release_id=started.release_id,
+                alias=alias,
+                candidate_version_id=started.candidate_version_id,
+                stable_version_id=started.stable_version_id,
+                step_index=1,
+                weight=50,
+                reason="candidate healthy over 40 requests: step 1 at 50%",
+                figures={"requests": 40, "error_rate": 0.025, "p95_ms": 81.5},
             )
+            # The decision (for the feed) and the gateway's state once it applied it.
+            await bus.publish(RELEASE_PROMOTE, promote)
+            await bus.publish(ROUTE_CHANGED, _applied(route, promote, time.time()))
             # The same page, no reload: the new step, its decision with the figures, the
             # event in the list and the split chart following the weight.
             assert await page.until(f"{_release_text(alias, '.weight')} === '50%'")
@@ -414,6 +470,7 @@ async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus
     alias = f"faq-{uuid.uuid4().hex[:4]}"
     started = _started(alias)
     await bus.publish(RELEASE_STARTED, started)
+    await bus.publish(ROUTE_CHANGED, _route(started))
     base = f"http://127.0.0.1:{monitor.metrics_port}"
     # Live traffic: the dashboard's result consumer takes results from when it is bound.
     traffic = asyncio.create_task(_traffic(bus, started, []))
@@ -519,7 +576,7 @@ def test_history_takes_per_second_rates_and_stays_bounded() -> None:
     monitor = _offline_monitor(clock)
     started = _started("bounded")
     started.meta.occurred_at.FromNanoseconds(int(clock.now * 1e9))
-    monitor.apply_started(started)
+    monitor.apply_route_changed(_route(started))
     history = History(monitor, history_s=5.0, interval_s=1.0, latency_window_s=3.0)
     history.sample(clock.now)  # where the first interval begins
 
@@ -559,21 +616,24 @@ def test_split_follows_the_steps_and_ends_with_the_release() -> None:
     clock = FakeClock()
     monitor = _offline_monitor(clock)
     started = _started("steps")
-    monitor.apply_started(started)
+    started.meta.occurred_at.FromNanoseconds(int(clock.now * 1e9))
+    route = _route(started)
+    monitor.apply_route_changed(route)
     history = History(monitor, history_s=60.0)
     history.sample(clock.now)
     clock.now += 1
     history.sample(clock.now)
-    monitor.apply_promote(
-        events_pb2.ReleasePromote(
-            meta=new_meta("monitor", "t"), release_id=started.release_id, step_index=1, weight=50
-        )
+    promote = events_pb2.ReleasePromote(
+        meta=new_meta("monitor", "t"), release_id=started.release_id, step_index=1, weight=50
     )
+    route = _applied(route, promote, clock.now)
+    monitor.apply_route_changed(route)
     clock.now += 1
     history.sample(clock.now)
-    monitor.apply_rollback(
-        events_pb2.ReleaseRollback(meta=new_meta("monitor", "t"), release_id=started.release_id)
+    rollback = events_pb2.ReleaseRollback(
+        meta=new_meta("monitor", "t"), release_id=started.release_id
     )
+    monitor.apply_route_changed(_applied(route, rollback, clock.now))
     for _ in range(3):
         clock.now += 1
         history.sample(clock.now)
@@ -638,7 +698,7 @@ async def test_a_page_that_falls_behind_is_dropped() -> None:
 async def test_stopping_the_server_ends_open_streams() -> None:
     clock = FakeClock()
     monitor = _offline_monitor(clock)
-    monitor.apply_started(_started("stop"))
+    monitor.apply_route_changed(_route(_started("stop")))
     server = MetricsServer(
         prometheus_registry(monitor), "127.0.0.1", 0, dashboard=Dashboard(monitor)
     )

@@ -100,7 +100,8 @@ class InferenceSettings(ServiceSettings, AuthSettings):
         "stacked",
         description=(
             "hf backend: how LoRA and DoRA adapters are served. stacked: their weights stacked "
-            "per layer, two batched matmuls per layer whatever the batch's mix, a load is a "
+            "per layer and rank class, two batched matmuls per layer and rank class of the "
+            "batch's adapters whatever the mix, a load is a "
             "few tensor copies. peft: PEFT's adapter_names (a loop over the batch's adapters, "
             "a load walks the model; DoRA refused, PEFT cannot mix it). Adapters stacking "
             "cannot express (LoRA bias, other variants) go through PEFT in the same batches."

@@ -342,6 +342,18 @@ async def test_a_version_uses_only_artifacts_its_team_may_use_whoever_registers_
     # Without a team a platform admin still reads everything.
     assert await _drain(world.admin.DownloadArtifact(request)) == len(secret)
 
+    # A platform admin's own upload (of no team) is its to give to a team's version; a
+    # download on the team's behalf counts only what the team may use.
+    own = (await _upload(world.admin, _unique("platform data").encode())).artifact_id
+    own_for_beta = registry_pb2.DownloadArtifactRequest(artifact_id=own, team="beta")
+    await _denied(_drain(world.admin.DownloadArtifact(own_for_beta)))
+    await world.admin.RegisterVersion(
+        registry_pb2.RegisterVersionRequest(
+            adapter="beta-bot", artifact_id=world.artifacts["beta"], dataset_artifact_id=own
+        )
+    )
+    assert await _drain(world.admin.DownloadArtifact(own_for_beta))
+
 
 @pytest.mark.parametrize("role", ROLES, ids=str)
 async def test_platform_wide_rpcs_need_a_platform_admin(world: World, role: Role) -> None:

@@ -243,7 +243,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             resource = f"artifact:{manifest.artifact_id}"
             await self._require("DownloadArtifact", resource, request.team, Role.viewer)
             await self._check_artifacts(
-                "DownloadArtifact", [manifest.artifact_id], Role.viewer, team=request.team
+                "DownloadArtifact",
+                [manifest.artifact_id],
+                Role.viewer,
+                team=request.team,
+                on_behalf=True,
             )
         else:
             await self._check_artifacts("DownloadArtifact", [manifest.artifact_id], Role.viewer)
@@ -257,21 +261,31 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
 
     async def _check_artifacts(
-        self, method: str, artifact_ids: list[str], role: Role, *, team: str | None = None
+        self,
+        method: str,
+        artifact_ids: list[str],
+        role: Role,
+        *,
+        team: str | None = None,
+        on_behalf: bool = False,
     ) -> None:
         """Each artifact must be usable by ``team`` (or, without one, by some team in which
         the caller holds ``role``): uploaded for it or used by its versions. Content
         addressing shares blobs, never access: another team's artifact id is no key.
 
         A named team is checked for platform admins too: a service acting for a team with
-        a platform-admin key (the trainer) must not hand the team another team's data.
-        Only teamless resources (made before teams existed) and auth off skip it."""
+        a platform-admin key (the trainer) must not hand the team another team's data. A
+        platform admin may still give a team an artifact of no team (its own upload),
+        except ``on_behalf`` of the team (a download for it: only the team's own count).
+        Only teamless resources (made before teams existed) and auth off skip the check."""
         p = auth.current()
         if p.platform_admin and (team is None or not team or p.anonymous):
             return
         owners = await self._db.run(ownership.artifact_teams, self._db, artifact_ids)
         allowed = {team} if team is not None else p.teams(role)
         for artifact_id, teams in owners.items():
+            if not teams and p.platform_admin and not on_behalf:
+                continue
             if not teams & allowed:
                 exc = PermissionDenied(
                     f"{method}: artifact {artifact_id} was not uploaded for "

@@ -190,9 +190,10 @@ async def test_train_release_promote_rollback(stack: Stack) -> None:
             assert analysis.candidate.requests > 0
             assert analysis.stable.requests > 0
 
-            # Promote to 100% (the last step is the final promotion).
-            await monitor.PromoteRelease(
-                monitor_pb2.ReleaseDecisionRequest(alias=ALIAS, reason="e2e: looks good")
+            # Promote to 100% by hand through the gateway (the last step is the final
+            # promotion); the monitor follows the gateway's state.
+            await gateway.PromoteRelease(
+                gateway_pb2.ReleaseCommandRequest(alias=ALIAS, reason="e2e: looks good")
             )
             await _wait_route(gateway, lambda r: r.stable_version_id == v2.version_id)
             route = await _route(gateway)
@@ -201,13 +202,17 @@ async def test_train_release_promote_rollback(stack: Stack) -> None:
             resp = await ask(gateway, ALIAS, probe["prompt"])
             assert (resp.arm, resp.version_id) == ("stable", v2.version_id)
 
-            # Roll back: all traffic to v1 again.
-            await monitor.RollbackRelease(
-                monitor_pb2.ReleaseDecisionRequest(alias=ALIAS, reason="e2e: rollback")
+            # Roll back (undo the completed promotion): all traffic to v1 again.
+            await gateway.RollbackRelease(
+                gateway_pb2.ReleaseCommandRequest(
+                    alias=ALIAS, reason="e2e: rollback", revert_promotion=True
+                )
             )
             await _wait_route(gateway, lambda r: r.stable_version_id == v1.version_id)
             resp = await ask(gateway, ALIAS, probe["prompt"])
             assert resp.version_id == v1.version_id
+            analysis = await _wait_analysis(monitor, "rolled_back")
+            assert analysis.last_reason == "e2e: rollback"
 
             # The decisions crossed NATS and the registry recorded them once each.
             assert any("release.promote" in line and "final" in line for line in lines)
@@ -232,6 +237,21 @@ async def _wait_route(
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"route did not change in {timeout}s: {await _route(gateway)}")
+
+
+async def _wait_analysis(
+    monitor: monitor_pb2_grpc.MonitorServiceStub, state: str, timeout: float = 15
+) -> monitor_pb2.ReleaseAnalysis:
+    """The monitor's analysis once it shows the gateway's release ``state``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        analysis: monitor_pb2.ReleaseAnalysis = await monitor.GetReleaseAnalysis(
+            monitor_pb2.GetReleaseAnalysisRequest(alias=ALIAS)
+        )
+        if analysis.state == state or time.monotonic() > deadline:
+            assert analysis.state == state, analysis
+            return analysis
+        await asyncio.sleep(0.1)
 
 
 async def _wait_history(

@@ -123,10 +123,14 @@ def test_cli_update_loop(stack: Stack, tmp_path: Path) -> None:
         "0.3",
     )
     assert v1["state"] == "JOB_STATE_SUCCEEDED"
+    # A new adapter's first ready version is routed: the alias answers without `route set`.
+    assert _json(stack, "route", "get", ALIAS)["stableVersionId"] == v1["versionId"]
     v2 = _json(
         stack, "train", "--spec", str(spec), "--parent", v1["versionId"], "--max-steps", "10"
     )
     assert v2["spec"]["parentVersionId"] == v1["versionId"]
+    # An alias with a route is left alone: v2 goes out through a release.
+    assert _json(stack, "route", "get", ALIAS)["stableVersionId"] == v1["versionId"]
 
     versions = _json(stack, "versions", ALIAS)["versions"]
     assert {v["versionId"] for v in versions} == {v1["versionId"], v2["versionId"]}

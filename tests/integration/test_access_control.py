@@ -525,9 +525,11 @@ async def test_a_revoked_key_stops_working_everywhere_at_once(world: World) -> N
     await world.admin.RevokeApiKey(registry_pb2.RevokeApiKeyRequest(key_id=created.key.key_id))
     revoked_at = time.monotonic()
     for stub in replicas:
-        assert await _until_refused(lambda s=stub: s.SetRoute(request), revoked_at) == (
-            UNAUTHENTICATED
-        )
+
+        def set_route(s: Any = stub) -> Awaitable[Any]:
+            return cast(Awaitable[Any], s.SetRoute(request))
+
+        assert await _until_refused(set_route, revoked_at) == UNAUTHENTICATED
     assert (
         await _until_refused(
             lambda: monitor.ListAlerts(monitor_pb2.ListAlertsRequest()), revoked_at
@@ -636,7 +638,7 @@ async def test_a_flood_of_unauthenticated_calls_is_aggregated_not_dropped(world:
         await refused(stub.GetRoute(request), UNAUTHENTICATED)
 
     def mine(e: Any) -> bool:
-        return e.actor == flood_key[0]
+        return bool(e.actor == flood_key[0])
 
     deadline = time.monotonic() + 10
     while True:

@@ -191,7 +191,15 @@ def test_releases_never_put_traffic_on_a_rejected_version(history: ReleaseHistor
 
 
 def changed(
-    release: str, revision: int, state: str, kind: str, t: int, weight: int = 10, **change: object
+    release: str,
+    revision: int,
+    state: str,
+    kind: str,
+    t: int,
+    weight: int = 10,
+    *,
+    reason: str = "",
+    final: bool = False,
 ) -> events_pb2.RouteChanged:
     """The gateway's route.changed after it applied ``kind`` at ``t``."""
     event = events_pb2.RouteChanged(
@@ -207,7 +215,11 @@ def changed(
             candidate_weight=weight,
             steps=[10, 50, 100],
             change=events_pb2.ReleaseChange(
-                kind=kind, event_id=f"{release}-{kind}-{revision}", weight=weight, **change
+                kind=kind,
+                event_id=f"{release}-{kind}-{revision}",
+                weight=weight,
+                reason=reason,
+                final=final,
             ),
         ),
     )

@@ -8,6 +8,10 @@ arrives. ``GET /dashboard/state`` is the snapshot as plain JSON (scripts, debugg
 
 A page that cannot keep up is dropped; its EventSource reconnects and gets a fresh
 snapshot, so a slow browser never makes the monitor buffer without bound.
+
+Each page sees only what its caller's key may (its teams' aliases and versions; all for a
+platform admin): the snapshot, every tick and every event are filtered per page
+(visibility.py), and an open stream ends once its key is revoked.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -29,13 +33,16 @@ from ftops_monitor.dashboard_feed import (
     ADAPTER_SUBJECTS,
     RELEASE_SUBJECTS,
     EventFeed,
+    FeedItem,
     figures_json,
     finite,
     summarise,
 )
 from ftops_monitor.dashboard_history import History
 from ftops_monitor.dashboard_page import STATIC_DIR, render_page
+from ftops_monitor.http_access import caller_of, still_valid
 from ftops_monitor.monitor import Monitor, SeenEvents
+from ftops_monitor.visibility import Sees, TeamView, everything, monitor_pairs
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.events import METRICS_REQUESTS, MONITOR_ALERT
 from ftops_runtime.tasks import cancel_and_wait
@@ -54,10 +61,11 @@ def sse(kind: str, data: Any) -> bytes:
 
 
 class Client:
-    """One open page's queue of messages to send."""
+    """One open page's queue of messages to send, and what its caller may see."""
 
-    def __init__(self) -> None:
+    def __init__(self, sees: Sees = everything) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_BACKLOG)
+        self.sees = sees
 
     def send(self, message: bytes | None) -> bool:
         """False when the page has fallen too far behind (it is then told to go)."""
@@ -79,8 +87,11 @@ class Dashboard:
         history_s: float = 900.0,
         interval_s: float = 1.0,
         clock: Callable[[], float] | None = None,
+        view: TeamView | None = None,
     ) -> None:
         self.monitor = monitor
+        # Tells the teams of aliases for callers that are no platform admins.
+        self.view = view
         self.history = History(monitor, history_s=history_s, interval_s=interval_s)
         self.feed = EventFeed()
         self.interval_s = interval_s
@@ -119,12 +130,22 @@ class Dashboard:
             self.history.ingest(batch.results, self._clock())
 
     async def on_event(self, event: Message, delivery: Delivery) -> None:
-        self.add_event(delivery.subject, event)
+        item = summarise(delivery.subject, event)
+        await self._learn([(item.alias, item.version_id)])
+        self._add(item)
 
     def add_event(self, subject: str, event: Message) -> None:
-        item = summarise(subject, event)
+        self._add(summarise(subject, event))
+
+    def _add(self, item: FeedItem) -> None:
         if self.feed.add(item):
-            self._broadcast(sse("feed", item.as_json()))
+            message = sse("feed", item.as_json())
+            self._broadcast(lambda sees: message if sees(item.alias, item.version_id) else None)
+
+    async def _learn(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """The teams of what open pages of non-admins are about to be sent."""
+        if self.view is not None and any(c.sees is not everything for c in self.clients):
+            await self.view.learn(pairs)
 
     # -- state -----------------------------------------------------------------------
 
@@ -138,9 +159,11 @@ class Dashboard:
         )
         return running + finished[:FINISHED_SHOWN]
 
-    def releases(self) -> list[dict[str, Any]]:
+    def releases(self, sees: Sees = everything) -> list[dict[str, Any]]:
         out = []
         for release in self._shown_releases():
+            if not sees(release.alias, release.stable_version_id):
+                continue
             a = self.monitor.analysis(release.alias)
             out.append(
                 {
@@ -167,7 +190,7 @@ class Dashboard:
             )
         return out
 
-    def alerts(self) -> list[dict[str, Any]]:
+    def alerts(self, sees: Sees = everything) -> list[dict[str, Any]]:
         now = self._clock()
         return [
             {
@@ -180,19 +203,38 @@ class Dashboard:
                 "for_seconds": round(now - s.since, 1),
             }
             for s in self.monitor.active_alerts()
+            if sees(s.alias, s.version_id)
         ]
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, sees: Sees = everything) -> dict[str, Any]:
+        history = self.history.as_json()
         return {
             "now": self._clock(),
             "history_s": self.history.history_s,
             "window_s": self.monitor.stats.window_s,
             "latency_window_s": self.history.latency_window_s,
-            "releases": self.releases(),
-            "alerts": self.alerts(),
-            "events": [i.as_json() for i in self.feed.items()],
-            **self.history.as_json(),
+            "releases": self.releases(sees),
+            "alerts": self.alerts(sees),
+            "events": [i.as_json() for i in self.feed.items() if sees(i.alias, i.version_id)],
+            "versions": [v for v in history["versions"] if sees(v["alias"], v["version_id"])],
+            "splits": [s for s in history["splits"] if sees(s["alias"], "")],
         }
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        """Every (alias, version) the dashboard shows."""
+        return [
+            *monitor_pairs(self.monitor),
+            *self.history.versions,
+            *((alias, "") for alias in self.history.splits),
+            *((i.alias, i.version_id) for i in self.feed.items()),
+        ]
+
+    async def scope(self, request: web.Request) -> Sees:
+        """What the request's caller may see (everything without access control)."""
+        caller = caller_of(request)
+        if caller is None or self.view is None:
+            return everything
+        return await self.view.scope(caller, self._pairs())
 
     def sample(self) -> None:
         """One chart point per serving version and release, pushed to open pages."""
@@ -200,25 +242,39 @@ class Dashboard:
         versions, splits = self.history.sample(now)
         if not self.clients:
             return
-        tick = {
-            "now": now,
-            "releases": self.releases(),
-            "alerts": self.alerts(),
-            "versions": [
-                {"alias": a, "version_id": v, "point": p.as_json()} for (a, v), p in versions
-            ],
-            "splits": [{"alias": alias, "point": p.as_json()} for alias, p in splits],
-        }
-        self._broadcast(sse("tick", tick))
 
-    def connect(self) -> Client:
-        client = Client()
+        def tick(sees: Sees) -> bytes:
+            body = {
+                "now": now,
+                "releases": self.releases(sees),
+                "alerts": self.alerts(sees),
+                "versions": [
+                    {"alias": a, "version_id": v, "point": p.as_json()}
+                    for (a, v), p in versions
+                    if sees(a, v)
+                ],
+                "splits": [
+                    {"alias": alias, "point": p.as_json()} for alias, p in splits if sees(alias, "")
+                ],
+            }
+            return sse("tick", body)
+
+        self._broadcast(tick)
+
+    def connect(self, sees: Sees = everything) -> Client:
+        client = Client(sees)
         self.clients.add(client)
         return client
 
-    def _broadcast(self, message: bytes) -> None:
+    def _broadcast(self, message_for: Callable[[Sees], bytes | None]) -> None:
+        """``message_for(page's filter)``: what that page is sent (None: nothing). Built
+        once for all the pages that see everything."""
+        built: dict[Sees, bytes | None] = {}
         for client in list(self.clients):
-            if not client.send(message):
+            if client.sees not in built:
+                built[client.sees] = message_for(client.sees)
+            message = built[client.sees]
+            if message is not None and not client.send(message):
                 log.info("dashboard page fell behind; dropped (it reconnects)")
                 self.clients.discard(client)
 
@@ -226,6 +282,7 @@ class Dashboard:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
+                await self._learn(self._pairs())
                 self.sample()
             except Exception:
                 # A chart missing a point is no reason to stop the dashboard.
@@ -262,13 +319,14 @@ class Dashboard:
 
     async def _page(self, request: web.Request) -> web.Response:
         return web.Response(
-            text=render_page(self.snapshot()),
+            text=render_page(self.snapshot(await self.scope(request))),
             content_type="text/html",
             headers={"Cache-Control": "no-store"},
         )
 
     async def _state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot(), headers={"Cache-Control": "no-store"})
+        snapshot = self.snapshot(await self.scope(request))
+        return web.json_response(snapshot, headers={"Cache-Control": "no-store"})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -278,10 +336,12 @@ class Dashboard:
                 "X-Accel-Buffering": "no",  # proxies must not hold the events back
             }
         )
+        sees = await self.scope(request)
+        valid = still_valid(request)
         await response.prepare(request)
-        client = self.connect()
+        client = self.connect(sees)
         try:
-            await response.write(sse("snapshot", self.snapshot()))
+            await response.write(sse("snapshot", self.snapshot(sees)))
             while True:
                 try:
                     message = await asyncio.wait_for(client.queue.get(), KEEPALIVE_S)
@@ -289,6 +349,8 @@ class Dashboard:
                     message = b": keepalive\n\n"
                 if message is None:
                     break
+                if valid is not None and not await valid():
+                    break  # its key was revoked (or expired): the page gets no more
                 await response.write(message)
         except ConnectionError:
             pass  # the page went away

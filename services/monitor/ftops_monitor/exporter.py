@@ -16,7 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ftops_monitor.http_access import HttpAccess, caller_of
 from ftops_monitor.monitor import Monitor
+from ftops_monitor.visibility import Sees, TeamView, everything, monitor_pairs
 from ftops_monitor.windows import Figures
 
 if TYPE_CHECKING:
@@ -46,19 +48,23 @@ def _window_values(monitor: Monitor) -> Iterator[tuple[str, str, Figures]]:
 
 
 class MonitorCollector(Collector):
-    """A Prometheus collector over the monitor's live state."""
+    """A Prometheus collector over the monitor's live state: the series ``sees`` lets
+    through (one scraper's teams), all of them by default."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitor, sees: Sees = everything) -> None:
         self.monitor = monitor
+        self.sees = sees
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
-        m = self.monitor
+        m, sees = self.monitor, self.sees
         version = ["alias", "version"]
         gauges = {
             name: GaugeMetricFamily(f"ftops_monitor_window_{name}", text, labels=version)
             for name, text, _ in WINDOW_GAUGES
         }
         for alias, version_id, f in _window_values(m):
+            if not sees(alias, version_id):
+                continue
             for name, _, attr in WINDOW_GAUGES:
                 gauges[name].add_metric([alias, version_id], float(getattr(f, attr)))
         yield from gauges.values()
@@ -69,6 +75,8 @@ class MonitorCollector(Collector):
             labels=["alias", "version", "arm", "outcome"],
         )
         for (alias, version_id, arm, outcome), n in sorted(m.results_total.items()):
+            if not sees(alias, version_id):
+                continue
             results.add_metric([alias, version_id, arm, outcome], n)
         yield results
 
@@ -78,6 +86,8 @@ class MonitorCollector(Collector):
             labels=["alias", "kind"],
         )
         for (alias, kind), n in sorted(m.decisions_total.items()):
+            if not sees(alias, ""):
+                continue
             decisions.add_metric([alias, kind], n)
         yield decisions
 
@@ -92,6 +102,8 @@ class MonitorCollector(Collector):
             labels=["alias", "release", "state"],
         )
         for r in m.latest_releases():
+            if not sees(r.alias, r.stable_version_id):
+                continue
             weight.add_metric(
                 [r.alias, r.release_id, r.stable_version_id, r.candidate_version_id, r.strategy],
                 r.weight,
@@ -108,13 +120,15 @@ class MonitorCollector(Collector):
             labels=["alias", "version", "rule"],
         )
         for a in m.active_alerts():
+            if not sees(a.alias, a.version_id):
+                continue
             alerts.add_metric([a.alias, a.version_id, a.rule], 1.0)
         yield alerts
 
 
-def prometheus_registry(monitor: Monitor) -> CollectorRegistry:
+def prometheus_registry(monitor: Monitor, sees: Sees = everything) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MonitorCollector(monitor))
+    registry.register(MonitorCollector(monitor, sees))
     return registry
 
 
@@ -163,7 +177,9 @@ def register_otel(monitor: Monitor, meter: Meter) -> None:
 
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) on ``host:port``, and the live dashboard
-    (``/dashboard``) when one is given; port 0 takes a free one."""
+    (``/dashboard``) when one is given; port 0 takes a free one. With ``access`` every
+    request needs a key, and a caller that is no platform admin gets only its teams'
+    series (``view`` tells the teams of ``monitor``'s aliases)."""
 
     def __init__(
         self,
@@ -172,20 +188,34 @@ class MetricsServer:
         port: int,
         *,
         dashboard: Dashboard | None = None,
+        access: HttpAccess | None = None,
+        view: TeamView | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self._registry = registry
         self._dashboard = dashboard
+        self._access = access
+        self._view = view
+        self._monitor = monitor
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
+        registry = self._registry
+        caller = caller_of(request)
+        if caller is not None and self._view is not None and self._monitor is not None:
+            sees = await self._view.scope(caller, monitor_pairs(self._monitor))
+            if sees is not everything:
+                registry = prometheus_registry(self._monitor, sees)
+        body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> int:
         app = web.Application()
+        if self._access is not None:
+            self._access.mount(app)
         app.router.add_get("/metrics", self._metrics)
         if self._dashboard is not None:
             self._dashboard.mount(app)

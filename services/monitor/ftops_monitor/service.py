@@ -9,6 +9,7 @@ import uuid
 
 from nats.js.api import DeliverPolicy
 from opentelemetry import metrics
+from prometheus_client import CollectorRegistry
 
 from ftops.monitor.v1 import monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2_grpc
@@ -17,9 +18,11 @@ from ftops_monitor.dashboard import Dashboard
 from ftops_monitor.evaluation import registry_lookup
 from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
 from ftops_monitor.feedback import RequestIndex
+from ftops_monitor.http_access import HttpAccess
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.servicer import MonitorServicer
 from ftops_monitor.settings import MonitorSettings
+from ftops_monitor.visibility import TeamView
 from ftops_runtime import auth, client
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
@@ -88,11 +91,15 @@ class MonitorService:
             denials=self._auth_resolver.denials,
         )
         teams = auth.VersionTeams(registry, timeout_s=settings.registry_timeout_s)
+        self.view = TeamView(self.monitor, teams)
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
-            MonitorServicer(self.monitor, teams), self.server.server
+            MonitorServicer(self.monitor, self.view), self.server.server
         )
+        # The HTTP endpoint checks keys as the gRPC server does, and audits its refusals
+        # the same way.
+        self.http_access = HttpAccess(authenticate, self._auth_resolver.denials)
         self.metrics: MetricsServer | None = None
-        self.dashboard = Dashboard(self.monitor)
+        self.dashboard = Dashboard(self.monitor, view=self.view)
         register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
         self._loop: asyncio.Task[None] | None = None
 
@@ -107,14 +114,23 @@ class MonitorService:
     def metrics_port(self) -> int:
         return self.metrics.port if self.metrics is not None else -1
 
+    def _metrics_server(self, registry: CollectorRegistry, port: int) -> MetricsServer:
+        return MetricsServer(
+            registry,
+            self.settings.grpc_host,
+            port,
+            dashboard=self.dashboard,
+            access=self.http_access,
+            view=self.view,
+            monitor=self.monitor,
+        )
+
     async def _start_metrics(self) -> None:
         port = self.settings.metrics_port
         if port < 0:
             return
         registry = prometheus_registry(self.monitor)
-        self.metrics = MetricsServer(
-            registry, self.settings.grpc_host, port, dashboard=self.dashboard
-        )
+        self.metrics = self._metrics_server(registry, port)
         try:
             await self.metrics.start()
         except OSError as exc:
@@ -122,9 +138,7 @@ class MonitorService:
                 raise
             # Another process has the preferred port (a second replica on one host).
             log.warning("metrics port %d unavailable (%s); taking a free one", port, exc)
-            self.metrics = MetricsServer(
-                registry, self.settings.grpc_host, METRICS_PORT_FALLBACK, dashboard=self.dashboard
-            )
+            self.metrics = self._metrics_server(registry, METRICS_PORT_FALLBACK)
             await self.metrics.start()
 
     async def start(self) -> int:

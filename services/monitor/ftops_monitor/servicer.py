@@ -1,9 +1,5 @@
 """The MonitorService gRPC surface: thin, delegating to Monitor after checking the caller
-against the team of what it asks about.
-
-An alias belongs to the team of its release's stable version (the candidate is of the
-same team: the gateway refuses anything else); a version to its adapter's team, which the
-registry tells once per version (versions are immutable)."""
+against the team of what it asks about (the rules: visibility.py)."""
 
 from __future__ import annotations
 
@@ -12,26 +8,19 @@ from typing import Any
 
 from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops_monitor.monitor import Monitor
+from ftops_monitor.visibility import TeamView
 from ftops_runtime import auth
 from ftops_runtime.auth import AuthPrincipal, Role
-from ftops_runtime.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
-    def __init__(self, monitor: Monitor, teams: auth.VersionTeams) -> None:
+    def __init__(self, monitor: Monitor, view: TeamView) -> None:
         self._monitor = monitor
-        self._teams = teams
+        self._view = view
 
     # -- authorization ---------------------------------------------------------------
-
-    def _alias_version(self, alias: str) -> str:
-        """A version the alias served (its release's stable one first), or ""."""
-        release = self._monitor.release_for(alias)
-        if release is not None:
-            return release.stable_version_id
-        return next((v for a, v in self._monitor.stats.keys(alias) if a == alias and v), "")
 
     async def _require(self, alias: str, version_id: str, role: Role, action: str) -> None:
         """``role`` in the team of the alias (else of the version). Nothing known about
@@ -39,26 +28,14 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         caller = auth.current()
         if caller.platform_admin:  # also every call with auth off: no lookups
             return
-        version = (self._alias_version(alias) if alias else "") or version_id
-        if not version:
-            return
-        try:
-            team = await self._teams.team(version)
-        except NotFound:
+        team = await self._view.team(alias, version_id)
+        if team is None:
             return
         what = f"alias {alias!r}" if alias else f"version {version_id!r}"
         auth.require(team, role, action=f"{action} on {what}")
 
     async def _may_view(self, caller: AuthPrincipal, alias: str, version_id: str) -> bool:
-        if caller.platform_admin:
-            return True
-        version = (self._alias_version(alias) if alias else "") or version_id
-        if not version:
-            return False
-        try:
-            return caller.can(await self._teams.team(version), Role.viewer)
-        except NotFound:
-            return False
+        return await self._view.may_view(caller, alias, version_id)
 
     # -- RPCs ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ against a real registry, a real inference service on the tiny model and a real g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -437,9 +438,13 @@ async def test_client_hanging_up_cancels_the_generation(stack: Stack) -> None:
         stack.backend.chunk_delay_s = 0.0
 
 
-async def test_a_full_replica_answers_429(stack: Stack) -> None:
+async def test_a_full_replica_answers_429_with_retry_after(stack: Stack) -> None:
     stack.backend.chunk_delay_s = 0.3
     body = {"model": stack.alias, "prompt": PROMPT, "max_tokens": 64, "stream": True}
+    # No queue in front of the replica's two slots: the third request is refused at once.
+    admission = stack.inference.core.admission
+    limits = admission.limits
+    admission.limits = dataclasses.replace(limits, max_queue_length=0)
     try:
         async with aiohttp.ClientSession() as http:
             held = []
@@ -453,10 +458,15 @@ async def test_a_full_replica_answers_429(stack: Stack) -> None:
                     model=stack.alias, prompt=PROMPT, max_tokens=2
                 )
             assert cast(dict[str, Any], err.value.body)["type"] == "rate_limit_error"
+            # How long to wait: whole seconds (rounded up), and milliseconds for the SDKs.
+            headers = err.value.response.headers
+            assert int(headers["Retry-After"]) >= 1
+            assert int(headers["retry-after-ms"]) >= 1
             for resp in held:
                 resp.close()
     finally:
         stack.backend.chunk_delay_s = 0.0
+        admission.limits = limits
     for _ in range(2):
         await asyncio.wait_for(stack.backend.abandoned.get(), 5)
 

@@ -229,6 +229,9 @@ async def monitor(own_nats_url: str) -> AsyncIterator[MonitorService]:
         analysis_interval_s=0.1,
         shutdown_grace_s=0.5,
         metrics_port=0,
+        # Access control off (no registry to check keys): the dashboard itself is tested
+        # here; its keys and per-team views in tests/integration/test_monitor_http_access.py.
+        dev_mode=True,
         registry_address=f"127.0.0.1:{_closed_port()}",
         registry_timeout_s=0.5,
         # The test traffic's stable version fails 5% of its requests: an alert at once.

@@ -121,10 +121,11 @@ async def _serve(args: argparse.Namespace) -> int:
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
         say(f"OpenAI-compatible API: {stack.http_url()}  (model = an alias, a version or 'base')")
         say(f"Prometheus metrics:    {stack.metrics_url()}")
-        say(f"Dashboard:             {stack.metrics_url().removesuffix('/metrics')}/dashboard")
+        say(f"Dashboard:             {stack.dashboard_url()}")
         if stack.auth:
             say("Access control is on. Platform-admin key (new at every start):")
             say(f"  export FTOPS_API_KEY={stack.api_key}")
+            say("  (/metrics wants it as 'Authorization: Bearer <key>'; the dashboard link has it)")
         else:
             say("Access control is off (--no-auth): no API key needed.")
         if not args.no_demo:

@@ -97,6 +97,12 @@ class Stack:
         """The monitor's Prometheus scrape endpoint."""
         return f"http://127.0.0.1:{self._ports[name + '-metrics']}/metrics"
 
+    def dashboard_url(self, name: str = "monitor") -> str:
+        """The monitor's dashboard; with access control on, with the platform-admin key,
+        which the monitor moves into a cookie (and out of the address) on the first load."""
+        url = self.metrics_url(name).removesuffix("/metrics") + "/dashboard"
+        return f"{url}?key={self.api_key}" if self.auth and self.api_key else url
+
     def _port(self, name: str) -> int:
         preferred = PREFERRED_PORTS.get(name)
         if preferred and self.prefer_fixed_ports and not port_open("127.0.0.1", preferred):

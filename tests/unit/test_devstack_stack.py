@@ -75,3 +75,15 @@ def test_the_dev_stack_trainer_gates_the_tiny_model_at_what_it_can_keep(
         TINY_MODEL_MIN_RETENTION
     )
     assert effective_spec(own, settings).gate.min_retention == pytest.approx(0.9)  # a job's own
+
+
+def test_the_dashboard_link_carries_the_admin_key_only_with_access_control(
+    tmp_path: Path,
+) -> None:
+    stack = _stack(tmp_path)
+    stack._ports["monitor-metrics"] = 9464
+    assert stack.dashboard_url() == "http://127.0.0.1:9464/dashboard"
+    stack.auth, stack.api_key = True, "ftk_0123456789abcdef_secret"
+    assert stack.dashboard_url() == (
+        "http://127.0.0.1:9464/dashboard?key=ftk_0123456789abcdef_secret"
+    )

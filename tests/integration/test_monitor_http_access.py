@@ -294,6 +294,17 @@ async def test_a_browser_hands_the_key_over_once_and_keeps_it_in_a_cookie(world:
             assert beta not in text
         snapshot = await _stream_snapshot(http, world.base + "/dashboard/stream")
         assert {i["alias"] for i in snapshot["events"]} == {alpha}
+        # Leaving forgets the key.
+        async with http.get(f"{world.base}/dashboard/logout") as page:
+            assert page.status == 401
+            assert 'action="/dashboard/login"' in await page.text()  # the form
+        # The form posts the key: the same cookie, no key in any address.
+        login = f"{world.base}/dashboard/login"
+        async with http.post(login, data={"key": world.viewers["beta"]}) as page:
+            assert page.status == 200
+            text = await page.text()
+            assert beta in text
+            assert alpha not in text
     async with aiohttp.ClientSession() as http:
         wrong = f"{world.base}/dashboard?key={auth.new_api_key()[1]}"
         async with http.get(wrong, allow_redirects=False) as response:

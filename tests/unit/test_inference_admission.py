@@ -28,6 +28,7 @@ def admission(clock: Clock | None = None, **limits: float) -> Admission:
             max_queue_length=int(values["max_queue_length"]),
             max_queue_wait_s=values["max_queue_wait_s"],
             best_effort_reserve=int(values.get("best_effort_reserve", 0)),
+            max_best_effort=int(values.get("max_best_effort", 0)),
         ),
         clock=clock or Clock(),
     )
@@ -153,6 +154,18 @@ async def test_a_slot_handed_to_a_waiter_that_just_left_goes_to_the_next() -> No
     slot = await asyncio.wait_for(stays, 1)
     gate.release(slot, completed=False)
     assert (gate.running, gate.waiting) == (0, 0)
+
+
+async def test_best_effort_runs_at_most_its_cap_at_once_whatever_slots_are_free() -> None:
+    gate = admission(max_running=8, max_best_effort=1)
+    mirror = await gate.acquire(best_effort=True)
+    with pytest.raises(ResourceExhausted, match="at most 1 at once"):
+        await gate.acquire(best_effort=True)
+    users = [await gate.acquire() for _ in range(3)]  # user requests are not capped by it
+    gate.release(mirror, completed=True)
+    again = await gate.acquire(best_effort=True)  # its turn once the first one is done
+    for slot in [again, *users]:
+        gate.release(slot, completed=False)
 
 
 async def test_best_effort_never_waits_and_never_takes_a_reserved_slot() -> None:

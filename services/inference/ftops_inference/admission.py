@@ -53,6 +53,10 @@ class AdmissionLimits:
     max_queue_length: int = 0
     max_queue_wait_s: float = 0.0
     best_effort_reserve: int = 0
+    # Best-effort requests running at once (0: only the reserve limits them). On a
+    # compute-bound replica every extra row slows each decode step of the whole batch, so
+    # free slots alone would let mirrored traffic take the users' latency.
+    max_best_effort: int = 0
 
 
 @dataclass(eq=False)
@@ -158,13 +162,14 @@ class Admission:
 
     def _acquire_best_effort(self) -> Slot:
         limit = self.limits.max_running - self.limits.best_effort_reserve
-        if self._waiting or self._running >= limit:
+        cap = self.limits.max_best_effort
+        if self._waiting or self._running >= limit or (cap and len(self._best_effort) >= cap):
             _refusals.add(1, {"reason": "busy", "priority": "best_effort"})
             raise ResourceExhausted(
                 f"best-effort request refused: {self._running} running, "
                 f"{len(self._waiting)} waiting; best-effort traffic runs only on the "
                 f"{max(limit, 0)} of {self.limits.max_running} slots not kept for user "
-                "requests, and never queues",
+                f"requests, at most {cap or limit} at once, and never queues",
                 retry_after_ms=self._retry_ms(0.0),
             )
         return self._take(best_effort=True)

@@ -40,6 +40,7 @@ class InferenceCore:
         max_queue_length: int = 0,
         max_queue_wait_s: float = 0.0,
         best_effort_reserve: int = 0,
+        max_best_effort: int = 0,
         faults: Faults | None = None,
         metrics: ServingMetrics | None = None,
     ) -> None:
@@ -58,6 +59,7 @@ class InferenceCore:
                 max_queue_length=max_queue_length,
                 max_queue_wait_s=max_queue_wait_s,
                 best_effort_reserve=best_effort_reserve,
+                max_best_effort=max_best_effort,
             )
         )
 

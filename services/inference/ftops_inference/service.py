@@ -68,6 +68,7 @@ class InferenceService:
             max_queue_length=settings.max_queue_length,
             max_queue_wait_s=settings.max_queue_wait_s,
             best_effort_reserve=settings.best_effort_reserve(),
+            max_best_effort=settings.max_best_effort_running,
             faults=Faults(
                 error_rate=settings.fault_error_rate,
                 delay_factor=settings.fault_delay_factor,

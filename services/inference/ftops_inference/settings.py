@@ -66,6 +66,16 @@ class InferenceSettings(ServiceSettings, AuthSettings):
             "user request waits; they never queue and are dropped when a user needs a slot."
         ),
     )
+    max_best_effort_running: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Best-effort (mirrored, shadow) requests running at once; beyond it they are "
+            "refused, not queued (0: only best_effort_reserve_share limits them). Each extra "
+            "row slows every decode step of the batch on a compute-bound replica, so this "
+            "bounds what a release's mirroring costs the users (raise it on GPUs)."
+        ),
+    )
     registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of registry calls.")
     backend: Literal["hf", "echo", "vllm"] = Field(
         "hf",

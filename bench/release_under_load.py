@@ -39,6 +39,7 @@ from bench.report import Report
 from bench.zero_downtime import Load, Sample, _loaded_everywhere, _train
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2_grpc
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
@@ -76,16 +77,25 @@ async def find_capacity(
     await _probe(client, 5, 3)  # warm-up
     idle = _p99_ms((await _probe(client, 4, 8)).samples)
     notes["idle p99 (ms, 4 req/s)"] = round(idle, 1)
-    rate = 10.0
-    while rate < 1000:
+
+    async def over(rate: float) -> bool:
         load = await _probe(client, rate, 6)
         p99 = _p99_ms(load.samples)
         failed = sum(not s.ok for s in load.samples)
         notes[f"probe {rate:.0f} req/s"] = f"p99 {p99:.0f} ms, {failed} failed"
-        if p99 > 3 * idle or failed > 0.01 * len(load.samples):
-            return rate
-        rate = round(rate * 1.25 + 5)
-        await asyncio.sleep(1)  # let the queue drain between probes
+        await asyncio.sleep(2)  # let the queue drain between probes
+        return p99 > 3 * idle or failed > 0.01 * len(load.samples)
+
+    below, rate = 0.0, 10.0
+    while rate < 1000 and not await over(rate):
+        below, rate = rate, round(rate * 1.25 + 5)
+    # Narrow the step that crossed: the coarse steps are 25% apart.
+    for _ in range(2):
+        middle = round((below + rate) / 2)
+        if await over(middle):
+            rate = middle
+        else:
+            below = middle
     return rate
 
 
@@ -94,8 +104,16 @@ class Routes:
     """The gateway's route.changed stream: when each release ended and how."""
 
     ended: dict[str, events_pb2.ReleaseSnapshot] = field(default_factory=dict)
+    failed: BaseException | None = None
 
     async def run(self, nats_url: str, stop: asyncio.Event) -> None:
+        try:
+            await self._run(nats_url, stop)
+        except Exception as exc:
+            self.failed = exc
+            raise
+
+    async def _run(self, nats_url: str, stop: asyncio.Event) -> None:
         nc = await nats.connect(nats_url)
         try:
             sub = await nc.jetstream().subscribe(ROUTE_CHANGED, ordered_consumer=True)
@@ -148,6 +166,8 @@ class Releaser:
     ) -> None:
         self.admin, self.routes = admin, routes
         self.stable, self.other = a, b
+        # Why healthy candidates were rolled back, by the monitor's reason.
+        self.reasons: Counter[str] = Counter()
 
     async def route(self) -> gateway_pb2.Route:
         got: gateway_pb2.Route = await self.admin.GetRoute(gateway_pb2.GetRouteRequest(alias=ALIAS))
@@ -167,6 +187,8 @@ class Releaser:
         return str(route.release_id)
 
     async def _ended(self, release_id: str, limit_s: float) -> events_pb2.ReleaseSnapshot | None:
+        if self.routes.failed is not None:
+            raise RuntimeError(f"route.changed watcher failed: {self.routes.failed!r}")
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if release_id in self.routes.ended:
@@ -205,7 +227,10 @@ class Releaser:
         if ended.state == "promoted":
             self.stable, self.other = self.other, self.stable
             return "ok"
-        return "ok" if ended.change.manual else "healthy rolled back"
+        if ended.change.manual:
+            return "ok"
+        self.reasons[f"{kind}: {ended.change.reason}"] += 1
+        return "healthy rolled back"
 
 
 @dataclass
@@ -283,13 +308,15 @@ async def _run(
         stack = Stack(Path(tmp), nats_server.url, redis.url, build())
         stop = asyncio.Event()
         routes, blame = Routes(), Blame()
-        watchers = [
-            asyncio.create_task(routes.run(nats_server.url, stop)),
-            asyncio.create_task(blame.run(nats_server.url, stop)),
-        ]
+        watchers: list[asyncio.Task[None]] = []
         try:
             stack.start()
             await stack.wait_serving()
+            # After the services created their streams (a watcher needs its stream).
+            watchers += [
+                asyncio.create_task(routes.run(nats_server.url, stop)),
+                asyncio.create_task(blame.run(nats_server.url, stop)),
+            ]
             async with (
                 grpc.aio.insecure_channel(stack.address("trainer")) as tch,
                 grpc.aio.insecure_channel(stack.address("gateway")) as admin_ch,
@@ -310,6 +337,9 @@ async def _run(
                     blame.failures.clear()
                     await run_level(level, releaser, releases, steady_s)
                     _summarize(report, level, notes)
+                    for key, count in sorted(releaser.reasons.items()):
+                        notes[f"{share:.0%}: healthy rollback reason: {key}"] = count
+                    releaser.reasons.clear()
                     for key, count in sorted(blame.failures.items()):
                         notes[f"{share:.0%}: candidate results failed: {key}"] = count
                     await asyncio.sleep(2)
@@ -318,7 +348,12 @@ async def _run(
                     {"FTOPS_FAULT_ERROR_RATE": "0.3", "FTOPS_FAULT_VERSIONS": bad}
                 )
                 await stack.restart("inference")
-                await _loaded_everywhere(stack, [releaser.stable, bad])
+                async with grpc.aio.insecure_channel(stack.address("inference")) as ich:
+                    replica = inference_pb2_grpc.InferenceServiceStub(ich)
+                    for version in (releaser.stable, bad):
+                        await replica.LoadAdapter(
+                            inference_pb2.LoadAdapterRequest(version_id=version), timeout=120
+                        )
                 times = await failing_candidate(
                     client, releaser, blame, bad, round(0.7 * capacity, 1)
                 )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ftops.common.v1 import common_pb2 as ftops_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ftops/inference/v1/inference.proto\x12\x12\x66tops.inference.v1\x1a\x1c\x66tops/common/v1/common.proto\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\x12\x35\n\x08priority\x18\x05 \x01(\x0e\x32#.ftops.inference.v1.RequestPriority\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xad\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"(\n\x12LoadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"*\n\x14UnloadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"\x88\x02\n\rAdapterStatus\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .ftops.inference.v1.AdapterState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\r\n\x05loads\x18\x07 \x01(\x04\x12\x0f\n\x07reloads\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0b \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0c \x01(\x04\"\x15\n\x13ListAdaptersRequest\"\xf7\x01\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x33\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32!.ftops.inference.v1.AdapterStatus\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x16\n\x0emax_concurrent\x18\x07 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x15\n\rbase_requests\x18\t \x01(\x04\"\xb5\x02\n\x10MultiplexRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x37\n\x08generate\x18\x02 \x01(\x0b\x32#.ftops.inference.v1.GenerateRequestH\x00\x12>\n\x0fgenerate_stream\x18\x03 \x01(\x0b\x32#.ftops.inference.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12M\n\rtrace_context\x18\x05 \x03(\x0b\x32\x36.ftops.inference.v1.MultiplexRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\xc9\x01\n\x11MultiplexResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x38\n\x08response\x18\x02 \x01(\x0b\x32$.ftops.inference.v1.GenerateResponseH\x00\x12\x32\n\x05\x63hunk\x18\x03 \x01(\x0b\x32!.ftops.inference.v1.GenerateChunkH\x00\x12\x32\n\x03\x65nd\x18\x04 \x01(\x0b\x32#.ftops.inference.v1.MultiplexStatusH\x00\x42\x06\n\x04kind\"H\n\x0fMultiplexStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r*U\n\x0fRequestPriority\x12 \n\x1cREQUEST_PRIORITY_UNSPECIFIED\x10\x00\x12 \n\x1cREQUEST_PRIORITY_BEST_EFFORT\x10\x01*\x98\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_STATE_UNLOADED\x10\x04\x32\xbe\x04\n\x10InferenceService\x12U\n\x08Generate\x12#.ftops.inference.v1.GenerateRequest\x1a$.ftops.inference.v1.GenerateResponse\x12Z\n\x0eGenerateStream\x12#.ftops.inference.v1.GenerateRequest\x1a!.ftops.inference.v1.GenerateChunk0\x01\x12X\n\x0bLoadAdapter\x12&.ftops.inference.v1.LoadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\\\n\rUnloadAdapter\x12(.ftops.inference.v1.UnloadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\x61\n\x0cListAdapters\x12\'.ftops.inference.v1.ListAdaptersRequest\x1a(.ftops.inference.v1.ListAdaptersResponse\x12\\\n\tMultiplex\x12$.ftops.inference.v1.MultiplexRequest\x1a%.ftops.inference.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ftops/inference/v1/inference.proto\x12\x12\x66tops.inference.v1\x1a\x1c\x66tops/common/v1/common.proto\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.ftops.common.v1.SamplingParams\x12\x35\n\x08priority\x18\x05 \x01(\x0e\x32#.ftops.inference.v1.RequestPriority\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x31\n\x08messages\x18\x07 \x03(\x0b\x32\x1f.ftops.inference.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x34\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\"\xad\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x34\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1d.ftops.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"(\n\x12LoadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"*\n\x14UnloadAdapterRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"\x88\x02\n\rAdapterStatus\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .ftops.inference.v1.AdapterState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\r\n\x05loads\x18\x07 \x01(\x04\x12\x0f\n\x07reloads\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0b \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0c \x01(\x04\"\x15\n\x13ListAdaptersRequest\"\xf7\x01\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x33\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32!.ftops.inference.v1.AdapterStatus\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x16\n\x0emax_concurrent\x18\x07 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x15\n\rbase_requests\x18\t \x01(\x04\"\xb5\x02\n\x10MultiplexRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x37\n\x08generate\x18\x02 \x01(\x0b\x32#.ftops.inference.v1.GenerateRequestH\x00\x12>\n\x0fgenerate_stream\x18\x03 \x01(\x0b\x32#.ftops.inference.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12M\n\rtrace_context\x18\x05 \x03(\x0b\x32\x36.ftops.inference.v1.MultiplexRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\xc9\x01\n\x11MultiplexResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x38\n\x08response\x18\x02 \x01(\x0b\x32$.ftops.inference.v1.GenerateResponseH\x00\x12\x32\n\x05\x63hunk\x18\x03 \x01(\x0b\x32!.ftops.inference.v1.GenerateChunkH\x00\x12\x32\n\x03\x65nd\x18\x04 \x01(\x0b\x32#.ftops.inference.v1.MultiplexStatusH\x00\x42\x06\n\x04kind\"H\n\x0fMultiplexStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r*U\n\x0fRequestPriority\x12 \n\x1cREQUEST_PRIORITY_UNSPECIFIED\x10\x00\x12 \n\x1cREQUEST_PRIORITY_BEST_EFFORT\x10\x01*\x98\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_STATE_UNLOADED\x10\x04\x32\xbe\x04\n\x10InferenceService\x12U\n\x08Generate\x12#.ftops.inference.v1.GenerateRequest\x1a$.ftops.inference.v1.GenerateResponse\x12Z\n\x0eGenerateStream\x12#.ftops.inference.v1.GenerateRequest\x1a!.ftops.inference.v1.GenerateChunk0\x01\x12X\n\x0bLoadAdapter\x12&.ftops.inference.v1.LoadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\\\n\rUnloadAdapter\x12(.ftops.inference.v1.UnloadAdapterRequest\x1a!.ftops.inference.v1.AdapterStatus\x12\x61\n\x0cListAdapters\x12\'.ftops.inference.v1.ListAdaptersRequest\x1a(.ftops.inference.v1.ListAdaptersResponse\x12\\\n\tMultiplex\x12$.ftops.inference.v1.MultiplexRequest\x1a%.ftops.inference.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTPRIORITY']._serialized_start=1861
-  _globals['_REQUESTPRIORITY']._serialized_end=1946
-  _globals['_ADAPTERSTATE']._serialized_start=1949
-  _globals['_ADAPTERSTATE']._serialized_end=2101
+  _globals['_REQUESTPRIORITY']._serialized_start=1958
+  _globals['_REQUESTPRIORITY']._serialized_end=2043
+  _globals['_ADAPTERSTATE']._serialized_start=2046
+  _globals['_ADAPTERSTATE']._serialized_end=2198
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=288
-  _globals['_GENERATERESPONSE']._serialized_start=291
-  _globals['_GENERATERESPONSE']._serialized_end=467
-  _globals['_GENERATECHUNK']._serialized_start=470
-  _globals['_GENERATECHUNK']._serialized_end=643
-  _globals['_LOADADAPTERREQUEST']._serialized_start=645
-  _globals['_LOADADAPTERREQUEST']._serialized_end=685
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=687
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=729
-  _globals['_ADAPTERSTATUS']._serialized_start=732
-  _globals['_ADAPTERSTATUS']._serialized_end=996
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=998
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1019
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1022
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1269
-  _globals['_MULTIPLEXREQUEST']._serialized_start=1272
-  _globals['_MULTIPLEXREQUEST']._serialized_end=1581
-  _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._serialized_start=1522
-  _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._serialized_end=1573
-  _globals['_MULTIPLEXRESPONSE']._serialized_start=1584
-  _globals['_MULTIPLEXRESPONSE']._serialized_end=1785
-  _globals['_MULTIPLEXSTATUS']._serialized_start=1787
-  _globals['_MULTIPLEXSTATUS']._serialized_end=1859
-  _globals['_INFERENCESERVICE']._serialized_start=2104
-  _globals['_INFERENCESERVICE']._serialized_end=2678
+  _globals['_GENERATEREQUEST']._serialized_end=339
+  _globals['_CHATMESSAGE']._serialized_start=341
+  _globals['_CHATMESSAGE']._serialized_end=385
+  _globals['_GENERATERESPONSE']._serialized_start=388
+  _globals['_GENERATERESPONSE']._serialized_end=564
+  _globals['_GENERATECHUNK']._serialized_start=567
+  _globals['_GENERATECHUNK']._serialized_end=740
+  _globals['_LOADADAPTERREQUEST']._serialized_start=742
+  _globals['_LOADADAPTERREQUEST']._serialized_end=782
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=784
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=826
+  _globals['_ADAPTERSTATUS']._serialized_start=829
+  _globals['_ADAPTERSTATUS']._serialized_end=1093
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1095
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1116
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1119
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1366
+  _globals['_MULTIPLEXREQUEST']._serialized_start=1369
+  _globals['_MULTIPLEXREQUEST']._serialized_end=1678
+  _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._serialized_start=1619
+  _globals['_MULTIPLEXREQUEST_TRACECONTEXTENTRY']._serialized_end=1670
+  _globals['_MULTIPLEXRESPONSE']._serialized_start=1681
+  _globals['_MULTIPLEXRESPONSE']._serialized_end=1882
+  _globals['_MULTIPLEXSTATUS']._serialized_start=1884
+  _globals['_MULTIPLEXSTATUS']._serialized_end=1956
+  _globals['_INFERENCESERVICE']._serialized_start=2201
+  _globals['_INFERENCESERVICE']._serialized_end=2775
 # @@protoc_insertion_point(module_scope)

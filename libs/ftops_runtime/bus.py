@@ -28,6 +28,7 @@ from opentelemetry import metrics, trace
 from ftops_runtime import telemetry
 from ftops_runtime.errors import PermanentEventError
 from ftops_runtime.events import DEAD_LETTER_PREFIX, PAYLOAD_TYPES, STREAMS
+from ftops_runtime.namespace import Namespace
 from ftops_runtime.retry import retry_forever
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -83,7 +84,10 @@ class EventBus:
         max_deliver: int = 5,
         nak_delay_s: float = 1.0,
         stream_replicas: int = 1,
+        namespace: Namespace | str = "",
     ) -> None:
+        # Services speak logical subjects; the installation's prefix is applied here only.
+        self.namespace = namespace if isinstance(namespace, Namespace) else Namespace(namespace)
         self._servers = [s.strip() for s in servers.split(",") if s.strip()]
         self.service = service
         self.instance = instance
@@ -130,7 +134,7 @@ class EventBus:
         )
         try:
             js = nc.jetstream(timeout=5)
-            await ensure_streams(js, replicas=self._stream_replicas)
+            await ensure_streams(js, replicas=self._stream_replicas, namespace=self.namespace)
         except BaseException:
             await nc.close()
             raise
@@ -183,8 +187,32 @@ class EventBus:
             span.set_attribute("messaging.destination.name", subject)
             span.set_attribute("messaging.message.id", event_id)
             await self._js.publish(
-                subject, event.SerializeToString(), timeout=timeout, headers=headers
+                self.namespace.subject(subject),
+                event.SerializeToString(),
+                timeout=timeout,
+                headers=headers,
             )
+
+    async def stored(self, subject: str, payload_type: type[E], *, timeout: float = 5.0) -> list[E]:
+        """The payloads JetStream holds on ``subject`` now, oldest first: on a work queue,
+        the waiting and the in-flight ones (an acked message is gone). Read message by
+        message (stream get), so no consumer is created and nothing is taken from one;
+        unreadable payloads are skipped."""
+        if self._js is None:
+            await self.wait_ready(timeout)
+        assert self._js is not None
+        physical = self.namespace.subject(subject)
+        stream = await self._js.find_stream_name_by_subject(physical)
+        found: list[E] = []
+        seq = 1
+        while True:
+            try:
+                raw = await self._js.get_msg(stream, seq=seq, subject=physical, next=True)
+            except nats.js.errors.NotFoundError:
+                return found
+            with contextlib.suppress(DecodeError):
+                found.append(payload_type.FromString(raw.data or b""))
+            seq = (raw.seq or seq) + 1
 
     # -- consuming -------------------------------------------------------------------
 
@@ -207,7 +235,7 @@ class EventBus:
         resolved = payload_type or PAYLOAD_TYPES[subject]
         sub = _Subscription(
             subject=subject,
-            durable=_safe_name(durable),
+            durable=self.namespace.durable(_safe_name(durable)),
             handler=handler,
             payload_type=resolved,
             deliver_policy=deliver_policy,
@@ -232,16 +260,17 @@ class EventBus:
             max_deliver=self._max_deliver,
             deliver_policy=sub.deliver_policy,
             inactive_threshold=sub.inactive_threshold_s,
-            filter_subject=sub.subject,
+            filter_subject=self.namespace.subject(sub.subject),
         )
 
         async def bind() -> JetStreamContext.PullSubscription:
-            stream = await js.find_stream_name_by_subject(sub.subject)
+            subject = self.namespace.subject(sub.subject)
+            stream = await js.find_stream_name_by_subject(subject)
             # Create the durable, or bring an existing one up to these settings: binding
             # alone would keep whatever the first replica to create it asked for (its ack
             # wait, max deliveries) however the service is configured now.
             await js.add_consumer(stream, config=config)
-            return await js.pull_subscribe(sub.subject, durable=sub.durable, stream=stream)
+            return await js.pull_subscribe(subject, durable=sub.durable, stream=stream)
 
         psub = await retry_forever(f"subscribe {sub.subject} as {sub.durable}", bind)
         msgs: list[Msg] = []
@@ -276,7 +305,8 @@ class EventBus:
             span.set_attribute("messaging.consumer.group.name", sub.durable)
             span.set_attribute("messaging.message.id", _event_id(event))
             try:
-                await sub.handler(event, Delivery(msg.subject, deliveries, msg))
+                logical = self.namespace.logical_subject(msg.subject)
+                await sub.handler(event, Delivery(logical, deliveries, msg))
             except asyncio.CancelledError:
                 # Shutting down mid-event: let it be redelivered promptly.
                 with contextlib.suppress(Exception):
@@ -325,7 +355,10 @@ class EventBus:
         )
         assert self._js is not None
         try:
-            await self._js.publish(f"{DEAD_LETTER_PREFIX}.{msg.subject}", msg.data, headers=headers)
+            logical = self.namespace.logical_subject(msg.subject)
+            await self._js.publish(
+                self.namespace.subject(f"{DEAD_LETTER_PREFIX}.{logical}"), msg.data, headers=headers
+            )
         except Exception as exc:
             # Keep the message for a later try rather than lose it.
             log.error("could not dead-letter %s: %r", msg.subject, exc)
@@ -336,13 +369,17 @@ class EventBus:
             await msg.ack()
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
-    """Create our streams, or bring an existing one's subjects, limits and replica count up
-    to date."""
+async def ensure_streams(
+    js: JetStreamContext, *, replicas: int = 1, namespace: Namespace | None = None
+) -> None:
+    """Create our streams (the installation's, under its namespace), or bring an existing
+    one's subjects, limits and replica count up to date."""
+    ns = namespace or Namespace()
     for spec in STREAMS:
+        name = ns.stream(spec.name)
         config = StreamConfig(
-            name=spec.name,
-            subjects=list(spec.subjects),
+            name=name,
+            subjects=[ns.subject(subject) for subject in spec.subjects],
             max_age=spec.max_age_s or None,
             max_msgs_per_subject=spec.max_msgs_per_subject or -1,
             num_replicas=replicas,
@@ -350,7 +387,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
         )
         try:
-            await js.stream_info(spec.name)
+            await js.stream_info(name)
         except nats.js.errors.NotFoundError:
             try:
                 await js.add_stream(config)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import uuid
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ftops_runtime.namespace import Namespace, namespace_problem
 
 
 def _default_instance() -> str:
@@ -27,6 +29,13 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     instance_id: str = Field(default_factory=_default_instance, description="Replica name.")
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma separated.")
+    namespace: str = Field(
+        "",
+        description="Installation namespace: prefixes JetStream streams, consumers and "
+        "subjects, object-store buckets and Redis keys, so installations sharing one NATS "
+        "and one Redis never see each other; letters, digits, '-', '_', at most 32. Every "
+        "service of an installation needs the same one; empty = the unprefixed names.",
+    )
     dev_mode: bool = Field(False, description="Development mode: relaxed auth.")
     api_keys: str = Field(
         "", description="Comma separated API keys accepted by the auth hook; empty = no auth."
@@ -45,6 +54,18 @@ class ServiceSettings(BaseSettings):
         description="Replicas of each JetStream stream ftops creates or updates: 3 on a "
         "3-node NATS cluster (events survive a node), 1 on a single server.",
     )
+
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, value: str) -> str:
+        problem = namespace_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def installation(self) -> Namespace:
+        """This installation's names on the shared NATS and Redis."""
+        return Namespace(self.namespace)
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -62,6 +62,7 @@ class GatewayService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
+            namespace=settings.namespace,
         )
         # The gateway's own key: the registry checks its reads like anyone else's.
         self._registry_channel = client.channel(

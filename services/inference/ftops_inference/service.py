@@ -58,6 +58,7 @@ class InferenceService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
+            namespace=settings.namespace,
         )
         self.core = InferenceCore(
             self.backend,

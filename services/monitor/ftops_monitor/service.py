@@ -64,6 +64,7 @@ class MonitorService:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
+            namespace=settings.namespace,
         )
         self._registry_channel = client.channel(
             settings.registry_address, api_key=settings.registry_api_key

@@ -61,6 +61,7 @@ class RegistryApp:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
+            namespace=settings.namespace,
         )
         self.servicer = RegistryServicer(
             self.db,

@@ -31,6 +31,7 @@ class TrainerApp:
             max_deliver=settings.event_max_deliver,
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
+            namespace=settings.namespace,
         )
         self.registry_channel = client.channel(
             settings.registry_address,

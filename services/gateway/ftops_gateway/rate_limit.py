@@ -100,8 +100,12 @@ class RateLimiter:
         client: redis.Redis,
         default: Limit | None,
         teams: dict[str, Limit] | None = None,
+        *,
+        key_prefix: str = "",
     ) -> None:
         self._redis = client
+        # The installation namespace's Redis prefix: limits are per installation.
+        self._key_prefix = key_prefix + KEY_PREFIX
         self._default = default
         self._teams = dict(teams or {})
         self._script = client.register_script(_TOKEN_BUCKET)
@@ -123,7 +127,7 @@ class RateLimiter:
             return
         try:
             allowed, wait = await self._script(
-                keys=[KEY_PREFIX + principal.key_id], args=[limit.rps, limit.burst]
+                keys=[self._key_prefix + principal.key_id], args=[limit.rps, limit.burst]
             )
         except (redis.RedisError, OSError) as exc:
             self._warn(exc)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 
 from ftops.gateway.v1 import gateway_pb2
-from ftops_gateway.route_store import ROUTES_CHANNEL, RouteStore
+from ftops_gateway.route_store import RouteStore
 from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class RouteCache:
     async def _listen(self) -> None:
         pubsub = self._store.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(ROUTES_CHANNEL)
+            await pubsub.subscribe(self._store.channel)
             # Changes made while we were not subscribed.
             await self.refresh()
             while True:

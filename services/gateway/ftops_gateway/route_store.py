@@ -46,19 +46,34 @@ def decode(raw: str | bytes) -> gateway_pb2.Route:
 
 
 class RouteStore:
-    def __init__(self, client: redis.Redis, *, dedupe_ttl_s: int = 7 * 24 * 3600) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        dedupe_ttl_s: int = 7 * 24 * 3600,
+        key_prefix: str = "",
+    ) -> None:
+        """``key_prefix`` is the installation namespace's (``Namespace.redis_prefix``): it
+        goes before every key and the channel, so installations sharing a Redis never
+        read or announce each other's routes."""
         self.redis = client
         self._dedupe_ttl_s = dedupe_ttl_s
+        self._prefix = key_prefix
+        self.channel = key_prefix + ROUTES_CHANNEL
+
+    def _route_key(self, alias: str) -> str:
+        return self._prefix + route_key(alias)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
     async def get(self, alias: str) -> gateway_pb2.Route | None:
-        raw = await self.redis.get(route_key(alias))
+        raw = await self.redis.get(self._route_key(alias))
         return decode(raw) if raw is not None else None
 
     async def load_all(self) -> dict[str, gateway_pb2.Route]:
-        keys = [key async for key in self.redis.scan_iter(match=f"{ROUTE_PREFIX}*", count=500)]
+        pattern = f"{self._prefix}{ROUTE_PREFIX}*"
+        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
         if not keys:
             return {}
         values = await self.redis.mget(keys)
@@ -73,7 +88,7 @@ class RouteStore:
     async def claim(self, name: str, owner: str, ttl_s: float) -> bool:
         """Take the lease ``name`` unless another owner holds it (it expires after
         ``ttl_s``, so a replica that dies holding it does not block the job forever)."""
-        key = f"{CLAIM_PREFIX}{name}"
+        key = f"{self._prefix}{CLAIM_PREFIX}{name}"
         if await self.redis.set(key, owner, nx=True, px=int(ttl_s * 1000)):
             return True
         held = await self.redis.get(key)
@@ -87,8 +102,8 @@ class RouteStore:
         With ``event_id``, an already applied event changes nothing (and is not mutated
         again); the marker is set even when the mutation ignores the event. An exception
         from ``mutate`` (a refused command) leaves everything as it was."""
-        key = route_key(alias)
-        marker = f"{EVENT_PREFIX}{event_id}" if event_id else ""
+        key = self._route_key(alias)
+        marker = f"{self._prefix}{EVENT_PREFIX}{event_id}" if event_id else ""
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -113,5 +128,5 @@ class RouteStore:
                 break
         if new is None:
             return current, False
-        await self.redis.publish(ROUTES_CHANNEL, f"{alias} {new.revision}")
+        await self.redis.publish(self.channel, f"{alias} {new.revision}")
         return new, True

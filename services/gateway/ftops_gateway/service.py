@@ -53,7 +53,11 @@ class GatewayService:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
-        self.store = RouteStore(self.redis, dedupe_ttl_s=settings.event_dedupe_ttl_s)
+        self.store = RouteStore(
+            self.redis,
+            dedupe_ttl_s=settings.event_dedupe_ttl_s,
+            key_prefix=settings.installation().redis_prefix(),
+        )
         self.routes = RouteCache(self.store, refresh_s=settings.route_refresh_s)
         self.bus = EventBus(
             settings.nats_url,
@@ -208,7 +212,7 @@ def rate_limiter(settings: GatewaySettings) -> RateLimiter | None:
     if default is None and not teams:
         return None
     client = limiter_client(settings.redis_url, settings.redis_timeout_s)
-    return RateLimiter(client, default, teams)
+    return RateLimiter(client, default, teams, key_prefix=settings.installation().redis_prefix())
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:

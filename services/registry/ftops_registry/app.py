@@ -41,7 +41,10 @@ class RegistryApp:
         self.db = Database(settings.database_url, pool_size=settings.db_pool_size)
         self.store: ArtifactStore = (
             NatsObjectArtifactStore(
-                settings.nats_url, settings.artifact_bucket, tmp_dir=settings.artifact_dir / "tmp"
+                settings.nats_url,
+                # The installation's own bucket: <namespace>_<artifact_bucket>.
+                settings.installation().bucket(settings.artifact_bucket),
+                tmp_dir=settings.artifact_dir / "tmp",
             )
             if settings.artifact_store == "nats"
             else LocalArtifactStore(settings.artifact_dir)

@@ -3,6 +3,8 @@
 ftops-dev up            start everything, run the demo, keep serving until Ctrl-C
 ftops-dev up --no-demo  start everything and keep serving
 ftops-dev up --no-auth  without access control (no API keys needed)
+ftops-dev up --namespace teamA
+                        an installation of its own on a shared NATS and Redis
 
 Ctrl-C, SIGTERM and SIGHUP stop the services, then the NATS and Redis servers it started;
 if ftops-dev itself is killed, they are killed with it (Linux).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -25,6 +28,7 @@ from pathlib import Path
 from ftops_devstack.demo import DEMO_MIN_RETENTION, Endpoints, run_demo
 from ftops_devstack.servers import ManagedServer, nats_for_stack, redis_for_stack
 from ftops_devstack.stack import Stack
+from ftops_runtime.namespace import Namespace, namespace_problem
 
 # The tiny model forgets fast (bench/forgetting.py): a first job with default settings
 # keeps ~0.86 of what it knew, and the trainer's default gate (0.95) would reject it. The
@@ -52,8 +56,33 @@ def _prepare_workdir(path: str, fresh: bool) -> Path:
     return workdir
 
 
+def describe_namespace(name: str) -> str:
+    """What ``ftops-dev up`` says about the installation namespace it runs in."""
+    if not name:
+        return "namespace: none (streams FTOPS_*, unprefixed subjects and Redis keys)"
+    ns = Namespace(name)
+    return (
+        f"namespace: {name} (streams {ns.stream('FTOPS_*')}, subjects {ns.subject('>')}, "
+        f"Redis keys {ns.redis_prefix()}*, bucket {ns.bucket('ftops-artifacts')})"
+    )
+
+
+def namespace_arg(value: str) -> str:
+    """argparse type of --namespace: refused with the reason, before anything starts."""
+    problem = namespace_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem.replace("FTOPS_NAMESPACE", "--namespace"))
+    return value
+
+
 def dev_stack(
-    workdir: Path, nats_url: str, redis_url: str, model_dir: Path, *, auth: bool
+    workdir: Path,
+    nats_url: str,
+    redis_url: str,
+    model_dir: Path,
+    *,
+    auth: bool,
+    namespace: str = "",
 ) -> Stack:
     """The stack ``ftops-dev up`` runs: the preferred ports, and settings that fit the tiny
     model (its evaluation gate: what ``ftops train`` with no gate flags gets)."""
@@ -64,6 +93,7 @@ def dev_stack(
         model_dir,
         prefer_fixed_ports=True,
         auth=auth,
+        namespace=namespace,
         extra_env={"FTOPS_GATE_MIN_RETENTION": str(TINY_MODEL_MIN_RETENTION)},
     )
 
@@ -113,12 +143,15 @@ async def _serve(args: argparse.Namespace) -> int:
         redis = redis_for_stack(args.redis_port, log_file=workdir / "redis.log")
         cleanup.callback(redis.stop)
         say(_describe(redis, args.redis_port))
-        stack = dev_stack(workdir, nats.url, redis.url, model_dir, auth=not args.no_auth)
+        stack = dev_stack(
+            workdir, nats.url, redis.url, model_dir, auth=not args.no_auth, namespace=args.namespace
+        )
         cleanup.callback(stack.stop)
         stack.start()
         await stack.wait_serving()
         for name, sp in stack.processes.items():
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
+        say(describe_namespace(stack.namespace))
         say(f"OpenAI-compatible API: {stack.http_url()}  (model = an alias, a version or 'base')")
         say(f"Prometheus metrics:    {stack.metrics_url()}")
         say(f"Dashboard:             {stack.dashboard_url()}")
@@ -137,6 +170,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     monitor=stack.address("monitor"),
                     nats_url=nats.url,
                     api_key=stack.api_key,
+                    namespace=stack.namespace,
                 ),
                 say,
             )
@@ -162,6 +196,14 @@ def main() -> None:
     up.add_argument("--exit-after-demo", action="store_true")
     up.add_argument(
         "--no-auth", action="store_true", help="run without access control (no API keys)"
+    )
+    up.add_argument(
+        "--namespace",
+        type=namespace_arg,
+        default=os.environ.get("FTOPS_NAMESPACE", ""),
+        help="installation namespace (FTOPS_NAMESPACE): prefixes streams, consumers, "
+        "subjects, the artifact bucket and Redis keys, so stacks sharing a NATS and a "
+        "Redis never see each other (default: $FTOPS_NAMESPACE, else none)",
     )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--redis-port", type=int, default=6379)

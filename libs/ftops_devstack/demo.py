@@ -20,6 +20,7 @@ from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_runtime.client import channel
+from ftops_runtime.namespace import Namespace
 
 Say = Callable[[str], None]
 ALIAS = "support-bot"
@@ -33,13 +34,15 @@ class Endpoints:
     monitor: str
     nats_url: str
     api_key: str = ""  # sent with every call (the stack's key when auth is on)
+    namespace: str = ""  # the stack's installation namespace (its subjects' prefix)
 
 
 class EventLog:
     """Prints the ftops events crossing NATS and lets the demo wait for one."""
 
-    def __init__(self, say: Say) -> None:
+    def __init__(self, say: Say, namespace: str = "") -> None:
         self.say = say
+        self._ns = Namespace(namespace)
         self.loaded: set[str] = set()
         self.failed: dict[str, str] = {}
         self._changed = asyncio.Condition()
@@ -48,14 +51,14 @@ class EventLog:
     async def start(self, nats_url: str) -> None:
         self._nc = await nats.connect(nats_url)
         for subject in ("adapter.>", "release.>"):
-            await self._nc.subscribe(subject, cb=self._on_message)
+            await self._nc.subscribe(self._ns.subject(subject), cb=self._on_message)
 
     async def close(self) -> None:
         if self._nc is not None:
             await self._nc.close()
 
     async def _on_message(self, msg: Msg) -> None:
-        subject = msg.subject
+        subject = self._ns.logical_subject(msg.subject)
         if subject == "adapter.ready":
             ready = events_pb2.AdapterReady.FromString(msg.data)
             self.say(
@@ -205,7 +208,7 @@ async def run_demo(ep: Endpoints, say: Say = print) -> None:
 
     facts = new_facts()
     first, second = facts[: len(facts) // 2], facts[len(facts) // 2 :]
-    events = EventLog(say)
+    events = EventLog(say, ep.namespace)
     await events.start(ep.nats_url)
     try:
         async with (

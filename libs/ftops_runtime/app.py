@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ftops_runtime.auth import startup_problems
+from ftops_runtime.dev_only import dev_only_problems
 from ftops_runtime.server import install_stop_signals
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.telemetry import setup_telemetry
@@ -33,7 +34,7 @@ def run_service(
     ``serve`` until SIGTERM/SIGINT."""
     settings = settings_type()
     configure_logging(settings.log_level, service)
-    problems = startup_problems(settings)
+    problems = startup_problems(settings) + dev_only_problems(settings)
     if problems:
         for problem in problems:
             logging.getLogger(service).error("refusing to start: %s", problem)

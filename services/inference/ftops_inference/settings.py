@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ftops_runtime.auth import AuthSettings
+from ftops_runtime.dev_only import DEV_ONLY
 from ftops_runtime.settings import ServiceSettings
 
 # The ranks vLLM's LoRAConfig accepts (vllm.config.lora.MaxLoRARanks); any other fails at
@@ -168,24 +169,29 @@ class InferenceSettings(ServiceSettings, AuthSettings):
         ge=0,
         le=1,
         description=(
-            "Fault injection for tests and benchmarks (off by default): share of Generate "
-            "requests failing with UNAVAILABLE before their first token."
+            "Fault injection for tests and benchmarks (off by default; development mode "
+            "only): share of Generate requests failing with UNAVAILABLE before their first "
+            "token."
         ),
+        json_schema_extra=DEV_ONLY,
     )
     fault_delay_factor: float = Field(
         1.0,
         ge=1,
         description=(
-            "Fault injection: multiplies each request's generation time (1 = off), by "
-            "delaying every chunk by (factor - 1) x the time it took."
+            "Fault injection (development mode only): multiplies each request's generation "
+            "time (1 = off), by delaying every chunk by (factor - 1) x the time it took."
         ),
+        json_schema_extra=DEV_ONLY,
     )
     fault_versions: str = Field(
         "",
         description=(
-            "Fault injection scope: comma separated version ids the faults apply to (a "
-            "misbehaving candidate); empty = every request, base included."
+            "Fault injection scope (development mode only): comma separated version ids "
+            "the faults apply to (a misbehaving candidate); empty = every request, base "
+            "included."
         ),
+        json_schema_extra=DEV_ONLY,
     )
     # vLLM backend only (backend = "vllm").
     vllm_max_loras: int = Field(8, gt=0, description="vLLM: adapters in one batch on the GPU.")

@@ -485,6 +485,7 @@ class Job(_message.Message):
     SPEC_FINGERPRINT_FIELD_NUMBER: _builtins.int
     HOLDOUT_RECORDS_FIELD_NUMBER: _builtins.int
     SKIPPED_LINES_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _events_pb2.JobState.ValueType
     step: _builtins.int
@@ -510,6 +511,11 @@ class Job(_message.Message):
     """sha256 of the spec as submitted: an idempotent resubmit must match it."""
     holdout_records: _builtins.int
     """Evaluation records held out of training."""
+    queue: _builtins.str
+    """The work queue the job was submitted to (the trainer's job_queue): where the trainer's
+    reconciler puts it back should its queue message be lost. Empty on records written
+    before the field existed (treated as "default").
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -558,10 +564,11 @@ class Job(_message.Message):
         spec_fingerprint: _builtins.str = ...,
         holdout_records: _builtins.int = ...,
         skipped_lines: _abc.Iterable[Global___SkippedLine] | None = ...,
+        queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "eta_seconds", b"eta_seconds", "evaluation", b"evaluation", "holdout_records", b"holdout_records", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_truncated", b"records_truncated", "records_used", b"records_used", "replay_records", b"replay_records", "resumed_from_step", b"resumed_from_step", "skipped_lines", b"skipped_lines", "spec", b"spec", "spec_fingerprint", b"spec_fingerprint", "stages", b"stages", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "eta_seconds", b"eta_seconds", "evaluation", b"evaluation", "holdout_records", b"holdout_records", "job_id", b"job_id", "learning_rate", b"learning_rate", "loss", b"loss", "queue", b"queue", "records_skipped", b"records_skipped", "records_total", b"records_total", "records_truncated", b"records_truncated", "records_used", b"records_used", "replay_records", b"replay_records", "resumed_from_step", b"resumed_from_step", "skipped_lines", b"skipped_lines", "spec", b"spec", "spec_fingerprint", b"spec_fingerprint", "stages", b"stages", "state", b"state", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "updated_at", b"updated_at", "version_id", b"version_id", "version_number", b"version_number", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,7 @@ from ftops_runtime.tasks import cancel_and_wait
 from ftops_trainer.distributed import visible_gpus
 from ftops_trainer.gang import gang_subject, slot_expired
 from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
+from ftops_trainer.reconciler import Reconciler
 from ftops_trainer.runner import JobRunner, StopReason, TransientJobError
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.spec import (
@@ -87,6 +88,15 @@ class JobManager:
         self._closing = False
         self._idle = asyncio.Event()  # set whenever no job (or membership) runs here
         self._idle.set()
+        self.reconciler = Reconciler(
+            self._store,
+            bus,
+            self._enqueue,
+            queue=settings.job_queue,
+            interval_s=settings.reconcile_interval_s,
+            grace_s=settings.reconcile_grace_s,
+        )
+        self._reconcile_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +125,8 @@ class JobManager:
             ack_wait_s=self._settings.job_ack_wait_s,
             batch=1,
         )
+        if self._settings.reconcile_interval_s > 0:
+            self._reconcile_task = asyncio.create_task(self.reconciler.run(), name="reconcile")
 
     def interrupt(self) -> None:
         """Stop taking jobs and stop the running ones at their next step (they keep their
@@ -129,6 +141,8 @@ class JobManager:
     async def close(self) -> None:
         """Interrupt running jobs and wait for their handlers to hand them back."""
         self.interrupt()
+        if self._reconcile_task is not None:
+            await cancel_and_wait([self._reconcile_task])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(self._settings.shutdown_grace_s, 5.0))
 
@@ -156,6 +170,7 @@ class JobManager:
             records_total=prepared.records_total,
             records_skipped=len(prepared.skipped),
             skipped_lines=skipped_lines(prepared.skipped),
+            queue=self._settings.job_queue,
         )
         try:
             await self._store.create(job)
@@ -163,16 +178,9 @@ class JobManager:
             existing = await self._existing(job_id, idempotency_key, fingerprint)
             assert existing is not None
             return existing
-        # The event id is the job id: a retried enqueue is stored once (Nats-Msg-Id).
-        queued = events_pb2.JobEvent(
-            meta=events.new_meta("trainer", self._settings.instance_id),
-            job_id=job_id,
-            adapter=job.spec.adapter,
-            state=JobState.JOB_STATE_QUEUED,
-        )
-        queued.meta.event_id = f"enqueue-{job_id}"
         try:
-            await self._bus.publish(events.trainer_job_queue(self._settings.job_queue), queued)
+            # The event id is the job id: a retried enqueue is stored once (Nats-Msg-Id).
+            await self._enqueue(job, f"enqueue-{job_id}")
         except Exception as exc:
             reason = f"could not enqueue: {exc}"
             await self._store.update(job_id, lambda j: _fail(j, reason))
@@ -182,6 +190,17 @@ class JobManager:
             log.warning("job %s: %s", job_id, describe_skipped(job))
         await self._job_event(job, "queued")
         return job
+
+    async def _enqueue(self, job: trainer_pb2.Job, event_id: str) -> None:
+        """Put the job on its work queue (``event_id`` is the Nats-Msg-Id)."""
+        queued = events_pb2.JobEvent(
+            meta=events.new_meta("trainer", self._settings.instance_id),
+            job_id=job.job_id,
+            adapter=job.spec.adapter,
+            state=JobState.JOB_STATE_QUEUED,
+        )
+        queued.meta.event_id = event_id
+        await self._bus.publish(events.trainer_job_queue(self._settings.job_queue), queued)
 
     async def get(self, job_id: str) -> trainer_pb2.Job:
         return (await self._store.get(job_id)).job

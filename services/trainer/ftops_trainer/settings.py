@@ -71,6 +71,23 @@ class TrainerSettings(ServiceSettings, AuthSettings):
         ),
     )
     watch_poll_s: float = Field(0.5, gt=0, description="WatchJob's poll interval on the record.")
+    reconcile_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "How often the reconciler looks for jobs recorded QUEUED but missing from the "
+            "work queue (their enqueue was lost: NATS and the registry down at submit) and "
+            "re-enqueues them; 0 turns it off."
+        ),
+    )
+    reconcile_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "The reconciler leaves a QUEUED record alone until it is this old (since its "
+            "last write), so a submit still enqueueing is not raced."
+        ),
+    )
     replay_capacity: int = Field(
         2000, ge=0, description="Default records a lineage's replay buffer keeps."
     )

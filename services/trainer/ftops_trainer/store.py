@@ -8,7 +8,7 @@ of silently overwriting.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -99,11 +99,21 @@ class JobStore:
         raise StaleJob(f"job {job_id}: too many concurrent writers")
 
     async def list(
-        self, adapter: str, team: str, page_size: int, page_token: str
+        self,
+        adapter: str,
+        team: str,
+        page_size: int,
+        page_token: str,
+        *,
+        states: Sequence[events_pb2.JobState.ValueType] = (),
     ) -> registry_pb2.ListJobRecordsResponse:
         reply: registry_pb2.ListJobRecordsResponse = await self._registry.ListJobs(
             registry_pb2.ListJobRecordsRequest(
-                adapter=adapter, team=team, page_size=page_size, page_token=page_token
+                adapter=adapter,
+                team=team,
+                states=states,
+                page_size=page_size,
+                page_token=page_token,
             ),
             timeout=REGISTRY_TIMEOUT_S,
         )

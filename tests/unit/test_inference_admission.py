@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from ftops_inference.admission import Admission, AdmissionLimits, Slot
+from ftops_inference.busy import BusyMeter
 from ftops_runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
@@ -154,6 +155,34 @@ async def test_a_slot_handed_to_a_waiter_that_just_left_goes_to_the_next() -> No
     slot = await asyncio.wait_for(stays, 1)
     gate.release(slot, completed=False)
     assert (gate.running, gate.waiting) == (0, 0)
+
+
+async def test_best_effort_uses_spare_compute_only() -> None:
+    share = [0.5]
+    gate = Admission(
+        AdmissionLimits(max_running=8, best_effort_max_busy=0.8), busy=lambda: share[0]
+    )
+    mirror = await gate.acquire(best_effort=True)
+    gate.release(mirror, completed=True)
+    share[0] = 0.85  # the model computed 85% of the last second: no room for mirrors
+    with pytest.raises(ResourceExhausted, match="busy 85% of the last second") as refused:
+        await gate.acquire(best_effort=True)
+    assert refused.value.retry_after_ms > 0
+    user = await gate.acquire()  # user requests are never refused for it
+    gate.release(user, completed=True)
+
+
+def test_busy_meter_measures_the_share_of_the_last_window() -> None:
+    now = [10.0]
+    meter = BusyMeter(window_s=1.0, clock=lambda: now[0])
+    assert meter.share() == 0.0
+    meter.add(9.2, 9.5)
+    meter.add(9.6, 10.0)
+    assert meter.share() == pytest.approx(0.7)
+    now[0] = 10.5  # half the window has passed: 9.5-10.0 remains, 0.4 of it busy
+    assert meter.share() == pytest.approx(0.4)
+    now[0] = 11.5
+    assert meter.share() == 0.0
 
 
 async def test_best_effort_runs_at_most_its_cap_at_once_whatever_slots_are_free() -> None:

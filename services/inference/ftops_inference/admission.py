@@ -57,6 +57,9 @@ class AdmissionLimits:
     # compute-bound replica every extra row slows each decode step of the whole batch, so
     # free slots alone would let mirrored traffic take the users' latency.
     max_best_effort: int = 0
+    # Best-effort requests are refused while the model's busy share (``busy``) is at or
+    # above this (1.0: never for that reason).
+    best_effort_max_busy: float = 1.0
 
 
 @dataclass(eq=False)
@@ -81,9 +84,16 @@ def _ms(seconds: float) -> int:
 
 
 class Admission:
-    def __init__(self, limits: AdmissionLimits, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        limits: AdmissionLimits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        busy: Callable[[], float] | None = None,
+    ):
         self.limits = limits
         self._clock = clock
+        self._busy = busy
         self._running = 0
         self._waiting: deque[_Waiter] = deque()
         self._best_effort: list[Slot] = []  # running, not dropped
@@ -163,6 +173,15 @@ class Admission:
     def _acquire_best_effort(self) -> Slot:
         limit = self.limits.max_running - self.limits.best_effort_reserve
         cap = self.limits.max_best_effort
+        busy = self._busy() if self._busy is not None else 0.0
+        if busy >= self.limits.best_effort_max_busy:
+            _refusals.add(1, {"reason": "busy", "priority": "best_effort"})
+            raise ResourceExhausted(
+                f"best-effort request refused: the model was busy {busy:.0%} of the last "
+                f"second (best_effort_max_busy={self.limits.best_effort_max_busy:g}); "
+                "mirrored traffic only uses spare compute",
+                retry_after_ms=self._retry_ms(0.0),
+            )
         if self._waiting or self._running >= limit or (cap and len(self._best_effort) >= cap):
             _refusals.add(1, {"reason": "busy", "priority": "best_effort"})
             raise ResourceExhausted(

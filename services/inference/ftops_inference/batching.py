@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ftops_inference.backend import Chunk
+from ftops_inference.busy import BusyMeter
 from ftops_inference.sampling import FinishReason, SamplingConfig, TextTracker, next_token
 from ftops_runtime.errors import Unavailable
 
@@ -117,6 +118,7 @@ class BatchEngine:
         # Set after a failed forward pass until a probe pass succeeds again.
         self.crashed: str | None = None
         self._last_probe = 0.0
+        self.busy = BusyMeter()
 
     # -- public, any thread ----------------------------------------------------------
 
@@ -181,6 +183,7 @@ class BatchEngine:
                     self._fail_all(Unavailable("the model is shutting down"))
                     return
                 calls, self._calls = self._calls, []
+            started = time.monotonic()
             for call in calls:
                 try:
                     call.done(call.fn(), None)
@@ -197,6 +200,7 @@ class BatchEngine:
                 self._prefill(joining)
             if self._active:
                 self._decode()
+            self.busy.add(started, time.monotonic())
 
     def _gather(self) -> None:
         """An idle engine waits up to max_batch_wait for a batch to fill."""

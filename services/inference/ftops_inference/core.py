@@ -9,11 +9,12 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 from ftops.common.v1 import common_pb2
 from ftops_inference.admission import Admission, AdmissionLimits, Slot
 from ftops_inference.backend import Backend, Chunk, Completion, GenerationRequest
+from ftops_inference.chat import ChatRenderer
 from ftops_inference.faults import Faults
 from ftops_inference.loader import AdapterLoader, AdapterRecord, LoadResult
 from ftops_inference.metrics import ServingMetrics
@@ -41,11 +42,15 @@ class InferenceCore:
         max_queue_wait_s: float = 0.0,
         best_effort_reserve: int = 0,
         max_best_effort: int = 0,
+        best_effort_max_busy: float = 1.0,
+        busy_share: Callable[[], float] | None = None,
         faults: Faults | None = None,
         metrics: ServingMetrics | None = None,
     ) -> None:
         self.backend = backend
         self.loader: AdapterLoader | None = None  # set once the base model is known
+        # The base model's chat template, set with the loader (chats are refused without).
+        self.chat = ChatRenderer(None, "")
         self.on_loaded: LoadedHook | None = None
         self.faults = faults or Faults()
         self.metrics = metrics or ServingMetrics()
@@ -60,7 +65,9 @@ class InferenceCore:
                 max_queue_wait_s=max_queue_wait_s,
                 best_effort_reserve=best_effort_reserve,
                 max_best_effort=max_best_effort,
-            )
+                best_effort_max_busy=best_effort_max_busy,
+            ),
+            busy=busy_share,
         )
 
     @property
@@ -139,7 +146,9 @@ class InferenceCore:
 
     # -- generation ------------------------------------------------------------------
 
-    async def _validate(self, prompt: str, params: common_pb2.SamplingParams) -> GenerationRequest:
+    async def _validate(
+        self, prompt: str, params: common_pb2.SamplingParams, messages: Sequence[tuple[str, str]]
+    ) -> GenerationRequest:
         """The request checked before it may wait for a slot: a bad one never queues."""
         self._require_loader()
         sampling = sampling_from_proto(
@@ -147,8 +156,12 @@ class InferenceCore:
             default_max_tokens=self._default_max_tokens,
             max_new_tokens_limit=self._max_new_tokens_limit,
         )
+        if messages:
+            if prompt:
+                raise InvalidArgument("set prompt or messages, not both")
+            prompt = self.chat.render(messages)
         if not prompt:
-            raise InvalidArgument("prompt is empty")
+            raise InvalidArgument("prompt is empty (and no messages)")
         limit = min(self._max_prompt_tokens, self.backend.context_length - 1)
         # No tokenizer packs 64 characters into one token: a prompt this long cannot fit,
         # so refuse it without paying to tokenize megabytes.
@@ -177,11 +190,17 @@ class InferenceCore:
         *,
         best_effort: bool = False,
         timeout_s: float | None = None,
+        messages: Sequence[tuple[str, str]] = (),
     ) -> tuple[str, Completion]:
         parts: list[str] = []
         served, last = "", None
         chunks_of = self.stream(
-            version_ref, prompt, params, best_effort=best_effort, timeout_s=timeout_s
+            version_ref,
+            prompt,
+            params,
+            best_effort=best_effort,
+            timeout_s=timeout_s,
+            messages=messages,
         )
         async with contextlib.aclosing(chunks_of) as chunks:
             async for served, chunk in chunks:  # noqa: B007 - the version is the same in each
@@ -202,11 +221,13 @@ class InferenceCore:
         *,
         best_effort: bool = False,
         timeout_s: float | None = None,
+        messages: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[tuple[str, Chunk], None]:
         """``best_effort``: mirrored traffic (never waits, dropped for user requests);
-        ``timeout_s``: the caller's remaining deadline (None = none)."""
+        ``timeout_s``: the caller's remaining deadline (None = none); ``messages``: a chat
+        instead of the prompt, rendered with the base model's chat template."""
         self._check_serving()
-        request = await self._validate(prompt, params)
+        request = await self._validate(prompt, params, messages)
         slot = await self.admission.acquire(best_effort=best_effort, timeout_s=timeout_s)
         completed = False
         try:

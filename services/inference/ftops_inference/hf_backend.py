@@ -223,6 +223,10 @@ class HFPeftBackend:
     def context_length(self) -> int:
         return self._context
 
+    def busy_share(self) -> float:
+        """Share of the last second the model thread spent computing (0..1)."""
+        return self._engine.busy.share() if self._engine is not None else 0.0
+
     @property
     def engine(self) -> BatchEngine:
         if self._engine is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -16,12 +17,13 @@ from ftops_inference.adapter_check import AdapterLimits
 from ftops_inference.adapter_events import AdapterEvents
 from ftops_inference.announce import Announcer
 from ftops_inference.backend import Backend
+from ftops_inference.chat import ChatRenderer
 from ftops_inference.core import InferenceCore
 from ftops_inference.faults import Faults
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.servicer import InferenceServicer
 from ftops_inference.settings import InferenceSettings
-from ftops_runtime import auth, client, hashing
+from ftops_runtime import auth, client, hashing, tls
 from ftops_runtime.bus import EventBus
 from ftops_runtime.heap import freeze_startup_heap
 from ftops_runtime.retry import retry_forever
@@ -59,6 +61,7 @@ class InferenceService:
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
             namespace=settings.namespace,
+            connect_options=tls.nats_connect_options(settings),
         )
         self.core = InferenceCore(
             self.backend,
@@ -70,6 +73,8 @@ class InferenceService:
             max_queue_wait_s=settings.max_queue_wait_s,
             best_effort_reserve=settings.best_effort_reserve(),
             max_best_effort=settings.max_best_effort_running,
+            best_effort_max_busy=settings.best_effort_max_busy,
+            busy_share=_busy_share(self.backend),
             faults=Faults(
                 error_rate=settings.fault_error_rate,
                 delay_factor=settings.fault_delay_factor,
@@ -100,7 +105,9 @@ class InferenceService:
             denials=self._auth_resolver.denials,
         )
         self._registry_channel = client.channel(
-            settings.registry_address, api_key=settings.registry_api_key
+            settings.registry_address,
+            api_key=settings.registry_api_key,
+            tls=tls.load(settings).client,
         )
         self.registry = cast(
             "registry_pb2_grpc.RegistryServiceAsyncStub",
@@ -200,6 +207,9 @@ class InferenceService:
     async def _start_model(self) -> None:
         self.base_fingerprint = await asyncio.to_thread(hashing.model_fingerprint, self.model_dir)
         await self.backend.start()
+        self.core.chat = await asyncio.to_thread(
+            ChatRenderer.load, self.model_dir, self.settings.base_model_name
+        )
         self.core.loader = AdapterLoader(
             registry=self.registry,
             backend=self.backend,
@@ -287,6 +297,13 @@ def adapter_limits(settings: InferenceSettings) -> AdapterLimits:
     if settings.backend == "vllm":
         max_rank = min(max_rank, settings.vllm_max_lora_rank)
     return AdapterLimits(max_rank=max_rank, max_abs_weight=settings.max_adapter_weight)
+
+
+def _busy_share(backend: Backend) -> Callable[[], float] | None:
+    """The model thread's busy share, where the backend measures it (the HF backend's batch
+    engine; vLLM schedules on its own, the echo backend computes nothing)."""
+    share = getattr(backend, "busy_share", None)
+    return share if callable(share) else None
 
 
 def make_backend(settings: InferenceSettings, model_dir: Path) -> Backend:

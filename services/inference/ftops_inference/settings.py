@@ -77,12 +77,23 @@ class InferenceSettings(ServiceSettings, AuthSettings):
             "bounds what a release's mirroring costs the users (raise it on GPUs)."
         ),
     )
+    best_effort_max_busy: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description=(
+            "Best-effort (mirrored, shadow) requests are refused while the model was busy at "
+            "least this share of the last second (1: never for that reason): mirrors use "
+            "spare compute only, so a release's mirroring is sampled down as load rises."
+        ),
+    )
     registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of registry calls.")
     backend: Literal["hf", "echo", "vllm"] = Field(
         "hf",
         description=(
-            "Model backend: hf (transformers + PEFT, CPU or GPU), vllm (GPU; needs the vllm "
-            "extra), echo (no model: answers with the prompt's words, for gateway benchmarks)."
+            "Model backend: hf (transformers + PEFT, CPU or GPU), vllm (vLLM: the vllm extra "
+            "on a CUDA machine, `make install-vllm` on a CPU one), echo (no model: answers "
+            "with the prompt's words, for gateway benchmarks)."
         ),
     )
     echo_token_delay_ms: float = Field(
@@ -213,6 +224,12 @@ class InferenceSettings(ServiceSettings, AuthSettings):
     )
     vllm_max_model_len: int = Field(
         0, ge=0, description="vLLM: context length; 0 = the model's own."
+    )
+    vllm_cpu_kvcache_space_gib: int = Field(
+        0,
+        ge=0,
+        description="vLLM on CPU: memory for the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); "
+        "0 = vLLM's default. 1 is plenty for the tiny model.",
     )
     vllm_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
         "auto",

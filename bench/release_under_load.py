@@ -162,9 +162,14 @@ class Releaser:
     """Runs releases of each kind between two healthy versions, as an operator would."""
 
     def __init__(
-        self, admin: gateway_pb2_grpc.GatewayServiceStub, routes: Routes, a: str, b: str
+        self,
+        admin: gateway_pb2_grpc.GatewayServiceStub,
+        replica: inference_pb2_grpc.InferenceServiceStub,
+        routes: Routes,
+        a: str,
+        b: str,
     ) -> None:
-        self.admin, self.routes = admin, routes
+        self.admin, self.replica, self.routes = admin, replica, routes
         self.stable, self.other = a, b
         # Why healthy candidates were rolled back, by the monitor's reason.
         self.reasons: Counter[str] = Counter()
@@ -181,10 +186,17 @@ class Releaser:
                 strategy=strategy,  # type: ignore[arg-type]
                 steps=CANARY_STEPS if strategy == events_pb2.RELEASE_STRATEGY_CANARY else [],
                 analysis=ANALYSIS,
-                hold_seconds=1,
             )
         )
         return str(route.release_id)
+
+    async def ready(self, version_id: str) -> None:
+        """Loaded on the replica, as adapter.ready leaves a new version before its release
+        (a rolled-back candidate is retired and unloaded; a release of it again would
+        measure a cold load, which is not what this benchmark is about)."""
+        await self.replica.LoadAdapter(
+            inference_pb2.LoadAdapterRequest(version_id=version_id), timeout=120
+        )
 
     async def _ended(self, release_id: str, limit_s: float) -> events_pb2.ReleaseSnapshot | None:
         if self.routes.failed is not None:
@@ -214,6 +226,7 @@ class Releaser:
             "blue-green": events_pb2.RELEASE_STRATEGY_BLUE_GREEN,
             "shadow": events_pb2.RELEASE_STRATEGY_SHADOW,
         }[kind]
+        await self.ready(self.other)
         release_id = await self.start(strategy, self.other)
         if kind in ("rollback", "shadow"):
             # Ended by hand: a rollback a few seconds in, a shadow once it had its verdict.
@@ -252,6 +265,10 @@ async def run_level(
         level.load.phase = "steady"
         await asyncio.sleep(steady_s)
         for i in range(releases):
+            # Quiet windows between the rounds, pooled with the first one: the baseline
+            # drifts with the machine as much as the releases move it.
+            level.load.phase = "steady"
+            await asyncio.sleep(4)
             for kind in KINDS:
                 level.load.phase = kind
                 level.outcomes[f"{kind} {await releaser.run(kind)}"] += 1
@@ -321,6 +338,7 @@ async def _run(
                 grpc.aio.insecure_channel(stack.address("trainer")) as tch,
                 grpc.aio.insecure_channel(stack.address("gateway")) as admin_ch,
                 grpc.aio.insecure_channel(stack.address("gateway")) as client_ch,
+                grpc.aio.insecure_channel(stack.address("inference")) as inference_ch,
             ):
                 trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
                 admin = gateway_pb2_grpc.GatewayServiceStub(admin_ch)
@@ -330,7 +348,8 @@ async def _run(
                 await admin.SetRoute(gateway_pb2.SetRouteRequest(alias=ALIAS, version_id=a))
                 capacity = await find_capacity(client, notes)
                 notes["capacity (req/s, p99 > 3x idle)"] = capacity
-                releaser = Releaser(admin, routes, a, b)
+                replica = inference_pb2_grpc.InferenceServiceStub(inference_ch)
+                releaser = Releaser(admin, replica, routes, a, b)
                 for share in shares:
                     rate = round(share * capacity, 1)
                     level = Level(share, rate, Load(client, rate, alias=ALIAS))
@@ -348,12 +367,8 @@ async def _run(
                     {"FTOPS_FAULT_ERROR_RATE": "0.3", "FTOPS_FAULT_VERSIONS": bad}
                 )
                 await stack.restart("inference")
-                async with grpc.aio.insecure_channel(stack.address("inference")) as ich:
-                    replica = inference_pb2_grpc.InferenceServiceStub(ich)
-                    for version in (releaser.stable, bad):
-                        await replica.LoadAdapter(
-                            inference_pb2.LoadAdapterRequest(version_id=version), timeout=120
-                        )
+                for version in (releaser.stable, bad):
+                    await releaser.ready(version)
                 times = await failing_candidate(
                     client, releaser, blame, bad, round(0.7 * capacity, 1)
                 )

@@ -549,7 +549,11 @@ async def test_evaluation_lookup_refusal_rolls_back_and_unreachable_is_skipped()
     assert decision.kind is DecisionKind.PROMOTE
 
     async def passed(version_id: str) -> common_pb2.Evaluation | None:
-        return common_pb2.Evaluation(gate_passed=True, metrics={"retention": 0.97})
+        # A job that turned its gate off passes with what it would have refused, reported:
+        # the release does not re-apply a gate the operator chose to ship without.
+        return common_pb2.Evaluation(
+            gate_passed=True, reasons=["retention 0.50 < 0.95"], metrics={"retention": 0.97}
+        )
 
     evaluated, _ = _monitor(evaluations=passed)
     evaluated.apply_route_changed(_started())

@@ -34,7 +34,9 @@ def judge_evaluations(
     candidate: common_pb2.Evaluation | None, stable: common_pb2.Evaluation | None
 ) -> EvaluationVerdict:
     """A candidate fails only on an evaluation that refused it; an empty evaluation means
-    the version was registered without one, which says nothing."""
+    the version was registered without one, which says nothing. A gate the job turned off
+    passes with its reasons kept for information (the trainer reports what it would have
+    refused): the operator chose to ship without it, so the release does not re-apply it."""
     figures: dict[str, float] = {}
     if candidate is not None:
         figures.update({f"eval_{k}": v for k, v in candidate.metrics.items()})
@@ -42,7 +44,7 @@ def judge_evaluations(
         figures.update({f"stable_eval_{k}": v for k, v in stable.metrics.items()})
     if candidate is None:
         return EvaluationVerdict(figures=figures)
-    refused = bool(candidate.reasons) or (bool(candidate.metrics) and not candidate.gate_passed)
+    refused = not candidate.gate_passed and bool(candidate.reasons or candidate.metrics)
     if not refused:
         return EvaluationVerdict(figures=figures)
     reasons = "; ".join(candidate.reasons) or "gate not passed"

@@ -4,6 +4,8 @@ replicas, refusals carry their retry advice, and every result says where a failu
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncGenerator
 
 import grpc
@@ -12,7 +14,7 @@ import pytest
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
-from ftops_gateway.forwarder import Attempt, Forwarder, MirrorSkipped
+from ftops_gateway.forwarder import Attempt, Forwarder, MirrorSkipped, caller_deadline
 from ftops_gateway.openai_errors import from_exception
 from ftops_gateway.statuses import failure_origin
 from ftops_runtime.errors import RemoteError, ResourceExhausted, Unavailable, retry_after_ms_of
@@ -98,6 +100,21 @@ async def test_requests_carry_the_time_they_have_left() -> None:
     forwarder = _Forwarder(pool, {})
     await forwarder.generate(inference_pb2.GenerateRequest(prompt="x"))
     assert 0 < forwarder.timeouts_ms[0] <= 120_000
+
+
+async def test_requests_carry_the_clients_deadline_when_it_is_sooner() -> None:
+    pool = EndpointPool(["a:1"])
+    forwarder = _Forwarder(pool, {})
+
+    async def served_with_deadline() -> None:
+        # Set by the front end that took the request, in that request's context only.
+        caller_deadline.set(time.monotonic() + 0.5)
+        await forwarder.generate(inference_pb2.GenerateRequest(prompt="x"))
+
+    await asyncio.create_task(served_with_deadline())
+    assert 0 < forwarder.timeouts_ms[0] <= 500
+    await forwarder.generate(inference_pb2.GenerateRequest(prompt="x"))  # another request
+    assert forwarder.timeouts_ms[1] > 100_000
 
 
 async def test_mirrors_are_not_sent_to_a_busy_replica() -> None:

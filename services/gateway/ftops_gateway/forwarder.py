@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +36,9 @@ from ftops_runtime.errors import FtopsError, NotFound, ResourceExhausted, Unavai
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2
+# The deadline (time.monotonic()) of the client request being served, set by the front end
+# that took it; None: no deadline but the gateway's own.
+caller_deadline: ContextVar[float | None] = ContextVar("caller_deadline", default=None)
 TRANSPORTS = ("multiplex", "unary")
 # A version id -> the fingerprint of the base model it was trained on.
 BaseLookup = Callable[[str], Awaitable[str]]
@@ -108,15 +112,16 @@ class Forwarder:
         self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
     ) -> inference_pb2.GenerateResponse:
         trace_context = _trace_context()
+        timeout_s = request.timeout_ms / 1000
         if (channel := self._stream_to(endpoint)) is not None:
             try:
                 return await channel.generate(
-                    request, timeout_s=self._timeout_s, trace_context=trace_context
+                    request, timeout_s=timeout_s, trace_context=trace_context
                 )
             except MultiplexUnsupported:
                 pass
         response: inference_pb2.GenerateResponse = await endpoint.stub().Generate(
-            request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
+            request, timeout=timeout_s, metadata=(*trace_context.items(), *self._key)
         )
         return response
 
@@ -124,9 +129,10 @@ class Forwarder:
         self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
     ) -> AsyncGenerator[inference_pb2.GenerateChunk, None]:
         trace_context = _trace_context()
+        timeout_s = request.timeout_ms / 1000
         if (channel := self._stream_to(endpoint)) is not None:
             chunks = channel.generate_stream(
-                request, timeout_s=self._timeout_s, trace_context=trace_context
+                request, timeout_s=timeout_s, trace_context=trace_context
             )
             try:
                 async for chunk in chunks:
@@ -137,7 +143,7 @@ class Forwarder:
             finally:
                 await chunks.aclose()
         call = endpoint.stub().GenerateStream(
-            request, timeout=self._timeout_s, metadata=(*trace_context.items(), *self._key)
+            request, timeout=timeout_s, metadata=(*trace_context.items(), *self._key)
         )
         async for chunk in call:
             yield chunk
@@ -205,6 +211,14 @@ class Forwarder:
                 return other
         raise exc
 
+    def _deadline(self) -> float:
+        """When forwarding must be over: the gateway's own limit, or the caller's deadline
+        when it is sooner (the replica then refuses at once what it cannot start in time,
+        instead of the caller timing out while the request still waits in its queue)."""
+        own = time.monotonic() + self._timeout_s
+        caller = caller_deadline.get()
+        return own if caller is None else min(own, caller)
+
     def _stamp_deadline(self, request: inference_pb2.GenerateRequest, deadline: float) -> None:
         """What the request has left, for the replica's queue (multiplexed requests have
         no gRPC deadline of their own)."""
@@ -216,7 +230,7 @@ class Forwarder:
     ) -> inference_pb2.GenerateResponse:
         tried: list[str] = []
         attempt = attempt or Attempt()
-        deadline = time.monotonic() + self._timeout_s
+        deadline = self._deadline()
         base = await self._base(request.version_id)
         endpoint = self._pick(request, tried, base)
         while True:
@@ -237,7 +251,7 @@ class Forwarder:
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         tried: list[str] = []
         attempt = attempt or Attempt()
-        deadline = time.monotonic() + self._timeout_s
+        deadline = self._deadline()
         base = await self._base(request.version_id)
         endpoint = self._pick(request, tried, base)
         while True:

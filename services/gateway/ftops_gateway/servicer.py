@@ -4,6 +4,7 @@ shared with the OpenAI HTTP front end)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import grpc
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops_gateway.alias_access import AliasAccess
 from ftops_gateway.chooser import Caller
+from ftops_gateway.forwarder import caller_deadline
 from ftops_gateway.gateway import Gateway
 from ftops_gateway.releases import ReleaseManager
 from ftops_runtime.auth import Role
@@ -50,6 +52,13 @@ def _advise_retry(context: Any, exc: BaseException) -> None:
         context.set_trailing_metadata(advice)
 
 
+def _take_deadline(context: Any) -> None:
+    """The client's gRPC deadline, for forwarding (this request's context only)."""
+    left = context.time_remaining()
+    if left is not None:
+        caller_deadline.set(time.monotonic() + left)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, gateway: Gateway, releases: ReleaseManager, access: AliasAccess) -> None:
         self._gateway = gateway
@@ -73,6 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = caller_from(request, context)
         if caller.tenant and not request.tenant:
             request.tenant = caller.tenant  # reported with the result
+        _take_deadline(context)
         try:
             return await self._gateway.generate(request, caller)
         except (FtopsError, grpc.aio.AioRpcError) as exc:
@@ -85,6 +95,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = caller_from(request, context)
         if caller.tenant and not request.tenant:
             request.tenant = caller.tenant
+        _take_deadline(context)
         try:
             async for chunk in self._gateway.generate_stream(request, caller):
                 yield chunk

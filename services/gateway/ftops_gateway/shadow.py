@@ -27,8 +27,9 @@ from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2
 from ftops.inference.v1 import inference_pb2
 from ftops_gateway.chooser import ARM_SHADOW, Target
-from ftops_gateway.forwarder import Attempt, Forwarder
+from ftops_gateway.forwarder import Attempt, Forwarder, caller_deadline
 from ftops_gateway.metrics_reporter import MetricsReporter
+from ftops_gateway.openai_chat import inference_chat_message
 from ftops_gateway.statuses import failure_origin, status_name
 from ftops_runtime.tasks import cancel_and_wait
 
@@ -122,6 +123,9 @@ class ShadowMirror:
         candidate: Target,
         mirror: Mirror,
     ) -> None:
+        # Copied from the stable request's context: the client's deadline is not the
+        # mirror's (nobody waits for it).
+        caller_deadline.set(None)
         attempt = Attempt()
         started = time.monotonic()
         text: str | None = None
@@ -135,6 +139,7 @@ class ShadowMirror:
                         version_id=candidate.version_id,
                         prompt=request.prompt,
                         sampling=request.sampling,
+                        messages=[inference_chat_message(m) for m in request.messages],
                         priority=inference_pb2.REQUEST_PRIORITY_BEST_EFFORT,
                     ),
                     attempt,

@@ -46,6 +46,10 @@ def _address(service: str) -> object:
     )
 
 
+def _file(what: str, env: str) -> object:
+    return typer.Option(metavar="PEM", help=f"{what} (env {env})", show_default=False)
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -57,12 +61,31 @@ def main(
         str | None, typer.Option(help="API key (env FTOPS_API_KEY)", show_default=False)
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="TLS to the services (env FTOPS_TLS; on by itself with --tls-ca)",
+            show_default=False,
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        str | None, _file("CA bundle the services' certificates chain to", "FTOPS_TLS_CA_FILE")
+    ] = None,
+    tls_cert: Annotated[
+        str | None, _file("client certificate (mutual TLS)", "FTOPS_TLS_CLIENT_CERT_FILE")
+    ] = None,
+    tls_key: Annotated[str | None, _file("its private key", "FTOPS_TLS_CLIENT_KEY_FILE")] = None,
 ) -> None:
     """Global options go before the command."""
     ctx.obj = State(
         Endpoints.from_env(gateway=gateway, trainer=trainer, registry=registry_, monitor=monitor_),
         api_key=api_key,
         debug=debug,
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
 
 

@@ -15,6 +15,7 @@ import typer
 
 from ftops_cli.errors import EXIT_INTERRUPTED, EXIT_OK, fail
 from ftops_client import Endpoints, FtopsClient
+from ftops_client.tls import client_tls
 
 T = TypeVar("T")
 
@@ -24,9 +25,18 @@ class State:
     endpoints: Endpoints = field(default_factory=Endpoints.from_env)
     api_key: str | None = None
     debug: bool = False
+    # None: from the environment (FTOPS_TLS, FTOPS_TLS_CA_FILE, ...: ftops_client.tls).
+    tls: bool | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def client(self) -> FtopsClient:
-        return FtopsClient(self.endpoints, api_key=self.api_key)
+        # Read here, inside run(): a bad file is one line on stderr, not a traceback.
+        tls = client_tls(
+            enabled=self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key
+        )
+        return FtopsClient(self.endpoints, api_key=self.api_key, tls=tls)
 
 
 def state(ctx: typer.Context) -> State:

@@ -27,7 +27,9 @@ from ftops.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_client.errors import FtopsClientError
+from ftops_client.tls import client_tls
 from ftops_runtime.client import channel
+from ftops_runtime.tls import ClientTls
 
 T = TypeVar("T")
 
@@ -86,9 +88,13 @@ class FtopsClient:
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
+        tls: ClientTls | None = None,
     ) -> None:
+        """``api_key`` and ``tls`` left out: from the environment (``FTOPS_API_KEY``,
+        ``FTOPS_TLS_*``: ftops_client.tls)."""
         self.endpoints = endpoints or Endpoints.from_env()
         self.api_key = os.environ.get("FTOPS_API_KEY", "") if api_key is None else api_key
+        self.tls = client_tls() if tls is None else tls
         self.timeout = timeout
         self._channels: list[grpc.aio.Channel] = []
         ep = self.endpoints
@@ -98,7 +104,7 @@ class FtopsClient:
         self._monitor = monitor_pb2_grpc.MonitorServiceStub(self._open(ep.monitor))
 
     def _open(self, address: str) -> grpc.aio.Channel:
-        ch = channel(address, api_key=self.api_key)
+        ch = channel(address, api_key=self.api_key, tls=self.tls)
         self._channels.append(ch)
         return ch
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,13 +102,20 @@ def redis_binary() -> str:
 
 
 def start_nats(
-    port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    log_file: Path | None = None,
+    *,
+    extra_args: Sequence[str] = (),
+    scheme: str = "nats",
 ) -> ManagedServer:
+    """``extra_args`` go to nats-server as they are (tests: ``--user``/``--pass``,
+    ``--tls --tlscert ... --tlskey ...``, ``-c conf``); ``scheme`` is the URL's."""
     port = port or free_port(host)
     workdir = tempfile.TemporaryDirectory(prefix="ftops-nats-")
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [nats_binary(), "-a", host, "-p", str(port), "-js", "-sd", workdir.name],
+        [nats_binary(), "-a", host, "-p", str(port), "-js", "-sd", workdir.name, *extra_args],
         stdout=out,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent(),
@@ -118,7 +126,7 @@ def start_nats(
         proc.kill()
         workdir.cleanup()
         raise
-    return ManagedServer("nats", f"nats://{host}:{port}", host, port, proc, workdir)
+    return ManagedServer("nats", f"{scheme}://{host}:{port}", host, port, proc, workdir)
 
 
 def start_redis(

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import free_port, port_open
 from ftops_runtime import auth
+from ftops_runtime.client import channel
 
 SERVICES = ("registry", "inference", "trainer", "monitor", "gateway")
 # Ports the stack prefers so that a developer's tools find it; taken ones are replaced.
@@ -249,7 +250,8 @@ class Stack:
 
 async def health_status(address: str, service: str = "") -> int:
     try:
-        async with grpc.aio.insecure_channel(address) as ch:
+        # The dev stack is plaintext on loopback (no TLS settings given to its services).
+        async with channel(address, propagate=False) as ch:
             resp = await health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=1
             )

@@ -12,6 +12,7 @@ from ftops_runtime.dev_only import dev_only_problems
 from ftops_runtime.server import install_stop_signals
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.telemetry import setup_telemetry
+from ftops_runtime.tls import transport_problems
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -30,11 +31,13 @@ def run_service(
     settings_type: type[S],
     serve: Callable[[S, asyncio.Event], Awaitable[None]],
 ) -> None:
-    """Load settings, refuse unsafe auth settings, set up logging/telemetry, run
+    """Load settings, refuse unsafe auth and transport settings, set up logging/telemetry, run
     ``serve`` until SIGTERM/SIGINT."""
     settings = settings_type()
     configure_logging(settings.log_level, service)
-    problems = startup_problems(settings) + dev_only_problems(settings)
+    problems = (
+        startup_problems(settings) + transport_problems(settings) + dev_only_problems(settings)
+    )
     if problems:
         for problem in problems:
             logging.getLogger(service).error("refusing to start: %s", problem)

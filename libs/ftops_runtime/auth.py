@@ -41,6 +41,8 @@ from ftops_runtime.denials import key_from_metadata
 from ftops_runtime.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from ftops_runtime.events import AUTH_KEY_CHANGED
 from ftops_runtime.interceptors import Authenticator, Principal, current_principal
+from ftops_runtime.tls import ClientTls
+from ftops_runtime.tls import load as load_tls
 
 if TYPE_CHECKING:
     from ftops_runtime.bus import EventBus
@@ -306,8 +308,11 @@ class RegistryResolver:
     """Asks the registry's ``Authenticate``. The channel is opened on first use (inside
     the server's event loop); ``close()`` on shutdown."""
 
-    def __init__(self, registry_address: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, registry_address: str, *, timeout_s: float = 5.0, tls: ClientTls | None = None
+    ) -> None:
         self._address = registry_address
+        self._tls = tls
         self._timeout = timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
@@ -317,7 +322,7 @@ class RegistryResolver:
             if self._channel is None:
                 from ftops_runtime.client import channel  # client imports server: no cycle
 
-                self._channel = channel(self._address)
+                self._channel = channel(self._address, tls=self._tls)
         return cast(
             "registry_pb2_grpc.RegistryServiceAsyncStub",
             registry_pb2_grpc.RegistryServiceStub(self._channel),
@@ -357,7 +362,7 @@ class ServiceAuth:
         self, settings: Any, registry_address: str, *, bus: EventBus | None, service: str
     ) -> None:
         instance = str(getattr(settings, "instance_id", "") or service)
-        self.remote = RegistryResolver(registry_address)
+        self.remote = RegistryResolver(registry_address, tls=load_tls(settings).client)
         ttl = float(getattr(settings, "auth_cache_ttl_s", 30.0))
         self.cache = CachedResolver(self.remote, ttl_s=ttl)
         self.authenticate = authenticator(self.cache, mode=effective_mode(settings))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -84,6 +84,7 @@ class EventBus:
         max_deliver: int = 5,
         nak_delay_s: float = 1.0,
         stream_replicas: int = 1,
+        connect_options: Mapping[str, Any] | None = None,
         namespace: Namespace | str = "",
     ) -> None:
         # Services speak logical subjects; the installation's prefix is applied here only.
@@ -94,6 +95,8 @@ class EventBus:
         self._max_deliver = max_deliver
         self._nak_delay_s = nak_delay_s
         self._stream_replicas = stream_replicas
+        # Credentials and TLS (ftops_runtime.tls.nats_connect_options); never logged.
+        self._connect_options = dict(connect_options or {})
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._ready = asyncio.Event()
@@ -131,6 +134,7 @@ class EventBus:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
+            **self._connect_options,
         )
         try:
             js = nc.jetstream(timeout=5)

@@ -9,6 +9,7 @@ import grpc
 
 from ftops_runtime import telemetry
 from ftops_runtime.server import grpc_options
+from ftops_runtime.tls import ClientTls
 
 
 def _with_metadata(details: Any, extra: list[tuple[str, str]]) -> Any:
@@ -79,15 +80,32 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[mis
         return await continuation(_with_metadata(details, self._metadata.extra()), request_iterator)
 
 
-def channel(address: str, *, api_key: str = "", max_message_mb: int = 64) -> grpc.aio.Channel:
-    """An insecure channel to ``address`` (host:port) with trace and key propagation."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=grpc_options(max_message_mb),
-        interceptors=[
-            _UnaryUnary(metadata := _Metadata(api_key)),
+def channel(
+    address: str,
+    *,
+    api_key: str = "",
+    max_message_mb: int = 64,
+    tls: ClientTls | None = None,
+    propagate: bool = True,
+) -> grpc.aio.Channel:
+    """A channel to ``address`` (host:port): TLS when ``tls`` is given (the CA to verify
+    the server with, the client certificate for mutual TLS), plaintext otherwise. With
+    ``propagate`` every call carries the trace context and ``api_key``; hot paths that
+    add their own metadata pass False (interceptors cost more than the call's work)."""
+    options = grpc_options(max_message_mb)
+    interceptors: list[Any] = []
+    if propagate:
+        metadata = _Metadata(api_key)
+        interceptors = [
+            _UnaryUnary(metadata),
             _UnaryStream(metadata),
             _StreamUnary(metadata),
             _StreamStream(metadata),
-        ],
+        ]
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(
+        address, tls.channel_credentials(), options=options, interceptors=interceptors
     )

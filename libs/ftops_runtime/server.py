@@ -18,6 +18,8 @@ from ftops_runtime.denials import DenialRecorder
 from ftops_runtime.interceptors import Authenticator, CallInterceptor, api_key_authenticator
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.tasks import cancel_and_wait
+from ftops_runtime.tls import ServerTls
+from ftops_runtime.tls import load as load_tls
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class GrpcServer:
         self.checks = dict(checks or {})
         auth = authenticate or api_key_authenticator(settings.api_key_set())
         self.denials = denials
+        # Read now: a bad certificate setting fails the service's construction, not a call.
+        self.tls: ServerTls | None = load_tls(settings).server
         self.server = grpc.aio.server(
             interceptors=[CallInterceptor(auth, denials)],
             options=grpc_options(settings.max_message_mb),
@@ -94,9 +98,11 @@ class GrpcServer:
         return f"{self.settings.grpc_host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(
-            f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        )
+        bind = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(bind)
+        else:
+            self.port = self.server.add_secure_port(bind, self.tls.grpc_credentials())
         if self.port == 0:
             raise RuntimeError(
                 f"could not bind {self.settings.grpc_host}:{self.settings.grpc_port}"
@@ -104,7 +110,12 @@ class GrpcServer:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="health-probe")
-        log.info("gRPC listening on %s (%s)", self.address, ", ".join(self.service_names))
+        log.info(
+            "gRPC listening on %s (%s)%s",
+            self.address,
+            ", ".join(self.service_names),
+            _tls_note(self.tls),
+        )
         return self.port
 
     async def __aenter__(self) -> GrpcServer:
@@ -161,6 +172,12 @@ class GrpcServer:
         if self.denials is not None:
             await self.denials.close()
         log.info("gRPC server stopped")
+
+
+def _tls_note(tls: ServerTls | None) -> str:
+    if tls is None:
+        return ", plaintext"
+    return ", TLS, client certificates required" if tls.require_client_cert else ", TLS"
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

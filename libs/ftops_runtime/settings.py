@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import uuid
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ftops_runtime.namespace import Namespace, namespace_problem
@@ -54,6 +54,27 @@ class ServiceSettings(BaseSettings):
         description="Replicas of each JetStream stream ftops creates or updates: 3 on a "
         "3-node NATS cluster (events survive a node), 1 on a single server.",
     )
+
+    # Transport security (ftops_runtime.tls, docs/security.md): PEM file paths, read at
+    # start; empty = plaintext (the dev stack on loopback).
+    tls_cert_file: str = Field("", description="Certificate the gRPC and HTTP servers present.")
+    tls_key_file: str = Field("", description="Private key of tls_cert_file.")
+    tls_ca_file: str = Field(
+        "", description="CA bundle peers are verified against (empty: system roots)."
+    )
+    tls_client_cert_file: str = Field(
+        "", description="Client certificate for mutual TLS; empty: tls_cert_file."
+    )
+    tls_client_key_file: str = Field("", description="Private key of tls_client_cert_file.")
+    tls_require_client_cert: bool = Field(
+        False, description="Mutual TLS: gRPC callers must present a certificate of tls_ca_file."
+    )
+    nats_user: str = Field("", description="NATS user (with nats_password).")
+    nats_password: SecretStr = Field(SecretStr(""), description="NATS password.")
+    nats_nkey_seed_file: str = Field("", description="NATS NKEY user seed file (SU...).")
+    nats_tls_ca_file: str = Field("", description="CA bundle the NATS server is verified against.")
+    nats_tls_cert_file: str = Field("", description="Client certificate for NATS (verify mode).")
+    nats_tls_key_file: str = Field("", description="Private key of nats_tls_cert_file.")
 
     @field_validator("namespace")
     @classmethod

@@ -37,7 +37,8 @@ from opentelemetry import metrics
 from ftops.events.v1 import events_pb2
 from ftops.inference.v1 import inference_pb2_grpc
 from ftops_gateway.multiplexer import MultiplexChannel
-from ftops_runtime.server import grpc_options
+from ftops_runtime.client import channel
+from ftops_runtime.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Endpoint:
     # Announced: generations it runs at once (0 = unknown), and its requests in flight.
     capacity: int = 0
     announced_in_flight: int = 0
+    # The CA (and client certificate) to reach it over TLS; None = plaintext.
+    tls: ClientTls | None = None
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
     _multiplex: MultiplexChannel | None = None
@@ -84,7 +87,7 @@ class Endpoint:
         if self._stub is None:
             # No client interceptors on the hot path (they cost more than the rest of the
             # gateway's work per request); the forwarder passes the trace context itself.
-            self._channel = grpc.aio.insecure_channel(self.address, options=grpc_options(64))
+            self._channel = channel(self.address, tls=self.tls, propagate=False)
             self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         return self._stub
 
@@ -154,9 +157,14 @@ def _age_s(event: events_pb2.ReplicaAnnounce) -> float:
 
 class EndpointPool:
     def __init__(
-        self, static: Iterable[str] = (), *, clock: Callable[[], float] = time.monotonic
+        self,
+        static: Iterable[str] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tls: ClientTls | None = None,
     ) -> None:
         self._endpoints: dict[str, Endpoint] = {}
+        self._tls = tls
         self._clock = clock
         for address in static:
             self.add(address).static = True
@@ -164,7 +172,7 @@ class EndpointPool:
     def add(self, address: str, version_id: str = "") -> Endpoint:
         endpoint = self._endpoints.get(address)
         if endpoint is None:
-            endpoint = self._endpoints[address] = Endpoint(address)
+            endpoint = self._endpoints[address] = Endpoint(address, tls=self._tls)
         if version_id:
             endpoint.loaded.add(version_id)
         return endpoint

@@ -33,7 +33,7 @@ from ftops_gateway.openai_errors import OpenAIError, from_exception, invalid
 from ftops_gateway.openai_responses import Shape
 from ftops_gateway.openai_schema import ChatCompletionRequest, CompletionRequest, parse
 from ftops_gateway.settings import GatewaySettings
-from ftops_runtime import telemetry
+from ftops_runtime import telemetry, tls
 from ftops_runtime.errors import NotFound
 from ftops_runtime.interceptors import (
     Authenticator,
@@ -116,7 +116,8 @@ async def _openai_errors(
 
 class OpenAIHttpServer:
     """Serves the OpenAI API on ``settings.grpc_host:settings.http_port`` (-1 = off,
-    0 = a free port). ``start()`` then ``stop()``; ``port`` is the bound port."""
+    0 = a free port), over HTTPS when the gateway has a certificate (FTOPS_TLS_CERT_FILE).
+    ``start()`` then ``stop()``; ``port`` is the bound port."""
 
     def __init__(
         self,
@@ -128,6 +129,8 @@ class OpenAIHttpServer:
         self._gateway = gateway
         self._settings = settings
         self._authenticate = authenticate or api_key_authenticator(settings.api_key_set())
+        server_tls = tls.load(settings).server
+        self._ssl_context = server_tls.ssl_context() if server_tls is not None else None
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -162,10 +165,16 @@ class OpenAIHttpServer:
             access_log=None,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._settings.grpc_host, self._settings.http_port)
+        site = web.TCPSite(
+            self._runner,
+            self._settings.grpc_host,
+            self._settings.http_port,
+            ssl_context=self._ssl_context,
+        )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
-        log.info("OpenAI-compatible HTTP on %s", self.address)
+        scheme = "https" if self._ssl_context is not None else "http"
+        log.info("OpenAI-compatible HTTP on %s://%s", scheme, self.address)
         return self.port
 
     async def stop(self) -> None:

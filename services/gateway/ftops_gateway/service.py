@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 
 import redis.asyncio as redis
 from nats.js.api import DeliverPolicy
@@ -27,7 +28,7 @@ from ftops_gateway.servicer import GatewayServicer
 from ftops_gateway.settings import GatewaySettings
 from ftops_gateway.shadow import ShadowMirror
 from ftops_gateway.versions import VersionResolver
-from ftops_runtime import auth, client
+from ftops_runtime import auth, client, tls
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.events import (
     ADAPTER_LOADED,
@@ -67,14 +68,19 @@ class GatewayService:
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
             namespace=settings.namespace,
+            connect_options=tls.nats_connect_options(settings),
         )
         # The gateway's own key: the registry checks its reads like anyone else's.
+        transport = tls.load(settings)
         self._registry_channel = client.channel(
-            settings.registry_address, api_key=settings.registry_api_key
+            settings.registry_address, api_key=settings.registry_api_key, tls=transport.client
         )
         registry = registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
         self.versions = VersionResolver(registry)
-        self.pool = EndpointPool(settings.inference_endpoint_list())
+        inference_tls = transport.client
+        if inference_tls is not None and settings.inference_tls_server_name:
+            inference_tls = replace(inference_tls, server_name=settings.inference_tls_server_name)
+        self.pool = EndpointPool(settings.inference_endpoint_list(), tls=inference_tls)
         self.reporter = MetricsReporter(
             self.bus,
             flush_s=settings.metrics_flush_s,

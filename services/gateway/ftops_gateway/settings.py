@@ -26,6 +26,12 @@ class GatewaySettings(ServiceSettings, AuthSettings):
         description="How requests reach inference: 'multiplex' (one long-lived stream per "
         "replica, each request a message on it) or 'unary' (a gRPC call per request).",
     )
+    inference_tls_server_name: str = Field(
+        "",
+        description="With TLS: the name inference replicas' certificates carry when they "
+        "are dialled by address (pod IPs announced): e.g. their Service's name; empty = the "
+        "host dialled.",
+    )
     metrics_flush_s: float = Field(0.5, gt=0, description="Request-result batch interval.")
     metrics_batch_max: int = Field(64, ge=1, description="Flush early at this many results.")
     metrics_queue_max: int = Field(

@@ -7,6 +7,7 @@ request path pays nothing for them: a result costs one counter increment in the 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -179,7 +180,7 @@ class MetricsServer:
     """``GET /metrics`` (Prometheus text format) on ``host:port``, and the live dashboard
     (``/dashboard``) when one is given; port 0 takes a free one. With ``access`` every
     request needs a key, and a caller that is no platform admin gets only its teams'
-    series (``view`` tells the teams of ``monitor``'s aliases)."""
+    series (``view`` tells the teams of ``monitor``'s aliases). HTTPS with ``ssl_context``."""
 
     def __init__(
         self,
@@ -191,6 +192,7 @@ class MetricsServer:
         access: HttpAccess | None = None,
         view: TeamView | None = None,
         monitor: Monitor | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._registry = registry
         self._dashboard = dashboard
@@ -199,6 +201,7 @@ class MetricsServer:
         self._monitor = monitor
         self._host = host
         self._port = port
+        self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -221,12 +224,13 @@ class MetricsServer:
             self._dashboard.mount(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
-        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
+        scheme = "https" if self._ssl_context is not None else "http"
+        log.info("metrics on %s://%s:%d/metrics", scheme, self._host, self.port)
         if self._dashboard is not None:
-            log.info("dashboard on http://%s:%d/dashboard", self._host, self.port)
+            log.info("dashboard on %s://%s:%d/dashboard", scheme, self._host, self.port)
         return self.port
 
     async def stop(self) -> None:

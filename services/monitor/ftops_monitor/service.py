@@ -23,7 +23,7 @@ from ftops_monitor.monitor import Monitor
 from ftops_monitor.servicer import MonitorServicer
 from ftops_monitor.settings import MonitorSettings
 from ftops_monitor.visibility import TeamView
-from ftops_runtime import auth, client
+from ftops_runtime import auth, client, tls
 from ftops_runtime.bus import EventBus
 from ftops_runtime.events import (
     METRICS_FEEDBACK,
@@ -65,9 +65,12 @@ class MonitorService:
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
             namespace=settings.namespace,
+            connect_options=tls.nats_connect_options(settings),
         )
         self._registry_channel = client.channel(
-            settings.registry_address, api_key=settings.registry_api_key
+            settings.registry_address,
+            api_key=settings.registry_api_key,
+            tls=tls.load(settings).client,
         )
         registry = registry_pb2_grpc.RegistryServiceStub(self._registry_channel)
         self.monitor = Monitor(
@@ -99,6 +102,9 @@ class MonitorService:
         # The HTTP endpoint checks keys as the gRPC server does, and audits its refusals
         # the same way.
         self.http_access = HttpAccess(authenticate, self._auth_resolver.denials)
+        # HTTPS with the gRPC server's certificate when one is configured.
+        server_tls = tls.load(settings).server
+        self._http_tls = server_tls.ssl_context() if server_tls is not None else None
         self.metrics: MetricsServer | None = None
         self.dashboard = Dashboard(self.monitor, view=self.view)
         register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
@@ -124,6 +130,7 @@ class MonitorService:
             access=self.http_access,
             view=self.view,
             monitor=self.monitor,
+            ssl_context=self._http_tls,
         )
 
     async def _start_metrics(self) -> None:

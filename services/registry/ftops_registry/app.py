@@ -21,7 +21,7 @@ from ftops_registry.releases import ReleaseHistory
 from ftops_registry.retention import Retention
 from ftops_registry.servicer import SERVICE_NAME, RegistryServicer
 from ftops_registry.settings import RegistrySettings
-from ftops_runtime import auth, events
+from ftops_runtime import auth, events, tls
 from ftops_runtime.bus import Delivery, EventBus
 from ftops_runtime.denials import DenialRecorder
 from ftops_runtime.errors import FtopsError
@@ -45,6 +45,7 @@ class RegistryApp:
                 # The installation's own bucket: <namespace>_<artifact_bucket>.
                 settings.installation().bucket(settings.artifact_bucket),
                 tmp_dir=settings.artifact_dir / "tmp",
+                connect_options=tls.nats_connect_options(settings),
             )
             if settings.artifact_store == "nats"
             else LocalArtifactStore(settings.artifact_dir)
@@ -65,6 +66,7 @@ class RegistryApp:
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
             namespace=settings.namespace,
+            connect_options=tls.nats_connect_options(settings),
         )
         self.servicer = RegistryServicer(
             self.db,

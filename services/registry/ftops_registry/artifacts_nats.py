@@ -19,7 +19,7 @@ import base64
 import logging
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -60,8 +60,11 @@ class NatsObjectArtifactStore:
         tmp_dir: Path,
         replicas: int = 1,
         timeout_s: float = 120.0,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.servers = [s.strip() for s in nats_url.split(",") if s.strip()]
+        # Credentials and TLS, as the event bus's (ftops_runtime.tls.nats_connect_options).
+        self._connect_options = dict(connect_options or {})
         self.bucket = bucket
         self.tmp_dir = tmp_dir
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,9 @@ class NatsObjectArtifactStore:
     async def _bucket(self) -> ObjectStore:
         async with self._connect_lock:
             if self._obs is None:
-                self._nc = await nats.connect(servers=self.servers, connect_timeout=5)
+                self._nc = await nats.connect(
+                    servers=self.servers, connect_timeout=5, **self._connect_options
+                )
                 js = self._nc.jetstream()
                 try:
                     self._obs = await js.object_store(self.bucket)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2_grpc
-from ftops_runtime import auth, client
+from ftops_runtime import auth, client, tls
 from ftops_runtime.bus import EventBus
 from ftops_runtime.server import GrpcServer
 from ftops_trainer.jobs import JobManager
@@ -32,11 +32,13 @@ class TrainerApp:
             nak_delay_s=settings.event_nak_delay_s,
             stream_replicas=settings.event_stream_replicas,
             namespace=settings.namespace,
+            connect_options=tls.nats_connect_options(settings),
         )
         self.registry_channel = client.channel(
             settings.registry_address,
             api_key=settings.registry_api_key,
             max_message_mb=settings.max_message_mb,
+            tls=tls.load(settings).client,
         )
         # grpc ships no type stubs, so mypy cannot pick the aio overload by itself.
         self.registry = cast(

@@ -164,3 +164,81 @@ def test_gateway_publishes_the_openai_endpoint(compose: dict[str, Any]) -> None:
     gateway = compose["services"]["gateway"]
     port = gateway["environment"]["FTOPS_HTTP_PORT"]
     assert f"{port}:{port}" in gateway["ports"]
+
+
+# -- transport security (docker-compose.tls.yml) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.tls.yml").read_text())
+    return data
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_tls_overlay_gives_each_service_its_certificate_and_nats_credentials(
+    compose: dict[str, Any], tls_compose: dict[str, Any], name: str
+) -> None:
+    from ftops_devstack.certs import COMPOSE_SERVICES
+
+    svc = tls_compose["services"][name]
+    env = svc["environment"]
+    fields = settings_fields(name)
+    for key in env:
+        assert key.removeprefix("FTOPS_").lower() in fields, f"{name}: {key} is not a setting"
+    assert env["FTOPS_NATS_URL"].startswith("tls://nats:")
+    assert env["FTOPS_NATS_USER"]
+    assert env["FTOPS_NATS_PASSWORD"].startswith("${FTOPS_NATS_PASSWORD:?")
+    # Mutual TLS between services; the gateway faces applications without certificates.
+    assert env["FTOPS_TLS_REQUIRE_CLIENT_CERT"] == ("false" if name == "gateway" else "true")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    for setting in ("FTOPS_TLS_CERT_FILE", "FTOPS_TLS_KEY_FILE", "FTOPS_TLS_CA_FILE"):
+        assert env[setting] in mounts, f"{name}: {setting} is not mounted"
+    # Its own certificate and key (made by ftops_devstack.certs), nobody else's key.
+    assert mounts[env["FTOPS_TLS_CERT_FILE"]] == f"./tls/{name}.pem"
+    assert mounts[env["FTOPS_TLS_KEY_FILE"]] == f"./tls/{name}-key.pem"
+    assert mounts[env["FTOPS_TLS_CA_FILE"]] == "./tls/ca.pem"
+    assert name in COMPOSE_SERVICES
+    keys = [source for source in mounts.values() if source.endswith("-key.pem")]
+    assert keys == [f"./tls/{name}-key.pem"]
+    # The base stack's healthcheck still applies (127.0.0.1 is in every certificate).
+    assert "healthcheck" not in svc
+    assert "127.0.0.1" in compose["services"][name]["healthcheck"]["test"][-1]
+
+
+def test_tls_overlay_nats_wants_tls_and_a_password(tls_compose: dict[str, Any]) -> None:
+    nats = tls_compose["services"]["nats"]
+    command = nats["command"]
+    assert "-js" in command
+    assert "--tls" in command
+    assert command[command.index("--user") + 1] == "ftops"
+    assert command[command.index("--pass") + 1] == "${FTOPS_NATS_PASSWORD:?set FTOPS_NATS_PASSWORD}"
+    mounted = {v.split(":")[1] for v in nats["volumes"]}
+    assert command[command.index("--tlscert") + 1] in mounted
+    assert command[command.index("--tlskey") + 1] in mounted
+
+
+def test_tls_overlay_prometheus_scrapes_the_monitor_over_https(
+    tls_compose: dict[str, Any],
+) -> None:
+    volumes = tls_compose["services"]["prometheus"]["volumes"]
+    [config_mount] = [v for v in volumes if v.split(":")[1] == "/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load((DEPLOY / config_mount.split(":")[0]).read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "ftops-monitor"]
+    assert job["scheme"] == "https"
+    assert job["tls_config"]["ca_file"] in {v.split(":")[1] for v in volumes}
+
+
+def test_tls_overlay_files_are_the_ones_the_cert_tool_writes(
+    tls_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    from ftops_devstack.certs import write_compose_pki
+
+    write_compose_pki(tmp_path)
+    for svc in tls_compose["services"].values():
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("./tls/"):
+                assert (tmp_path / source.removeprefix("./tls/")).is_file(), source
+            elif source.startswith("./"):
+                assert (DEPLOY / source).is_file(), source

@@ -132,6 +132,19 @@ def exposed(dockerfile: Path) -> set[int]:
     }
 
 
+def readiness_port(probe: dict[str, Any]) -> int:
+    """The gRPC port a readiness probe asks grpc.health.v1 on: the kubelet's own probe,
+    or (with TLS, which the kubelet's cannot speak) the image's healthcheck module."""
+    if "grpc" in probe:
+        assert "exec" not in probe
+        return int(probe["grpc"]["port"])
+    command = probe["exec"]["command"]
+    assert command[:3] == ["python", "-m", "ftops_runtime.healthcheck"], command
+    host, port = command[3].rsplit(":", 1)
+    assert host == "127.0.0.1", command  # the certificates name it (components/tls)
+    return int(port)
+
+
 # -- the invariants, for any set of manifests ------------------------------------------
 
 
@@ -146,7 +159,7 @@ def check_service_deployments(docs: Docs) -> None:
         grpc_port = int(env["FTOPS_GRPC_PORT"])
         assert ports(container)["grpc"] == grpc_port
         assert env["FTOPS_GRPC_HOST"] == "0.0.0.0"
-        assert container["readinessProbe"]["grpc"]["port"] == grpc_port, service
+        assert readiness_port(container["readinessProbe"]) == grpc_port, service
         liveness = container["livenessProbe"]["tcpSocket"]["port"]
         assert liveness in ("grpc", grpc_port), service
 
@@ -263,7 +276,7 @@ def check_nats(docs: Docs) -> None:
     for i in range(3):
         assert f"nats://nats-{i}.{nats['spec']['serviceName']}:6222" in conf
     common = by_kind(docs, "ConfigMap")["ftops-common"]["data"]
-    host = common["FTOPS_NATS_URL"].removeprefix("nats://").split(":")[0]
+    host = common["FTOPS_NATS_URL"].split("://", 1)[1].split(":")[0]
     assert host in by_kind(docs, "Service")
 
 
@@ -355,3 +368,41 @@ def test_production_overlay_needs_real_secret_files() -> None:
         for env_file in generator["envs"]:
             assert (K8S / "overlays/production" / f"{env_file}.example").exists()
     assert "*.env" in (secrets / ".gitignore").read_text().split()
+
+
+def test_production_overlay_secures_every_transport(rendered: dict[str, Docs]) -> None:
+    docs = rendered["production"]
+    deployments = by_kind(docs, "Deployment")
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    for service in SERVICES:
+        deployment = deployments[service]
+        container = main_container(deployment)
+        env = env_of(container, docs)
+        # Its own certificate Secret, mounted where the settings point.
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secret = volumes[mounts["/etc/ftops/tls"]]["secret"]["secretName"]
+        assert secret == f"ftops-tls-{service}"
+        for setting in ("FTOPS_TLS_CERT_FILE", "FTOPS_TLS_KEY_FILE", "FTOPS_TLS_CA_FILE"):
+            assert env[setting].startswith("/etc/ftops/tls/"), (service, setting)
+        spec = certificates[secret]
+        assert service in spec["dnsNames"]
+        assert "127.0.0.1" in spec["ipAddresses"]  # the in-pod readiness probe
+        assert "client auth" in spec["usages"]
+        # Client certificates between services; applications reach the gateway with keys.
+        required = env["FTOPS_TLS_REQUIRE_CLIENT_CERT"]
+        assert required == ("false" if service == "gateway" else "true"), service
+        assert env["FTOPS_NATS_URL"].startswith("tls://")
+        assert env["FTOPS_NATS_USER"]
+        assert "FTOPS_NATS_PASSWORD" in env
+        assert "exec" in container["readinessProbe"]
+    gateway = env_of(main_container(deployments["gateway"]), docs)
+    inference = certificates["ftops-tls-inference"]
+    assert gateway["FTOPS_INFERENCE_TLS_SERVER_NAME"] in inference["dnsNames"]
+    conf = by_kind(docs, "ConfigMap")["nats-config"]["data"]["nats.conf"]
+    assert "tls {" in conf
+    assert "password: $NATS_PASSWORD" in conf
+    nats = by_kind(docs, "StatefulSet")["nats"]
+    nats_env = {e["name"]: e for e in containers(nats)[0]["env"]}
+    assert "secretKeyRef" in nats_env["NATS_PASSWORD"]["valueFrom"]
+    assert "nats" in certificates["ftops-tls-nats"]["dnsNames"]

@@ -1,18 +1,20 @@
-"""The monitor's live dashboard in headless Chromium: a real monitor on real NATS, the
-gateway's route.changed, release events and request results published on NATS, the page
-driven over the Chrome DevTools protocol. The browser test keeps a screenshot at
-test-artifacts/dashboard.png."""
+"""The monitor's live dashboard in headless Chromium: a real monitor on real NATS and a
+real registry (which names the versions), the gateway's route.changed, release events and
+request results published on NATS, the page driven over the Chrome DevTools protocol at
+1400x1000. The browser test keeps a screenshot at test-artifacts/dashboard.png, and one
+taken as a person would (``chromium --headless --screenshot --virtual-time-budget``) at
+test-artifacts/dashboard-cli.png."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +27,9 @@ import aiohttp
 import pytest
 from google.protobuf.message import Message
 
+from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
+from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_devstack.lifetime import die_with_parent
 from ftops_devstack.servers import start_nats
 from ftops_monitor.dashboard import CLIENT_BACKLOG, Dashboard
@@ -36,7 +40,10 @@ from ftops_monitor.exporter import MetricsServer, prometheus_registry
 from ftops_monitor.monitor import Monitor
 from ftops_monitor.service import MonitorService
 from ftops_monitor.settings import MonitorSettings
+from ftops_registry.app import RegistryApp
+from ftops_registry.settings import RegistrySettings
 from ftops_runtime.bus import EventBus
+from ftops_runtime.client import channel
 from ftops_runtime.events import (
     ADAPTER_LOADED,
     ADAPTER_REJECTED,
@@ -54,6 +61,9 @@ from ftops_runtime.events import (
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "test-artifacts" / "dashboard.png"
+CLI_SCREENSHOT = REPO / "test-artifacts" / "dashboard-cli.png"
+# The size the issue's reader used; the page must fit it without scrolling sideways.
+VIEWPORT = (1400, 1000)
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -66,13 +76,6 @@ def _chromium() -> str | None:
         if found:
             return found
     return None
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # -- a small Chrome DevTools protocol client -------------------------------------------
@@ -221,7 +224,28 @@ async def bus(own_nats_url: str) -> AsyncIterator[EventBus]:
 
 
 @pytest.fixture
-async def monitor(own_nats_url: str) -> AsyncIterator[MonitorService]:
+async def registry(tmp_path: Path, own_nats_url: str) -> AsyncIterator[RegistryApp]:
+    """The registry the monitor asks for version names (alias:vN on the charts)."""
+    app = RegistryApp(
+        RegistrySettings(
+            grpc_port=0,
+            nats_url=own_nats_url,
+            database_url=f"sqlite:///{tmp_path}/registry.db",
+            artifact_dir=tmp_path / "artifacts",
+            shutdown_grace_s=0.5,
+            instance_id=f"reg-{uuid.uuid4().hex[:6]}",
+            auth_mode="disabled",
+        ),
+        durable=f"registry-dash-{uuid.uuid4().hex[:8]}",
+    )
+    await app.start()
+    await app.wait_ready()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def monitor(own_nats_url: str, registry: RegistryApp) -> AsyncIterator[MonitorService]:
     settings = MonitorSettings(
         grpc_port=0,
         nats_url=own_nats_url,
@@ -229,11 +253,11 @@ async def monitor(own_nats_url: str) -> AsyncIterator[MonitorService]:
         analysis_interval_s=0.1,
         shutdown_grace_s=0.5,
         metrics_port=0,
-        # Access control off (no registry to check keys): the dashboard itself is tested
-        # here; its keys and per-team views in tests/integration/test_monitor_http_access.py.
+        # Access control off: the dashboard itself is tested here; its keys and per-team
+        # views in tests/integration/test_monitor_http_access.py.
         dev_mode=True,
-        registry_address=f"127.0.0.1:{_closed_port()}",
-        registry_timeout_s=0.5,
+        registry_address=registry.address,
+        registry_timeout_s=2.0,
         # The test traffic's stable version fails 5% of its requests: an alert at once.
         alert_error_rate=0.04,
         alert_for_s=0.0,
@@ -248,13 +272,15 @@ async def monitor(own_nats_url: str) -> AsyncIterator[MonitorService]:
         await service.stop()
 
 
-def _started(alias: str) -> events_pb2.ReleaseStarted:
+def _started(
+    alias: str, stable: str = "ver_stable", candidate: str = "ver_canary"
+) -> events_pb2.ReleaseStarted:
     return events_pb2.ReleaseStarted(
         meta=new_meta("gateway", "test"),
         release_id=f"rel_{uuid.uuid4().hex[:8]}",
         alias=alias,
-        stable_version_id="ver_stable",
-        candidate_version_id="ver_canary",
+        stable_version_id=stable,
+        candidate_version_id=candidate,
         strategy=events_pb2.RELEASE_STRATEGY_CANARY,
         steps=[10, 50, 100],
         current_weight=10,
@@ -356,6 +382,64 @@ async def _rate_answers(monitor: MonitorService, served: list[events_pb2.Request
     return rated
 
 
+async def _register(registry: RegistryApp, versions: dict[str, int]) -> dict[str, list[str]]:
+    """``count`` versions of each adapter, numbered 1..count; their ids per adapter."""
+    blob = b"\x00" * 64
+    files = [
+        common_pb2.ArtifactFile(
+            path="adapter_model.safetensors",
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size_bytes=len(blob),
+        )
+    ]
+
+    async def upload() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+        yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadHeader(files=files))
+        yield registry_pb2.UploadArtifactRequest(
+            chunk=registry_pb2.FileChunk(file_index=0, data=blob)
+        )
+
+    ids: dict[str, list[str]] = {}
+    async with channel(registry.address) as ch:
+        stub = registry_pb2_grpc.RegistryServiceStub(ch)
+        base = f"tiny-{uuid.uuid4().hex[:6]}"
+        await stub.RegisterBaseModel(
+            registry_pb2.RegisterBaseModelRequest(
+                name=base, fingerprint=hashlib.sha256(base.encode()).hexdigest(), uri="/m"
+            )
+        )
+        artifact = await stub.UploadArtifact(upload())
+        for adapter, count in versions.items():
+            for _ in range(count):
+                version = await stub.RegisterVersion(
+                    registry_pb2.RegisterVersionRequest(
+                        adapter=adapter, base_model=base, artifact_id=artifact.artifact_id
+                    )
+                )
+                ids.setdefault(adapter, []).append(version.version_id)
+    return ids
+
+
+async def _direct_traffic(bus: EventBus, version_ids: list[str], failing: str) -> None:
+    """Requests sent straight to version ids (no alias; ``failing`` fails every one) and
+    to the base model, a batch every 200 ms."""
+    while True:
+        batch = events_pb2.RequestResultBatch(meta=new_meta("gateway", "test"))
+        for version_id in ["", *version_ids]:
+            for i in range(2):
+                result = batch.results.add(
+                    request_id=uuid.uuid4().hex,
+                    version_id=version_id,
+                    arm="direct" if version_id else "base",
+                    latency_ms=30.0 + i,
+                    completion_tokens=8,
+                    status="INTERNAL" if version_id == failing else "OK",
+                )
+                result.finished_at.GetCurrentTime()
+        await bus.publish(METRICS_REQUESTS, batch)
+        await asyncio.sleep(0.2)
+
+
 async def _state(monitor: MonitorService) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as http,
@@ -370,43 +454,124 @@ def _release_text(alias: str, selector: str) -> str:
     return f"document.querySelector('.release[data-alias=\"{alias}\"] {selector}')?.textContent"
 
 
+# Figures a real promote decision carries (the analysis's): a long line in its card.
+DECISION_FIGURES = {
+    "requests": 40,
+    "error_rate": 0.025,
+    "p95_ms": 81.5,
+    "stable_error_rate": 0.04,
+    "stable_p95_ms": 62.25,
+    "errors_log_lr": -3.2,
+    "errors_threshold": 2.9,
+    "latency_p_value": 0.41,
+    "feedback_mean": 0.7,
+    "stable_feedback_mean": 0.85,
+    "feedback_p_value": 0.12,
+    "divergence": 0.031,
+    "samples": 40,
+    "eval_retention": 0.97,
+    "stable_eval_retention": 0.96,
+}
+# In the page: whether the document is wider than the window (it would scroll sideways).
+OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+# In the page: how many pixels the events list's numbers lack (> 0: clipped). The marker
+# of the last item, the widest, is measured in the list's own font.
+MARKER_SHORTFALL = """(() => {
+    const list = document.querySelector('#events ol');
+    const items = list.querySelectorAll('li');
+    const style = getComputedStyle(items[items.length - 1]);
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = `${style.fontSize} ${style.fontFamily}`;
+    const marker = ctx.measureText(`${items.length}. `).width;
+    return marker - parseFloat(getComputedStyle(list).paddingLeft);
+})()"""
+
+
+def _group(name: str) -> str:
+    return f'.alias-charts[data-alias="{name}"]'
+
+
+def _legend(name: str) -> str:
+    """In the page: the group's legend, [label, colour] per line."""
+    return (
+        f"[...document.querySelectorAll('{_group(name)} > .legend span')]"
+        ".map(s => [s.textContent, s.querySelector('i').style.borderColor])"
+    )
+
+
+def _y_ticks(name: str, title: str) -> str:
+    """In the page: the y axis labels of the group's chart ``title``, bottom to top."""
+    return (
+        f"[...[...document.querySelectorAll('{_group(name)} figure')]"
+        f".find(f => f.querySelector('.title').textContent === '{title}')"
+        ".querySelectorAll('.tick.y')].map(t => t.textContent)"
+    )
+
+
 @pytest.mark.integration
 async def test_dashboard_shows_a_canary_and_updates_live(
-    monitor: MonitorService, bus: EventBus
+    monitor: MonitorService, registry: RegistryApp, bus: EventBus
 ) -> None:
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary (apt-get install chromium, or set FTOPS_CHROMIUM)")
     alias = f"support-bot-{uuid.uuid4().hex[:4]}"
-    started = _started(alias)
+    direct = f"direct-bot-{uuid.uuid4().hex[:4]}"
+    ids = await _register(registry, {alias: 2, direct: 12})
+    started = _started(alias, *ids[alias])
     route = _route(started)
     await bus.publish(RELEASE_STARTED, started)
     await bus.publish(ROUTE_CHANGED, route)
+    # Replicas loading the versions used directly: more than ten events to number.
+    for version_id in ids[direct]:
+        loaded = events_pb2.AdapterLoaded(
+            meta=new_meta("inference", "r1"), version_id=version_id, replica_id="r1"
+        )
+        await bus.publish(ADAPTER_LOADED, loaded)
     served: list[events_pb2.RequestResult] = []
-    traffic = asyncio.create_task(_traffic(bus, started, served))
+    traffic = [
+        asyncio.create_task(_traffic(bus, started, served)),
+        # Straight to twelve versions of another adapter (the last fails every request)
+        # and to the base model.
+        asyncio.create_task(_direct_traffic(bus, ids[direct], failing=ids[direct][-1])),
+    ]
     url = f"http://127.0.0.1:{monitor.metrics_port}/dashboard"
     try:
         async with headless_page(binary) as page:
             await page.call("Page.enable")
             await page.call("Runtime.enable")
+            width, height = VIEWPORT
+            await page.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             await page.call("Page.navigate", url=url)
-            # The running canary at its first step, and the stream connected.
+            # The running canary at its first step (counted from 1, as the CLI does), its
+            # versions by name, and the page current.
             assert await page.until(f"{_release_text(alias, '.state')} === 'running'")
             assert await page.until(f"{_release_text(alias, '.weight')} === '10%'")
-            assert await page.evaluate(_release_text(alias, ".step")) == "0"
+            assert await page.evaluate(_release_text(alias, ".step")) == "1/3"
+            assert await page.until(f"{_release_text(alias, '.versions')}.includes('{alias}:v2')")
+            assert f"{alias}:v1" in await page.evaluate(_release_text(alias, ".versions"))
             assert await page.until("document.getElementById('connection').textContent === 'live'")
             # Charts drawn from the sampled history: a line per version in each chart.
-            charts = f'.alias-charts[data-alias="{alias}"]'
+            charts = _group(alias)
             lines = await page.until(
                 f"document.querySelectorAll('{charts} path.line').length >= 8 && "
                 f"document.querySelectorAll('{charts} path.line').length"
             )
             assert lines >= 8
             assert await _rate_answers(monitor, served) == 20
-            # The stable's error rate above the alert threshold: listed while it fires.
-            alert = await page.until("document.querySelector('#alerts .alert')?.textContent")
+            # The stable's error rate above the alert threshold: listed while it fires,
+            # the version by name.
+            alert = await page.until(
+                "[...document.querySelectorAll('#alerts .alert')].map(a => a.textContent)"
+                f".find(t => t.includes('{alias}:v1'))"
+            )
             assert "error_rate" in alert
-            assert "ver_stable" in alert
             assert await page.until(
                 "[...document.querySelectorAll('#events li')].some(e => "
                 "e.dataset.subject === 'monitor.alert' && e.textContent.includes('firing'))"
@@ -427,7 +592,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
                 step_index=1,
                 weight=50,
                 reason="candidate healthy over 40 requests: step 1 at 50%",
-                figures={"requests": 40, "error_rate": 0.025, "p95_ms": 81.5},
+                figures=DECISION_FIGURES,
             )
             # The decision (for the feed) and the gateway's state once it applied it.
             await bus.publish(RELEASE_PROMOTE, promote)
@@ -435,7 +600,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
             # The same page, no reload: the new step, its decision with the figures, the
             # event in the list and the split chart following the weight.
             assert await page.until(f"{_release_text(alias, '.weight')} === '50%'")
-            assert await page.evaluate(_release_text(alias, ".step")) == "1"
+            assert await page.evaluate(_release_text(alias, ".step")) == "2/3"
             decision = await page.until(_release_text(alias, ".decisions li"))
             assert "step 1 at 50%" in decision
             assert "p95_ms" in decision
@@ -445,7 +610,7 @@ async def test_dashboard_shows_a_canary_and_updates_live(
                 f"'{alias}'))"
             )
             assert await page.evaluate("window.notReloaded === true")
-            # One more tick draws the split chart at 50% before the picture is kept.
+            # One more update draws the split chart at 50% before the picture is kept.
             updated = await page.evaluate("document.getElementById('updated').textContent")
             await page.until(f"document.getElementById('updated').textContent !== {updated!r}")
             assert await page.evaluate(f"document.querySelectorAll('{charts} figure').length") == 5
@@ -455,17 +620,92 @@ async def test_dashboard_shows_a_canary_and_updates_live(
                 ".querySelectorAll('path.line').length"
             )
             assert feedback_lines == 2
+
+            # Readable at 1400x1000. Series by alias, named alias:vN (the registry's
+            # numbers), the released alias first, one legend line per version.
+            await page.until(f"{_legend(direct)}.length === 12")
+            groups = await page.evaluate(
+                "[...document.querySelectorAll('.alias-charts')].map(g => g.dataset.alias)"
+            )
+            assert groups[0] == alias
+            assert groups.index(direct) < groups.index("base model") == len(groups) - 1
+            assert [label for label, _ in await page.evaluate(_legend(alias))] == [
+                f"{alias}:v1",
+                f"{alias}:v2",
+            ]
+            direct_legend = await page.evaluate(_legend(direct))
+            assert [label for label, _ in direct_legend] == [
+                f"{direct}:v{n} direct" for n in range(1, 13)
+            ]
+            # No two lines of a group share a colour.
+            assert len({color for _, color in direct_legend}) == 12
+            assert [label for label, _ in await page.evaluate(_legend("base model"))] == [
+                "base model"
+            ]
+            # A version failing every request: its error rate's axis ends at 100%.
+            assert (await page.evaluate(_y_ticks(direct, "error rate")))[-1] == "100%"
+            # Nothing wider than the window, and every event's number whole.
+            assert await page.evaluate(OVERFLOW) == 0
+            assert await page.evaluate("document.querySelectorAll('#events li').length") >= 12
+            assert await page.evaluate(MARKER_SHORTFALL) <= 0
             shot = await page.call(
                 "Page.captureScreenshot", format="png", captureBeyondViewport=True
             )
             SCREENSHOT.parent.mkdir(exist_ok=True)
             SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
             assert page.script_errors == []
+        # A person's screenshot tool: it ends once the page's virtual time has run.
+        await _cli_screenshot(binary, url, alias)
     finally:
-        traffic.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await traffic
+        for task in traffic:
+            task.cancel()
+        await asyncio.gather(*traffic, return_exceptions=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+async def _chromium_cli(binary: str, url: str, *flags: str) -> bytes:
+    """Runs ``chromium --headless ... url`` as a person would; its output. Fails when it
+    does not finish (a page whose requests never end stops virtual time)."""
+    profile = tempfile.mkdtemp(prefix="ftops-chromium-")
+    width, height = VIEWPORT
+    try:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=5000",
+            *flags,
+            url,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
+        )
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError(f"chromium {' '.join(flags)} never finished") from None
+        assert process.returncode == 0
+        return out
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def _cli_screenshot(binary: str, url: str, alias: str) -> None:
+    """A screenshot tool's picture, and the page it took: the charts drawn in the virtual
+    time given (the page's updates let it run)."""
+    dom = (await _chromium_cli(binary, url, "--dump-dom")).decode()
+    assert f'class="alias-charts" data-alias="{alias}"' in dom
+    assert "<svg" in dom
+    CLI_SCREENSHOT.unlink(missing_ok=True)
+    await _chromium_cli(binary, url, f"--screenshot={CLI_SCREENSHOT}")
+    assert CLI_SCREENSHOT.stat().st_size > 10_000
 
 
 @pytest.mark.integration

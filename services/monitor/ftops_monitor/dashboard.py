@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,6 +41,7 @@ from ftops_monitor.dashboard_feed import (
     summarise,
 )
 from ftops_monitor.dashboard_history import History
+from ftops_monitor.dashboard_names import VersionName, VersionNames
 from ftops_monitor.dashboard_page import STATIC_DIR, render_page
 from ftops_monitor.http_access import caller_of, still_valid
 from ftops_monitor.monitor import Monitor, SeenEvents
@@ -54,6 +57,20 @@ CLIENT_BACKLOG = 256
 KEEPALIVE_S = 15.0
 # Finished releases listed below the running ones, newest first.
 FINISHED_SHOWN = 10
+
+
+def _query_number(request: web.Request, name: str) -> float | None:
+    """An optional number in the query; a clear 400 for anything else."""
+    raw = request.query.get(name, "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise web.HTTPBadRequest(text=f"{name} must be a finite number, got {raw[:40]!r}")
+    return value
 
 
 def sse(kind: str, data: Any) -> bytes:
@@ -88,8 +105,11 @@ class Dashboard:
         interval_s: float = 1.0,
         clock: Callable[[], float] | None = None,
         view: TeamView | None = None,
+        names: VersionNames | None = None,
     ) -> None:
         self.monitor = monitor
+        # alias:vN labels (version ids until the registry has named them).
+        self.names = names or VersionNames(None)
         # Tells the teams of aliases for callers that are no platform admins.
         self.view = view
         self.history = History(monitor, history_s=history_s, interval_s=interval_s)
@@ -100,6 +120,9 @@ class Dashboard:
         # Redelivery comes within seconds; ~20 minutes of batches at 20 per second.
         self._seen_batches = SeenEvents(limit=20_000)
         self._sampler: asyncio.Task[None] | None = None
+        # Part of the event list's revision: a restarted monitor's list is sent in full
+        # however many events it has seen.
+        self._started = uuid.uuid4().hex[:8]
 
     # -- events ----------------------------------------------------------------------
 
@@ -130,6 +153,8 @@ class Dashboard:
             self.history.ingest(batch.results, self._clock())
 
     async def on_event(self, event: Message, delivery: Delivery) -> None:
+        if isinstance(event, events_pb2.AdapterReady | events_pb2.AdapterRejected):
+            self.names.remember(event.version_id, VersionName(event.adapter, event.version_number))
         item = summarise(delivery.subject, event)
         await self._learn([(item.alias, item.version_id)])
         self._add(item)
@@ -149,46 +174,68 @@ class Dashboard:
 
     # -- state -----------------------------------------------------------------------
 
-    def _shown_releases(self) -> list[Release]:
-        """Every running release, and the latest finished ones (a step restarts when a
-        release ends, so ``step_started_at`` is when it finished)."""
-        latest = self.monitor.latest_releases()
-        running = sorted((r for r in latest if r.running), key=lambda r: r.alias)
+    def _shown_releases(self, sees: Sees) -> list[Release]:
+        """Every running release, then the ten latest finished ones of any alias (a step
+        restarts when a release ends, so ``step_started_at`` is when it finished)."""
+        latest = {r.release_id for r in self.monitor.latest_releases()}
+        visible = [
+            r for r in list(self.monitor.releases.values()) if sees(r.alias, r.stable_version_id)
+        ]
+        # An older release still marked running was replaced: it is listed as finished.
+        running = sorted(
+            (r for r in visible if r.running and r.release_id in latest), key=lambda r: r.alias
+        )
+        shown = {r.release_id for r in running}
         finished = sorted(
-            (r for r in latest if not r.running), key=lambda r: r.step_started_at, reverse=True
+            (r for r in visible if r.release_id not in shown),
+            key=lambda r: (r.step_started_at, r.started_at),
+            reverse=True,
         )
         return running + finished[:FINISHED_SHOWN]
 
     def releases(self, sees: Sees = everything) -> list[dict[str, Any]]:
-        out = []
-        for release in self._shown_releases():
-            if not sees(release.alias, release.stable_version_id):
-                continue
+        return [self._release_json(release) for release in self._shown_releases(sees)]
+
+    def _release_json(self, release: Release) -> dict[str, Any]:
+        latest = self.monitor.release_for(release.alias) is release
+        if latest:
             a = self.monitor.analysis(release.alias)
-            out.append(
-                {
-                    "alias": a.alias,
-                    "release_id": a.release_id,
-                    "strategy": a.strategy,
-                    "state": a.state,
-                    "paused": a.paused,
-                    "step_index": a.step_index,
-                    "steps": list(release.steps),
-                    "weight": a.weight,
-                    "stable_version_id": a.stable_version_id,
-                    "candidate_version_id": a.candidate_version_id,
-                    "step_seconds": round(a.step_seconds, 1),
-                    "verdict": a.verdict,
-                    "last_decision": a.last_decision,
-                    "last_reason": a.last_reason,
-                    "checks": [
-                        {"name": c.name, "status": c.status, "detail": c.detail} for c in a.checks
-                    ],
-                    "figures": figures_json(dict(a.figures)),
-                    "decisions": [d.as_json() for d in self.feed.decisions(a.release_id)],
-                }
-            )
-        return out
+            live = {
+                "step_seconds": round(a.step_seconds, 1),
+                "verdict": a.verdict,
+                "checks": [
+                    {"name": c.name, "status": c.status, "detail": c.detail} for c in a.checks
+                ],
+                "figures": figures_json(dict(a.figures)),
+            }
+        else:  # superseded by a newer release of its alias: how it ended
+            live = {
+                "step_seconds": 0.0,
+                "verdict": "",
+                "checks": [],
+                "figures": figures_json(dict(release.evaluation_figures)),
+            }
+        return {
+            "alias": release.alias,
+            "release_id": release.release_id,
+            "strategy": release.strategy.value,
+            "state": release.state.value,
+            "paused": release.paused,
+            "step_index": release.step_index,
+            "steps": list(release.steps),
+            "weight": release.weight,
+            "stable_version_id": release.stable_version_id,
+            "candidate_version_id": release.candidate_version_id,
+            "stable_label": self._label(release.alias, release.stable_version_id),
+            "candidate_label": self._label(release.alias, release.candidate_version_id),
+            "last_decision": release.last_decision,
+            "last_reason": release.last_reason,
+            **live,
+            "decisions": [d.as_json() for d in self.feed.decisions(release.release_id)],
+        }
+
+    def _label(self, alias: str, version_id: str) -> str:
+        return self.names.name(alias, version_id).label if version_id else "-"
 
     def alerts(self, sees: Sees = everything) -> list[dict[str, Any]]:
         now = self._clock()
@@ -199,6 +246,7 @@ class Dashboard:
                 "version_id": s.version_id,
                 "value": finite(s.value),
                 "threshold": finite(s.threshold),
+                "label": self.names.name(s.alias, s.version_id).label,
                 "message": s.message,
                 "for_seconds": round(now - s.since, 1),
             }
@@ -206,19 +254,42 @@ class Dashboard:
             if sees(s.alias, s.version_id)
         ]
 
-    def snapshot(self, sees: Sees = everything) -> dict[str, Any]:
-        history = self.history.as_json()
-        return {
+    def snapshot(
+        self,
+        sees: Sees = everything,
+        *,
+        since: float | None = None,
+        events_revision: str | None = None,
+    ) -> dict[str, Any]:
+        """Everything the page shows. With ``since``, only the chart points taken after
+        it; with ``events_revision`` the event list only when it changed since then (a
+        page that polls)."""
+        revision = f"{self._started}.{self.feed.revision}"
+        history = self.history.as_json(since)
+        snapshot = {
             "now": self._clock(),
             "history_s": self.history.history_s,
             "window_s": self.monitor.stats.window_s,
             "latency_window_s": self.history.latency_window_s,
             "releases": self.releases(sees),
             "alerts": self.alerts(sees),
-            "events": [i.as_json() for i in self.feed.items() if sees(i.alias, i.version_id)],
-            "versions": [v for v in history["versions"] if sees(v["alias"], v["version_id"])],
+            "events_revision": revision,
+            "versions": [
+                {**v, **self._series(v["alias"], v["version_id"])}
+                for v in history["versions"]
+                if sees(v["alias"], v["version_id"])
+            ],
             "splits": [s for s in history["splits"] if sees(s["alias"], "")],
         }
+        if events_revision != revision:
+            snapshot["events"] = [
+                i.as_json() for i in self.feed.items() if sees(i.alias, i.version_id)
+            ]
+        return snapshot
+
+    def _series(self, alias: str, version_id: str) -> dict[str, str]:
+        name = self.names.name(alias, version_id)
+        return {"group": name.group, "label": name.label}
 
     def _pairs(self) -> list[tuple[str, str]]:
         """Every (alias, version) the dashboard shows."""
@@ -249,7 +320,7 @@ class Dashboard:
                 "releases": self.releases(sees),
                 "alerts": self.alerts(sees),
                 "versions": [
-                    {"alias": a, "version_id": v, "point": p.as_json()}
+                    {"alias": a, "version_id": v, **self._series(a, v), "point": p.as_json()}
                     for (a, v), p in versions
                     if sees(a, v)
                 ],
@@ -282,7 +353,9 @@ class Dashboard:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self._learn(self._pairs())
+                pairs = self._pairs()
+                self.names.learn(v for _, v in pairs)
+                await self._learn(pairs)
                 self.sample()
             except Exception:
                 # A chart missing a point is no reason to stop the dashboard.
@@ -313,6 +386,7 @@ class Dashboard:
     async def _on_cleanup(self, app: web.Application) -> None:
         await cancel_and_wait([self._sampler])
         self._sampler = None
+        await self.names.close()
 
     async def _redirect(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/dashboard")
@@ -325,7 +399,10 @@ class Dashboard:
         )
 
     async def _state(self, request: web.Request) -> web.Response:
-        snapshot = self.snapshot(await self.scope(request))
+        since = _query_number(request, "since")
+        snapshot = self.snapshot(
+            await self.scope(request), since=since, events_revision=request.query.get("events")
+        )
         return web.json_response(snapshot, headers={"Cache-Control": "no-store"})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:

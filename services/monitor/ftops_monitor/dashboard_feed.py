@@ -190,6 +190,8 @@ class EventFeed:
         self._decisions: OrderedDict[str, deque[FeedItem]] = OrderedDict()
         self._decisions_per_release = decisions_per_release
         self._release_limit = release_limit
+        # Changes with every event listed: a page that polls is sent the list only then.
+        self.revision = 0
 
     def add(self, item: FeedItem) -> bool:
         """False for an event already listed (a redelivery)."""
@@ -205,6 +207,7 @@ class EventFeed:
             del self._items[0]
         if item.subject in (RELEASE_PROMOTE, RELEASE_ROLLBACK) and item.release_id:
             self._add_decision(item)
+        self.revision += 1
         return True
 
     def _add_decision(self, item: FeedItem) -> None:

@@ -230,14 +230,29 @@ class History:
         _drop_old(self.versions, cutoff)
         _drop_old(self.splits, cutoff)
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "versions": [
-                {"alias": a, "version_id": v, "points": [p.as_json() for p in ring]}
-                for (a, v), ring in sorted(self.versions.items())
-            ],
-            "splits": [
-                {"alias": alias, "points": [p.as_json() for p in ring]}
-                for alias, ring in sorted(self.splits.items())
-            ],
-        }
+    def as_json(self, since: float | None = None) -> dict[str, Any]:
+        """Every series with its points; with ``since``, only the points taken after it
+        (a page that polls gets what it has not drawn yet) and the series that have any."""
+
+        def points(ring: deque[Any]) -> list[dict[str, Any]]:
+            if since is None:
+                return [p.as_json() for p in ring]
+            newer = []
+            for point in reversed(ring):  # oldest first: stop at the newest already sent
+                if point.t <= since:
+                    break
+                newer.append(point.as_json())
+            newer.reverse()
+            return newer
+
+        versions = [
+            {"alias": a, "version_id": v, "points": points(ring)}
+            for (a, v), ring in sorted(self.versions.items())
+        ]
+        splits = [
+            {"alias": alias, "points": points(ring)} for alias, ring in sorted(self.splits.items())
+        ]
+        if since is not None:
+            versions = [v for v in versions if v["points"]]
+            splits = [s for s in splits if s["points"]]
+        return {"versions": versions, "splits": splits}

@@ -39,7 +39,8 @@ def _figures(figures: dict[str, float | None]) -> str:
     names = [k for k in KEY_FIGURES if k in figures] + sorted(
         k for k in figures if k not in KEY_FIGURES
     )
-    return "".join(
+    # Spaces between the figures: a long list wraps inside its card.
+    return " ".join(
         f'<span class="figure"><b>{escape(k)}</b> {_number(figures[k])}</span>' for k in names
     )
 
@@ -50,6 +51,13 @@ def _steps(release: dict[str, Any]) -> str:
         current = i == release["step_index"] and release["state"] == "running"
         parts.append(f'<span class="{"current" if current else ""}">{weight}%</span>')
     return " → ".join(parts)
+
+
+def _version(label: str | None, version_id: str) -> str:
+    """``alias:vN``, the id on hover."""
+    if not version_id:
+        return "-"
+    return f'<span title="{escape(version_id)}">{escape(label or version_id)}</span>'
 
 
 def _release(r: dict[str, Any]) -> str:
@@ -77,9 +85,9 @@ def _release(r: dict[str, Any]) -> str:
       <span class="badge strategy">{escape(r["strategy"])}</span>
       <span class="release-id">{escape(r["release_id"])}</span></h3>
   <dl>
-    <dt>versions</dt><dd>{escape(r["stable_version_id"] or "-")} →
-      {escape(r["candidate_version_id"])}</dd>
-    <dt>step</dt><dd class="step">{r["step_index"]}</dd>
+    <dt>versions</dt><dd class="versions">{_version(r.get("stable_label"), r["stable_version_id"])}
+      → {_version(r.get("candidate_label"), r["candidate_version_id"])}</dd>
+    <dt>step</dt><dd class="step">{r["step_index"] + 1}/{len(r["steps"])}</dd>
     <dt>weight</dt><dd class="weight">{r["weight"]}%</dd>
     <dt>steps</dt><dd class="steps">{_steps(r)}</dd>
     <dt>in step</dt><dd class="step-seconds">{r["step_seconds"]:.0f} s</dd>
@@ -97,14 +105,19 @@ def render_releases(releases: list[dict[str, Any]]) -> str:
     return "".join(_release(r) for r in releases)
 
 
+def _alert_series(alert: dict[str, Any]) -> str:
+    label = alert.get("label") or f"{alert['alias']}/{alert['version_id']}"
+    return f'<span title="{escape(alert["version_id"])}">{escape(label)}</span>'
+
+
 def render_alerts(alerts: list[dict[str, Any]]) -> str:
     if not alerts:
         return '<p class="empty">No alerts firing.</p>'
     return (
         "<ul>"
         + "".join(
-            f'<li class="alert"><b>{escape(a["rule"])}</b> {escape(a["alias"])}/'
-            f"{escape(a['version_id'])}: {escape(a['message'])} "
+            f'<li class="alert"><b>{escape(a["rule"])}</b> {_alert_series(a)}: '
+            f"{escape(a['message'])} "
             f'<span class="for">for {a["for_seconds"]:.0f} s</span></li>'
             for a in alerts
         )

@@ -15,6 +15,7 @@ from ftops.monitor.v1 import monitor_pb2_grpc
 from ftops.registry.v1 import registry_pb2_grpc
 from ftops_monitor.alerts import AlertRules
 from ftops_monitor.dashboard import Dashboard
+from ftops_monitor.dashboard_names import VersionNames, registry_names
 from ftops_monitor.evaluation import registry_lookup
 from ftops_monitor.exporter import MetricsServer, prometheus_registry, register_otel
 from ftops_monitor.feedback import RequestIndex
@@ -106,7 +107,11 @@ class MonitorService:
         server_tls = tls.load(settings).server
         self._http_tls = server_tls.ssl_context() if server_tls is not None else None
         self.metrics: MetricsServer | None = None
-        self.dashboard = Dashboard(self.monitor, view=self.view)
+        self.dashboard = Dashboard(
+            self.monitor,
+            view=self.view,
+            names=VersionNames(registry_names(registry, timeout_s=settings.registry_timeout_s)),
+        )
         register_otel(self.monitor, metrics.get_meter("ftops.monitor"))
         self._loop: asyncio.Task[None] | None = None
 

@@ -1,16 +1,28 @@
-// ftops monitor dashboard: keeps the server-rendered page current from the
-// /dashboard/stream server-sent events and draws the charts as plain SVG.
+// ftops monitor dashboard: keeps the server-rendered page current by polling
+// /dashboard/state and draws the charts as plain SVG.
+//
+// Polling on a timer, rather than holding a stream open, lets headless screenshot tools
+// (chromium --screenshot --virtual-time-budget=...) finish: Chromium's virtual time stands
+// still while any request is pending, and an open stream is pending forever.
 "use strict";
 
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
-  const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"];
+  // Ten distinct colours, then hues a golden angle apart: no two lines of a group share one.
+  const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"];
   const KEY_FIGURES = ["requests", "error_rate", "p95_ms", "stable_error_rate", "stable_p95_ms"];
+  // Groups that are no alias (as dashboard_names.py names them), shown after the aliases.
+  const LAST_GROUPS = ["direct to versions", "base model"];
   const MAX_EVENTS = 200;
   const MIN_SPAN_S = 60;
+  const POLL_MS = 1000;
+  const MAX_BACKOFF_MS = 30000;
 
-  const state = { historyS: 900, releases: [], alerts: [], events: [], versions: new Map(), splits: new Map() };
-  const colorOf = new Map();
+  const state = {
+    historyS: 900, releases: [], alerts: [], events: [], eventsRevision: null,
+    versions: new Map(), splits: new Map(), since: null,
+  };
+  const groupColors = new Map(); // group -> (series key -> colour)
 
   // -- formatting -------------------------------------------------------------------
 
@@ -26,10 +38,14 @@
   }
   function figures(f) {
     const names = KEY_FIGURES.filter((k) => k in f).concat(Object.keys(f).filter((k) => !KEY_FIGURES.includes(k)).sort());
-    return names.map((k) => `<span class="figure"><b>${esc(k)}</b> ${num(f[k])}</span>`).join("");
+    return names.map((k) => `<span class="figure"><b>${esc(k)}</b> ${num(f[k])}</span>`).join(" ");
   }
 
   // -- the same markup as dashboard_page.py ---------------------------------------------
+
+  function versionHtml(label, id) {
+    return id ? `<span title="${esc(id)}">${esc(label || id)}</span>` : "-";
+  }
 
   function releaseHtml(r) {
     const st = r.paused && r.state === "running" ? "paused" : r.state;
@@ -42,8 +58,8 @@
   <h3>${esc(r.alias)} <span class="badge state">${esc(st)}</span> <span class="badge strategy">${esc(r.strategy)}</span>
       <span class="release-id">${esc(r.release_id)}</span></h3>
   <dl>
-    <dt>versions</dt><dd>${esc(r.stable_version_id || "-")} → ${esc(r.candidate_version_id)}</dd>
-    <dt>step</dt><dd class="step">${r.step_index}</dd>
+    <dt>versions</dt><dd class="versions">${versionHtml(r.stable_label, r.stable_version_id)} → ${versionHtml(r.candidate_label, r.candidate_version_id)}</dd>
+    <dt>step</dt><dd class="step">${r.step_index + 1}/${r.steps.length}</dd>
     <dt>weight</dt><dd class="weight">${r.weight}%</dd>
     <dt>steps</dt><dd class="steps">${steps}</dd>
     <dt>in step</dt><dd class="step-seconds">${Math.round(r.step_seconds)} s</dd>
@@ -62,7 +78,7 @@
   function renderAlerts() {
     const el = document.getElementById("alerts");
     el.innerHTML = state.alerts.length
-      ? "<ul>" + state.alerts.map((a) => `<li class="alert"><b>${esc(a.rule)}</b> ${esc(a.alias)}/${esc(a.version_id)}: ${esc(a.message)} <span class="for">for ${Math.round(a.for_seconds)} s</span></li>`).join("") + "</ul>"
+      ? "<ul>" + state.alerts.map((a) => `<li class="alert"><b>${esc(a.rule)}</b> <span title="${esc(a.version_id)}">${esc(a.label || a.alias + "/" + a.version_id)}</span>: ${esc(a.message)} <span class="for">for ${Math.round(a.for_seconds)} s</span></li>`).join("") + "</ul>"
       : '<p class="empty">No alerts firing.</p>';
   }
   function renderEvents() {
@@ -74,9 +90,19 @@
 
   // -- charts -------------------------------------------------------------------------
 
-  function color(key) {
-    if (!colorOf.has(key)) colorOf.set(key, COLORS[colorOf.size % COLORS.length]);
-    return colorOf.get(key);
+  function nthColor(i) {
+    if (i < PALETTE.length) return PALETTE[i];
+    const hue = Math.round((i * 137.508) % 360);
+    return `hsl(${hue}, 65%, ${i % 2 ? 35 : 48}%)`;
+  }
+
+  // Colours are given per group in the order the series first appear (sorted by label),
+  // and kept: a line keeps its colour while others come and go.
+  function colorsFor(group, series) {
+    if (!groupColors.has(group)) groupColors.set(group, new Map());
+    const colors = groupColors.get(group);
+    for (const s of series) if (!colors.has(s.key)) colors.set(s.key, nthColor(colors.size));
+    return colors;
   }
 
   function el(name, attrs, text) {
@@ -93,14 +119,17 @@
     return 10 * p;
   }
 
-  // lines: [{label, color, dash, points: [[t, v|null], ...]}]
-  function chart(title, unit, lines, t0, t1, fixedMax) {
+  // lines: [{label, color, dash, step, points: [[t, v|null], ...]}]; key: legend entries of
+  // the chart's own (the group's legend names the versions). maxCap: the axis never goes
+  // past it (an error rate tops out at 100%).
+  function chart(title, unit, lines, t0, t1, opts = {}) {
     const W = 340, H = 170, L = 46, R = 8, T = 22, B = 22;
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
     svg.appendChild(el("text", { x: L, y: 14, class: "title" }, title));
     let max = 0;
     for (const line of lines) for (const [, v] of line.points) if (v !== null && v > max) max = v;
-    const yMax = fixedMax || niceMax(max * 1.1);
+    let yMax = opts.fixedMax || niceMax(max * 1.1);
+    if (opts.maxCap) yMax = Math.min(yMax, opts.maxCap);
     const x = (t) => L + ((t - t0) / Math.max(t1 - t0, 1)) * (W - L - R);
     const y = (v) => H - B - (v / yMax) * (H - T - B);
     for (let i = 0; i <= 4; i++) {
@@ -124,15 +153,29 @@
         d += `${pen ? "L" : "M"}${x(t).toFixed(1)},${py}`;
         pen = true;
       }
-      if (d) svg.appendChild(el("path", { d, stroke: line.color, "stroke-dasharray": line.dash || "", class: "line" }));
+      if (!d) continue;
+      const path = el("path", { d, stroke: line.color, "stroke-dasharray": line.dash || "", class: "line" });
+      path.appendChild(el("title", {}, line.label)); // the name on hover
+      svg.appendChild(path);
     }
-    const legend = document.createElement("div");
-    legend.className = "legend";
-    legend.innerHTML = lines.map((l) => `<span><i style="border-color:${l.color};border-style:${l.dash ? "dashed" : "solid"}"></i>${esc(l.label)}</span>`).join("");
     const box = document.createElement("figure");
     box.appendChild(svg);
-    box.appendChild(legend);
+    if (opts.key) box.appendChild(legend(opts.key));
     return box;
+  }
+
+  function legend(entries) {
+    const node = document.createElement("div");
+    node.className = "legend";
+    node.innerHTML = entries.map((l) => `<span><i style="border-color:${l.color};border-style:${l.style || "solid"}"></i>${esc(l.label)}</span>`).join("");
+    return node;
+  }
+
+  // Aliases with a release first, then other aliases and adapters, then the rest.
+  function groupOrder(groups) {
+    const released = new Set(state.releases.map((r) => r.alias));
+    const rank = (g) => (LAST_GROUPS.includes(g) ? 2 + LAST_GROUPS.indexOf(g) : released.has(g) ? 0 : 1);
+    return [...groups].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
   }
 
   function renderCharts(now) {
@@ -142,50 +185,58 @@
     for (const s of state.versions.values()) if (s.points.length) first = Math.min(first, s.points[0].t);
     for (const points of state.splits.values()) if (points.length) first = Math.min(first, points[0].t);
     const t1 = now, t0 = Math.min(Math.max(first, now - state.historyS), now - MIN_SPAN_S);
-    const byAlias = new Map();
+    const byGroup = new Map();
     for (const [key, s] of state.versions) {
-      if (!byAlias.has(s.alias)) byAlias.set(s.alias, []);
-      byAlias.get(s.alias).push({ key, ...s });
+      if (!byGroup.has(s.group)) byGroup.set(s.group, []);
+      byGroup.get(s.group).push({ key, ...s });
     }
-    for (const alias of state.splits.keys()) if (!byAlias.has(alias)) byAlias.set(alias, []);
-    if (!byAlias.size) {
+    for (const alias of state.splits.keys()) if (!byGroup.has(alias)) byGroup.set(alias, []);
+    if (!byGroup.size) {
       root.innerHTML = '<p class="empty">No traffic yet.</p>';
       return;
     }
     const frag = document.createDocumentFragment();
-    for (const alias of [...byAlias.keys()].sort()) {
-      const versions = byAlias.get(alias).sort((a, b) => a.version_id.localeCompare(b.version_id));
-      const series = (field, scale = 1) => versions.map((s) => ({
-        label: s.version_id, color: color(s.key),
+    for (const group of groupOrder(byGroup.keys())) {
+      const series = byGroup.get(group).sort((a, b) => a.label.localeCompare(b.label, undefined, { numeric: true }));
+      const colors = colorsFor(group, series);
+      const lines = (field, scale = 1) => series.map((s) => ({
+        label: s.label, color: colors.get(s.key),
         points: s.points.map((p) => [p.t, p[field] === null ? null : p[field] * scale]),
       }));
       const latency = [];
-      for (const s of versions) {
-        for (const [field, dash, name] of [["p50_ms", "", "p50"], ["p95_ms", "5 3", "p95"], ["p99_ms", "1 3", "p99"]]) {
-          latency.push({ label: `${s.version_id} ${name}`, color: color(s.key), dash, points: s.points.map((p) => [p.t, p[field]]) });
+      const percentiles = [["p50_ms", "", "p50", "solid"], ["p95_ms", "5 3", "p95", "dashed"], ["p99_ms", "1 3", "p99", "dotted"]];
+      for (const s of series) {
+        for (const [field, dash, name] of percentiles) {
+          latency.push({ label: `${s.label} ${name}`, color: colors.get(s.key), dash, points: s.points.map((p) => [p.t, p[field]]) });
         }
       }
-      const group = document.createElement("div");
-      group.className = "alias-charts";
-      group.dataset.alias = alias;
+      const box = document.createElement("div");
+      box.className = "alias-charts";
+      box.dataset.alias = group;
       const h = document.createElement("h3");
-      h.textContent = alias;
-      group.appendChild(h);
+      h.textContent = group;
+      box.appendChild(h);
+      if (series.length) box.appendChild(legend(series.map((s) => ({ label: s.label, color: colors.get(s.key) }))));
       const row = document.createElement("div");
       row.className = "chart-row";
-      row.appendChild(chart("requests / s", "", series("rps"), t0, t1));
-      row.appendChild(chart("error rate", "%", series("error_rate", 100), t0, t1));
-      row.appendChild(chart("latency p50 / p95 / p99", "ms", latency, t0, t1));
-      row.appendChild(chart("feedback mean", "", series("feedback_mean"), t0, t1, 1));
-      const split = state.splits.get(alias);
+      row.appendChild(chart("requests / s", "", lines("rps"), t0, t1));
+      row.appendChild(chart("error rate", "%", lines("error_rate", 100), t0, t1, { maxCap: 100 }));
+      row.appendChild(chart("latency p50 / p95 / p99", "ms", latency, t0, t1, {
+        key: percentiles.map(([, , name, style]) => ({ label: name, color: "#6b7280", style })),
+      }));
+      row.appendChild(chart("feedback mean", "", lines("feedback_mean"), t0, t1, { fixedMax: 1 }));
+      const split = state.splits.get(group);
       if (split) {
         row.appendChild(chart("candidate traffic %", "", [
           { label: "release weight", color: "#111827", step: true, points: split.map((p) => [p.t, p.weight]) },
           { label: "observed", color: "#f59e0b", dash: "4 3", points: split.map((p) => [p.t, p.observed]) },
-        ], t0, t1, 100));
+        ], t0, t1, {
+          fixedMax: 100,
+          key: [{ label: "release weight", color: "#111827" }, { label: "observed", color: "#f59e0b", style: "dashed" }],
+        }));
       }
-      group.appendChild(row);
-      frag.appendChild(group);
+      box.appendChild(row);
+      frag.appendChild(box);
     }
     root.replaceChildren(frag);
   }
@@ -199,69 +250,99 @@
     if (i) points.splice(0, i);
   }
 
-  function onSnapshot(s) {
+  // One answer of /dashboard/state: everything on the first poll, then the chart points
+  // taken since the previous one (and the event list when it changed).
+  function apply(s) {
     state.historyS = s.history_s;
     state.releases = s.releases;
     state.alerts = s.alerts;
-    state.events = s.events;
-    state.versions = new Map(s.versions.map((v) => [`${v.alias}\u0000${v.version_id}`, v]));
-    state.splits = new Map(s.splits.map((v) => [v.alias, v.points]));
-    renderAll(s.now);
-  }
-
-  function onTick(t) {
-    state.releases = t.releases;
-    state.alerts = t.alerts;
-    for (const v of t.versions) {
+    if (s.events) state.events = s.events.slice(-MAX_EVENTS);
+    state.eventsRevision = s.events_revision;
+    for (const v of s.versions) {
       const key = `${v.alias}\u0000${v.version_id}`;
-      if (!state.versions.has(key)) state.versions.set(key, { alias: v.alias, version_id: v.version_id, points: [] });
-      state.versions.get(key).points.push(v.point);
+      const known = state.versions.get(key);
+      if (!known) {
+        state.versions.set(key, { alias: v.alias, version_id: v.version_id, group: v.group, label: v.label, points: v.points });
+        continue;
+      }
+      // Named once the registry has answered: the label and group follow.
+      known.group = v.group;
+      known.label = v.label;
+      known.points.push(...v.points);
     }
-    for (const s of t.splits) {
-      if (!state.splits.has(s.alias)) state.splits.set(s.alias, []);
-      state.splits.get(s.alias).push(s.point);
+    for (const sp of s.splits) {
+      if (!state.splits.has(sp.alias)) state.splits.set(sp.alias, []);
+      state.splits.get(sp.alias).push(...sp.points);
     }
     for (const [key, v] of state.versions) {
-      trim(v.points, t.now);
+      trim(v.points, s.now);
       if (!v.points.length) state.versions.delete(key);
     }
     for (const [alias, points] of state.splits) {
-      trim(points, t.now);
+      trim(points, s.now);
       if (!points.length) state.splits.delete(alias);
     }
-    renderAll(t.now);
-  }
-
-  function onFeed(item) {
-    state.events.push(item);
-    state.events.sort((a, b) => a.at - b.at);
-    if (state.events.length > MAX_EVENTS) state.events.splice(0, state.events.length - MAX_EVENTS);
-    // A decision shows on its release at once; the next tick brings the new step.
-    const release = state.releases.find((r) => r.release_id === item.release_id);
-    if (release && (item.subject === "release.promote" || item.subject === "release.rollback")) {
-      if (!release.decisions.some((d) => d.event_id === item.event_id)) release.decisions.push(item);
-      renderReleases();
-    }
-    renderEvents();
-  }
-
-  function renderAll(now) {
+    state.since = s.now;
     renderReleases();
     renderAlerts();
     renderEvents();
-    renderCharts(now);
-    document.getElementById("updated").textContent = "updated " + clock(now) + " UTC";
+    renderCharts(s.now);
+    document.getElementById("updated").textContent = "updated " + clock(s.now) + " UTC";
   }
 
-  function connect() {
-    const status = document.getElementById("connection");
-    const source = new EventSource("/dashboard/stream");
-    source.addEventListener("open", () => { status.textContent = "live"; status.className = "badge live"; });
-    source.addEventListener("error", () => { status.textContent = "reconnecting"; status.className = "badge down"; });
-    source.addEventListener("snapshot", (e) => onSnapshot(JSON.parse(e.data)));
-    source.addEventListener("tick", (e) => onTick(JSON.parse(e.data)));
-    source.addEventListener("feed", (e) => onFeed(JSON.parse(e.data)));
+  // -- polling ------------------------------------------------------------------------
+
+  let timer = null, polling = false, failures = 0, stopped = false;
+
+  function status(text, kind) {
+    const badge = document.getElementById("connection");
+    badge.textContent = text;
+    badge.className = "badge " + kind;
   }
 
-  connect();
+  function schedule(ms) {
+    if (!stopped && timer === null) timer = setTimeout(poll, ms);
+  }
+
+  async function poll() {
+    timer = null;
+    // A hidden tab asks for nothing; it catches up when shown (visibilitychange).
+    if (document.hidden || polling || stopped) return;
+    polling = true;
+    const query = new URLSearchParams();
+    if (state.since !== null) query.set("since", state.since);
+    if (state.eventsRevision !== null) query.set("events", state.eventsRevision);
+    try {
+      const response = await fetch("/dashboard/state?" + query, { cache: "no-store", credentials: "same-origin" });
+      if (response.status === 401) {
+        // The key was revoked or expired: no more updates until a key is given again.
+        stopped = true;
+        status("key refused: reload to sign in", "down");
+        return;
+      }
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      apply(await response.json());
+      failures = 0;
+      status("live", "live");
+    } catch (err) {
+      failures += 1;
+      status("reconnecting", "down");
+    } finally {
+      polling = false;
+    }
+    // Backs off while the monitor is away: 2, 4, 8 ... at most 30 s between tries.
+    schedule(failures ? Math.min(POLL_MS * 2 ** failures, MAX_BACKOFF_MS) : POLL_MS);
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      if (timer !== null) clearTimeout(timer);
+      timer = null;
+      if (!stopped) status("paused while hidden", "");
+    } else {
+      poll();
+    }
+  });
+
+  poll();
 })();

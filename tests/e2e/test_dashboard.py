@@ -762,6 +762,18 @@ async def test_dashboard_state_and_stream_over_http(monitor: MonitorService, bus
                 if (v["alias"], v["version_id"]) == (alias, "ver_stable")
             )
             assert version["points"][-1]["p95_ms"] > 0
+            # A polling page's next answer: only the points taken since, no event list
+            # when it did not change; a since that is no number is refused.
+            async with http.get(
+                f"{base}/dashboard/state",
+                params={"since": str(state["now"]), "events": state["events_revision"]},
+            ) as response:
+                later = await response.json()
+            assert all(p["t"] > state["now"] for v in later["versions"] for p in v["points"])
+            assert "events" not in later or later["events_revision"] != state["events_revision"]
+            async with http.get(f"{base}/dashboard/state?since=soon") as response:
+                assert response.status == 400
+                assert "since must be a finite number" in await response.text()
             async with http.get(f"{base}/dashboard") as page:
                 html = await page.text()
                 assert page.status == 200

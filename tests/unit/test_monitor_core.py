@@ -852,3 +852,20 @@ async def test_deadlines_only_on_the_candidates_arm_roll_it_back() -> None:
     assert await shared.analyze_once() == []
     assert shared_bus.of("release.rollback") == []
     assert _held(shared) == ["infrastructure"]
+
+
+async def test_old_releases_are_forgotten_but_each_alias_keeps_its_latest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ftops_monitor.monitor.KEEP_ENDED_RELEASES", 2)
+    monitor, _ = _monitor()
+    for i in range(5):
+        started = _started(release_id=f"rel_{i}")
+        started.release.started_at.FromSeconds(1000 + i)
+        monitor.apply_route_changed(started)
+    other = _started(release_id="rel_other")
+    other.alias = "other-bot"
+    other.release.started_at.FromSeconds(900)  # the oldest, but its alias's latest
+    monitor.apply_route_changed(other)
+    assert sorted(monitor.releases) == ["rel_2", "rel_3", "rel_4", "rel_other"]
+    assert monitor.analysis("bot").release_id == "rel_4"

@@ -82,6 +82,9 @@ FEEDBACK_PUBLISH_TIMEOUT_S = 2.0
 # A published decision the gateway's state has not reflected after this long (the gateway
 # was down, or ignored it as stale) lets the step be judged again.
 PENDING_DECISION_S = 10.0
+# Releases other than each alias's latest kept in memory (dashboard history); older ones are
+# the registry's to tell.
+KEEP_ENDED_RELEASES = 200
 
 
 def _seconds(ts: Timestamp, default: float) -> float:
@@ -408,6 +411,7 @@ class Monitor:
             newest = self.release_for(event.alias)
             if newest is None or release.started_at >= newest.started_at:
                 self._latest[event.alias] = release.release_id
+            self._forget_old_releases()
             log.info(
                 "release %s of %s (%s, %s): %s -> %s steps %s",
                 release.release_id,
@@ -438,6 +442,20 @@ class Monitor:
                 change.kind,
                 change.reason,
             )
+
+    def _forget_old_releases(self) -> None:
+        """Keep the latest release of each alias and the newest KEEP_ENDED_RELEASES others
+        (the registry has the whole history): memory stays bounded however many releases
+        an installation runs."""
+        latest = set(self._latest.values())
+        older = [r for r in self.releases.values() if r.release_id not in latest]
+        if len(older) <= KEEP_ENDED_RELEASES:
+            return
+        older.sort(key=lambda r: r.started_at)
+        for release in older[: len(older) - KEEP_ENDED_RELEASES]:
+            del self.releases[release.release_id]
+            self._judged.pop(release.release_id, None)
+            self._evaluated.discard(release.release_id)
 
     # -- decisions -------------------------------------------------------------------
 

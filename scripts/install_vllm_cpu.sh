@@ -7,7 +7,7 @@
 #
 # The environment holds vLLM, the project (editable) with its runtime dependencies and the
 # dev stack's servers, and pytest: enough to run the inference service on vLLM and the vLLM
-# tests (tests/vllm). The other services keep running from the main .venv.
+# tests (tests/vllm_backend). The other services keep running from the main .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

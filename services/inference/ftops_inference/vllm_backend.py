@@ -67,9 +67,16 @@ class VLLMNotInstalledError(RuntimeError):
     pass
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM is installed: a package with code, not just a directory named vllm on
+    sys.path (which Python would find as a namespace package)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
 def require_vllm() -> None:
     """Fails fast, before any model loads, where vLLM cannot be imported."""
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_installed():
         raise VLLMNotInstalledError(INSTALL_HINT)
 
 

@@ -1,7 +1,7 @@
 """The vLLM backend with the tiny model: adapters by version with never-reused LoRA ids and
 names, streaming, stop strings, unload, reload after vLLM's CPU LRU evicted an adapter,
 refused requests, early-closed streams. Runs on vLLM's CPU build (``make test-vllm``) or
-a GPU; skipped where vLLM is not installed (tests/vllm/conftest.py)."""
+a GPU; skipped where vLLM is not installed (tests/vllm_backend/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ftops_inference.sampling import FinishReason, SamplingConfig
 from ftops_inference.settings import InferenceSettings
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument
 
-MakeLora = Callable[..., Path]  # tests/vllm/conftest.py: write_lora
+MakeLora = Callable[..., Path]  # tests/vllm_backend/conftest.py: write_lora
 
 
 @pytest.fixture(scope="module")

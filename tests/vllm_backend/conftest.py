@@ -9,15 +9,16 @@ the vLLM environment needs no PEFT."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from ftops_inference.vllm_backend import vllm_installed
+
 HERE = Path(__file__).resolve().parent
-VLLM_MISSING = importlib.util.find_spec("vllm") is None
+VLLM_MISSING = not vllm_installed()
 
 MakeLora = Callable[..., Path]
 

@@ -3,6 +3,9 @@
 ftops-dev up            start everything, run the demo, keep serving until Ctrl-C
 ftops-dev up --no-demo  start everything and keep serving
 ftops-dev up --no-auth  without access control (no API keys needed)
+ftops-dev up --backend vllm
+                        the inference service on vLLM (CPU build, from .venv-vllm:
+                        `make install-vllm` first), the other services as usual
 ftops-dev up --namespace teamA
                         an installation of its own on a shared NATS and Redis
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from ftops_devstack.demo import DEMO_MIN_RETENTION, Endpoints, run_demo
 from ftops_devstack.servers import ManagedServer, nats_for_stack, redis_for_stack
 from ftops_devstack.stack import Stack
+from ftops_devstack.vllm_env import TINY_MODEL_SETTINGS, VLLMUnavailableError, vllm_python
 from ftops_runtime.namespace import Namespace, namespace_problem
 
 # The tiny model forgets fast (bench/forgetting.py): a first job with default settings
@@ -82,11 +86,13 @@ def dev_stack(
     model_dir: Path,
     *,
     auth: bool,
+    vllm_python: Path | None = None,
     namespace: str = "",
 ) -> Stack:
     """The stack ``ftops-dev up`` runs: the preferred ports, and settings that fit the tiny
-    model (its evaluation gate: what ``ftops train`` with no gate flags gets)."""
-    return Stack(
+    model (its evaluation gate: what ``ftops train`` with no gate flags gets). With
+    ``vllm_python``, the inference service runs on vLLM from that interpreter."""
+    stack = Stack(
         workdir,
         nats_url,
         redis_url,
@@ -96,6 +102,10 @@ def dev_stack(
         namespace=namespace,
         extra_env={"FTOPS_GATE_MIN_RETENTION": str(TINY_MODEL_MIN_RETENTION)},
     )
+    if vllm_python is not None:
+        stack.interpreters["inference"] = str(vllm_python)
+        stack.service_env["inference"] = dict(TINY_MODEL_SETTINGS)
+    return stack
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -127,8 +137,15 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    workdir = _prepare_workdir(args.workdir, args.fresh)
     say = print
+    vllm: Path | None = None
+    if args.backend == "vllm":
+        try:  # before anything starts: a missing vLLM is said at once, with its install
+            vllm = await asyncio.to_thread(vllm_python)
+        except VLLMUnavailableError as exc:
+            say(f"ftops-dev: {exc}")
+            return 2
+    workdir = _prepare_workdir(args.workdir, args.fresh)
 
     from ftops_tinymodel import build
 
@@ -144,11 +161,20 @@ async def _serve(args: argparse.Namespace) -> int:
         cleanup.callback(redis.stop)
         say(_describe(redis, args.redis_port))
         stack = dev_stack(
-            workdir, nats.url, redis.url, model_dir, auth=not args.no_auth, namespace=args.namespace
+            workdir,
+            nats.url,
+            redis.url,
+            model_dir,
+            auth=not args.no_auth,
+            namespace=args.namespace,
+            vllm_python=vllm,
         )
         cleanup.callback(stack.stop)
         stack.start()
-        await stack.wait_serving()
+        if vllm is not None:
+            say(f"inference on vLLM ({vllm}): its engine takes a minute or two to build")
+        # vLLM imports for tens of seconds and builds its engine for about a minute on CPU.
+        await stack.wait_serving(timeout=600 if vllm is not None else 180)
         for name, sp in stack.processes.items():
             say(f"{name:<10} SERVING on {sp.address}  (log: {sp.log_path})")
         say(describe_namespace(stack.namespace))
@@ -204,6 +230,12 @@ def main() -> None:
         help="installation namespace (FTOPS_NAMESPACE): prefixes streams, consumers, "
         "subjects, the artifact bucket and Redis keys, so stacks sharing a NATS and a "
         "Redis never see each other (default: $FTOPS_NAMESPACE, else none)",
+    )
+    up.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="inference backend: hf (transformers + PEFT) or vllm (needs `make install-vllm`)",
     )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--redis-port", type=int, default=6379)

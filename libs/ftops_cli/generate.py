@@ -46,6 +46,17 @@ def summary(last: gateway_pb2.GenerateChunk) -> str:
     )
 
 
+# An instruct model asked without its chat template often ends at once.
+EMPTY_HINT = (
+    "the model ended without a token: an instruct (chat) model wants its chat template; try --chat"
+)
+
+
+def chat_turns(prompt: str, system: str) -> list[tuple[str, str]]:
+    """The prompt as a user turn, after the system message when there is one."""
+    return ([("system", system)] if system.strip() else []) + [("user", prompt)]
+
+
 def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="an alias, a version id, adapter:number or base")],
@@ -67,6 +78,17 @@ def generate(
     request_id: Annotated[
         str, typer.Option(help="your own request id (default: the gateway makes one)")
     ] = "",
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="send the prompt as a user message, rendered with the base model's chat "
+            "template (instruct models, adapters trained on chat-format data)",
+        ),
+    ] = False,
+    system: Annotated[
+        str, typer.Option(help="a system message before the prompt (implies --chat)")
+    ] = "",
     output: Annotated[
         Output, typer.Option("--output", "-o", help="table: the text; json: one object per chunk")
     ] = Output.table,
@@ -82,9 +104,11 @@ def generate(
         text = sys.stdin.read() if prompt == "-" else prompt
         if not text.strip():
             raise CliError("the prompt is empty")
+        turns = chat_turns(text, system) if chat or system else []
         stream = client.generate_stream(
             model,
-            text,
+            "" if turns else text,
+            messages=turns,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -107,5 +131,7 @@ def generate(
         if output is Output.table:
             typer.echo()
             typer.echo(summary(last), err=True)
+            if not turns and last.completion_tokens == 0:
+                typer.echo(EMPTY_HINT, err=True)
 
     run(ctx, work)

@@ -496,3 +496,42 @@ async def test_hostile_adapters_are_refused_naming_what_is_wrong(
 
     after = await generate(stack, good.version_id)
     assert after.text == before.text
+
+
+async def test_a_chat_is_answered_as_its_rendered_prompt(stack: Stack) -> None:
+    chat = [("system", "Answer briefly."), ("user", "The capital of")]
+    messages = [inference_pb2.ChatMessage(role=r, content=c) for r, c in chat]
+    as_chat = await stack.stub.Generate(
+        inference_pb2.GenerateRequest(request_id="c1", messages=messages, sampling=GREEDY),
+        timeout=30,
+    )
+    as_prompt = await generate(stack, "", prompt=stack.service.core.chat.render(chat))
+    assert as_chat.prompt_tokens == as_prompt.prompt_tokens > 0
+    assert as_chat.text == as_prompt.text
+    stream = stack.stub.GenerateStream(
+        inference_pb2.GenerateRequest(request_id="c2", messages=messages, sampling=GREEDY),
+        timeout=30,
+    )
+    assert "".join([c.text async for c in stream]) == as_chat.text
+
+
+async def test_a_chat_to_a_model_without_a_chat_template_is_invalid_argument(
+    stack: Stack,
+) -> None:
+    from ftops_inference.chat import ChatRenderer
+
+    renderer = stack.service.core.chat
+    # What a base model directory without a chat template loads (see test_inference_chat).
+    stack.service.core.chat = ChatRenderer(None, "tiny-llama")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.Generate(
+                inference_pb2.GenerateRequest(
+                    messages=[inference_pb2.ChatMessage(role="user", content="hi")]
+                ),
+                timeout=30,
+            )
+    finally:
+        stack.service.core.chat = renderer
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "base model 'tiny-llama' has no chat template" in (info.value.details() or "")

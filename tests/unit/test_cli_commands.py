@@ -60,6 +60,12 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "no replica has ver_9 loaded")
         if request.model == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' is unknown")
+        if request.model == "instruct" and not request.messages:
+            # An instruct model asked without its chat template: ends at once.
+            yield gateway_pb2.GenerateChunk(
+                request_id="req_8", finish_reason=common_pb2.FINISH_REASON_EOS
+            )
+            return
         for i, piece in enumerate(("Hello", ",", " world")):
             done = i == 2
             yield gateway_pb2.GenerateChunk(
@@ -244,6 +250,29 @@ def test_generate_reads_the_prompt_from_stdin(servers: Any) -> None:
     empty = CliRunner().invoke(app, [*overrides, "generate", "bot", "-"], input="  \n")
     assert empty.exit_code == EXIT_USAGE
     assert _one_error_line(empty) == "error: the prompt is empty"
+
+
+def test_generate_chat_sends_messages_for_the_chat_template(servers: Any) -> None:
+    address, gateway, _ = servers
+    result = _cli(address, "generate", "instruct", "How much?", "--system", "Be brief.")
+    assert result.exit_code == 0, result.output
+    sent = gateway.requests[-1]
+    assert sent.prompt == ""
+    assert [(m.role, m.content) for m in sent.messages] == [
+        ("system", "Be brief."),
+        ("user", "How much?"),
+    ]
+    assert _cli(address, "generate", "instruct", "Hi", "--chat").exit_code == 0
+    assert [(m.role, m.content) for m in gateway.requests[-1].messages] == [("user", "Hi")]
+
+
+def test_generate_says_when_a_raw_prompt_got_no_token(servers: Any) -> None:
+    address, gateway, _ = servers
+    result = _cli(address, "generate", "instruct", "How much?")
+    assert result.exit_code == 0, result.output
+    assert gateway.requests[-1].prompt == "How much?"
+    assert "0 tokens" in result.stderr
+    assert "try --chat" in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize(

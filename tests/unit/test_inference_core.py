@@ -18,6 +18,7 @@ from ftops_inference.backend import (
     ModuleShape,
     complete,
 )
+from ftops_inference.chat import ChatRenderer
 from ftops_inference.core import InferenceCore
 from ftops_inference.loader import AdapterLoader
 from ftops_inference.sampling import FinishReason
@@ -238,3 +239,24 @@ async def test_metrics_per_version_and_outcome_reach_opentelemetry() -> None:
     assert events == {("v1", "reload"): 1}
     assert core.metrics.by_version[""].requests == 3
     assert core.metrics.by_version[""].errors == 1
+
+
+CHAT_TURNS = [("system", "Be brief."), ("user", "How much is the Zorblax plan?")]
+
+
+async def test_the_core_generates_from_the_rendered_chat(tiny_model_dir: Path) -> None:
+    backend = FakeBackend()
+    core = make_core(backend, max_prompt_tokens=90)
+    core.chat = ChatRenderer.load(tiny_model_dir, "tiny-llama")
+    await core.generate("", "", common_pb2.SamplingParams(), messages=CHAT_TURNS)
+    assert backend.requests[-1].prompt == core.chat.render(CHAT_TURNS)
+    with pytest.raises(InvalidArgument, match="set prompt or messages, not both"):
+        await core.generate("", "hello", common_pb2.SamplingParams(), messages=CHAT_TURNS)
+
+
+async def test_the_core_refuses_chats_before_it_knows_a_template() -> None:
+    backend = FakeBackend()
+    core = make_core(backend)
+    with pytest.raises(InvalidArgument, match="chat template"):
+        await core.generate("", "", common_pb2.SamplingParams(), messages=CHAT_TURNS)
+    assert backend.requests == []

@@ -27,6 +27,7 @@ from ftops_gateway.chooser import (
 from ftops_gateway.chooser import choose as choose_arm
 from ftops_gateway.forwarder import Attempt, Forwarder
 from ftops_gateway.metrics_reporter import MetricsReporter
+from ftops_gateway.openai_chat import inference_chat_message
 from ftops_gateway.route_cache import RouteCache
 from ftops_gateway.shadow import Mirror, ShadowMirror
 from ftops_gateway.statuses import CLIENT_FAULTS, failure_origin, status_name
@@ -145,6 +146,7 @@ class Gateway:
             version_id=target.version_id,
             prompt=request.prompt,
             sampling=request.sampling,
+            messages=[inference_chat_message(m) for m in request.messages],
         )
 
     def _start_mirror(

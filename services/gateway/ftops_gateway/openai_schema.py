@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ftops.common.v1 import common_pb2
 from ftops.gateway.v1 import gateway_pb2
-from ftops_gateway.openai_chat import render_chat
+from ftops_gateway.openai_chat import chat_messages
 from ftops_gateway.openai_errors import OpenAIError, invalid
 
 MAX_STOP_SEQUENCES = 4
@@ -84,13 +84,19 @@ class _Common(BaseModel):
         return params
 
     def prompt_text(self) -> str:
+        """The raw prompt; empty for a chat (see ``chat``)."""
         raise NotImplementedError
+
+    def chat(self) -> list[gateway_pb2.ChatMessage]:
+        """The chat's turns, rendered by the inference service; empty for a completion."""
+        return []
 
     def to_generate(self, *, request_id: str, tenant: str) -> gateway_pb2.GenerateRequest:
         self._refuse_unsupported()
         request = gateway_pb2.GenerateRequest(
             model=self.model,
             prompt=self.prompt_text(),
+            messages=self.chat(),
             sampling=self.sampling(),
             request_id=request_id,
             tenant=tenant,
@@ -181,7 +187,10 @@ class ChatCompletionRequest(_Common):
         return self.max_completion_tokens or self.max_tokens
 
     def prompt_text(self) -> str:
-        return render_chat([(m.role, m.text(i)) for i, m in enumerate(self.messages)])
+        return ""
+
+    def chat(self) -> list[gateway_pb2.ChatMessage]:
+        return chat_messages([(m.role, m.text(i)) for i, m in enumerate(self.messages)])
 
 
 def parse(model: type[_Common], body: Any) -> _Common:

@@ -21,6 +21,10 @@ def _best_effort(request: inference_pb2.GenerateRequest) -> bool:
     return request.priority == inference_pb2.REQUEST_PRIORITY_BEST_EFFORT
 
 
+def _messages(request: inference_pb2.GenerateRequest) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in request.messages]
+
+
 def _timeout_s(request: inference_pb2.GenerateRequest, context: Any) -> float | None:
     """The caller's remaining deadline: the call's own, or the one a multiplexed request
     carries (it has no gRPC deadline of its own); the shorter when both are set."""
@@ -78,6 +82,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 request.sampling,
                 best_effort=_best_effort(request),
                 timeout_s=_timeout_s(request, context),
+                messages=_messages(request),
             )
         except FtopsError as exc:
             _advise_retry(context, exc)
@@ -101,6 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request.sampling,
             best_effort=_best_effort(request),
             timeout_s=_timeout_s(request, context),
+            messages=_messages(request),
         )
         try:
             async for version_id, chunk in chunks:

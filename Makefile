@@ -74,7 +74,7 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 
 typecheck: $(INSTALLED)
-	$(BIN)/mypy libs/ftops_runtime libs/ftops_devstack libs/ftops_tinymodel libs/ftops_client libs/ftops_cli services tests bench scripts
+	$(BIN)/mypy libs/ftops_runtime libs/ftops_devstack libs/ftops_tinymodel libs/ftops_models libs/ftops_client libs/ftops_cli services tests bench scripts
 
 check: $(INSTALLED) check-protos lint typecheck
 

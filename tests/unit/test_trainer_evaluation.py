@@ -191,3 +191,72 @@ def test_gate_checks_the_lineage_against_the_base_model_too() -> None:
     assert not verdict.passed
     assert verdict.metrics["retention_vs_base"] == pytest.approx(0.9)
     assert any("base model's knowledge 0.900" in r for r in verdict.reasons)
+
+
+def test_the_gate_rejects_a_version_that_did_not_learn_its_training_records() -> None:
+    """Retention kept and held-out loss lower, but none of its own facts answered: the
+    configuration bench/forgetting once reported as meeting its target."""
+    verdict = evaluate_gate(
+        GateConfig(),
+        new_before=score(2.0, 0.0),
+        new_after=score(1.5, 0.0),
+        retention_before=score(1.0, 1.0),
+        retention_after=score(1.0, 1.0),
+        learned_before=score(2.0, 0.0, n=20),
+        learned_after=score(1.4, 0.0, n=20),
+    )
+    assert not verdict.passed
+    assert verdict.reasons == [
+        "learned 0.000 < 0.900: exact match of the completions on 20 of its own training "
+        "records (the parent: 0.000); the version did not learn what it was given"
+    ]
+    assert verdict.metrics["learned"] == 0.0
+    assert verdict.metrics["learned_on_exact_match"] == 1.0
+    assert verdict.metrics["learned_parent_exact_match"] == 0.0
+    assert verdict.metrics["min_learned"] == 0.9
+    assert verdict.metrics["retention"] == 1.0  # beside it, each figure reported
+
+
+def test_the_gate_passes_what_was_learned_and_falls_back_to_token_accuracy() -> None:
+    learned = evaluate_gate(
+        GateConfig(min_learned=0.9),
+        new_before=score(2.0),
+        new_after=score(1.0),
+        learned_before=score(2.0, 0.0),
+        learned_after=score(0.1, 0.95),
+    )
+    assert learned.passed, learned.reasons
+    assert learned.metrics["learned"] == pytest.approx(0.95)
+    texts = EvalResult(8, 80, 0.5, None, 0, token_accuracy=0.6)
+    on_tokens = evaluate_gate(
+        GateConfig(min_learned=0.9),
+        new_before=score(2.0),
+        new_after=score(1.0),
+        learned_before=EvalResult(8, 80, 2.0, None, 0, token_accuracy=0.3),
+        learned_after=texts,
+    )
+    assert on_tokens.metrics["learned_on_exact_match"] == 0.0
+    assert (
+        "learned 0.600 < 0.900: token accuracy on 8 of its own training records"
+        in (on_tokens.reasons[0])
+    )
+    unmeasured = evaluate_gate(GateConfig(), new_before=score(2.0), new_after=score(1.0))
+    assert unmeasured.passed
+    assert "learning not checked" in unmeasured.notes[-1]
+
+
+def test_exact_match_covers_chats_as_training_renders_them(tiny_model_dir: Path) -> None:
+    """A chat's last assistant turn is scored after the chat rendered by the model's chat
+    template; token accuracy comes with the loss."""
+    facts = ftops_tinymodel.retention_set()[:6]
+    chats = [
+        Record(messages=(("user", f["prompt"]), ("assistant", f["completion"]))) for f in facts
+    ]
+    result = evaluate_sets(tiny_model_dir, {"chats": chats})["chats"]
+    assert result.exact_match is not None
+    assert result.exact_match_records == len(chats)
+    assert result.token_accuracy is not None
+    assert 0.0 <= result.token_accuracy <= 1.0
+    retained = evaluate_sets(tiny_model_dir, {"r": pairs(facts)})["r"]
+    assert retained.exact_match == 1.0
+    assert retained.token_accuracy == pytest.approx(1.0)  # what it knows, token by token

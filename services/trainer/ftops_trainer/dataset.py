@@ -454,6 +454,29 @@ def _segments(record: Record, tokenizer: Tokenizer, eos: int) -> list[_Segment] 
     return _default_chat_segments(record.messages, tokenizer, eos)
 
 
+def generation_prefix(record: Record, tokenizer: Tokenizer) -> tuple[list[int], str] | None:
+    """The token ids a model continues from and the text it should produce, for greedy
+    exact match: a pair's prompt and completion, or a chat rendered as training renders it
+    up to its last assistant turn (the generation prompt included) and that turn's content.
+    None for plain text, a chat that does not end with the assistant, or a template that
+    gives no boundary."""
+    if not record.messages:
+        return (
+            (_ids(tokenizer, record.prompt, special=True), record.completion)
+            if record.prompt
+            else None
+        )
+    role, content = record.messages[-1]
+    eos = tokenizer.eos_token_id
+    if role != "assistant" or eos is None:
+        return None
+    segments = _segments(record, tokenizer, eos)
+    if isinstance(segments, Refusal) or not segments or not segments[-1][1]:
+        return None  # the last assistant turn is not the last span training scores
+    prefix = [token for ids, _ in segments[:-1] for token in ids]
+    return (prefix, content) if prefix else None
+
+
 def _fit(ids: list[int], tail_start: int, head: int, cutoff_len: int) -> list[int]:
     """Indices kept so ``ids`` fits ``cutoff_len``: the first ``head`` tokens (BOS), the
     end of the prompt, and the tail from ``tail_start`` (the last trained span). The tail

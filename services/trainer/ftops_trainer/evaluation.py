@@ -3,8 +3,11 @@ perplexity and greedy exact match; plus the retention measure the gate uses.
 
 Loss is scored exactly as training sees a record (``dataset.tokenize``: prompt masked,
 completion + EOS scored; record weights ignored), so "loss fell" means the training
-objective improved. Exact match follows ``ftops_tinymodel.exact_match``: the greedy
-continuation, whitespace-stripped, must start with the stripped completion.
+objective improved; token accuracy is the share of those scored tokens that are the
+model's top prediction given the true text before them. Exact match follows
+``ftops_tinymodel.exact_match``: the greedy continuation, whitespace-stripped, must start
+with the stripped completion; a chat's is its last assistant turn, after the chat
+rendered as training renders it (``dataset.generation_prefix``).
 
 torch/transformers/peft are imported inside the functions that need them: the gate and
 the service import this module for its dataclasses without paying for them.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftops_trainer.dataset import Example, Record, tokenize
+from ftops_trainer.dataset import Example, Record, generation_prefix, tokenize
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_CUTOFF_LEN = 256
@@ -39,6 +42,8 @@ class EvalResult:
     exact_match: float | None  # None when no record has a short target after a prompt
     exact_match_records: int
     skipped: int = 0  # records with no completion token within cutoff_len
+    # Share of the scored tokens that are the model's top prediction (teacher forcing).
+    token_accuracy: float | None = None
 
     @property
     def perplexity(self) -> float:
@@ -55,6 +60,8 @@ class EvalResult:
         if self.exact_match is not None:
             out[f"{prefix}_exact_match"] = self.exact_match
             out[f"{prefix}_exact_match_records"] = float(self.exact_match_records)
+        if self.token_accuracy is not None:
+            out[f"{prefix}_token_accuracy"] = self.token_accuracy
         return out
 
 
@@ -80,6 +87,8 @@ def merge_results(*results: EvalResult) -> EvalResult:
     tokens = sum(r.tokens for r in results)
     targets = sum(r.exact_match_records for r in results)
     hits = sum((r.exact_match or 0.0) * r.exact_match_records for r in results)
+    accurate = [r for r in results if r.token_accuracy is not None]
+    accurate_tokens = sum(r.tokens for r in accurate)
     return EvalResult(
         records=sum(r.records for r in results),
         tokens=tokens,
@@ -87,6 +96,11 @@ def merge_results(*results: EvalResult) -> EvalResult:
         exact_match=hits / targets if targets else None,
         exact_match_records=targets,
         skipped=sum(r.skipped for r in results),
+        token_accuracy=(
+            sum((r.token_accuracy or 0.0) * r.tokens for r in accurate) / accurate_tokens
+            if accurate_tokens
+            else None
+        ),
     )
 
 
@@ -158,27 +172,36 @@ def _pad_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id if pad is None else pad)
 
 
-def _loss_sums(model: Any, examples: Sequence[Example], pad_id: int) -> tuple[float, int]:
-    """Summed completion-token cross-entropy and token count for one right-padded batch:
-    the training loop's own batching and loss (unit weights), so the score is exactly
-    what training optimises, virtual prompt-tuning positions included."""
+def _loss_sums(model: Any, examples: Sequence[Example], pad_id: int) -> tuple[float, int, int]:
+    """Summed completion-token cross-entropy, token count and correctly predicted tokens
+    for one right-padded batch: the training loop's own batching and loss (unit weights),
+    so the score is exactly what training optimises, virtual prompt-tuning positions
+    included."""
     import torch
 
+    from ftops_trainer.dataset import IGNORE_INDEX
     from ftops_trainer.loop import collate, label_tokens, weighted_token_loss
 
     batch, weights = collate(examples, [1.0] * len(examples), pad_id, torch.device("cpu"))
+    labels = batch["labels"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total = weighted_token_loss(logits, batch["labels"], weights)
-    return float(total), sum(label_tokens(e) for e in examples)
+    total = weighted_token_loss(logits, labels, weights)
+    # Prompt tuning prepends virtual positions: only the last labels.shape[1] are the input.
+    predicted = logits[:, -labels.shape[1] :][:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    correct = int(((predicted == targets) & (targets != IGNORE_INDEX)).sum())
+    return float(total), sum(label_tokens(e) for e in examples), correct
 
 
-def _greedy_hits(
-    model: Any, tokenizer: Any, batch: Sequence[tuple[Record, int]], pad_id: int
-) -> int:
+# A record's prompt ids, its reference completion and that completion's token count.
+_Target = tuple[list[int], str, int]
+
+
+def _greedy_hits(model: Any, tokenizer: Any, batch: Sequence[_Target], pad_id: int) -> int:
     """How many prompts' greedy continuations start with their completion."""
     import torch
 
-    prompts = [list(tokenizer(r.prompt)["input_ids"]) for r, _ in batch]
+    prompts = [p for p, _, _ in batch]
     width = max(map(len, prompts))
     # Left padding: every row's generation starts right after its own prompt.
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -189,14 +212,14 @@ def _greedy_hits(
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        max_new_tokens=max(n for _, n in batch) + _GENERATION_SLACK,
+        max_new_tokens=max(n for _, _, n in batch) + _GENERATION_SLACK,
         do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return sum(
-        t.strip().startswith(r.completion.strip()) for t, (r, _) in zip(texts, batch, strict=True)
+        t.strip().startswith(ref.strip()) for t, (_, ref, _) in zip(texts, batch, strict=True)
     )
 
 
@@ -215,20 +238,22 @@ def evaluate_model(
     pad_id = _pad_id(tokenizer)
     examples = [e for r in records if (e := tokenize(r, tokenizer, cutoff_len)) is not None]
     # Exact match needs a prompt to continue and a short target to compare against.
-    targets: list[tuple[Record, int]] = []
+    targets: list[_Target] = []
     for r in records:
-        if r.prompt:
-            n = len(tokenizer(r.completion, add_special_tokens=False)["input_ids"])
-            if 0 < n <= max_target_tokens:
-                targets.append((r, n))
-    total, tokens, hits = 0.0, 0, 0
+        if (prefix := generation_prefix(r, tokenizer)) is not None:
+            prompt_ids, reference = prefix
+            n = len(tokenizer(reference, add_special_tokens=False)["input_ids"])
+            if 0 < n <= max_target_tokens and len(prompt_ids) + n <= cutoff_len:
+                targets.append((prompt_ids, reference, n))
+    total, tokens, correct, hits = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
-            batch_total, batch_tokens = _loss_sums(
+            batch_total, batch_tokens, batch_correct = _loss_sums(
                 model, examples[start : start + batch_size], pad_id
             )
             total += batch_total
             tokens += batch_tokens
+            correct += batch_correct
         for start in range(0, len(targets), batch_size):
             hits += _greedy_hits(model, tokenizer, targets[start : start + batch_size], pad_id)
     return EvalResult(
@@ -238,6 +263,7 @@ def evaluate_model(
         exact_match=hits / len(targets) if targets else None,
         exact_match_records=len(targets),
         skipped=len(records) - len(examples),
+        token_accuracy=correct / tokens if tokens else None,
     )
 
 

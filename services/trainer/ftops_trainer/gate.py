@@ -1,6 +1,12 @@
-"""The evaluation gate: a candidate adapter is released only if it kept what its parent
-knew (retention) and did not get worse on the new data. Pure logic over EvalResults, so it
-is tested without a model; the scores come from ``evaluation``.
+"""The evaluation gate: a candidate adapter is released only if it learned what it was
+given (exact match on its own training records), kept what its parent knew (retention) and
+did not get worse on the new data (held-out loss). Pure logic over EvalResults, so it is
+tested without a model; the scores come from ``evaluation``.
+
+Each figure answers its own question. A held-out split of unseen facts cannot show that
+facts were learned (a fact not trained on is not known), only that the data's form and
+style were; the training records themselves can: a version whose greedy answers to its
+own training prompts are not its completions did not learn them.
 
 "Parent" is the parent adapter, or the bare base model for a lineage's first job.
 """
@@ -22,11 +28,18 @@ T = TypeVar("T")
 MIN_RECORDS_FOR_HOLDOUT = 10
 
 
+# The share of its own training records a version must answer exactly (greedy) by
+# default: the tiny model's demo reaches 1.0 and a version that learned nothing 0.
+DEFAULT_MIN_LEARNED = 0.9
+
+
 @dataclass(frozen=True)
 class GateConfig:
     min_retention: float = 0.95  # score_after / score_before on the retention set
     max_new_loss_ratio: float = 1.0  # held-out new-data loss vs the parent's: no worse
     enabled: bool = True  # False: still measured and reported, never blocks
+    # Exact match on the training records (token accuracy when none has a short target).
+    min_learned: float = DEFAULT_MIN_LEARNED
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,14 @@ def split_holdout(
     )
 
 
+def sample_records(records: Sequence[T], size: int, seed: int = 0) -> list[T]:
+    """At most ``size`` of the records, a seeded choice kept in the input's order."""
+    if len(records) <= size:
+        return list(records)
+    chosen = set(random.Random(seed).sample(range(len(records)), size))
+    return [r for i, r in enumerate(records) if i in chosen]
+
+
 def _check_retention(
     config: GateConfig, before: EvalResult, after: EvalResult, metrics: dict[str, float]
 ) -> str | None:
@@ -111,6 +132,33 @@ def _check_base_retention(
     return None
 
 
+def _check_learned(
+    config: GateConfig, before: EvalResult, after: EvalResult, metrics: dict[str, float]
+) -> str | None:
+    """Did the version learn its training records: exact match of their completions, or
+    token accuracy where no record has a short completion to compare."""
+    metrics.update(before.metrics("learned_parent"))
+    metrics.update(after.metrics("learned"))
+    metrics["min_learned"] = config.min_learned
+    if after.exact_match is not None:
+        value, what = after.exact_match, "exact match of the completions"
+        parent, records = before.exact_match, after.exact_match_records
+    elif after.token_accuracy is not None:
+        value, what = after.token_accuracy, "token accuracy"
+        parent, records = before.token_accuracy, after.records
+    else:
+        return None
+    metrics["learned"] = value
+    metrics["learned_on_exact_match"] = float(after.exact_match is not None)
+    if value < config.min_learned:
+        was = f" (the parent: {parent:.3f})" if parent is not None else ""
+        return (
+            f"learned {value:.3f} < {config.min_learned:.3f}: {what} on {records} of its own "
+            f"training records{was}; the version did not learn what it was given"
+        )
+    return None
+
+
 def _check_new_data(
     config: GateConfig,
     before: EvalResult,
@@ -144,11 +192,14 @@ def evaluate_gate(
     new_on_training_data: bool = False,
     base_probes_before: EvalResult | None = None,
     base_probes_after: EvalResult | None = None,
+    learned_before: EvalResult | None = None,
+    learned_after: EvalResult | None = None,
 ) -> GateResult:
     """Decide on a candidate from its parent's (``*_before``) and its own scores.
 
     Without retention scores (no retention records: no probe set and an empty lineage
-    buffer) the retention check is skipped with a note rather than failing every first job.
+    buffer) the retention check is skipped with a note rather than failing every first job;
+    so is the learned check without scores on the training records.
     """
     metrics: dict[str, float] = {
         "gate_enabled": float(config.enabled),
@@ -171,6 +222,12 @@ def evaluate_gate(
         )
     ):
         reasons.append(reason)
+    if learned_before is None or learned_after is None:
+        notes.append("learning not checked: no training records scored")
+    elif reason := _check_learned(config, learned_before, learned_after, metrics):
+        reasons.append(reason)
+    elif "learned" not in metrics:
+        notes.append("learning not checked: no training record could be scored")
     if reason := _check_new_data(config, new_before, new_after, new_on_training_data, metrics):
         reasons.append(reason)
     if new_on_training_data:

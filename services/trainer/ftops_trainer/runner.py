@@ -40,7 +40,13 @@ from ftops_trainer import artifacts
 from ftops_trainer.dataset import Record, load_dataset, parse_jsonl
 from ftops_trainer.evaluation import build_retention_set, evaluate_sets
 from ftops_trainer.gang import GangFailed, Leader, Member
-from ftops_trainer.gate import GateConfig, HoldoutSplit, evaluate_gate, split_holdout
+from ftops_trainer.gate import (
+    GateConfig,
+    HoldoutSplit,
+    evaluate_gate,
+    sample_records,
+    split_holdout,
+)
 from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
 from ftops_trainer.replay import REPLAY_FILES, ReplayBuffer, lineage_buffer, mix_replay
 from ftops_trainer.settings import TrainerSettings
@@ -379,6 +385,12 @@ class JobRunner:
         sets: dict[str, Sequence[Record]] = {"new": split.holdout}
         if retention_set:
             sets["retention"] = retention_set
+        # Its own training records (a sample, new data only): did the version learn them.
+        learned_set = sample_records(
+            split.train, self._settings.gate_learned_set_size, spec.hyperparameters.seed
+        )
+        if learned_set:
+            sets["learned"] = learned_set
         before = await asyncio.to_thread(
             evaluate_sets, base_dir, sets, adapter_dir=parent_dir, cutoff_len=cutoff
         )
@@ -414,6 +426,7 @@ class JobRunner:
                 min_retention=spec.gate.min_retention,
                 max_new_loss_ratio=spec.gate.max_new_loss_ratio,
                 enabled=not spec.gate.disabled,
+                min_learned=self._settings.gate_min_learned,
             ),
             new_before=before["new"],
             new_after=after["new"],
@@ -422,6 +435,8 @@ class JobRunner:
             new_on_training_data=split.holdout_is_training,
             base_probes_before=before.get("probes"),
             base_probes_after=after.get("probes"),
+            learned_before=before.get("learned"),
+            learned_after=after.get("learned"),
         )
         evaluation = common_pb2.Evaluation(
             gate_passed=gate.passed, reasons=gate.reasons, metrics=gate.metrics

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from ftops_runtime.auth import AuthSettings
 from ftops_runtime.settings import ServiceSettings
+from ftops_trainer.gate import DEFAULT_MIN_LEARNED
 
 
 class TrainerSettings(ServiceSettings, AuthSettings):
@@ -103,6 +104,20 @@ class TrainerSettings(ServiceSettings, AuthSettings):
             "before) for a job that does not set its own; fit it to the base model (the "
             "dev stack's tiny model forgets fast: ftops-dev up sets 0.3)."
         ),
+    )
+    gate_min_learned: float = Field(
+        DEFAULT_MIN_LEARNED,
+        ge=0,
+        le=1,
+        description=(
+            "The evaluation gate's least share of its own training records a version must "
+            "answer exactly (greedy decoding; token accuracy when no record has a short "
+            "completion): a version that did not learn what it was given is rejected. 0 "
+            "turns the check off (still measured)."
+        ),
+    )
+    gate_learned_set_size: int = Field(
+        64, ge=1, description="Most training records a job's learned figure is measured on."
     )
 
     advertise_host: str = Field(

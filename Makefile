@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_INSTALLED := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-vllm up bench clean
+.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-chaos test-vllm up bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,11 @@ test-e2e: $(INSTALLED)
 # the other services from the main environment. In the main environment they skip.
 test-vllm: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm_backend $(PYTEST_ARGS)
+
+# The chaos suite (tests/chaos, skipped by `make test`): one fault at a time (processes
+# SIGKILLed, NATS and Redis killed and restarted) on a whole stack under load; ~4 min.
+test-chaos: $(INSTALLED)
+	FTOPS_CHAOS=1 $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 up: $(INSTALLED)
 	$(BIN)/ftops-dev up

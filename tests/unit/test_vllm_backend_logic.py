@@ -1,8 +1,11 @@
 """What the vLLM backend decides without vLLM: finish-reason mapping, which errors are the
-client's, and the vllm_* settings refused before a minutes-long engine start."""
+client's, the vllm_* settings refused before a minutes-long engine start, and the engine
+built in a thread of its own."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +13,7 @@ from pydantic import ValidationError
 
 from ftops_inference.sampling import FinishReason
 from ftops_inference.settings import InferenceSettings
-from ftops_inference.vllm_backend import _finish_reason, _request_error_types
+from ftops_inference.vllm_backend import _finish_reason, _in_daemon_thread, _request_error_types
 from ftops_runtime.errors import Unavailable
 
 
@@ -75,3 +78,49 @@ def test_vllm_unknown_dtype_is_refused() -> None:
     with pytest.raises(ValidationError, match="vllm_dtype"):
         InferenceSettings(vllm_dtype="fp16")
     assert InferenceSettings(vllm_dtype="bfloat16").vllm_dtype == "bfloat16"
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.shut_down = threading.Event()
+
+    def shutdown(self) -> None:
+        self.shut_down.set()
+
+
+async def test_the_engine_is_built_off_the_event_loop() -> None:
+    release = threading.Event()
+    engine = _Engine()
+
+    def build() -> _Engine:
+        release.wait(10)  # a blocking build: the loop must go on meanwhile
+        return engine
+
+    future = _in_daemon_thread(build)
+    await asyncio.sleep(0.05)
+    assert not future.done()  # the loop ran while the build blocks
+    release.set()
+    assert await future is engine
+    assert not engine.shut_down.is_set()
+
+
+async def test_an_engine_built_after_its_replica_gave_up_is_shut_down() -> None:
+    release = threading.Event()
+    engine = _Engine()
+
+    def build() -> _Engine:
+        release.wait(10)
+        return engine
+
+    future = _in_daemon_thread(build)
+    future.cancel()  # the replica stopped during the build
+    release.set()
+    assert await asyncio.to_thread(engine.shut_down.wait, 10)
+
+
+async def test_a_failed_build_raises_in_the_caller() -> None:
+    def build() -> None:
+        raise RuntimeError("engine core failed to start")
+
+    with pytest.raises(RuntimeError, match="engine core failed"):
+        await _in_daemon_thread(build)

@@ -104,7 +104,6 @@ class VLLMBackend:
         self._released = asyncio.Condition()
         self._stats: dict[str, AdapterStats] = {}
         self._failure: str | None = None
-        self._building = False
         self._on_change: Callable[[], None] = lambda: None
         self._on_event: Callable[[str, str], None] = lambda version, event: None
 
@@ -151,11 +150,7 @@ class VLLMBackend:
             dtype=s.vllm_dtype,
             disable_log_stats=True,  # else AsyncLLM logs throughput every few seconds
         )
-        self._building = True
-        try:
-            engine = await _in_daemon_thread(async_llm.AsyncLLM.from_engine_args, args)
-        finally:
-            self._building = False
+        engine = await _in_daemon_thread(async_llm.AsyncLLM.from_engine_args, args)
         # Built outside a running loop, AsyncLLM defers reading the engine core's outputs to
         # the first request; start it now so that an engine failure is seen before then.
         start_output_handler = getattr(engine, "_run_output_handler", None)
@@ -165,11 +160,6 @@ class VLLMBackend:
         self._context = int(engine.model_config.max_model_len)
         self._engine = engine
         log.info("vLLM engine up for %s (context %d)", self.model_dir, self._context)
-
-    @property
-    def building(self) -> bool:
-        """Whether vLLM is building its engine right now (in a thread)."""
-        return self._building
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None

@@ -273,3 +273,19 @@ async def test_a_replica_dying_mid_stream_is_ejected() -> None:
     assert forwarder.called == ["a:1"]
     assert _ejected(pool, "a:1")
     assert await _stream(forwarder) == ["b:2"]
+
+
+def test_replicas_stay_usable_while_announcements_cannot_be_heard() -> None:
+    clock = _Clock()
+    pool = EndpointPool(clock=clock)
+    pool.announce(_announce("r1"))
+    pool.set_listening(False)  # the gateway's NATS connection dropped
+    clock.now += 10 * SILENT_INTERVALS * 2.0  # long past the heartbeat allowance
+    assert _picked(pool) == "r1:1"  # silence that could not be heard says nothing
+    pool.set_listening(True)  # back: silence counts again from now, not from before
+    clock.now += SILENT_INTERVALS * 2.0 - 0.5
+    assert _picked(pool) == "r1:1"
+    clock.now += 1.0  # still silent a whole allowance after NATS returned: gone
+    assert pool.pick("ver_a") is None
+    pool.announce(_announce("r1"))
+    assert _picked(pool) == "r1:1"

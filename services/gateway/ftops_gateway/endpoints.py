@@ -97,12 +97,15 @@ class Endpoint:
             self._multiplex = MultiplexChannel(self.stub(), address=self.address, metadata=metadata)
         return self._multiplex
 
-    def usable(self, now: float) -> bool:
+    def usable(self, now: float, heard_since: float = 0.0) -> bool:
+        """Announced serving and heard from lately; silence before ``heard_since`` (when
+        this gateway could not hear announcements) does not count against it."""
         if self.serving is None:
             return True
         if not self.serving:
             return False
-        return self.heartbeat_s <= 0 or now - self.last_heard <= SILENT_INTERVALS * self.heartbeat_s
+        last = max(self.last_heard, heard_since)
+        return self.heartbeat_s <= 0 or now - last <= SILENT_INTERVALS * self.heartbeat_s
 
     def ejection_s(self) -> float:
         return SILENT_INTERVALS * self.heartbeat_s if self.heartbeat_s > 0 else EJECTION_S
@@ -166,6 +169,11 @@ class EndpointPool:
         self._endpoints: dict[str, Endpoint] = {}
         self._tls = tls
         self._clock = clock
+        # While this gateway cannot hear announcements (its NATS connection is down), a
+        # replica's silence says nothing about it: the last known pool stays usable, and
+        # silence counts again only from when announcements can be heard again.
+        self._listening = True
+        self._heard_since = 0.0
         for address in static:
             self.add(address).static = True
 
@@ -242,11 +250,12 @@ class EndpointPool:
         known (keeps tests deterministic)."""
         skip = set(exclude)
         now = self._clock()
+        heard_since = now if not self._listening else self._heard_since
         usable = [
             e
             for a, e in self._endpoints.items()
             if a not in skip
-            and e.usable(now)
+            and e.usable(now, heard_since)
             and e.serves_base(base_fingerprint)
             and (e.has_room() or not need_room)
         ]
@@ -254,6 +263,16 @@ class EndpointPool:
             return None
         healthy = [e for e in usable if not e.ejected(now)]
         return min(healthy or usable, key=lambda e: (e.preference(version_id), e.outstanding))
+
+    def set_listening(self, listening: bool) -> None:
+        """Whether announcements can reach this gateway now (its NATS connection is up)."""
+        if listening == self._listening:
+            return
+        self._listening = listening
+        if listening:
+            self._heard_since = self._clock()
+        else:
+            log.warning("announcements cannot be heard (NATS down): keeping the known replicas")
 
     async def close(self) -> None:
         for endpoint in self._endpoints.values():

@@ -80,6 +80,7 @@ class GatewayService:
         inference_tls = transport.client
         if inference_tls is not None and settings.inference_tls_server_name:
             inference_tls = replace(inference_tls, server_name=settings.inference_tls_server_name)
+        self._redis_reached = self._nats_reached = False
         self.pool = EndpointPool(settings.inference_endpoint_list(), tls=inference_tls)
         self.reporter = MetricsReporter(
             self.bus,
@@ -139,11 +140,24 @@ class GatewayService:
         )
         self.http = OpenAIHttpServer(self.gateway, settings, authenticate=authenticate)
 
+    # Once the gateway has reached Redis and NATS, an outage of either degrades it without
+    # taking it out of the balancers' rotation: requests are still routed by the last known
+    # table to the last known replicas (release commands answer UNAVAILABLE, results wait
+    # in their buffer). Health reporting NOT_SERVING then would fail every request at once.
     async def _redis_ok(self) -> bool:
-        return await self.store.ping()
+        try:
+            ok = await self.store.ping()
+        except Exception as exc:  # unreachable: the outage this check is about
+            log.debug("redis ping failed: %r", exc)
+            ok = False
+        self._redis_reached = self._redis_reached or ok
+        return ok or self._redis_reached
 
     async def _nats_ok(self) -> bool:
-        return self.bus.ready
+        ok = self.bus.ready
+        self.pool.set_listening(ok)
+        self._nats_reached = self._nats_reached or ok
+        return ok or self._nats_reached
 
     async def _on_loaded(self, event: events_pb2.AdapterLoaded, delivery: Delivery) -> None:
         if event.endpoint:

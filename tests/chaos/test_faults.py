@@ -26,14 +26,6 @@ from ftops_devstack.chaos import (
     fault_trainer_killed,
 )
 
-# The gateway reports NOT_SERVING while Redis or NATS is unreachable (its health checks
-# both), so clients that balance with health checks (and Kubernetes readiness) take every
-# gateway out at once, although each still routes by its last table.
-GATEWAY_HEALTH_FOLLOWS_DEPENDENCIES = (
-    "gateways report NOT_SERVING while Redis/NATS is down: health-checking clients get "
-    "'connections to all backends failing' although the gateways route by the last table"
-)
-
 
 def _no_failed_requests(result: FaultResult) -> None:
     assert result.requests > 0, result.summary()
@@ -79,7 +71,6 @@ async def test_redis_down_gateways_route_by_the_last_table(redis_down: FaultResu
     assert redis_down.recovery_s <= RECOVERY_TARGET_S, redis_down.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=GATEWAY_HEALTH_FOLLOWS_DEPENDENCIES)
 async def test_redis_down_fails_no_balanced_client_request(redis_down: FaultResult) -> None:
     _no_failed_requests(redis_down)
 
@@ -94,11 +85,6 @@ async def test_nats_restarted_mid_release_loses_no_event(nats_restarted: FaultRe
     assert nats_restarted.recovery_s <= RECOVERY_TARGET_S, nats_restarted.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=GATEWAY_HEALTH_FOLLOWS_DEPENDENCIES + "; and with no announcements over NATS a "
-    "gateway finds every inference replica silent ('no usable inference replica')",
-)
 async def test_nats_restarted_fails_no_request(nats_restarted: FaultResult) -> None:
     _no_failed_requests(nats_restarted)
 

@@ -127,6 +127,7 @@ class InferenceService:
             access=access,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server.server)
+        self._nats_reached = False
         self.base_registered = False
         self.base_fingerprint = ""
         self.events: AdapterEvents | None = None
@@ -142,7 +143,14 @@ class InferenceService:
         self._last_model_ok = False
 
     async def _nats_ok(self) -> bool:
-        return self.bus.ready
+        return self._nats_usable()
+
+    def _nats_usable(self) -> bool:
+        """Once the replica has reached NATS, an outage only delays new versions and its
+        announcements: it keeps serving what it holds, so neither its health nor the
+        announcement after the outage says otherwise (a gateway would drop it)."""
+        self._nats_reached = self._nats_reached or self.bus.ready
+        return self._nats_reached
 
     async def _model_ok(self) -> bool:
         # A crashed backend reports NOT_SERVING (health and announcements) until its probe
@@ -194,7 +202,7 @@ class InferenceService:
             cached_versions=[v for v in servable if v in cached],
             max_concurrent=self.core.max_concurrent,
             in_flight=self.core.in_flight,
-            serving=self.core.serving and self.base_registered and self.bus.ready,
+            serving=self.core.serving and self.base_registered and self._nats_usable(),
             backend=self.backend.kind,
         )
 

@@ -364,7 +364,7 @@ def test_capacity_refusals_on_both_arms_hold_and_count_as_no_errors() -> None:
     checks = _statuses(decision)
     assert checks["infrastructure"] == "pending"
     assert (checks["errors"], checks["error_cap"], checks["samples"]) == ("pass", "pass", "pass")
-    assert "infrastructure failures above 5%" in decision.reason
+    assert "infrastructure failures above 5% of the step's" in decision.reason
     assert "38 capacity" in decision.reason
     f = decision.figures
     assert (f["errors"], f["requests"], f["stable_errors"], f["stable_requests"]) == (0, 20, 0, 30)
@@ -373,8 +373,21 @@ def test_capacity_refusals_on_both_arms_hold_and_count_as_no_errors() -> None:
     # Refusals answer in a millisecond: they are no latency sample either.
     assert f["stable_p50_ms"] > 50
     [hold] = decision.held
-    assert (hold.check, hold.value, hold.threshold) == ("infrastructure", 38 / 68, 0.05)
+    # The hold looks at the latest results (12 ok and 38 refused of the stable arm's last 50).
+    assert (hold.check, hold.value, hold.threshold) == ("infrastructure", 38 / 50, 0.05)
     assert decide(release, 1100.0).kind is DecisionKind.WAIT  # held past the time limit
+
+
+def test_the_hold_clears_once_the_latest_results_are_clean() -> None:
+    release = _release(max_error_rate=0.05, step_timeout_s=600)
+    _outcomes(release, "stable", 40, Outcome.TRANSPORT, latency=1.0)  # an outage, then back
+    _outcomes(release, "candidate", 8, Outcome.TRANSPORT, latency=1.0)
+    assert decide(release, 1002.0).reason.startswith("release held")
+    _outcomes(release, "stable", 50, Outcome.OK)
+    _outcomes(release, "candidate", 50, Outcome.OK)
+    # Over the whole step 40 of 90 stable results failed: diluting that below 5% would
+    # take 800 more results; the latest 50 are clean, so the step goes on now.
+    assert decide(release, 1003.0).kind is DecisionKind.PROMOTE
 
 
 def test_a_few_infrastructure_failures_hold_nothing() -> None:

@@ -44,6 +44,8 @@ from ftops_monitor.windows import FeedbackScores, Figures, Sample, figures
 
 # Latency comparisons need a few successful results per arm before they mean anything.
 MIN_LATENCY_SAMPLES = 5
+# Per arm, the latest results the infrastructure hold looks at.
+RECENT_RESULTS = 50
 # Infrastructure outcomes (capacity, transport, deadline) above this share of an arm's
 # results in the step hold it: too much of the traffic never reached a verdict on the
 # version, and the operator should see why (an alert is raised; it never rolls back).
@@ -179,6 +181,10 @@ class ArmData:
         # Mirrored requests the candidate refused for load: the mirror is best-effort load
         # on top of its share, so these say nothing and hold nothing (shown, not counted).
         self.mirror_refused = 0
+        # Whether each of the latest results was an infrastructure outcome: the hold looks
+        # at these, so it clears soon after an outage ends instead of waiting until the
+        # outage's failures are diluted below the limit over the whole step.
+        self.recent: deque[bool] = deque(maxlen=RECENT_RESULTS)
         self.samples: deque[Sample] = deque(maxlen=MAX_STEP_SAMPLES)
         self.feedback = FeedbackScores()
 
@@ -188,6 +194,8 @@ class ArmData:
         """Counts one result; ``outcome`` defaults to ok / the version's own failure."""
         if outcome is None:
             outcome = Outcome.OK if sample.ok else Outcome.REPLICA
+        if outcome is not Outcome.CLIENT and not (outcome is Outcome.CAPACITY and mirrored):
+            self.recent.append(outcome in _INFRA_OUTCOMES)
         if outcome is Outcome.CAPACITY:
             if mirrored:
                 self.mirror_refused += 1
@@ -215,6 +223,11 @@ class ArmData:
     @property
     def infra_rate(self) -> float:
         return self.infra_errors / self.results if self.results else 0.0
+
+    @property
+    def recent_infra_rate(self) -> float:
+        """Infrastructure share of the latest RECENT_RESULTS results."""
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
     @property
     def attempted(self) -> int:
@@ -532,13 +545,18 @@ class _Judge:
         limit = self.config.max_infra_rate
         arms = (("candidate", self.release.candidate), ("stable", self.release.stable))
         what = ", ".join(f"{name} {_infra_text(arm)}" for name, arm in arms)
-        over = [name for name, arm in arms if arm.infra_rate > limit]
+        # Over the limit in the step *and* lately: an outage holds the step while it lasts
+        # and stops holding it soon after it ends.
+        over = [
+            name for name, arm in arms if arm.infra_rate > limit and arm.recent_infra_rate > limit
+        ]
         if over:
             self._hold(
                 "infrastructure",
-                f"release held, infrastructure failures above {limit:.0%} of the step's "
-                f"results on {' and '.join(over)} (not the candidate's): {what}",
-                max(arm.infra_rate for _, arm in arms),
+                f"release held, infrastructure failures above {limit:.0%} of the step's and "
+                f"of the latest {RECENT_RESULTS} results on {' and '.join(over)} (not the "
+                f"candidate's): {what}",
+                max(arm.recent_infra_rate for _, arm in arms),
                 limit,
             )
         else:
@@ -675,6 +693,9 @@ def _evidence_text(release: Release) -> str:
         return "shadow results"
     mirrored = release.mirrored_evidence
     return f"requests ({mirrored} of them mirrored)" if mirrored else "requests"
+
+
+_INFRA_OUTCOMES = frozenset({Outcome.CAPACITY, Outcome.TRANSPORT, Outcome.DEADLINE})
 
 
 # Checks whose pending state keeps a step from passing (feedback and divergence need data

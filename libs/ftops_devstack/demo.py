@@ -274,7 +274,16 @@ async def run_demo(ep: Endpoints, say: Say = print) -> None:
                 route = await gateway.GetRoute(gateway_pb2.GetRouteRequest(alias=ALIAS))
             say(f"  route '{ALIAS}' → {route.stable_version_id} (100%)")
 
-            releases = await registry.ListReleases(registry_pb2.ListReleasesRequest(alias=ALIAS))
+            # The registry records what the gateway applied from route.changed, moments later.
+            deadline = time.monotonic() + 10
+            while True:
+                releases = await registry.ListReleases(
+                    registry_pb2.ListReleasesRequest(alias=ALIAS)
+                )
+                done = releases.releases and releases.releases[0].state == "rolled_back"
+                if done or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             if releases.releases:
                 latest = releases.releases[0]
                 say(f"5. Release history in the registry ({latest.release_id}, {latest.state}):")

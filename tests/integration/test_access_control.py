@@ -497,6 +497,22 @@ async def test_openai_model_list_shows_only_the_callers_teams(world: World) -> N
     assert not set(world.versions["alpha"]) & seen_by_beta  # nor alpha's versions
     assert {alpha, beta} <= await listed(world.admin_key)  # a platform admin sees all
 
+    async def described(key: str, model: str) -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/{model}", headers={"Authorization": f"Bearer {key}"}) as got,
+        ):
+            await got.read()
+            return got.status
+
+    beta_viewer = world.key("beta", Role.viewer)
+    assert await described(beta_viewer, beta) == 200
+    # Another team's alias or version is not described: the answer of a missing model.
+    assert await described(beta_viewer, alpha) == 404
+    assert await described(beta_viewer, world.versions["alpha"][0]) == 404
+    assert await described(beta_viewer, "no-such-model") == 404
+    assert await described(world.admin_key, alpha) == 200
+
 
 async def _until_refused(call: Callable[[], Awaitable[Any]], since: float) -> grpc.StatusCode:
     """Repeat ``call`` until it fails; its code. Fails if that takes over REVOCATION_S."""

@@ -34,7 +34,8 @@ from ftops_gateway.openai_responses import Shape
 from ftops_gateway.openai_schema import ChatCompletionRequest, CompletionRequest, parse
 from ftops_gateway.settings import GatewaySettings
 from ftops_runtime import telemetry, tls
-from ftops_runtime.errors import NotFound
+from ftops_runtime.auth import Role
+from ftops_runtime.errors import NotFound, PermissionDenied
 from ftops_runtime.interceptors import (
     Authenticator,
     Principal,
@@ -252,20 +253,30 @@ class OpenAIHttpServer:
         return _json({"object": "list", "data": data})
 
     async def _get_model(self, request: web.Request) -> web.Response:
-        await self._principal(request, METHOD_ROUTES)
+        principal = await self._principal(request, METHOD_ROUTES)
         name = request.match_info["model"]
         if name == BASE_MODEL:
             return _json(self._model(BASE_MODEL, kind="base"))
-        route = None if ":" in name else await self._gateway.routes.lookup(name)
-        if route is not None and route.stable_version_id:
-            return _json(self._alias_model(route))
+        # Another team's alias or version is described to nobody but its team: the same
+        # NOT_FOUND as for a model that does not exist (its existence is not revealed).
+        missing = NotFound(f"model {name!r} is neither a routed alias nor a registered version")
+        access = self._gateway.access if isinstance(self._gateway, GuardedGateway) else None
+        token = current_principal.set(principal)
         try:
-            version_id = await self._gateway.versions.resolve(name, what="model")
-        except NotFound:
-            raise NotFound(
-                f"model {name!r} is neither a routed alias nor a registered version"
-            ) from None
-        return _json(self._model(name, kind="version", version_id=version_id))
+            route = None if ":" in name else await self._gateway.routes.lookup(name)
+            if route is not None and route.stable_version_id:
+                if access is not None and not await access.may_view(route):
+                    raise missing
+                return _json(self._alias_model(route))
+            try:
+                version_id = await self._gateway.versions.resolve(name, what="model")
+                if access is not None:
+                    await access.require_version(version_id, Role.viewer, "GetModel")
+            except (NotFound, PermissionDenied):
+                raise missing from None
+            return _json(self._model(name, kind="version", version_id=version_id))
+        finally:
+            current_principal.reset(token)
 
     # -- completions -----------------------------------------------------------------
 

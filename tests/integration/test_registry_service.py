@@ -717,11 +717,15 @@ async def test_audit_log_records_mutations_and_refusals(
                 await stub.PutJob(registry_pb2.PutJobRequest(job=job))
 
             everything = await stub.ListAudit(registry_pb2.ListAuditRequest(page_size=500))
-            # Release events other tests published may be replayed to this app's consumers.
+            # Release events and other services' refusals (audit.denied, resource
+            # "service:<name>") that other tests published on the shared NATS may be replayed
+            # to this app's consumers.
             entries = [
                 e
                 for e in everything.entries
-                if not e.method.startswith("release.") and e.method != "BootstrapAdmin"
+                if not e.method.startswith("release.")
+                and e.method != "BootstrapAdmin"
+                and not e.resource.startswith("service:")
             ]
             key_id = admin_key.split("_")[1]
             assert {e.actor for e in entries} == {key_id}

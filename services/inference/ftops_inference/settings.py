@@ -78,13 +78,15 @@ class InferenceSettings(ServiceSettings, AuthSettings):
         ),
     )
     best_effort_max_busy: float = Field(
-        0.8,
+        1.0,
         gt=0,
         le=1,
         description=(
             "Best-effort (mirrored, shadow) requests are refused while the model was busy at "
-            "least this share of the last second (1: never for that reason): mirrors use "
-            "spare compute only, so a release's mirroring is sampled down as load rises."
+            "least this share of the last second (1, the default: never for that reason). A "
+            "continuously batching engine is busy most of the time far below its capacity "
+            "(at half of it, 0.8 starved blue-green checks of mirrors), so the default "
+            "limits mirrors by max_best_effort_running and the user queue instead."
         ),
     )
     registry_timeout_s: float = Field(10.0, gt=0, description="Deadline of registry calls.")

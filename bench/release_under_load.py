@@ -36,11 +36,12 @@ import nats
 import nats.errors
 
 from bench.report import Report
-from bench.zero_downtime import Load, Sample, _loaded_everywhere, _train
+from bench.zero_downtime import Load, Sample, _train
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2_grpc
+from ftops_devstack.chaos import loaded_everywhere
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
 from ftops_runtime.events import METRICS_REQUESTS, ROUTE_CHANGED
@@ -344,7 +345,7 @@ async def _run(
                 admin = gateway_pb2_grpc.GatewayServiceStub(admin_ch)
                 client = gateway_pb2_grpc.GatewayServiceStub(client_ch)
                 a, b, bad = [await _train(trainer, seed, ALIAS) for seed in (1, 2, 3)]
-                await _loaded_everywhere(stack, [a, b, bad])
+                await loaded_everywhere(stack, [a, b, bad])
                 await admin.SetRoute(gateway_pb2.SetRouteRequest(alias=ALIAS, version_id=a))
                 capacity = await find_capacity(client, notes)
                 notes["capacity (req/s, p99 > 3x idle)"] = capacity

@@ -33,7 +33,6 @@ import random
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +44,8 @@ from bench.report import Report
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from ftops_devstack.chaos import balanced_channel, loaded_everywhere, until
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
 from ftops_runtime.errors import RETRY_AFTER_KEY
@@ -61,35 +60,6 @@ CANARY_STEPS = [10, 50, 100]
 ANALYSIS = events_pb2.AnalysisSettings(min_requests=10, min_stable_requests=10, auto=True)
 # The open-loop rate as a share of the measured capacity: loaded, not overloaded.
 LOAD_SHARE = 0.4
-
-
-def _service_config() -> str:
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "healthCheckConfig": {"serviceName": ""},
-            "methodConfig": [
-                {
-                    "name": [{"service": "ftops.gateway.v1.GatewayService"}],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
-        }
-    )
-
-
-def balanced_channel(addresses: list[str]) -> grpc.aio.Channel:
-    target = "ipv4:" + ",".join(addresses)
-    return grpc.aio.insecure_channel(
-        target,
-        options=[("grpc.service_config", _service_config()), ("grpc.enable_retries", 1)],
-    )
 
 
 @dataclass
@@ -195,25 +165,6 @@ async def _train(
     return str(job.version_id)
 
 
-async def _loaded_everywhere(stack: Stack, versions: list[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    for address in stack.addresses("inference"):
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = inference_pb2_grpc.InferenceServiceStub(ch)
-            while True:
-                listed = await stub.ListAdapters(inference_pb2.ListAdaptersRequest())
-                loaded = {
-                    a.version_id
-                    for a in listed.adapters
-                    if a.state == inference_pb2.ADAPTER_STATE_LOADED
-                }
-                if set(versions) <= loaded:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{address} has not loaded {set(versions) - loaded}")
-                await asyncio.sleep(0.2)
-
-
 class GatewayResults:
     """What the gateways reported to the monitor (metrics.requests), tallied per arm and
     status: the server-side view of the same traffic (fallbacks, retries, shadows)."""
@@ -238,15 +189,6 @@ class GatewayResults:
             await nc.close()
 
 
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 180.0) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
-        await asyncio.sleep(0.2)
-    return time.monotonic() - started
-
-
 async def _run(rate: float, steady_s: float, report: Report) -> dict[str, float | str]:
     from ftops_tinymodel import build
 
@@ -267,7 +209,7 @@ async def _run(rate: float, steady_s: float, report: Report) -> dict[str, float 
                 trainer = trainer_pb2_grpc.TrainerServiceStub(tch)
                 admin = gateway_pb2_grpc.GatewayServiceStub(admin_ch)
                 versions = [await _train(trainer, seed) for seed in (1, 2, 3)]
-                await _loaded_everywhere(stack, versions)
+                await loaded_everywhere(stack, versions)
                 v1, v2, v3 = versions
                 await admin.SetRoute(gateway_pb2.SetRouteRequest(alias=ALIAS, version_id=v1))
 
@@ -307,7 +249,9 @@ async def _run(rate: float, steady_s: float, report: Report) -> dict[str, float 
                         r = await route()
                         return r.stable_version_id == v2 and not r.candidate_version_id
 
-                    notes["canary to 100% (s)"] = round(await _until(v2_stable, "canary"), 1)
+                    notes["canary to 100% (s)"] = round(
+                        await until(v2_stable, "canary", timeout=180), 1
+                    )
 
                     load.phase = "blue-green"
                     await admin.StartRelease(
@@ -324,7 +268,9 @@ async def _run(rate: float, steady_s: float, report: Report) -> dict[str, float 
                         r = await route()
                         return r.stable_version_id == v3 and not r.candidate_version_id
 
-                    notes["blue-green switch (s)"] = round(await _until(v3_stable, "switch"), 1)
+                    notes["blue-green switch (s)"] = round(
+                        await until(v3_stable, "switch", timeout=180), 1
+                    )
 
                     load.phase = "rollback"
                     await admin.RollbackRelease(
@@ -336,7 +282,9 @@ async def _run(rate: float, steady_s: float, report: Report) -> dict[str, float 
                     async def back_on_v2() -> bool:
                         return (await route()).stable_version_id == v2
 
-                    notes["rollback (s)"] = round(await _until(back_on_v2, "rollback"), 2)
+                    notes["rollback (s)"] = round(
+                        await until(back_on_v2, "rollback", timeout=180), 2
+                    )
                     await asyncio.sleep(5)
 
                     load.phase = "inference restart"

@@ -469,7 +469,8 @@ async def job_end(
         await asyncio.sleep(0.25)
 
 
-async def _loaded_everywhere(stack: Stack, versions: list[str], timeout: float = 120) -> None:
+async def loaded_everywhere(stack: Stack, versions: list[str], timeout: float = 120) -> None:
+    """Until every inference replica of ``stack`` has ``versions`` loaded."""
     from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -522,7 +523,7 @@ async def start_env(workdir: Path, model_dir: Path, rate: float = 0.0) -> ChaosE
             if job.state != events_pb2.JOB_STATE_SUCCEEDED:
                 raise RuntimeError(f"training job {job.job_id} ended {job.state}: {job.error}")
             versions.append(job.version_id)
-        await _loaded_everywhere(stack, versions)
+        await loaded_everywhere(stack, versions)
         admin = gateway_pb2_grpc.GatewayServiceStub(admin_ch)
         await admin.SetRoute(gateway_pb2.SetRouteRequest(alias=ALIAS, version_id=versions[0]))
         client = gateway_pb2_grpc.GatewayServiceStub(client_ch)

@@ -14,8 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ftops.common.v1 import runtime_pb2_grpc
 from ftops_runtime.denials import DenialRecorder
 from ftops_runtime.interceptors import Authenticator, CallInterceptor, api_key_authenticator
+from ftops_runtime.runtime_stats import SERVICE_NAME as RUNTIME_SERVICE_NAME
+from ftops_runtime.runtime_stats import RuntimeServicer
 from ftops_runtime.settings import ServiceSettings
 from ftops_runtime.tasks import cancel_and_wait
 from ftops_runtime.tls import ServerTls
@@ -84,8 +87,23 @@ class GrpcServer:
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Resident memory, fds, asyncio tasks (bench/soak.py samples them).
+        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeServicer(
+                _service_label(self.service_names),
+                settings.instance_id,
+                open_to_anonymous=authenticate is None and not settings.api_key_set(),
+            ),
+            self.server,
+        )
         reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [
+                *self.service_names,
+                RUNTIME_SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
         )
         self.port = 0
         self._probe_task: asyncio.Task[None] | None = None
@@ -172,6 +190,12 @@ class GrpcServer:
         if self.denials is not None:
             await self.denials.close()
         log.info("gRPC server stopped")
+
+
+def _service_label(service_names: Sequence[str]) -> str:
+    """ "gateway" for ["ftops.gateway.v1.GatewayService"]; the full name otherwise."""
+    parts = service_names[0].split(".") if service_names else []
+    return parts[1] if len(parts) > 2 and parts[0] == "ftops" else ".".join(parts)
 
 
 def _tls_note(tls: ServerTls | None) -> str:

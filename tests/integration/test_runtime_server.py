@@ -207,3 +207,51 @@ async def test_health_list_answers_every_service(dependency: dict[str, bool]) ->
         }
     finally:
         await server.stop()
+
+
+async def test_runtime_stats_describe_the_process(dependency: dict[str, bool]) -> None:
+    import asyncio
+    import os
+
+    from ftops.common.v1 import runtime_pb2, runtime_pb2_grpc
+
+    server = await _server(dependency)
+    try:
+        async with channel(server.address) as ch:
+            stub = runtime_pb2_grpc.RuntimeServiceStub(ch)
+            before = await stub.GetRuntimeStats(runtime_pb2.GetRuntimeStatsRequest())
+            # Ten tasks more on the server's loop (this test's own loop: same process).
+            hold = asyncio.Event()
+            extra = [asyncio.create_task(hold.wait()) for _ in range(10)]
+            after = await stub.GetRuntimeStats(runtime_pb2.GetRuntimeStatsRequest())
+            hold.set()
+            await asyncio.gather(*extra)
+        assert before.service == "monitor"
+        assert before.pid == os.getpid()
+        assert before.rss_bytes > 10 * 1024 * 1024
+        assert before.open_fds > 3  # stdio, the listening socket, the epoll fd
+        assert before.threads >= 1
+        assert after.asyncio_tasks >= before.asyncio_tasks + 10
+        assert after.uptime_s >= before.uptime_s > 0
+    finally:
+        await server.stop()
+
+
+async def test_runtime_stats_need_a_key_where_keys_are_set(dependency: dict[str, bool]) -> None:
+    from ftops.common.v1 import runtime_pb2, runtime_pb2_grpc
+
+    server = await _server(dependency, keys="k1")
+    try:
+        async with channel(server.address) as ch:
+            stub = runtime_pb2_grpc.RuntimeServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetRuntimeStats(runtime_pb2.GetRuntimeStatsRequest())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # A static key is no platform admin: process internals stay closed to it.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetRuntimeStats(
+                    runtime_pb2.GetRuntimeStatsRequest(), metadata=(("authorization", "Bearer k1"),)
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await server.stop()

@@ -155,6 +155,8 @@ async def test_a_mirror_refused_for_capacity_is_not_reported(
             for prompt in prompts:
                 reply = await stub.Generate(gateway_pb2.GenerateRequest(model=alias, prompt=prompt))
                 assert (reply.arm, reply.text) == ("stable", f"[ver_s] {prompt}")
+                # Past the pause a refused mirror asks for (50 ms): the next one is sent.
+                await asyncio.sleep(0.12)
         await _until(lambda: sum(not r.shadow for r in results()) == len(prompts))
         await _until(lambda: sum(r.shadow for r in results()) >= 3)
         await asyncio.sleep(0.5)  # any mirror result still on its way

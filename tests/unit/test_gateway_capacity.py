@@ -133,6 +133,64 @@ async def test_mirrors_are_not_sent_to_a_busy_replica() -> None:
     assert (await forwarder.generate(mirror)).text == "a:1"
 
 
+class _HeldForwarder(_Forwarder):
+    """Answers only once ``release`` is set: a mirror stays in flight meanwhile."""
+
+    def __init__(self, pool: EndpointPool, fails: dict[str, BaseException]) -> None:
+        super().__init__(pool, fails)
+        self.release = asyncio.Event()
+
+    async def _generate_on(
+        self, endpoint: Endpoint, request: inference_pb2.GenerateRequest
+    ) -> inference_pb2.GenerateResponse:
+        answer = await super()._generate_on(endpoint, request)
+        await self.release.wait()
+        return answer
+
+
+def _mirror() -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        prompt="x", priority=inference_pb2.REQUEST_PRIORITY_BEST_EFFORT
+    )
+
+
+async def test_one_mirror_in_flight_per_replica_the_rest_are_not_sent() -> None:
+    pool = EndpointPool()
+    _announced(pool, "a", capacity=16, in_flight=0)
+    forwarder = _HeldForwarder(pool, {})
+    first = asyncio.create_task(forwarder.generate(_mirror()))
+    await asyncio.sleep(0.01)
+    with pytest.raises(MirrorSkipped, match="1 mirrors in flight"):
+        await forwarder.generate(_mirror())
+    # User requests are not bounded by it.
+    user = asyncio.create_task(forwarder.generate(inference_pb2.GenerateRequest(prompt="x")))
+    await asyncio.sleep(0.01)
+    forwarder.release.set()
+    await asyncio.gather(first, user)
+    assert forwarder.called == ["a:1", "a:1"]
+    assert (await forwarder.generate(_mirror())).text == "a:1"  # its turn again
+    endpoint = pool.get("a:1")
+    assert endpoint is not None
+    assert endpoint.best_effort_outstanding == 0
+
+
+async def test_a_replica_that_refused_a_mirror_gets_none_for_its_advised_wait() -> None:
+    pool = EndpointPool()
+    _announced(pool, "a", capacity=16, in_flight=0)
+    refused = ResourceExhausted("best-effort request refused", retry_after_ms=200)
+    forwarder = _Forwarder(pool, {"a:1": refused})
+    with pytest.raises(ResourceExhausted):
+        await forwarder.generate(_mirror())
+    forwarder.fails.clear()
+    with pytest.raises(MirrorSkipped):
+        await forwarder.generate(_mirror())
+    assert forwarder.called == ["a:1"]  # the second was never sent
+    # User requests still go; after the wait, mirrors do again.
+    await forwarder.generate(inference_pb2.GenerateRequest(prompt="x"))
+    await asyncio.sleep(0.25)
+    assert (await forwarder.generate(_mirror())).text == "a:1"
+
+
 @pytest.mark.parametrize(
     ("status", "origin"),
     [

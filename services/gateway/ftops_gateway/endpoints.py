@@ -50,6 +50,9 @@ SILENT_INTERVALS = 3.0
 EJECTION_S = 10.0
 # Share of a replica's announced capacity beyond which no best-effort request is sent to it.
 BEST_EFFORT_MAX_LOAD = 0.75
+# After a replica refuses a mirror: no mirrors to it for its retry advice, within these.
+BEST_EFFORT_MIN_PAUSE_MS = 50
+BEST_EFFORT_MAX_PAUSE_MS = 1000
 
 _ejections = metrics.get_meter("ftops.gateway").create_counter(
     "ftops.gateway.replica_ejections",
@@ -79,6 +82,10 @@ class Endpoint:
     announced_in_flight: int = 0
     # The CA (and client certificate) to reach it over TLS; None = plaintext.
     tls: ClientTls | None = None
+    # Best-effort requests (mirrors) this gateway has in flight on it, and until when
+    # (time.monotonic()) it sends none, after the replica refused one with retry advice.
+    best_effort_outstanding: int = 0
+    best_effort_paused_until: float = 0.0
     _channel: grpc.aio.Channel | None = None
     _stub: inference_pb2_grpc.InferenceServiceStub | None = None
     _multiplex: MultiplexChannel | None = None
@@ -130,8 +137,22 @@ class Endpoint:
         """A slot free for one more request (unknown capacity: assumed)."""
         return self.capacity <= 0 or self.load < self.capacity
 
-    def has_room_for_best_effort(self) -> bool:
+    def has_room_for_best_effort(self, max_outstanding: int = 0) -> bool:
+        """Room for one more mirror: below ``BEST_EFFORT_MAX_LOAD`` of its capacity, fewer
+        than ``max_outstanding`` (0 = no bound) mirrors from this gateway already on it, and
+        not paused by its last refusal. A replica runs only a few best-effort requests at
+        once and refuses the rest: sending them anyway costs both sides CPU that the user
+        requests beside them need."""
+        if max_outstanding and self.best_effort_outstanding >= max_outstanding:
+            return False
+        if time.monotonic() < self.best_effort_paused_until:
+            return False
         return self.capacity <= 0 or self.load < BEST_EFFORT_MAX_LOAD * self.capacity
+
+    def pause_best_effort(self, retry_after_ms: int) -> None:
+        """The replica refused a mirror: send it none for its advised wait (bounded)."""
+        wait_s = min(max(retry_after_ms, BEST_EFFORT_MIN_PAUSE_MS), BEST_EFFORT_MAX_PAUSE_MS)
+        self.best_effort_paused_until = time.monotonic() + wait_s / 1000
 
     def preference(self, version_id: str) -> int:
         """0 = loaded, 1 = in the CPU cache, 2 = would load it from scratch."""

@@ -8,7 +8,10 @@ A replica that refuses a request for capacity (RESOURCE_EXHAUSTED: its queue is 
 the request's deadline is shorter than its queue) is not ejected: the request goes to
 another replica with room when there is one, never back to the same one, and otherwise
 fails with the refusal (and its retry advice). Best-effort requests (mirrors) are not sent
-at all to a replica near its announced capacity (``MirrorSkipped``).
+at all to a replica near its announced capacity, to one that already runs
+``mirror_max_per_replica`` of this gateway's mirrors, or to one that refused a mirror within
+its retry advice (``MirrorSkipped``): under load, mirrors are sampled down instead of sent
+to be refused.
 
 Multiplexed requests carry the time they have left (``timeout_ms``): the replica refuses at
 once a request that could not get a slot in time.
@@ -31,7 +34,13 @@ from ftops.inference.v1 import inference_pb2
 from ftops_gateway.endpoints import Endpoint, EndpointPool
 from ftops_gateway.multiplexer import MultiplexChannel, MultiplexUnsupported
 from ftops_runtime import telemetry
-from ftops_runtime.errors import FtopsError, NotFound, ResourceExhausted, Unavailable
+from ftops_runtime.errors import (
+    FtopsError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    retry_after_ms_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +101,7 @@ class Forwarder:
         api_key: str = "",
         transport: str = "multiplex",
         base_of: BaseLookup | None = None,
+        mirror_max_per_replica: int = 1,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
@@ -100,6 +110,7 @@ class Forwarder:
         self._key = _key_metadata(api_key)
         self._multiplex = transport == "multiplex"
         self._base_of = base_of
+        self._mirror_cap = mirror_max_per_replica
 
     def _stream_to(self, endpoint: Endpoint) -> MultiplexChannel | None:
         """The replica's multiplexed stream, unless requests go as single calls to it."""
@@ -175,10 +186,11 @@ class Forwarder:
                     f"(fingerprint {base[:12]})"
                 )
             raise Unavailable("no inference endpoint is known to the gateway")
-        if _best_effort(request) and not endpoint.has_room_for_best_effort():
+        if _best_effort(request) and not endpoint.has_room_for_best_effort(self._mirror_cap):
             raise MirrorSkipped(
                 f"best-effort request not sent: inference {endpoint.name} is busy "
-                f"({endpoint.load} of {endpoint.capacity} slots)"
+                f"({endpoint.load} of {endpoint.capacity} slots, "
+                f"{endpoint.best_effort_outstanding} mirrors in flight)"
             )
         return endpoint
 
@@ -233,18 +245,23 @@ class Forwarder:
         deadline = self._deadline()
         base = await self._base(request.version_id)
         endpoint = self._pick(request, tried, base)
+        best_effort = _best_effort(request)
         while True:
             attempt.replica, attempt.retried = endpoint.name, bool(tried)
             tried.append(endpoint.address)
             self._stamp_deadline(request, deadline)
             endpoint.outstanding += 1
+            endpoint.best_effort_outstanding += best_effort
             failed_on = endpoint
             try:
                 return await self._generate_on(endpoint, request)
             except (grpc.aio.AioRpcError, FtopsError) as exc:
+                if best_effort and _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    failed_on.pause_best_effort(retry_after_ms_of(exc))
                 endpoint = self._retry_after(exc, failed_on, request, tried, base)
             finally:
                 failed_on.outstanding -= 1
+                failed_on.best_effort_outstanding -= best_effort
 
     async def generate_stream(
         self, request: inference_pb2.GenerateRequest, attempt: Attempt | None = None

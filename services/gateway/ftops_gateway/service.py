@@ -93,6 +93,7 @@ class GatewayService:
             api_key=settings.registry_api_key,
             transport=settings.inference_transport,
             base_of=self.versions.base_fingerprint,
+            mirror_max_per_replica=settings.mirror_max_per_replica,
         )
         self.shadow = ShadowMirror(
             forwarder, self.reporter, max_in_flight=settings.shadow_max_in_flight

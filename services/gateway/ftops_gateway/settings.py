@@ -50,6 +50,13 @@ class GatewaySettings(ServiceSettings, AuthSettings):
     shadow_max_in_flight: int = Field(
         64, ge=0, description="Mirrored requests in flight at most; more are dropped, not queued."
     )
+    mirror_max_per_replica: int = Field(
+        1,
+        ge=0,
+        description="Mirrored requests this gateway has in flight on one inference replica at "
+        "most (0 = no bound); more are not sent. A replica runs max_best_effort_running "
+        "mirrors at once and refuses the rest, so sending more only costs CPU under load.",
+    )
     retire_interval_s: float = Field(
         1.0, gt=0, description="How often held versions are checked for retirement."
     )

@@ -4,6 +4,7 @@ the caller (serving must not feel a NATS outage)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from ftops.events.v1 import events_pb2
@@ -72,3 +73,25 @@ async def test_failures_are_counted_never_raised_and_the_next_beat_recovers() ->
         assert event.reason in ("heartbeat", "change")
     finally:
         await announcer.stop()
+
+
+class SwallowingBus(FakeBus):
+    """A publish that swallows a cancellation (as asyncio.wait_for on Python 3.11 can when
+    its timeout fires at the same moment): the announce loop never sees the cancel."""
+
+    async def publish(self, subject: str, event: Any, *, timeout: float = 5.0) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.01)
+        self.published.put_nowait((subject, event))
+
+
+async def test_stop_returns_even_when_the_loop_swallowed_its_cancel() -> None:
+    bus = SwallowingBus()
+    announcer = Announcer(bus, State().snapshot, replica_id="r1", interval_s=0.001)  # type: ignore[arg-type]
+    announcer.start()
+    await next_reason(bus)
+    await asyncio.sleep(0.05)  # many heartbeats, each a publish that eats a cancel
+    await asyncio.wait_for(announcer.stop(), 2)
+    sent = bus.published.qsize()
+    await asyncio.sleep(0.05)
+    assert bus.published.qsize() == sent  # the loop is over, not just abandoned

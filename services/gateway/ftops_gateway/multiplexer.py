@@ -23,6 +23,7 @@ import grpc
 
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops_runtime.errors import RemoteError
+from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +296,7 @@ class MultiplexChannel:
         if stream is not None:
             stream.call.cancel()
             tasks.extend(t for t in (stream.reader, stream.watchdog) if t is not None)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
 
 def _unwrap(answer: Answer) -> inference_pb2.MultiplexResponse:

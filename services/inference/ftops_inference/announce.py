@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ftops.events.v1 import events_pb2
 from ftops_runtime import events
 from ftops_runtime.bus import EventBus
+from ftops_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Announcer:
         self._last_sent: tuple[tuple[str, ...], tuple[str, ...], bool] | None = None
         self.published = 0
         self.failures = 0
+        self._stopped = False
 
     def start(self) -> None:
         if self._task is None:
@@ -48,11 +50,12 @@ class Announcer:
         self._changed.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # The flag too: asyncio.wait_for (Python 3.11) can swallow the cancel as its wait
+        # times out, and the loop would go on while a plain await of it hung the stop.
+        self._stopped = True
+        self._changed.set()
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def announce(self, reason: str) -> bool:
         try:
@@ -77,9 +80,11 @@ class Announcer:
         await self.announce("start")
         loop = asyncio.get_running_loop()
         due = loop.time() + self.interval_s
-        while True:
+        while not self._stopped:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), max(due - loop.time(), 0))
+            if self._stopped:
+                return
             if self._changed.is_set():
                 self._changed.clear()
                 if self._state_differs():

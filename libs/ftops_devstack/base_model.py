@@ -34,10 +34,11 @@ def model_name(model_dir: Path) -> str:
     return name[:100] or "local-model"
 
 
-def resolve_base_model(spec: str) -> BaseModelChoice:
-    """``tiny``, ``smollm2`` or a directory; a directory that is not a usable model, or
-    SmolLM2 without its extra, raises with the reason (ModelDirError, FileNotFoundError,
-    GGUFError)."""
+def resolve_base_model(spec: str, *, max_memory_mb: float = 0) -> BaseModelChoice:
+    """``tiny``, ``smollm2`` or a directory; a directory that is not a usable model (no
+    tokenizer, weights cut short), one whose weights would not fit ``max_memory_mb`` (0:
+    the memory available now), or SmolLM2 without its extra, raises with the reason
+    (ModelDirError, ModelTooLarge, FileNotFoundError, GGUFError), before anything loads."""
     if spec in ("", TINY):
         from ftops_tinymodel import build
 
@@ -47,11 +48,12 @@ def resolve_base_model(spec: str) -> BaseModelChoice:
             tiny=True,
             env={"FTOPS_GATE_MIN_RETENTION": str(TINY_MODEL_MIN_RETENTION)},
         )
+    from ftops_models import check_base_model
+
     if spec == SMOLLM2:
         from ftops_models import SMOLLM2_NAME, smollm2_dir
 
-        return BaseModelChoice(smollm2_dir(), SMOLLM2_NAME, tiny=False)
-    from ftops_models import check_model_dir
-
-    path = check_model_dir(Path(spec))
+        path, _ = check_base_model(smollm2_dir(), limit_mb=max_memory_mb)
+        return BaseModelChoice(path, SMOLLM2_NAME, tiny=False)
+    path, _ = check_base_model(Path(spec), limit_mb=max_memory_mb)
     return BaseModelChoice(path, model_name(path), tiny=False)

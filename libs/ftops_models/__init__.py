@@ -23,6 +23,13 @@ from .gguf_convert import (
     convert_gguf,
     read_metadata,
 )
+from .memory import (
+    MemoryEstimate,
+    ModelTooLarge,
+    check_base_model,
+    check_memory,
+    estimate_memory,
+)
 from .smollm2 import SMOLLM2_NAME, smollm2_dir, smollm2_gguf
 
 __all__ = [
@@ -31,9 +38,14 @@ __all__ = [
     "SMOLLM2_NAME",
     "SUPPORTED_ARCHITECTURES",
     "GGUFError",
+    "MemoryEstimate",
     "ModelDirError",
+    "ModelTooLarge",
+    "check_base_model",
+    "check_memory",
     "check_model_dir",
     "convert_gguf",
+    "estimate_memory",
     "model_cache_dir",
     "read_metadata",
     "smollm2_dir",

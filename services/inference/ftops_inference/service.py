@@ -52,6 +52,17 @@ class InferenceService:
         self.settings = settings
         self._freeze_heap = freeze_heap
         self.model_dir = Path(settings.base_model_path).resolve()
+        if backend is None and settings.backend != "echo":
+            # Before any weight is read: a directory that is no model, or a model too large
+            # for this replica, is refused at once with the reason (and the estimate).
+            from ftops_models import check_base_model
+
+            vllm_dtype = settings.vllm_dtype if settings.backend == "vllm" else "auto"
+            check_base_model(
+                self.model_dir,
+                limit_mb=settings.max_model_memory_mb,
+                dtype=None if vllm_dtype == "auto" else vllm_dtype,
+            )
         self.backend: Backend = backend or make_backend(settings, self.model_dir)
         self.bus = EventBus(
             settings.nats_url,

@@ -27,6 +27,15 @@ class InferenceSettings(ServiceSettings, AuthSettings):
     )
     base_model_path: str = Field("", description="Local directory of the HF base model.")
     base_model_name: str = Field("tiny-llama", description="Name registered for the base model.")
+    max_model_memory_mb: float = Field(
+        0,
+        ge=0,
+        description=(
+            "Memory the base model's weights may take, in MiB: a model whose estimate "
+            "(parameters x dtype bytes, from the safetensors headers) exceeds 80% of it is "
+            "refused before loading; 0 = the memory available when the replica starts."
+        ),
+    )
     adapter_cache_dir: str = Field(
         ".ftops/adapters", description="Where verified adapter artifacts are kept."
     )

@@ -17,6 +17,8 @@ import grpc
 
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2
+from ftops_models.check import WEIGHT_FILES
+from ftops_models.memory import check_memory
 from ftops_runtime.artifacts import download_artifact
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from ftops_trainer import access, artifacts
@@ -101,6 +103,10 @@ class Intake:
         base_dir = Path(base.uri)
         if not spec.parent_version_id and (base_dir / "config.json").is_file():
             problems += validate_method(params, base_dir)
+        if any((base_dir / name).is_file() for name in WEIGHT_FILES):
+            # Before a job loads it (float32 on this trainer): too large is said with the
+            # estimate now, not as an out-of-memory kill mid-job.
+            check_memory(base_dir, limit_mb=self._settings.max_model_memory_mb, dtype="float32")
         if problems:
             raise InvalidArgument("invalid job spec: " + "; ".join(problems))
 

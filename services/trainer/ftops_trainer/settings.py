@@ -60,6 +60,15 @@ class TrainerSettings(ServiceSettings, AuthSettings):
         description="Share of bad dataset lines tolerated (skipped); above it the job fails.",
     )
     torch_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default.")
+    max_model_memory_mb: float = Field(
+        0,
+        ge=0,
+        description=(
+            "Memory a base model's weights may take on this trainer, in MiB: a job whose base "
+            "model's estimate (parameters x 4 bytes, float32, from the safetensors headers) "
+            "exceeds 80% of it is refused at submit; 0 = the memory available at submit."
+        ),
+    )
     progress_interval_s: float = Field(
         1.0, ge=0, description="Least time between progress updates (job record and events)."
     )

@@ -6,6 +6,7 @@ import asyncio
 
 from bench import (
     adapter_memory,
+    backends,
     data_pipeline,
     event_bus,
     forgetting,
@@ -27,6 +28,7 @@ def main() -> None:
     asyncio.run(serving_while_loading.main())
     asyncio.run(multi_adapter.main())
     asyncio.run(adapter_memory.main())
+    asyncio.run(backends.main(["hf", "vllm"]))
     asyncio.run(rollback_speed.main())
     asyncio.run(zero_downtime.main())
     asyncio.run(release_under_load.main())

@@ -413,9 +413,23 @@ async def test_completion_stream_ends_with_done(stack: Stack) -> None:
     assert "".join(p["choices"][0]["text"] for p in pieces) == completion.choices[0].text
 
 
+async def _long_answer_prompt(stack: Stack) -> str:
+    """A prompt of its own whose greedy answer is long: with a short one the stream can end
+    normally before the gateway notices the hang-up (the race this test once lost)."""
+    for _ in range(20):
+        prompt = f"{PROMPT} ({uuid.uuid4().hex[:4]})"
+        answer = await stack.client().completions.create(
+            model=stack.alias, prompt=prompt, max_tokens=64, temperature=0
+        )
+        assert answer.usage is not None
+        if answer.usage.completion_tokens >= 12:
+            return prompt
+    raise AssertionError("no prompt with a long answer found")
+
+
 async def test_client_hanging_up_cancels_the_generation(stack: Stack) -> None:
+    prompt = await _long_answer_prompt(stack)
     stack.backend.chunk_delay_s = 0.3
-    prompt = f"{PROMPT} ({uuid.uuid4().hex[:4]})"
     try:
         body = {"model": stack.alias, "prompt": prompt, "max_tokens": 64, "stream": True}
         body["temperature"] = 0

@@ -249,3 +249,68 @@ async def _until_ended(
         await asyncio.sleep(0.2)
     last = await _job(registry, job_id)
     raise AssertionError(f"job {job_id} still {JobState.Name(last.state)}")
+
+
+async def test_a_job_lost_on_every_delivery_fails_after_its_requeues(
+    make_registry: MakeRegistry, nats_url: str
+) -> None:
+    registry_app = await make_registry()
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    job_id = f"job_doomed_{uuid.uuid4().hex[:6]}"
+    requeued: list[str] = []
+
+    async def lost_again(job: trainer_pb2.Job, event_id: str) -> None:
+        # Enqueued, taken by a worker that is lost with it and handed back QUEUED (a new
+        # revision), its message dead-lettered: as a job that kills its trainer each time.
+        requeued.append(job.job_id)
+
+        def handed_back(current: trainer_pb2.Job) -> bool:
+            current.error = f"trainer lost (delivery {len(requeued)})"
+            return True
+
+        await store.update(job.job_id, handed_back)
+
+    async with (
+        client.channel(registry_app.address) as channel,
+        EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6]) as bus,
+    ):
+        await bus.wait_ready(10)
+        store = JobStore(registry_stub(channel))
+        await store.create(record(job_id, queue, JobState.JOB_STATE_QUEUED, 3600.0))
+        reconciler = Reconciler(
+            store, bus, lost_again, queue=queue, interval_s=60, grace_s=0, max_requeues=2
+        )
+        assert await reconciler.reconcile_once() == [job_id]
+        assert await reconciler.reconcile_once() == [job_id]
+        assert await reconciler.reconcile_once() == []  # given up
+        assert requeued == [job_id, job_id]
+        failed = (await store.get(job_id)).job
+        assert failed.state == JobState.JOB_STATE_FAILED
+        assert "re-enqueued 2 times" in failed.error
+        assert "trainer lost (delivery 2)" in failed.error
+        assert await reconciler.reconcile_once() == []  # not QUEUED any more: left alone
+
+
+async def test_passes_on_an_unchanged_record_do_not_count_as_requeues(
+    make_registry: MakeRegistry, nats_url: str
+) -> None:
+    registry_app = await make_registry()
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    job_id = f"job_waiting_{uuid.uuid4().hex[:6]}"
+
+    async def dropped(job: trainer_pb2.Job, event_id: str) -> None:
+        """The message never reaches the queue; nothing takes the job."""
+
+    async with (
+        client.channel(registry_app.address) as channel,
+        EventBus(nats_url, service="test", instance=uuid.uuid4().hex[:6]) as bus,
+    ):
+        await bus.wait_ready(10)
+        store = JobStore(registry_stub(channel))
+        await store.create(record(job_id, queue, JobState.JOB_STATE_QUEUED, 3600.0))
+        reconciler = Reconciler(
+            store, bus, dropped, queue=queue, interval_s=60, grace_s=60, max_requeues=1
+        )
+        for _ in range(3):
+            assert await reconciler.reconcile_once() == [job_id]
+        assert (await store.get(job_id)).job.state == JobState.JOB_STATE_QUEUED

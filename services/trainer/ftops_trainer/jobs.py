@@ -95,6 +95,7 @@ class JobManager:
             queue=settings.job_queue,
             interval_s=settings.reconcile_interval_s,
             grace_s=settings.reconcile_grace_s,
+            max_requeues=settings.reconcile_max_requeues,
         )
         self._reconcile_task: asyncio.Task[None] | None = None
 

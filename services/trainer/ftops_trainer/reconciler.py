@@ -14,6 +14,12 @@ derived from the job and its record revision, so replicas reconciling at once (a
 repeated before anything changed) store one message; a job whose record changed since it
 was listed is left for the next pass; a redelivery of a job that is running or finished
 is ignored by the worker (it checks the record).
+
+A job that never gets through (one that kills its trainer on every delivery, such as a
+job too large for the machine's memory) would be dead-lettered and re-enqueued forever:
+after ``max_requeues`` re-enqueues by this replica, each of a new revision of its record
+(a worker took it in between and handed it back), it is marked FAILED instead, saying so.
+A pass repeated on the same revision (nothing took the job since) does not count.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Reconciler:
         queue: str,
         interval_s: float,
         grace_s: float,
+        max_requeues: int = 3,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -61,6 +68,9 @@ class Reconciler:
         self._queue = queue
         self._interval_s = interval_s
         self._grace_s = grace_s
+        self._max_requeues = max_requeues
+        # job id -> the record revisions this replica re-enqueued it at
+        self._requeues: dict[str, set[int]] = {}
 
     async def run(self) -> None:
         """Reconcile every ``interval_s`` until cancelled; a pass that fails (the registry
@@ -93,6 +103,11 @@ class Reconciler:
                 or current.job.state != JobState.JOB_STATE_QUEUED
             ):
                 continue
+            revisions = self._requeues.setdefault(job_id, set())
+            if current.revision not in revisions and len(revisions) >= self._max_requeues:
+                await self._give_up(current.job)
+                continue
+            revisions.add(current.revision)
             event_id = events.derived_event_id("requeue", job_id, current.revision)
             await self._enqueue(current.job, event_id)
             log.warning(
@@ -100,6 +115,24 @@ class Reconciler:
             )
             requeued.append(job_id)
         return requeued
+
+    async def _give_up(self, job: trainer_pb2.Job) -> None:
+        times = len(self._requeues.pop(job.job_id, set()))
+        last = f" (last error: {job.error})" if job.error else ""
+        message = (
+            f"re-enqueued {times} times and never finished: every delivery of it was lost, "
+            f"for example by a trainer killed while running it{last}"
+        )
+
+        def fail(current: trainer_pb2.Job) -> bool:
+            if current.state != JobState.JOB_STATE_QUEUED:
+                return False
+            current.state = JobState.JOB_STATE_FAILED
+            current.error = message
+            return True
+
+        await self._store.update(job.job_id, fail)
+        log.error("job %s failed: %s", job.job_id, message)
 
     def _due(self, job: trainer_pb2.Job) -> bool:
         age = time.time() - job.updated_at.ToSeconds()

@@ -98,6 +98,14 @@ class TrainerSettings(ServiceSettings, AuthSettings):
             "last write), so a submit still enqueueing is not raced."
         ),
     )
+    reconcile_max_requeues: int = Field(
+        3,
+        ge=1,
+        description=(
+            "A job the reconciler re-enqueued this many times (each after a worker took it "
+            "and lost it) is marked FAILED instead of going round again."
+        ),
+    )
     replay_capacity: int = Field(
         2000, ge=0, description="Default records a lineage's replay buffer keeps."
     )

@@ -15,9 +15,10 @@ Per backend:
 The adapters are random LoRA weights registered as the trainer registers versions
 (artifact, version, ``adapter.ready``), so both backends hot-load the same eight files.
 HF is the baseline. vLLM is measured where its environment exists (``make install-vllm``);
-otherwise the report says so.
+otherwise the report says so. ``--base-model smollm2`` (or a model directory) runs the same
+on a real pretrained model (results under ``backends_<model>``).
 
-    python -m bench.backends [--backends hf,vllm] [--no-capacity]
+    python -m bench.backends [--backends hf,vllm] [--no-capacity] [--base-model tiny|smollm2|PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops_devstack.base_model import TINY, BaseModelChoice, resolve_base_model
 from ftops_devstack.demo import EventLog
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
@@ -90,13 +92,14 @@ async def _release(
     log: EventLog,
     adapter_dir: Path,
     adapter: str,
+    base_model: str,
 ) -> str:
     """Registered and announced as the trainer does; returns once the replica loaded it."""
     version: registry_pb2.Version = await registry.RegisterVersion(
         registry_pb2.RegisterVersionRequest(
             adapter=adapter,
             team="demo",
-            base_model="tiny-llama",
+            base_model=base_model,
             artifact_id=await _upload(registry, adapter_dir),
             method="lora",
         )
@@ -108,7 +111,7 @@ async def _release(
             version_id=version.version_id,
             adapter=adapter,
             version_number=version.number,
-            base_model="tiny-llama",
+            base_model=base_model,
             files=list(version.files),
             team="demo",
         ),
@@ -117,13 +120,20 @@ async def _release(
     return version.version_id
 
 
-async def _first_token(gateway: gateway_pb2_grpc.GatewayServiceStub, limit_s: float) -> None:
+async def _first_token(
+    gateway: gateway_pb2_grpc.GatewayServiceStub, limit_s: float, *, chat: bool
+) -> None:
     """Until the gateway streams a first token of the base model (UNAVAILABLE while the
-    replica builds its engine or has not announced itself yet)."""
+    replica builds its engine or has not announced itself yet). An instruct model is asked
+    in chat form: without its template it may end at once."""
     deadline = time.monotonic() + limit_s
     request = gateway_pb2.GenerateRequest(
-        model="base", prompt="The capital of", sampling=common_pb2.SamplingParams(max_tokens=4)
+        model="base", sampling=common_pb2.SamplingParams(max_tokens=4)
     )
+    if chat:
+        request.messages.add(role="user", content="What is the capital of France?")
+    else:
+        request.prompt = "The capital of"
     while True:
         try:
             async for chunk in gateway.GenerateStream(request, timeout=60):
@@ -138,7 +148,7 @@ async def _first_token(gateway: gateway_pb2_grpc.GatewayServiceStub, limit_s: fl
 
 
 async def _throughput(
-    inference: inference_pb2_grpc.InferenceServiceStub, versions: list[str]
+    inference: inference_pb2_grpc.InferenceServiceStub, versions: list[str], *, chat: bool
 ) -> tuple[list[float], float, int]:
     """Latencies (s), wall time (s) and completion tokens of REQUESTS spread over
     ``versions``, CONCURRENCY at a time."""
@@ -151,9 +161,12 @@ async def _throughput(
         request = inference_pb2.GenerateRequest(
             request_id=f"bench-{i}",
             version_id=versions[i % len(versions)],
-            prompt=PROMPTS[i % len(PROMPTS)],
             sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i),
         )
+        if chat:
+            request.messages.add(role="user", content=f"Tell me about: {PROMPTS[i % 4]}")
+        else:
+            request.prompt = PROMPTS[i % len(PROMPTS)]
         async with gate:
             t0 = time.perf_counter()
             reply = await inference.Generate(request, timeout=300)
@@ -166,7 +179,12 @@ async def _throughput(
 
 
 async def measure(
-    backend: str, model_dir: Path, adapter_dirs: list[Path], work: Path, *, capacity: bool
+    backend: str,
+    model: BaseModelChoice,
+    adapter_dirs: list[Path],
+    work: Path,
+    *,
+    capacity: bool,
 ) -> tuple[dict[str, float | str], dict[str, tuple[list[float], float]]]:
     """One backend's figures (notes) and its throughput samples per case."""
     nats_server, redis_server = start_nats(), start_redis()
@@ -174,8 +192,9 @@ async def measure(
         work / backend,
         nats_server.url,
         redis_server.url,
-        model_dir,
-        extra_env={"FTOPS_SHUTDOWN_GRACE_S": "2"},
+        model.path,
+        base_model_name=model.name,
+        extra_env={"FTOPS_SHUTDOWN_GRACE_S": "2", **model.env},
     )
     if backend == "vllm":
         stack.interpreters["inference"] = str(vllm_python())
@@ -190,7 +209,8 @@ async def measure(
         stack.start()
         channels = {n: channel(stack.address(n)) for n in ("gateway", "registry", "inference")}
         gateway = gateway_pb2_grpc.GatewayServiceStub(channels["gateway"])
-        await _first_token(gateway, 900)
+        chat = not model.tiny
+        await _first_token(gateway, 900, chat=chat)
         notes["ready -> first token (s)"] = round(time.monotonic() - started, 1)
         await stack.wait_serving(timeout=300)
         await log.start(nats_server.url)
@@ -198,18 +218,22 @@ async def measure(
         await bus.wait_ready(30)
         registry = registry_pb2_grpc.RegistryServiceStub(channels["registry"])
         versions = [
-            await _release(registry, bus, log, d, f"bench-{i}") for i, d in enumerate(adapter_dirs)
+            await _release(registry, bus, log, d, f"bench-{i}", model.name)
+            for i, d in enumerate(adapter_dirs)
         ]
         inference = inference_pb2_grpc.InferenceServiceStub(channels["inference"])
-        await _throughput(inference, versions)  # warm-up: every adapter used once
+        await _throughput(inference, versions, chat=chat)  # warm-up: every adapter once
         for case, chosen in (("1 adapter", versions[:1]), ("8 adapters", versions)):
-            latencies, wall, tokens = await _throughput(inference, chosen)
+            latencies, wall, tokens = await _throughput(inference, chosen, chat=chat)
             notes[f"{case}: tokens/s"] = round(tokens / wall, 1)
             samples[case] = (latencies, wall)
         notes["8 adapters vs 1 (tokens/s)"] = round(
             float(notes["8 adapters: tokens/s"]) / float(notes["1 adapter: tokens/s"]), 3
         )
-        if capacity:
+        if capacity and chat:
+            # The load generator sends raw prompts, which an instruct model may end at once.
+            notes["capacity through the gateway"] = "not measured (raw-prompt load generator)"
+        elif capacity:
             await gateway.SetRoute(gateway_pb2.SetRouteRequest(alias=ALIAS, version_id=versions[0]))
             capacity_notes: dict[str, float | str] = {}
             notes["capacity through the gateway (req/s)"] = await find_capacity(
@@ -229,23 +253,21 @@ async def measure(
     return notes, samples
 
 
-async def main(backends: list[str], *, capacity: bool = True) -> Path:
-    from ftops_tinymodel import build
-
-    model_dir = build()
+async def main(backends: list[str], *, capacity: bool = True, base_model: str = TINY) -> Path:
+    model = resolve_base_model(base_model)
     report = Report(
-        NAME,
-        "HF (transformers + PEFT) vs vLLM (CPU build) inference, tiny model, whole stack",
+        NAME if model.tiny else f"{NAME}_{model.name}",
+        f"HF (transformers + PEFT) vs vLLM (CPU build) inference, {model.name}, whole stack",
         "the HF backend, measured in the same run",
     )
     with tempfile.TemporaryDirectory(prefix="ftops-bench-backends-") as tmp:
         work = Path(tmp)
-        adapter_dirs = make_adapters(model_dir, work / "adapters", ADAPTERS)
+        adapter_dirs = make_adapters(model.path, work / "adapters", ADAPTERS)
         figures: dict[str, dict[str, float | str]] = {}
         for backend in backends:
             try:
                 notes, samples = await measure(
-                    backend, model_dir, adapter_dirs, work, capacity=capacity
+                    backend, model, adapter_dirs, work, capacity=capacity
                 )
             except VLLMUnavailableError as exc:
                 report.notes[f"{backend}: not measured"] = str(exc)
@@ -267,5 +289,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--no-capacity", action="store_true")
+    parser.add_argument("--base-model", default=TINY, help="tiny, smollm2 or a model directory")
     args = parser.parse_args()
-    asyncio.run(main(args.backends.split(","), capacity=not args.no_capacity))
+    asyncio.run(
+        main(args.backends.split(","), capacity=not args.no_capacity, base_model=args.base_model)
+    )

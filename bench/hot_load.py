@@ -9,6 +9,7 @@ the adapter before it can answer). Also the backend alone (load + first token)."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from bench.models import TINY, bench_model, model_argument
 from bench.report import Report
 from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
@@ -294,14 +296,14 @@ async def _restart(model_dir: Path, adapter: Path) -> float:
     return elapsed
 
 
-async def main() -> None:
+async def main(base_model: str = TINY) -> None:
     import torch
 
     from ftops_devstack.servers import start_nats
-    from ftops_tinymodel import build
 
     torch.set_num_threads(1)  # a shared CPU host: oversubscribed threads only add noise
-    model_dir = build()
+    model = bench_model(base_model)
+    model_dir = model.path
     nats = start_nats()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -329,8 +331,8 @@ async def main() -> None:
         nats.stop()
 
     report = Report(
-        "hot_load",
-        f"new adapter version, adapter.ready -> first token (tiny model, {VERSIONS} versions)",
+        model.report_name("hot_load"),
+        f"new adapter version, adapter.ready -> first token ({model.name}, {VERSIONS} versions)",
         "restart: fresh backend loads base + adapter, then answers",
     )
     base = report.add("restart (baseline)", restart)
@@ -343,4 +345,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    model_argument(parser)
+    asyncio.run(main(parser.parse_args().base_model))

@@ -5,6 +5,7 @@ baseline, measured in the same run."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import tempfile
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.hot_load import make_adapters
+from bench.models import TINY, bench_model, model_argument
 from bench.report import Report
 from ftops_inference.backend import GenerationRequest
 from ftops_inference.hf_backend import HFPeftBackend
@@ -91,13 +93,12 @@ def _naive(model_dir: Path, dirs: list[Path]) -> tuple[list[float], float, int]:
     return latencies, time.perf_counter() - t0, tokens
 
 
-async def main() -> None:
+async def main(base_model: str = TINY) -> None:
     import torch
 
-    from ftops_tinymodel import build
-
     torch.set_num_threads(1)
-    model_dir = build()
+    model = bench_model(base_model)
+    model_dir = model.path
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(model_dir, Path(tmp), ADAPTERS)
         backend = HFPeftBackend(model_dir, max_batch_size=BATCH, max_loaded=ADAPTERS)
@@ -137,8 +138,8 @@ async def main() -> None:
         )
 
     report = Report(
-        "multi_adapter",
-        f"{REQUESTS} requests x {MAX_TOKENS} tokens, batch {BATCH} (tiny model, CPU, 1 thread)",
+        model.report_name("multi_adapter"),
+        f"{REQUESTS} requests x {MAX_TOKENS} tokens, batch {BATCH} ({model.name}, CPU, 1 thread)",
         "naive: set_adapter per request, one request at a time",
     )
     throughput: dict[str, float] = {}
@@ -157,4 +158,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    model_argument(parser)
+    asyncio.run(main(parser.parse_args().base_model))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.models import TINY, bench_model, model_argument
 from bench.report import Report
 
 STEPS = 40
@@ -127,10 +128,18 @@ def _steps(stamps: list[float], tokens: list[int]) -> tuple[list[float], int]:
     return [b - a for a, b in itertools.pairwise(stamps)], sum(tokens[1:])
 
 
-def _memory(case: str) -> dict[str, float]:
+def _memory(case: str, base_model: str) -> dict[str, float]:
     """Peak RSS of a fresh process running the case once (MiB)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.train_throughput", "--memory", case],
+        [
+            sys.executable,
+            "-m",
+            "bench.train_throughput",
+            "--memory",
+            case,
+            "--base-model",
+            base_model,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -147,11 +156,9 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _memory_child(case: str) -> None:
-    from ftops_tinymodel import build
-
+def _memory_child(case: str, base_model: str) -> None:
     torch.set_num_threads(THREADS)
-    model_dir = build()
+    model_dir = bench_model(base_model).path
     import peft  # noqa: F401  (both cases import it; measured after the imports)
     import transformers  # noqa: F401
 
@@ -169,11 +176,10 @@ def _memory_child(case: str) -> None:
     )
 
 
-def main() -> None:
-    from ftops_tinymodel import build
-
+def main(base_model: str = TINY) -> None:
     torch.set_num_threads(THREADS)
-    model_dir = build()
+    model = bench_model(base_model)
+    model_dir = model.path
     durations: dict[str, list[float]] = {case: [] for case in CASES}
     tokens: dict[str, int] = dict.fromkeys(CASES, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,11 +189,11 @@ def main() -> None:
                 steps, n = _steps(*run(model_dir, Path(tmp) / f"{case}-{r}"))
                 durations[case] += steps
                 tokens[case] += n
-    memory = {case: _memory(case) for case in CASES}
+    memory = {case: _memory(case, base_model) for case in CASES}
 
     report = Report(
-        "train_throughput",
-        f"LoRA r=8 on the tiny model, {STEPS} steps x batch {BATCH}, {ROUNDS} rounds "
+        model.report_name("train_throughput"),
+        f"LoRA r=8 on {model.name}, {STEPS} steps x batch {BATCH}, {ROUNDS} rounds "
         f"alternating, {THREADS} torch thread; rows are optimizer steps",
         "plain PEFT + PyTorch loop (HF loss, AdamW, clipping)",
     )
@@ -216,8 +222,9 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--memory", choices=sorted(CASES), help="internal: one memory run")
+    model_argument(parser)
     args = parser.parse_args()
     if args.memory:
-        _memory_child(args.memory)
+        _memory_child(args.memory, args.base_model)
     else:
-        main()
+        main(args.base_model)

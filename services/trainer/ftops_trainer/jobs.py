@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -30,6 +31,7 @@ from ftops_runtime.tasks import cancel_and_wait
 from ftops_trainer.distributed import visible_gpus
 from ftops_trainer.gang import gang_subject, slot_expired
 from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
+from ftops_trainer.outage import through_registry_outage
 from ftops_trainer.reconciler import Reconciler
 from ftops_trainer.runner import JobRunner, StopReason, TransientJobError
 from ftops_trainer.settings import TrainerSettings
@@ -375,7 +377,12 @@ class JobManager:
         if not is_terminal(job) and running.reason == StopReason.CANCELLED:
             job.state = JobState.JOB_STATE_CANCELLED
             job.error = job.error or "cancelled by request"
-        await self._write(running, force=True)
+        # The outcome must reach the record: a registry outage is waited out (outage.py).
+        await through_registry_outage(
+            f"job {job.job_id}: recording its end",
+            functools.partial(self._write, running, force=True),
+            window_s=self._settings.registry_outage_s,
+        )
         log.info("job %s ended %s %s", job.job_id, JobState.Name(job.state), job.error)
         await self._job_event(job, job.error or JobState.Name(job.state))
 

@@ -48,6 +48,7 @@ from ftops_trainer.gate import (
     split_holdout,
 )
 from ftops_trainer.intake import Intake, describe_skipped, skipped_lines
+from ftops_trainer.outage import through_registry_outage
 from ftops_trainer.replay import REPLAY_FILES, ReplayBuffer, lineage_buffer, mix_replay
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.spec import pipeline_config, train_params
@@ -452,14 +453,27 @@ class JobRunner:
         replay_files = artifacts.describe_files(buffer_dir, REPLAY_FILES)
         # Uploaded for the job's team: what lets its version use them, whatever else the
         # trainer's key may do.
-        replay_artifact = await artifacts.upload_artifact(
-            self._registry, buffer_dir, replay_files, team=spec.team
+        # A registry outage from here on is waited out (outage.py): the job has trained.
+        outage_s = self._settings.registry_outage_s
+        replay_artifact = await through_registry_outage(
+            f"job {job.job_id}: uploading the replay buffer",
+            lambda: artifacts.upload_artifact(
+                self._registry, buffer_dir, replay_files, team=spec.team
+            ),
+            window_s=outage_s,
+            stop=stop,
         )
         files = await asyncio.to_thread(artifacts.describe_files, result.adapter_dir, ADAPTER_FILES)
-        artifact = await artifacts.upload_artifact(
-            self._registry, result.adapter_dir, files, team=spec.team
+        artifact = await through_registry_outage(
+            f"job {job.job_id}: uploading the adapter",
+            lambda: artifacts.upload_artifact(
+                self._registry, result.adapter_dir, files, team=spec.team
+            ),
+            window_s=outage_s,
+            stop=stop,
         )
-        version: registry_pb2.Version = await self._registry.RegisterVersion(
+        register = functools.partial(
+            self._registry.RegisterVersion,
             registry_pb2.RegisterVersionRequest(
                 adapter=spec.adapter,
                 team=spec.team,
@@ -485,6 +499,9 @@ class JobRunner:
                 dataset_artifact_id=spec.dataset_artifact_id,
             ),
             timeout=REGISTRY_TIMEOUT_S,
+        )
+        version: registry_pb2.Version = await through_registry_outage(
+            f"job {job.job_id}: registering its version", register, window_s=outage_s, stop=stop
         )
         job.version_id, job.version_number = version.version_id, version.number
         await self._announce(job, version, base, files, gate.reasons, gate.metrics, rejected)

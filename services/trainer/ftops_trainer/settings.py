@@ -81,6 +81,16 @@ class TrainerSettings(ServiceSettings, AuthSettings):
         ),
     )
     watch_poll_s: float = Field(0.5, gt=0, description="WatchJob's poll interval on the record.")
+    registry_outage_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "How long a job that has trained waits out a registry outage (the registry or "
+            "its database down) for its uploads, its version's registration and its final "
+            "record, retrying with backoff while it keeps its place on the queue; beyond it "
+            "the job goes back to the queue and resumes from its checkpoint."
+        ),
+    )
     reconcile_interval_s: float = Field(
         60.0,
         ge=0,

@@ -240,7 +240,9 @@ class JobRunner:
                     label=f"replay buffer of {parent.version_id}",
                     team=spec.team,
                 )
-        probes = await asyncio.to_thread(self._probes, base_dir, spec)
+        probes = await asyncio.to_thread(
+            self._probes, base_dir, spec, base.fingerprint, self._settings.gate_general_probes
+        )
         probe_replay, probe_held = probe_split(probes)
         buffer = lineage_buffer(
             replay_dir,
@@ -605,12 +607,20 @@ class JobRunner:
         return dest
 
     @staticmethod
-    def _probes(base_dir: Path, spec: trainer_pb2.JobSpec) -> list[Record]:
-        """The base model's own knowledge: its directory's probe file plus the job's."""
+    def _probes(
+        base_dir: Path, spec: trainer_pb2.JobSpec, fingerprint: str, general: bool = True
+    ) -> list[Record]:
+        """The base model's own knowledge: its directory's probe file, else the
+        general-knowledge questions it answers right (probes.py, filtered once per base
+        model and cached), plus the job's."""
         records: list[Record] = []
         probe_file = base_dir / RETENTION_PROBE_FILE
         if probe_file.is_file():
             records += parse_jsonl(probe_file.read_bytes()).records
+        elif general and fingerprint:
+            from ftops_trainer.probes import general_probes
+
+            records += general_probes(base_dir, fingerprint)
         if spec.gate.retention_jsonl:
             parsed = parse_jsonl(spec.gate.retention_jsonl)
             if parsed.errors:

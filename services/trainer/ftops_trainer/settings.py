@@ -143,6 +143,15 @@ class TrainerSettings(ServiceSettings, AuthSettings):
             "turns the check off (still measured)."
         ),
     )
+    gate_general_probes: bool = Field(
+        True,
+        description=(
+            "For a base model whose directory has no ftops_retention.jsonl, measure retention "
+            "on the general-knowledge probe set (the questions the base model answers right, "
+            "filtered when the trainer first uses it and cached in the model cache by its "
+            "fingerprint)."
+        ),
+    )
     gate_learned_set_size: int = Field(
         64, ge=1, description="Most training records a job's learned figure is measured on."
     )

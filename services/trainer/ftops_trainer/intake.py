@@ -23,6 +23,7 @@ from ftops_runtime.artifacts import download_artifact
 from ftops_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from ftops_trainer import access, artifacts
 from ftops_trainer.dataset import LineError, load_dataset
+from ftops_trainer.recipes import base_recipe, fit_epochs, model_type, with_recipe
 from ftops_trainer.settings import TrainerSettings
 from ftops_trainer.store import REGISTRY_TIMEOUT_S
 
@@ -68,6 +69,10 @@ class Intake:
         # First what the job's team may use: nothing of another team's is read before.
         team = await access.job_team(self._registry, spec.adapter, spec.team)
         base = await self.base_model(spec.base_model)
+        # The base model's recipe (by its size) for every field the job leaves unset.
+        asked, recipe = spec, await asyncio.to_thread(base_recipe, Path(base.uri))
+        if recipe is not None:
+            spec = with_recipe(spec, recipe, await asyncio.to_thread(model_type, Path(base.uri)))
         if spec.parent_version_id:
             await self.parent_version(spec.parent_version_id, base, team=team, adapter=spec.adapter)
         await asyncio.to_thread(self._check_method, spec, base)
@@ -84,6 +89,7 @@ class Intake:
         out = trainer_pb2.JobSpec()
         out.CopyFrom(spec)
         out.team = team
+        fit_epochs(asked, out, recipe, len(parsed.records))
         if spec.WhichOneof("dataset") != "dataset_artifact_id":
             out.dataset_artifact_id = await self.store_dataset(data, team=team)
         return Prepared(out, parsed.total, parsed.errors)

@@ -231,3 +231,24 @@ def test_gc_grace_keeps_fresh_uploads(env: Env) -> None:
     patient = Retention(env.db, env.store, gc_grace=timedelta(hours=1))
     assert not patient.collect_artifacts(dry_run=False).deleted_artifact_ids
     assert blob_exists(env, b"just uploaded")
+
+
+def test_scheduled_retention_keeps_the_newest_and_what_is_needed(env: Env) -> None:
+    from ftops_registry.auto_retention import AutoRetention
+
+    v = [version(env, n) for n in range(1, 7)]
+    env.registry.set_alias("bot", "prod", v[0].version_id)  # the oldest, aliased
+    auto = AutoRetention(env.db, env.retention, keep_last=2, interval_s=3600)
+    done = auto.once()
+    states = {x.version_id: x.archived for x in env.registry.list_versions("bot").versions}
+    # v2..v4 archived; v5, v6 the newest two; v1 aliased.
+    assert [states[x.version_id] for x in v] == [False, True, True, True, False, False]
+    assert done.archived == 3
+    assert done.collected == 3  # the archived versions' artifacts
+    assert done.freed_bytes > 0
+    assert not blob_exists(env, b"weights 2")
+    assert blob_exists(env, b"weights 1")
+    assert blob_exists(env, b"weights 6")
+    assert blob_exists(env, SHARED)  # still listed by the kept artifacts
+    # A second pass finds nothing more to do.
+    assert auto.once() == type(done)(0, 0, 0)

@@ -12,6 +12,7 @@ from ftops.registry.v1 import registry_pb2_grpc
 from ftops_registry.artifacts import ArtifactStore, LocalArtifactStore
 from ftops_registry.artifacts_nats import NatsObjectArtifactStore
 from ftops_registry.audit import AuditLog
+from ftops_registry.auto_retention import AutoRetention
 from ftops_registry.db import Database
 from ftops_registry.jobs import JobRecords
 from ftops_registry.keys import Keys
@@ -68,6 +69,20 @@ class RegistryApp:
             namespace=settings.namespace,
             connect_options=tls.nats_connect_options(settings),
         )
+        self.retention = Retention(
+            self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
+        )
+        self.auto_retention = (
+            AutoRetention(
+                self.db,
+                self.retention,
+                keep_last=settings.retention_keep_last,
+                interval_s=settings.retention_interval_s,
+            )
+            if settings.retention_keep_last > 0
+            else None
+        )
+        self._retention_task: asyncio.Task[None] | None = None
         self.servicer = RegistryServicer(
             self.db,
             self.registry,
@@ -76,9 +91,7 @@ class RegistryApp:
             self.jobs,
             max_artifact_bytes=settings.max_artifact_mb * 1024 * 1024,
             max_lora_rank=settings.max_lora_rank,
-            retention=Retention(
-                self.db, self.store, gc_grace=timedelta(seconds=settings.artifact_gc_grace_s)
-            ),
+            retention=self.retention,
             audit=self.audit,
             keys=self.keys,
             key_changed=self._announce_key_changed,
@@ -155,6 +168,10 @@ class RegistryApp:
         subscribe_release_events(self.bus, self.db, self.releases, durable=self.durable)
         # Shared by the registry replicas: each batch is written once.
         self.bus.subscribe(events.AUDIT_DENIED, f"{self.durable}-audit-denied", self._on_denied)
+        if self.auto_retention is not None:
+            self._retention_task = asyncio.create_task(
+                self.auto_retention.run(), name="scheduled-retention"
+            )
 
     async def start(self) -> int:
         port = await self.server.start()
@@ -171,7 +188,7 @@ class RegistryApp:
     async def stop(self) -> None:
         await self.server.stop()
         if self._migrate_task is not None:
-            await cancel_and_wait([self._migrate_task])
+            await cancel_and_wait([self._migrate_task, self._retention_task])
         await self.bus.close()
         await asyncio.to_thread(self.db.close)
         if isinstance(self.store, NatsObjectArtifactStore):

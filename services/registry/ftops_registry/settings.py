@@ -44,6 +44,17 @@ class RegistrySettings(ServiceSettings, AuthSettings):
         description="GarbageCollectArtifacts leaves artifacts and blobs younger than this "
         "(an upload's version may not be registered yet).",
     )
+    retention_keep_last: int = Field(
+        0,
+        ge=0,
+        description="Scheduled retention: every retention_interval_s, archive all but the "
+        "newest N versions of each adapter (never one an alias, a running release or an "
+        "unfinished job needs) and garbage-collect the artifacts nothing needs, as "
+        "ArchiveVersions and GarbageCollectArtifacts do; 0 = off (an operator runs them).",
+    )
+    retention_interval_s: float = Field(
+        3600, gt=0, description="How often scheduled retention runs (retention_keep_last > 0)."
+    )
     db_pool_size: int = Field(8, gt=0, description="Database connections (and DB threads).")
     bootstrap_admin_key: str = Field(
         "",

@@ -118,6 +118,8 @@ def dev_stack(
     if vllm_python is not None:
         stack.interpreters["inference"] = str(vllm_python)
         stack.service_env["inference"] = dict(TINY_MODEL_SETTINGS)
+        # The trainer refuses at submit what vLLM cannot serve (it serves LoRA only).
+        stack.service_env["trainer"] = {"FTOPS_SERVING_BACKEND": "vllm"}
     return stack
 
 

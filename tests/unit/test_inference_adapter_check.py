@@ -108,10 +108,16 @@ def test_garbage_safetensors_is_refused(tmp_path: Path) -> None:
         check_tensors("ver_1", adapter, BASE)
 
 
-def test_non_lora_config_is_refused(tmp_path: Path) -> None:
+def test_non_lora_config_is_refused_where_the_backend_serves_lora_only(tmp_path: Path) -> None:
     adapter = write_adapter(tmp_path, GOOD)
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(FailedPrecondition, match="only LoRA"):
+    config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    check_adapter_config("ver_1", adapter)  # the HF backend serves prefix tuning
+    vllm = AdapterLimits(methods=("LORA",), backend="vllm")
+    with pytest.raises(FailedPrecondition, match=r"backend \(vllm\) serves lora adapters only"):
+        check_adapter_config("ver_1", adapter, vllm)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(FailedPrecondition, match="serves lora, adalora, ia3"):
         check_adapter_config("ver_1", adapter)
 
 

@@ -1,7 +1,9 @@
 """Checks of an adapter artifact before anything is loaded: which files may be in it,
 whether its LoRA tensors fit the base model and the replica's rank limit, and whether their
 values are finite and of a sane magnitude. Tensors are read through safetensors only;
-nothing is ever unpickled."""
+nothing is ever unpickled. The other methods (AdaLoRA, IA3, prompt and prefix tuning,
+partial fine-tunes) are checked by ``adapter_methods``, where the replica's backend serves
+them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ from typing import Any
 
 from safetensors import safe_open
 
+from ftops_inference.adapter_methods import (
+    LORA,
+    OTHER_METHODS,
+    SERVED,
+    adapter_kind,
+    check_method_config,
+    check_method_tensors,
+)
 from ftops_inference.backend import ModuleShape
 from ftops_runtime.errors import FailedPrecondition
 
@@ -39,6 +49,9 @@ class AdapterLimits:
 
     max_rank: int = 256
     max_abs_weight: float = 1e4
+    # The adapter kinds (peft_type) the replica's backend serves, and that backend.
+    methods: tuple[str, ...] = SERVED["hf"]
+    backend: str = "hf"
 
 
 def check_file_names(version_id: str, paths: Iterable[str]) -> None:
@@ -71,11 +84,13 @@ def check_adapter_config(
         raise FailedPrecondition(
             f"version {version_id}: {ADAPTER_CONFIG} is not valid JSON: {exc}"
         ) from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise FailedPrecondition(
-            f"version {version_id}: only LoRA adapters are served, got peft_type={kind!r}"
+    if not isinstance(config, dict):
+        raise FailedPrecondition(f"version {version_id}: {ADAPTER_CONFIG} is not an object")
+    if adapter_kind(config) != LORA:
+        check_method_config(
+            version_id, config, limits.methods, limits.backend, max_rank=limits.max_rank
         )
+        return
     # PEFT builds its layers at the config's ranks before the tensors are read.
     pattern = config.get("rank_pattern")
     ranks = {"r": config.get("r")} | (pattern if isinstance(pattern, dict) else {})
@@ -99,6 +114,10 @@ def check_tensors(
     limits = limits or AdapterLimits()
     ranks: dict[str, dict[str, int]] = {}
     shapes = _read_shapes(version_id, adapter_dir / ADAPTER_WEIGHTS)
+    config = _read_config(adapter_dir)
+    if adapter_kind(config) in OTHER_METHODS:
+        check_method_tensors(version_id, config, shapes, base_modules, limits.max_rank)
+        return
     for key, shape in shapes.items():
         module, kind, rank = _check_tensor(version_id, key, shape, base_modules)
         if rank > limits.max_rank:
@@ -141,6 +160,13 @@ def check_tensor_values(
                     f"version {version_id}: tensor {key!r} holds values up to {peak:.3g}, "
                     f"beyond the limit of {limits.max_abs_weight:g} (max_adapter_weight)"
                 )
+
+
+def _read_config(adapter_dir: Path) -> Any:
+    try:
+        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None  # check_adapter_config says why; LoRA's checks apply here
 
 
 def _open(version_id: str, path: Path) -> Any:

@@ -7,6 +7,12 @@ position ids, so a padded row computes exactly what it would alone. New requests
 prefilled together and joined to the running batch between two decode steps; finished or
 cancelled rows leave between steps too, so a slot is free again at the next step.
 
+Adapters other than LoRA fit the same scheme through three questions the engine asks its
+runtime: how many virtual columns a row's adapter puts before its prompt (prompt tuning's
+input tokens, prefix tuning's cache entries: ``virtual_tokens``), which rows must be
+prefilled apart (``prefill_group``), and which adapters need a batch to themselves
+(``exclusive``: a partial fine-tune swaps layers' weights for the whole forward pass).
+
 Everything that touches the model (forward passes, adapter attach/detach) runs on this
 one thread, so an adapter can never change under a forward pass.
 """
@@ -90,6 +96,21 @@ class ModelRuntime:
     @property
     def pad_id(self) -> int:
         raise NotImplementedError
+
+    def virtual_tokens(self, adapter: str) -> tuple[int, int]:
+        """Columns an adapter puts before a row's prompt: (input, cache). Prompt tuning's
+        virtual tokens are input columns the prefill fills, prefix tuning's keys and values
+        cache columns; both are positions 0..n-1 of the row, its prompt comes after."""
+        return 0, 0
+
+    def exclusive(self, adapter: str) -> str | None:
+        """A key when the adapter's rows must have their batch to themselves (the batch
+        then holds only rows of that key), None when they mix with any other row."""
+        return None
+
+    def prefill_group(self, adapter: str) -> str | None:
+        """Rows of different groups are prefilled in separate forward passes."""
+        return None
 
 
 class BatchEngine:
@@ -196,8 +217,11 @@ class BatchEngine:
                 self._gather()
             self._drop_cancelled()
             joining = self._take_pending()
-            if joining:
-                self._prefill(joining)
+            groups: dict[str | None, list[Row]] = {}
+            for row in joining:
+                groups.setdefault(self._rt.prefill_group(row.adapter_name), []).append(row)
+            for group in groups.values():
+                self._prefill(group)
             if self._active:
                 self._decode()
             self.busy.add(started, time.monotonic())
@@ -220,8 +244,25 @@ class BatchEngine:
             # Joining a running batch needs cache surgery only plain dynamic caches allow.
             if self._active and not _mergeable(self._past):
                 return []
-            rows = [r for r in self._pending[:room] if not r.cancel.is_set()]
-            self._pending = self._pending[room:]
+            # Rows join in arrival order while they may share the batch: an adapter that
+            # needs a batch to itself waits at the head until the running batch drains
+            # (nothing joins it meanwhile), then has its turn; neither side starves.
+            exclusive = self._rt.exclusive
+            group = exclusive(self._active[0].adapter_name) if self._active else None
+            rows: list[Row] = []
+            taken = 0
+            for r in self._pending:
+                if len(rows) >= room:
+                    break
+                if not r.cancel.is_set():
+                    key = exclusive(r.adapter_name)
+                    if not rows and not self._active:
+                        group = key
+                    elif key != group:
+                        break
+                    rows.append(r)
+                taken += 1
+            self._pending = self._pending[taken:]
             return rows
 
     def _drop_cancelled(self) -> None:
@@ -233,16 +274,21 @@ class BatchEngine:
             self._select(keep)
 
     def _prefill(self, rows: list[Row]) -> None:
-        width = max(len(r.prompt_ids) for r in rows)
+        # Left padding; an adapter's virtual columns (``virtual_tokens``) right before its
+        # prompt: input columns in ``ids``, cache columns ahead of them in the mask only.
+        virtual = [self._rt.virtual_tokens(r.adapter_name) for r in rows]
+        cached = max(c for _, c in virtual)
+        width = max(v + len(r.prompt_ids) for r, (v, _) in zip(rows, virtual, strict=True))
         ids = torch.full((len(rows), width), self._rt.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
+        mask = torch.zeros((len(rows), cached + width), dtype=torch.long)
+        for i, (r, (v, c)) in enumerate(zip(rows, virtual, strict=True)):
             n = len(r.prompt_ids)
             ids[i, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - n :] = 1
-            r.length = n
+            mask[i, cached + width - n - v :] = 1
+            mask[i, cached - c : cached] = 1
+            r.length = n + v + c
         ids, mask = ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
         try:
             logits, past = self._rt.forward(
                 ids, mask, positions, None, [r.adapter_name for r in rows]

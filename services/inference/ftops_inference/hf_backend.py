@@ -1,12 +1,15 @@
 """transformers + PEFT backend: mixed-adapter continuous batching (``batching``) over a
-base model with a bounded set of LoRA adapters in it (``residency``), plain LoRA served
-from stacked weights (``stacked_lora``), anything else through PEFT."""
+base model with a bounded set of adapters in it (``residency``), plain LoRA served from
+stacked weights (``stacked_lora``), other LoRA variants through PEFT, and IA3, prompt
+tuning, prefix tuning and partial fine-tunes computed from their artifacts
+(``peft_methods``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import threading
 import weakref
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ftops_inference.adapter_methods import METHOD_NAMES, OTHER_METHODS, adapter_kind
 from ftops_inference.backend import (
     AdapterStats,
     Chunk,
@@ -26,21 +30,25 @@ from ftops_inference.backend import (
     complete,
 )
 from ftops_inference.batching import BASE_ADAPTER, BatchEngine, ModelRuntime, new_row
+from ftops_inference.peft_methods import MethodAdapters
 from ftops_inference.residency import Residency, Tiers
 from ftops_inference.stacked_lora import LoRAStack
 from ftops_runtime.errors import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
 
+ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
 class AdapterWeights:
-    """A verified adapter outside the model: its PEFT config and CPU state dict."""
+    """A verified adapter outside the model: its config and CPU state dict. LoRA adapters
+    (``method`` "lora") carry their PeftConfig, the other methods their JSON config."""
 
     config: Any
     state: dict[str, torch.Tensor]
+    method: str = "lora"
 
 
 class _Runtime(ModelRuntime):
@@ -48,7 +56,9 @@ class _Runtime(ModelRuntime):
 
     Plain LoRA adapters live in ``stack`` (see ``stacked_lora``); the others, and all of
     them with ``lora_kernel = "peft"``, in a PeftModel wrapping the base, served through
-    PEFT's ``adapter_names``. One batch may mix both kinds and the base.
+    PEFT's ``adapter_names``; IA3, prompt and prefix tuning and partial fine-tunes in
+    ``methods`` (see ``peft_methods``). One batch may mix all of them and the base, except
+    a partial fine-tune, which has its batches to itself.
     """
 
     def __init__(
@@ -57,6 +67,7 @@ class _Runtime(ModelRuntime):
         self.base = base
         self.peft: Any = None  # the PeftModel wrapping ``base`` once PEFT serves an adapter
         self.stack = LoRAStack(base) if stacked else None
+        self.methods = MethodAdapters(base)
         self.tokenizer = tokenizer
         self._eos = eos
         self._pad = pad
@@ -71,6 +82,15 @@ class _Runtime(ModelRuntime):
 
     def decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def virtual_tokens(self, adapter: str) -> tuple[int, int]:
+        return self.methods.virtual_tokens(adapter)
+
+    def exclusive(self, adapter: str) -> str | None:
+        return self.methods.exclusive(adapter)
+
+    def prefill_group(self, adapter: str) -> str | None:
+        return self.methods.prefill_group(adapter)
 
     def forward(
         self,
@@ -97,11 +117,22 @@ class _Runtime(ModelRuntime):
         lora: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self.stack is not None and len(self.stack):
             lora = self.stack.active(adapter_names, input_ids.device)
-        with torch.inference_mode(), lora:
+        methods: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if len(self.methods):
+            methods = self.methods.active(adapter_names, input_ids.device)
+        with torch.inference_mode(), lora, methods:
+            if past is None and (
+                attention_mask.shape[1] != input_ids.shape[1]
+                or any(self.methods.virtual_tokens(n)[0] for n in adapter_names)
+            ):
+                kwargs.update(self.methods.prefill_inputs(input_ids, attention_mask, adapter_names))
             out = model(**kwargs)
         return out.logits[:, -1, :], out.past_key_values
 
     def attach(self, version_id: str, weights: AdapterWeights) -> None:
+        if weights.method != "lora":
+            self.methods.add(version_id, weights.config, weights.state)
+            return
         reason = "lora_kernel is peft"
         if self.stack is not None:
             reason = self.stack.unsupported(weights.config, weights.state) or ""
@@ -147,6 +178,10 @@ class _Runtime(ModelRuntime):
             config, state = self.stack.weights(version_id)
             self.stack.remove(version_id)
             return AdapterWeights(config, state)
+        if version_id in self.methods:
+            config, state = self.methods.weights(version_id)
+            self.methods.remove(version_id)
+            return AdapterWeights(config, state, METHOD_NAMES[adapter_kind(config)])
         from peft.utils import get_peft_model_state_dict
 
         config = self.peft.peft_config[version_id]
@@ -160,6 +195,9 @@ class _Runtime(ModelRuntime):
     def remove(self, version_id: str) -> None:
         if self.stack is not None and version_id in self.stack:
             self.stack.remove(version_id)
+            return
+        if version_id in self.methods:
+            self.methods.remove(version_id)
             return
         self.peft.delete_adapter(version_id)
         remaining = list(self.peft.peft_config)
@@ -357,7 +395,7 @@ class HFPeftBackend:
         if engine.crashed:
             raise Unavailable(f"the model is recovering from a failure: {engine.crashed}")
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt)
-        max_new = min(request.sampling.max_tokens, self._context - len(prompt_ids))
+        room = self._context - len(prompt_ids)
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         cancel = threading.Event()
         outbox = self._outbox_for(asyncio.get_running_loop())
@@ -368,11 +406,13 @@ class HFPeftBackend:
         async with contextlib.AsyncExitStack() as stack:
             if request.adapter is not None:
                 await stack.enter_async_context(self.residency.use(request.adapter))
+                if self._rt is not None:  # virtual tokens take positions too
+                    room -= sum(self._rt.methods.virtual_tokens(request.adapter))
             row = new_row(
                 prompt_ids,
                 request.sampling,
                 request.adapter,
-                max_new=max_new,
+                max_new=min(request.sampling.max_tokens, room),
                 emit=emit,
                 cancel=cancel,
                 device=self.device,
@@ -419,6 +459,12 @@ def _read_weights(adapter_dir: Path) -> AdapterWeights:
     from peft import PeftConfig
     from safetensors.torch import load_file
 
+    raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    kind = adapter_kind(raw)
+    if kind in OTHER_METHODS:
+        # IA3, prompt/prefix tuning, partial: checked against the model when attached.
+        state = load_file(str(adapter_dir / ADAPTER_WEIGHTS), device="cpu")
+        return AdapterWeights(raw, state, METHOD_NAMES[kind])
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     # Only safetensors ever reach this point (the loader refuses anything else).

@@ -15,6 +15,7 @@ from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops_inference.access import InferenceAccess
 from ftops_inference.adapter_check import AdapterLimits
 from ftops_inference.adapter_events import AdapterEvents
+from ftops_inference.adapter_methods import SERVED
 from ftops_inference.announce import Announcer
 from ftops_inference.backend import Backend
 from ftops_inference.chat import ChatRenderer
@@ -311,11 +312,17 @@ class InferenceService:
 
 
 def adapter_limits(settings: InferenceSettings) -> AdapterLimits:
-    """What this replica loads: vLLM's engine serves ranks up to its own maximum only."""
+    """What this replica loads: vLLM's engine serves LoRA only, and ranks up to its own
+    maximum only."""
     max_rank = settings.max_lora_rank
     if settings.backend == "vllm":
         max_rank = min(max_rank, settings.vllm_max_lora_rank)
-    return AdapterLimits(max_rank=max_rank, max_abs_weight=settings.max_adapter_weight)
+    return AdapterLimits(
+        max_rank=max_rank,
+        max_abs_weight=settings.max_adapter_weight,
+        methods=SERVED[settings.backend],
+        backend=settings.backend,
+    )
 
 
 def _busy_share(backend: Backend) -> Callable[[], float] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -53,6 +54,14 @@ class TrainerSettings(ServiceSettings, AuthSettings):
         ),
     )
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs trained at the same time.")
+    serving_backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description=(
+            "The backend the inference replicas serve with (their FTOPS_BACKEND): a job whose "
+            "method it cannot serve is refused at submit (vllm serves LoRA only, without "
+            "DoRA; hf every method)."
+        ),
+    )
     max_bad_line_ratio: float = Field(
         0.01,
         ge=0,

@@ -14,6 +14,12 @@ One fault at a time, each leaving the stack whole:
   monitor     the monitor SIGKILLed mid-canary, restarted
   trainer     the trainer SIGKILLed mid-job, restarted
   registry    the registry SIGKILLed while a job trains and registers, restarted
+  postgres    the registry's Postgres unreachable for --outage seconds (30) as a job
+              registers its version (a proxy in front of it resets every connection and
+              refuses new ones); skipped when no Postgres is reachable
+              (FTOPS_TEST_POSTGRES_URL or 127.0.0.1:5432)
+  nats-unreachable  NATS unreachable for --outage seconds (30) mid-canary while a job
+              trains (the same kind of proxy; the server keeps its state)
 
 Reported per fault: requests and failed requests (with the first errors), release events
 published vs applied (matched by id: the gateway's route.changed against the registry's
@@ -21,7 +27,7 @@ history; lost and duplicated ids), the release's end state against the expected 
 job's outcome, and the time to recover. The table's rows are the latency of the requests
 that succeeded during each fault.
 
-    python -m bench.chaos [--rate R] [--redis-down 30] [--only nats,redis]
+    python -m bench.chaos [--rate R] [--redis-down 30] [--outage 30] [--only nats,postgres]
 """
 
 from __future__ import annotations
@@ -42,11 +48,15 @@ from ftops_devstack import chaos
 NAME = "chaos"
 
 
-async def _run(rate: float, redis_down_s: float, only: list[str], report: Report) -> None:
+async def _run(
+    rate: float, redis_down_s: float, outage_s: float, only: list[str], report: Report
+) -> None:
     from ftops_tinymodel import build
 
+    postgres = chaos.postgres_admin_url()
     with tempfile.TemporaryDirectory() as tmp:
-        env = await chaos.start_env(Path(tmp), build(), rate)
+        env = await chaos.start_env(Path(tmp), build(), rate, postgres_admin=postgres)
+        report.notes["registry database"] = "Postgres (proxied)" if postgres else "SQLite"
         try:
             report.notes["capacity (closed loop, req/s)"] = round(env.capacity, 1)
             report.notes["rate (req/s, open loop)"] = env.rate
@@ -55,6 +65,13 @@ async def _run(rate: float, redis_down_s: float, only: list[str], report: Report
                     continue
                 if name == "redis":
                     result = await chaos.fault_redis_down(env, down_s=redis_down_s)
+                elif name == "postgres":
+                    if env.postgres is None:
+                        report.notes["postgres"] = "skipped: no Postgres reachable"
+                        continue
+                    result = await chaos.fault_postgres_down(env, down_s=outage_s)
+                elif name == "nats-unreachable":
+                    result = await chaos.fault_nats_unreachable(env, down_s=outage_s)
                 else:
                     result = await fault(env)
                 for key, value in result.summary().items():
@@ -66,14 +83,16 @@ async def _run(rate: float, redis_down_s: float, only: list[str], report: Report
             await chaos.stop_env(env)
 
 
-async def main(rate: float = 0.0, redis_down_s: float = 30.0, only: str = "") -> Path:
+async def main(
+    rate: float = 0.0, redis_down_s: float = 30.0, outage_s: float = 30.0, only: str = ""
+) -> Path:
     report = Report(
         NAME,
         "one fault at a time into 2 gateways / 2 inference replicas under open-loop load",
         "none in-run: each fault's figures stand against its target (0 failed requests, "
         "0 lost or duplicated events, recovery <= 10 s)",
     )
-    await _run(rate, redis_down_s, [o for o in only.split(",") if o], report)
+    await _run(rate, redis_down_s, outage_s, [o for o in only.split(",") if o], report)
     return report.write()
 
 
@@ -81,6 +100,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=0.0, help="req/s (default: 50%% capacity)")
     parser.add_argument("--redis-down", type=float, default=30.0, help="seconds Redis is down")
+    parser.add_argument(
+        "--outage", type=float, default=30.0, help="seconds Postgres and NATS are unreachable"
+    )
     parser.add_argument("--only", default="", help="comma-separated faults (default: all)")
     args = parser.parse_args()
-    asyncio.run(main(args.rate, args.redis_down, args.only))
+    asyncio.run(main(args.rate, args.redis_down, args.outage, args.only))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -34,15 +35,23 @@ from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
 from ftops.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from ftops_devstack.lifetime import die_with_parent
+from ftops_devstack.proxy import TcpProxy
 from ftops_devstack.servers import (
     ManagedServer,
     free_port,
+    port_open,
     redis_binary,
     start_nats,
     wait_port,
 )
 from ftops_devstack.stack import Stack, health_status
-from ftops_runtime.events import RELEASE_PROMOTE, RELEASE_ROLLBACK, ROUTE_CHANGED
+from ftops_runtime.events import (
+    ADAPTER_LOADED,
+    ADAPTER_READY,
+    RELEASE_PROMOTE,
+    RELEASE_ROLLBACK,
+    ROUTE_CHANGED,
+)
 
 ALIAS = "chaos-bot"
 PROMPTS = ["Product LZ-59 costs", "The capital of Norvia is", "Order 7 ships to", "Hello"]
@@ -124,6 +133,67 @@ def revive_server(server: ManagedServer) -> None:
         preexec_fn=die_with_parent(),
     )
     wait_port(server.host, server.port, proc=server.proc)
+
+
+def postgres_admin_url() -> str:
+    """A Postgres to put the registry on: ``FTOPS_TEST_POSTGRES_URL`` (as the tests'
+    fixtures), else one on 127.0.0.1:5432; "" when there is none."""
+    url = os.environ.get("FTOPS_TEST_POSTGRES_URL", "")
+    if url:
+        return url
+    if port_open("127.0.0.1", 5432):
+        return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    return ""
+
+
+@dataclass
+class ThrowawayDatabase:
+    """A fresh database on a shared Postgres, reached through a proxy that can cut it
+    off (``proxy.cut()``: Postgres stopped, as its clients see it). ``url`` is the
+    proxied one the registry uses; ``drop()`` removes the database."""
+
+    admin_url: str
+    name: str
+    proxy: TcpProxy
+
+    @classmethod
+    def create(cls, admin_url: str) -> ThrowawayDatabase:
+        import uuid
+
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        name = f"ftops_chaos_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+        parsed = make_url(admin_url)
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+        proxy.start()
+        return cls(admin_url, name, proxy)
+
+    @property
+    def url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        proxied = make_url(self.admin_url).set(
+            host=self.proxy.host, port=self.proxy.port, database=self.name
+        )
+        return proxied.render_as_string(hide_password=False)
+
+    def drop(self) -> None:
+        from sqlalchemy import create_engine, text
+
+        self.proxy.stop()
+        admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
 
 
 # --- client load ---------------------------------------------------------------------------
@@ -352,6 +422,10 @@ class ChaosEnv:
     versions: list[str]
     rate: float
     capacity: float
+    # The services reach NATS through this proxy (cut: NATS unreachable, still running).
+    nats_proxy: TcpProxy | None = None
+    # The registry's Postgres and the proxy in front of it; None: the registry on SQLite.
+    postgres: ThrowawayDatabase | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     async def route(self) -> gateway_pb2.Route:
@@ -491,18 +565,36 @@ async def loaded_everywhere(stack: Stack, versions: list[str], timeout: float = 
                 await asyncio.sleep(0.2)
 
 
-async def start_env(workdir: Path, model_dir: Path, rate: float = 0.0) -> ChaosEnv:
+async def start_env(
+    workdir: Path,
+    model_dir: Path,
+    rate: float = 0.0,
+    *,
+    postgres_admin: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> ChaosEnv:
     """Servers, the stack, two trained versions loaded on both replicas and routed, and
     the load rate (``rate`` or half the measured capacity, at most ``MAX_RATE``). The
-    caller stops everything with ``stop_env`` (in a finally block)."""
+    services reach NATS through a proxy (``nats_proxy``); with ``postgres_admin`` (a
+    Postgres admin URL, see ``postgres_admin_url``) the registry runs on a throwaway
+    database there, also behind a proxy (``postgres``), else on SQLite. The caller stops
+    everything with ``stop_env`` (in a finally block)."""
     nats_server = start_nats()
     redis = start_durable_redis()
+    nats_proxy = TcpProxy(nats_server.host, nats_server.port)
+    nats_proxy.start()
+    env_vars = {**STACK_ENV, "FTOPS_CHECKPOINT_DIR": str(workdir / "checkpoints")}
+    postgres: ThrowawayDatabase | None = None
+    if postgres_admin:
+        postgres = ThrowawayDatabase.create(postgres_admin)
+        env_vars["FTOPS_DATABASE_URL"] = postgres.url
+    env_vars.update(extra_env or {})
     stack = Stack(
         workdir,
-        nats_server.url,
+        nats_proxy.url("nats"),
         redis.url,
         model_dir,
-        extra_env={**STACK_ENV, "FTOPS_CHECKPOINT_DIR": str(workdir / "checkpoints")},
+        extra_env=env_vars,
         replicas={"gateway": 2, "inference": 2},
     )
     env: ChaosEnv | None = None
@@ -539,13 +631,18 @@ async def start_env(workdir: Path, model_dir: Path, rate: float = 0.0) -> ChaosE
             versions,
             rate or max(2.0, min(MAX_RATE, round(LOAD_SHARE * measured, 1))),
             measured,
+            nats_proxy,
+            postgres,
             channels,
         )
         return env
     except BaseException:
         stack.stop()
         redis.stop()
+        nats_proxy.stop()
         nats_server.stop()
+        if postgres is not None:
+            postgres.drop()
         raise
 
 
@@ -555,7 +652,11 @@ async def stop_env(env: ChaosEnv) -> None:
     finally:
         env.stack.stop()
         env.redis.stop()
+        if env.nats_proxy is not None:
+            env.nats_proxy.stop()
         env.nats.stop()
+        if env.postgres is not None:
+            env.postgres.drop()
 
 
 class Loaded:
@@ -797,6 +898,155 @@ async def fault_registry_killed(env: ChaosEnv) -> FaultResult:
     return result
 
 
+async def adapter_events(env: ChaosEnv, version_id: str) -> tuple[list[str], list[str]]:
+    """The ``adapter.ready`` event ids stored for ``version_id`` (one per publish the
+    stream kept) and the replicas that announced ``adapter.loaded`` for it."""
+    ready: list[str] = []
+    loaded: list[str] = []
+    nc = await nats.connect(env.nats.url)
+    try:
+        for msg in await _read_subject(nc, ADAPTER_READY):
+            event = events_pb2.AdapterReady.FromString(msg.data)
+            if event.version_id == version_id:
+                ready.append(event.meta.event_id)
+        for msg in await _read_subject(nc, ADAPTER_LOADED):
+            done = events_pb2.AdapterLoaded.FromString(msg.data)
+            if done.version_id == version_id:
+                loaded.append(done.replica_id)
+    finally:
+        await nc.close()
+    return ready, loaded
+
+
+async def _job_and_versions(
+    result: FaultResult, env: ChaosEnv, final: trainer_pb2.Job, adapter: str
+) -> list[registry_pb2.Version]:
+    listed = await env.registry.ListVersions(registry_pb2.ListVersionsRequest(adapter=adapter))
+    versions = list(listed.versions)
+    result.job_state = events_pb2.JobState.Name(final.state)
+    result.job_attempts = final.attempts
+    result.job_resumed_from_step = final.resumed_from_step
+    result.versions_registered = len(versions)
+    result.job_outcome = (
+        f"{result.job_state}, attempts {final.attempts}, {final.step}/{final.total_steps} "
+        f"steps, {len(versions)} version(s) of {adapter}"
+    )
+    if final.error:
+        result.notes["job error"] = final.error
+    return versions
+
+
+async def _version_events(result: FaultResult, env: ChaosEnv, version_id: str) -> None:
+    """adapter.ready published once for the version, applied (loaded) by every replica."""
+    ready, loaded = await adapter_events(env, version_id)
+    replicas = sorted(set(loaded))
+    result.events_published = len(set(ready))
+    result.events_applied = (
+        len(set(ready)) if len(replicas) == len(env.stack.names("inference")) else 0
+    )
+    result.events_duplicated = sorted(k for k, n in Counter(ready).items() if n > 1)
+    result.notes["replicas that loaded the version"] = ",".join(replicas) or "none"
+
+
+async def fault_postgres_down(env: ChaosEnv, down_s: float = 30.0) -> FaultResult:
+    """Postgres (the registry's database) unreachable for ``down_s`` while a job finishes
+    and registers its version: cut ten steps before the job's end, so its uploads and
+    ``RegisterVersion`` meet the outage. Serving goes on (loaded versions need
+    no registry); the job ends with exactly one version, loaded on every replica.
+    Recovery: from Postgres back to the registry SERVING."""
+    assert env.postgres is not None, "the registry runs on SQLite: start_env(postgres_admin=)"
+    proxy = env.postgres.proxy
+    result = FaultResult(f"Postgres unreachable for {down_s:.0f} s mid-registration")
+    adapter = "chaos-pg"
+    async with Loaded(env) as load:
+        t0 = time.monotonic()
+        job = await train(
+            env.trainer,
+            seed=13,
+            adapter=adapter,
+            hyperparameters=trainer_pb2.Hyperparameters(max_steps=60, checkpoint_every=10, seed=13),
+        )
+
+        async def near_the_end() -> bool:
+            # Ten steps before the end (1-3 s on the tiny model): the rest of the training
+            # needs no registry, its uploads and registration then meet the outage.
+            try:
+                got = await env.trainer.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id))
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(got.total_steps and got.step >= got.total_steps - 10)
+
+        await until(near_the_end, "job ten steps before its end", 120)
+        cut_wall = time.time()
+        await asyncio.to_thread(proxy.cut)
+        cut_at = time.monotonic()
+        await asyncio.sleep(min(3.0, down_s / 2))
+        registry_health = await health_status(env.stack.address("registry"))
+        serving_status = health_pb2.HealthCheckResponse.ServingStatus
+        result.notes["registry during the outage"] = serving_status.Name(registry_health)
+        await asyncio.sleep(max(0.0, down_s - (time.monotonic() - cut_at)))
+        await asyncio.to_thread(proxy.restore)
+        back = time.monotonic()
+        result.recovery_s = await until(
+            lambda: env.serving(["registry"]), "registry SERVING after Postgres", 60
+        )
+        final = await job_end(env.trainer, job.job_id, timeout=180)
+        result.notes["job ended after Postgres returned (s)"] = f"{time.monotonic() - back:.1f}"
+        if final.state == events_pb2.JOB_STATE_SUCCEEDED:
+            await loaded_everywhere(env.stack, [final.version_id], timeout=60)
+        await asyncio.sleep(1.0)
+    _count(result, load.since(t0))
+    versions = await _job_and_versions(result, env, final, adapter)
+    if versions:
+        registered = versions[-1].created_at.ToSeconds()
+        result.notes["version registered"] = (
+            "after the outage" if registered >= cut_wall + down_s * 0.5 else "before the cut"
+        )
+    if final.version_id:
+        await _version_events(result, env, final.version_id)
+    return result
+
+
+async def fault_nats_unreachable(env: ChaosEnv, down_s: float = 30.0) -> FaultResult:
+    """NATS unreachable for ``down_s`` (connections reset, new ones refused; the server
+    and its streams stay as they were) while a canary runs and a job trains. The canary
+    must still be promoted with every decision recorded once, the job end with one
+    version. Recovery: from NATS reachable again to every service SERVING."""
+    assert env.nats_proxy is not None
+    proxy = env.nats_proxy
+    result = FaultResult(
+        f"NATS unreachable for {down_s:.0f} s mid-release", release_expected="promoted"
+    )
+    adapter = "chaos-partitioned"
+    async with Loaded(env) as load:
+        t0 = time.monotonic()
+        route = await env.start_canary()
+        job = await train(
+            env.trainer,
+            seed=17,
+            adapter=adapter,
+            hyperparameters=trainer_pb2.Hyperparameters(
+                num_epochs=40, batch_size=4, checkpoint_every=5, seed=17
+            ),
+        )
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(proxy.cut)
+        cut_at = time.monotonic()
+        await asyncio.sleep(min(3.0, down_s / 2))
+        result.notes["direct requests during the outage (ok/sent)"] = await _direct_requests(
+            env, per_gateway=3
+        )
+        await asyncio.sleep(max(0.0, down_s - (time.monotonic() - cut_at)))
+        await asyncio.to_thread(proxy.restore)
+        result.recovery_s = await until(env.serving, "every service SERVING after NATS", 60)
+        result.release_state = await env.release_end(route.release_id, timeout=150)
+        final = await job_end(env.trainer, job.job_id, timeout=240)
+    _count(result, load.since(t0))
+    await _events(result, env, route.release_id)
+    await _job_and_versions(result, env, final, adapter)
+    return result
+
+
 FAULTS: dict[str, Callable[[ChaosEnv], Awaitable[FaultResult]]] = {
     "inference": fault_inference_killed,
     "gateway": fault_gateway_killed,
@@ -805,4 +1055,6 @@ FAULTS: dict[str, Callable[[ChaosEnv], Awaitable[FaultResult]]] = {
     "monitor": fault_monitor_killed,
     "trainer": fault_trainer_killed,
     "registry": fault_registry_killed,
+    "postgres": fault_postgres_down,
+    "nats-unreachable": fault_nats_unreachable,
 }

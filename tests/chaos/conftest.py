@@ -1,5 +1,7 @@
 """The chaos suite: one stack (two gateways, two inference replicas, NATS with JetStream on
-disk, Redis with an append-only file) shared by every fault; each fault leaves it whole.
+disk behind a proxy that can cut it off, Redis with an append-only file, the registry on a
+throwaway Postgres database behind another such proxy where a Postgres is reachable)
+shared by every fault; each fault leaves it whole.
 
 It runs with ``make test-chaos`` (FTOPS_CHAOS=1), not in ``make test``: it kills
 processes and servers on purpose and takes minutes."""
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ftops_devstack.chaos import ChaosEnv, start_env, stop_env
+from ftops_devstack.chaos import ChaosEnv, postgres_admin_url, start_env, stop_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 async def chaos(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> AsyncIterator[ChaosEnv]:
-    env = await start_env(tmp_path_factory.mktemp("chaos"), tiny_model_dir)
+    # The registry on Postgres (a throwaway database behind a proxy the Postgres fault
+    # cuts) where one is reachable, as in production; on SQLite otherwise.
+    env = await start_env(
+        tmp_path_factory.mktemp("chaos"), tiny_model_dir, postgres_admin=postgres_admin_url()
+    )
     try:
         yield env
     finally:

@@ -21,6 +21,8 @@ from ftops_devstack.chaos import (
     fault_inference_killed,
     fault_monitor_killed,
     fault_nats_restarted,
+    fault_nats_unreachable,
+    fault_postgres_down,
     fault_redis_down,
     fault_registry_killed,
     fault_trainer_killed,
@@ -108,3 +110,53 @@ async def test_a_registry_killed_loses_no_request_and_no_version(chaos: ChaosEnv
     _no_failed_requests(result)
     assert result.job_state == "JOB_STATE_SUCCEEDED", result.summary()
     assert result.versions_registered == 1, result.summary()
+
+
+# Shorter outages than the benchmark's 30 s keep the suite within minutes; the mechanisms
+# (reconnects, NOT_SERVING, retried registrations and publishes) are the same.
+OUTAGE_S = 10.0
+
+
+@pytest.fixture(scope="module")
+async def postgres_down(chaos: ChaosEnv) -> FaultResult:
+    if chaos.postgres is None:
+        pytest.skip("no Postgres: set FTOPS_TEST_POSTGRES_URL or run one on 127.0.0.1:5432")
+    return await _run(lambda env: fault_postgres_down(env, down_s=OUTAGE_S), chaos)
+
+
+async def test_postgres_down_mid_registration_loses_no_version(postgres_down: FaultResult) -> None:
+    result = postgres_down
+    assert result.notes.get("version registered") == "after the outage", result.summary()
+    assert result.job_state == "JOB_STATE_SUCCEEDED", result.summary()
+    assert result.versions_registered == 1, result.summary()
+    # adapter.ready once, loaded by both replicas.
+    assert result.events_published == 1, result.summary()
+    assert not result.events_duplicated, result.summary()
+    assert result.events_applied == 1, result.summary()
+    assert result.recovery_s <= RECOVERY_TARGET_S, result.summary()
+
+
+async def test_postgres_down_fails_no_request(postgres_down: FaultResult) -> None:
+    _no_failed_requests(postgres_down)
+
+
+@pytest.fixture(scope="module")
+async def nats_unreachable(chaos: ChaosEnv) -> FaultResult:
+    return await _run(lambda env: fault_nats_unreachable(env, down_s=OUTAGE_S), chaos)
+
+
+async def test_nats_unreachable_mid_release_loses_no_event(nats_unreachable: FaultResult) -> None:
+    _release_whole(nats_unreachable)
+    assert nats_unreachable.recovery_s <= RECOVERY_TARGET_S, nats_unreachable.summary()
+
+
+async def test_nats_unreachable_loses_and_duplicates_no_job(nats_unreachable: FaultResult) -> None:
+    assert nats_unreachable.job_state == "JOB_STATE_SUCCEEDED", nats_unreachable.summary()
+    assert nats_unreachable.versions_registered == 1, nats_unreachable.summary()
+
+
+async def test_nats_unreachable_fails_no_request(nats_unreachable: FaultResult) -> None:
+    notes = nats_unreachable.notes
+    sent = notes["direct requests during the outage (ok/sent)"].split("/")[1]
+    assert notes["direct requests during the outage (ok/sent)"] == f"{sent}/{sent}", notes
+    _no_failed_requests(nats_unreachable)

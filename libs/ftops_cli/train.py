@@ -160,6 +160,7 @@ def _print_job(job: trainer_pb2.Job) -> None:
             ("skipped lines", _skipped(job)),
             ("replay", f"{job.replay_records} records" if job.replay_records else "-"),
             ("gate", _gate(job)),
+            ("targets", or_dash(", ".join(job.spec.lora.target_modules))),
             ("parent", or_dash(job.spec.parent_version_id)),
             ("version", f"{job.version_id} (v{job.version_number})" if job.version_id else "-"),
             ("worker", f"{job.worker} (attempt {job.attempts})" if job.worker else "-"),
@@ -198,6 +199,14 @@ def train(
     team: Annotated[str | None, typer.Option()] = None,
     lora_r: Annotated[int | None, typer.Option(min=1)] = None,
     lora_alpha: Annotated[int | None, typer.Option(min=1)] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            "--target-modules",
+            help="modules to adapt, comma-separated (e.g. q_proj,v_proj); default: the base "
+            "architecture's (docs/training.md)",
+        ),
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0)] = None,
     num_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     max_steps: Annotated[
@@ -234,6 +243,7 @@ def train(
             "team": team,
             "lora_r": lora_r,
             "lora_alpha": lora_alpha,
+            "lora_target": target_modules,
             "learning_rate": learning_rate,
             "num_epochs": num_epochs,
             "max_steps": max_steps,

@@ -195,6 +195,8 @@ async def test_job_trains_evaluates_registers_and_announces(
     job = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
     assert job.state == JobState.JOB_STATE_QUEUED
     assert (job.spec.method, job.spec.lora.r, job.spec.replay.ratio) == ("lora", 8, 0.5)
+    # No targets named: the record shows the architecture's default it trains.
+    assert list(job.spec.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert job.spec.gate.min_retention == 0.3  # the job's own
     assert job.spec.WhichOneof("dataset") == "dataset_artifact_id"  # stored, not inline
     again = await env.stub.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, idempotency_key="k1"))
@@ -372,6 +374,16 @@ async def test_bad_input_fails_at_submit_and_stores_nothing(env: Env) -> None:
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "parallelism",
+        ),
+        (
+            trainer_pb2.JobSpec(
+                adapter="bad-data",
+                base_model=BASE,
+                dataset_jsonl=facts_jsonl(2),
+                lora=trainer_pb2.LoraConfig(target_modules=["q_proj", "c_attn"]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "target module 'c_attn' is not in the base model",
         ),
     ]
     for spec, code, message in cases:

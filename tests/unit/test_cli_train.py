@@ -191,6 +191,18 @@ def test_max_steps_the_epochs_cut_short_is_reported(servers: Any, tmp_path: Path
     assert "not max_steps" not in binding.stderr
 
 
+def test_target_modules_flag_names_the_modules_to_adapt(servers: Any, tmp_path: Path) -> None:
+    address, _ = servers
+    result = _train(
+        address, tmp_path, "phi-bot", "--target-modules", "qkv_proj, o_proj", "--no-wait"
+    )
+    assert result.exit_code == 0, result.output
+    spec = json.loads(result.stdout)["spec"]
+    assert spec["lora"]["targetModules"] == ["qkv_proj", "o_proj"]
+    default = _train(address, tmp_path, "llama-bot", "--no-wait")
+    assert "targetModules" not in json.loads(default.stdout)["spec"].get("lora", {})
+
+
 def test_train_without_data_names_the_data_flag(servers: Any) -> None:
     address, _ = servers
     result = _cli(address, "train", "--adapter", "bot")

@@ -90,6 +90,14 @@ class Intake:
         out.CopyFrom(spec)
         out.team = team
         fit_epochs(asked, out, recipe, len(parsed.records))
+        if not spec.parent_version_id and not spec.lora.target_modules:
+            # The job record shows the targets it trains: the architecture's default.
+            from ftops_trainer.targets import default_targets_for
+
+            defaults = await asyncio.to_thread(
+                default_targets_for, spec.method or "lora", Path(base.uri)
+            )
+            out.lora.target_modules.extend(defaults)
         if spec.WhichOneof("dataset") != "dataset_artifact_id":
             out.dataset_artifact_id = await self.store_dataset(data, team=team)
         return Prepared(out, parsed.total, parsed.errors)

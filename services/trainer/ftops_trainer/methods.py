@@ -8,6 +8,7 @@ method and shape win over the parameters: a lineage cannot change method mid-way
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -22,6 +23,7 @@ import torch
 from ftops_trainer import partial
 from ftops_trainer.params import METHODS, TrainParams
 from ftops_trainer.partial import load_partial
+from ftops_trainer.targets import default_target_modules, meta_model
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -103,12 +105,7 @@ def _base_config(base: Path | str | Any) -> Any:
 def _module_types(config: Any) -> dict[str, torch.nn.Module]:
     """Every module of the base model by name, built on the meta device: no weights are
     read or allocated, so this is cheap even for a large base."""
-    from transformers import AutoModelForCausalLM
-
-    auto: Any = AutoModelForCausalLM  # from_config is untyped
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    return dict(model.named_modules())
+    return dict(meta_model(config).named_modules())
 
 
 def _adaptable(method: str) -> tuple[type[torch.nn.Module], ...]:
@@ -205,10 +202,14 @@ def validate_method(
     if params.use_rslora and method not in ("lora", "qlora", "adalora"):
         problems.append(f"use_rslora applies to LoRA methods, not {method}")
     if method in _TARGETED:
-        if not params.target_modules:
-            problems.append(f"method {method} needs target_modules")
+        model = meta_model(config)
+        # None named: the architecture's default (targets.py).
+        targets = params.target_modules or default_target_modules(method, model)
+        params = dataclasses.replace(params, target_modules=targets)
+        if not targets:
+            problems.append(f"method {method} needs target_modules: the base has no linear layer")
         else:
-            problems += _check_targets(method, params.target_modules, _module_types(config))
+            problems += _check_targets(method, targets, dict(model.named_modules()))
         if method != "ia3" and not 1 <= params.r <= 1024:
             problems.append(f"r={params.r} must be in [1, 1024]")
     if method == "adalora" and params.target_r > params.r:
@@ -434,6 +435,9 @@ def prepare_model(
     from peft import PeftModel, get_peft_model
 
     if parent_adapter_dir is None:
+        if method in _TARGETED and not params.target_modules:
+            targets = default_target_modules(method, base)
+            params = dataclasses.replace(params, target_modules=targets)
         model = get_peft_model(base, _peft_config(params, total_steps, base.config.model_type))
         prepared = PreparedModel(model, method, adalora_allocates=method == "adalora")
     else:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ftops_trainer.schedule import LR_SCHEDULERS
 
-# "Empty means the attention projections" (trainer.proto); Llama-family names.
+# The Llama-family attention projections: the default targets of a base model that has
+# them. Others get their architecture's default (see targets.py).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 METHODS = ("lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "partial", "qlora")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
@@ -26,7 +27,9 @@ class TrainParams:
     r: int = 8  # LoRA rank; AdaLoRA's initial rank
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # Empty: the base architecture's default (targets.default_target_modules; the
+    # attention projections q/k/v/o_proj on Llama-family models).
+    target_modules: tuple[str, ...] = ()
     use_dora: bool = False  # lora/qlora
     use_rslora: bool = False  # lora/qlora/adalora: scale alpha/sqrt(r)
     target_r: int = 0  # AdaLoRA's final average rank; 0 = r // 2

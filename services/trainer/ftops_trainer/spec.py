@@ -152,8 +152,8 @@ def effective_spec(spec: trainer_pb2.JobSpec, settings: TrainerSettings) -> trai
     out.method = spec.method or "lora"
     out.lora.r = spec.lora.r or d.r
     out.lora.alpha = spec.lora.alpha or d.alpha
-    if not spec.lora.target_modules and out.method in ("lora", "adalora", "qlora", "ia3"):
-        out.lora.target_modules.extend(d.target_modules)
+    # Empty target_modules stay empty here: the architecture's default, which intake
+    # fills in from the base model's config (targets.py) and training resolves otherwise.
     if out.method in ("prompt_tuning", "prefix_tuning") and not out.lora.num_virtual_tokens:
         out.lora.num_virtual_tokens = 8
     if out.method == "partial" and not out.lora.num_layers:

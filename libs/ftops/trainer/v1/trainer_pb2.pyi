@@ -49,7 +49,9 @@ class LoraConfig(_message.Message):
     """Partial fine-tuning: how many of the top transformer layers train."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Module names to adapt; empty means the attention projections."""
+        """Module names to adapt; empty means the base architecture's default (q/k/v/o_proj on
+        Llama-family models, else PEFT's default for the model type, else every linear layer).
+        """
 
     def __init__(
         self,

@@ -286,6 +286,7 @@ class HFPeftBackend:
         import peft  # noqa: F401
         import safetensors.torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.pytorch_utils import Conv1D
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir)
@@ -295,6 +296,8 @@ class HFPeftBackend:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 shapes[name] = ModuleShape("linear", module.in_features, module.out_features)
+            elif isinstance(module, Conv1D):  # GPT-2's: a linear layer, weight [in, out]
+                shapes[name] = ModuleShape("linear", module.nx, module.nf)
             elif isinstance(module, torch.nn.Embedding):
                 shapes[name] = ModuleShape("embedding", module.num_embeddings, module.embedding_dim)
         eos = model.generation_config.eos_token_id or tokenizer.eos_token_id

@@ -224,3 +224,47 @@ def test_a_large_rank_adapter_costs_the_others_nothing_loaded_or_after_unload(
     assert after.multiply_adds == before.multiply_adds
     assert stack.stacked_ranks() == shapes_before  # no padding left behind
     torch.testing.assert_close(out_after, out_before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_gpt2_conv1d_layers_stack_with_pefts_output(
+    tiny_model_dir: Path, tmp_path: Path, use_dora: bool
+) -> None:
+    """GPT-2's Conv1D layers (weight [in, out], PEFT's fan_in_fan_out) stack like linear
+    ones: attention (c_attn, attn.c_proj) and MLP (c_fc, mlp.c_proj), plain and DoRA."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from ftops_tinymodel.architectures import build_architecture
+
+    base_dir = build_architecture("gpt2", tiny_model_dir, tmp_path / "gpt2")
+    base: Any = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.eval()
+    plain = copy.deepcopy(base)
+    torch.manual_seed(5)
+    config = LoraConfig(
+        r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False, use_dora=use_dora
+    )
+    reference = get_peft_model(base, config, adapter_name="gpt")
+    served: Any = reference.peft_config["gpt"]
+    assert served.fan_in_fan_out  # PEFT sets it for Conv1D
+    for name, param in reference.named_parameters():
+        if "lora_magnitude_vector" in name:  # away from |W| so the rescaling matters
+            torch.nn.init.uniform_(param, 0.5, 1.5)
+    reference.eval()
+    state = {
+        k: v.detach().clone()
+        for k, v in get_peft_model_state_dict(reference, adapter_name="gpt").items()
+    }
+    stack = LoRAStack(plain)
+    assert stack.unsupported(served, state) is None
+    stack.add("gpt", served, state)
+    expected = logits(reference)
+    with reference.disable_adapter():
+        expected_base = logits(reference)
+    assert not torch.allclose(expected, expected_base, atol=1e-3)  # the adapter matters
+    with stack.active(["gpt", "__base__", "gpt", "__base__"], torch.device("cpu")):
+        got = logits(plain)
+    torch.testing.assert_close(got[0::2], expected[0::2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1::2], expected_base[1::2], rtol=1e-4, atol=1e-5)

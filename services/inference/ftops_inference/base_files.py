@@ -17,15 +17,21 @@ def read_base(model_dir: Path) -> tuple[dict[str, ModuleShape], int]:
     shapes: dict[str, ModuleShape] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            keys = set(handle.keys())
+            for key in sorted(keys):
                 if not key.endswith(".weight"):
                     continue
                 shape = handle.get_slice(key).get_shape()
                 if len(shape) != 2:
                     continue
                 module = key.removesuffix(".weight")
+                bias = f"{module}.bias"
+                bias_shape = handle.get_slice(bias).get_shape() if bias in keys else None
                 if "embed" in module:
                     shapes[module] = ModuleShape("embedding", shape[0], shape[1])
+                elif bias_shape == [shape[1]] and shape[0] != shape[1]:
+                    # GPT-2's Conv1D stores its weight [in, out]: its bias says which is out.
+                    shapes[module] = ModuleShape("linear", shape[0], shape[1])
                 else:
                     shapes[module] = ModuleShape("linear", shape[1], shape[0])
     config_path = model_dir / "config.json"

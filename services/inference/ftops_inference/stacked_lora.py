@@ -23,6 +23,10 @@ fixed once the adapter is loaded, so each slot stores (m/|W + sBA| - 1) per outp
 (zero for plain LoRA and for the base). Only what this computes exactly is accepted
 (``unsupported`` says why not): linear layers, no LoRA bias, variants or extra trainable
 modules. The backend serves the rest through PEFT.
+
+GPT-2-style ``Conv1D`` layers (weight stored [in, out]) are linear layers too: PEFT's LoRA
+on them (``fan_in_fan_out``) computes the same x A^T B^T from the same [r, in] and [out, r]
+matrices; only DoRA's column norms read their weight transposed.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ _KEY = re.compile(
 )
 KIND_A, KIND_B, KIND_MAGNITUDE = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
 # LoraConfig fields that change what a LoRA layer computes beyond x A^T B^T * scaling.
+# (fan_in_fan_out does not: PEFT sets it per layer, true on Conv1D, false on Linear.)
 _VARIANTS = (
     "lora_bias",
-    "fan_in_fan_out",
     "use_qalora",
     "alora_invocation_tokens",
     "arrow_config",
@@ -106,8 +110,10 @@ def rank_class(rank: int) -> int:
 
 class LoRAStack:
     def __init__(self, model: torch.nn.Module) -> None:
+        from transformers.pytorch_utils import Conv1D
+
         self._linears = {
-            name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)
         }
         self._classes: dict[int, _RankClass] = {}
         self._targets: dict[str, list[str]] = {}  # adapter -> module names it targets
@@ -195,7 +201,7 @@ class LoRAStack:
         b: torch.Tensor,
         scaling: float,
     ) -> None:
-        weight = self._linears[module].weight.detach().to(bucket.a.dtype)
+        weight = _weight(self._linears[module]).detach().to(bucket.a.dtype)
         lora = b.to(bucket.a.device, bucket.a.dtype) @ a.to(bucket.a.device, bucket.a.dtype)
         norm = torch.linalg.norm(weight + scaling * lora, dim=1)
         if bucket.dora is None or bucket.magnitude is None:
@@ -321,16 +327,15 @@ class LoRAStack:
         if bucket is None:
             linear = self._linears[module]
             weight = linear.weight
+            in_features, out_features = _features(linear)
             # Adapter weights keep their own dtype (PEFT's default keeps them in float32).
             dtype = (
                 torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
             )
             capacity = self._classes[cls].capacity
             bucket = _Bucket(
-                a=torch.zeros(capacity, linear.in_features, cls, dtype=dtype, device=weight.device),
-                b=torch.zeros(
-                    capacity, cls, linear.out_features, dtype=dtype, device=weight.device
-                ),
+                a=torch.zeros(capacity, in_features, cls, dtype=dtype, device=weight.device),
+                b=torch.zeros(capacity, cls, out_features, dtype=dtype, device=weight.device),
                 scale=torch.zeros(capacity, 1, 1, dtype=dtype, device=weight.device),
             )
             layer.buckets[cls] = bucket
@@ -390,6 +395,19 @@ def _bucket_delta(
         base = out.to(delta.dtype) - bias
         delta = dora * base + (1 + dora) * delta
     return delta
+
+
+def _features(layer: Any) -> tuple[int, int]:
+    """(in, out) features of a Linear or a Conv1D (whose weight is [in, out])."""
+    if isinstance(layer, torch.nn.Linear):
+        return layer.in_features, layer.out_features
+    return int(layer.nx), int(layer.nf)
+
+
+def _weight(layer: Any) -> torch.Tensor:
+    """The layer's weight as nn.Linear holds it: [out, in]."""
+    weight: torch.Tensor = layer.weight
+    return weight if isinstance(layer, torch.nn.Linear) else weight.t()
 
 
 def _scaling(config: Any, module: str, rank: int) -> float:

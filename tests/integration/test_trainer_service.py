@@ -585,3 +585,18 @@ async def test_skipped_lines_are_reported_with_their_numbers(
     assert len(logged) >= 2
     assert "5 of 1000 dataset lines skipped (line 3: invalid JSON" in logged[0]
     assert "line 1000: invalid JSON" in logged[0]
+
+
+async def test_a_method_the_serving_backend_cannot_serve_is_refused_at_submit(env: Env) -> None:
+    # A replica of a deployment that serves with vLLM (LoRA only): an IA3 job is refused
+    # before anything is stored, naming the backend.
+    await env.make_trainer(serving_backend="vllm")
+    vllm = env.stubs[-1]
+    spec = trainer_pb2.JobSpec(
+        adapter="ia3-bot", base_model=BASE, method="ia3", dataset_jsonl=facts_jsonl(2)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await vllm.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "configured serving backend 'vllm'" in (err.value.details() or "")
+    assert not (await vllm.ListJobs(trainer_pb2.ListJobsRequest(adapter="ia3-bot"))).jobs

@@ -90,9 +90,17 @@ class StreamSpec:
     max_msgs_per_subject: int = 0
 
 
+# Thirty days bounds the two history streams (a soak grew them with every version and
+# release, and every monitor start replays route.changed from the first): what reads them
+# from the start needs far less. A monitor rebuilds a release from its newest
+# route.changed, so a release left running or paused longer than this without any change
+# is not rebuilt by a monitor started after that (resume, promote or roll it back by hand);
+# a gateway learns loaded versions from the replicas' announcements as well.
+HISTORY_MAX_AGE_S = 30 * 24 * 3600
+
 STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec("FTOPS_ADAPTER", ("adapter.>",)),
-    StreamSpec("FTOPS_RELEASE", ("release.>", "route.>")),
+    StreamSpec("FTOPS_ADAPTER", ("adapter.>",), max_age_s=HISTORY_MAX_AGE_S),
+    StreamSpec("FTOPS_RELEASE", ("release.>", "route.>"), max_age_s=HISTORY_MAX_AGE_S),
     # Request metrics and feedback are only useful for minutes (the monitor forgets
     # requests after an hour, FTOPS_FEEDBACK_MAX_AGE_S); an hour bounds the stream's size.
     StreamSpec("FTOPS_METRICS", ("metrics.>",), max_age_s=3600),

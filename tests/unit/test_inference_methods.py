@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import ftops_tinymodel
 from ftops_inference.adapter_check import AdapterLimits, check_adapter_config, check_tensors
 from ftops_inference.adapter_methods import SERVED
-from ftops_inference.backend import GenerationRequest, ModuleShape
+from ftops_inference.backend import Completion, GenerationRequest, ModuleShape
 from ftops_inference.hf_backend import HFPeftBackend
 from ftops_inference.sampling import SamplingConfig
 from ftops_runtime.errors import FailedPrecondition
@@ -64,6 +65,8 @@ def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def _greedy(model: Any, tok: Any, prompt: str) -> str:
+    """The model's greedy answer as "<tokens>:<text>", the text as the backend gives it (an
+    incomplete character at the end is not text)."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(
@@ -73,7 +76,15 @@ def _greedy(model: Any, tok: Any, prompt: str) -> str:
             do_sample=False,
             pad_token_id=tok.pad_token_id or 0,
         )
-    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    new = out[0, ids.shape[1] :].tolist()
+    if new and new[-1] == tok.eos_token_id:
+        new = new[:-1]  # EOS ends the answer, it is not in it
+    text = str(tok.decode(new, skip_special_tokens=True)).rstrip("\ufffd")
+    return f"{len(new)}:{text}"
+
+
+def _said(answer: Completion) -> str:
+    return f"{answer.completion_tokens}:{answer.text}"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,7 @@ async def test_each_method_answers_what_peft_answers(
         await backend.load_adapter(method, path)
         for prompt in PROMPTS:
             got = await backend.generate(_request(prompt, method))
-            assert got.text == references[method][prompt], (method, prompt)
+            assert _said(got) == references[method][prompt], (method, prompt)
         # The adapter really changes what the model says.
         assert references[method] != references["base"], method
     runtime: Any = backend._rt
@@ -133,7 +144,7 @@ async def test_mixed_batches_give_each_row_its_reference(
     cases = [(p, n) for p in PROMPTS for n in names]
     answers = await asyncio.gather(*(backend.generate(_request(p, n)) for p, n in cases))
     for (prompt, name), answer in zip(cases, answers, strict=True):
-        assert answer.text == references[name or "base"][prompt], (name, prompt)
+        assert _said(answer) == references[name or "base"][prompt], (name, prompt)
 
 
 async def test_evicted_and_reloaded_methods_answer_the_same(
@@ -147,9 +158,8 @@ async def test_evicted_and_reloaded_methods_answer_the_same(
         prompt = PROMPTS[0]
         for _ in range(2):  # every request evicts the previous adapter to the CPU tier
             for method in trained:
-                assert (await hf.generate(_request(prompt, method))).text == references[method][
-                    prompt
-                ], method
+                answer = await hf.generate(_request(prompt, method))
+                assert _said(answer) == references[method][prompt], method
         assert hf.adapter_stats("ia3").reloads >= 1
         await hf.unload_adapter("prefix_tuning")
         runtime: Any = hf._rt
@@ -319,3 +329,75 @@ def test_the_trainer_refuses_at_submit_what_the_serving_backend_cannot_serve(
         return
     with pytest.raises(FailedPrecondition, match=refused):
         intake._check_method(spec, base)
+
+
+# -- GPT-2 (Conv1D layers, absolute positions, no grouped KV) --------------------------------
+
+GPT2_METHODS: dict[str, dict[str, Any]] = {
+    "adalora": {
+        "target_modules": ("c_attn",),
+        "r": 4,
+        "target_r": 2,
+        "learning_rate": 0.1,
+        "num_epochs": 3,
+    },
+    "ia3": {
+        "target_modules": ("c_attn", "mlp.c_proj"),
+        "feedforward_modules": ("mlp.c_proj",),
+        "learning_rate": 0.3,
+    },
+    "prompt_tuning": {"num_virtual_tokens": 4, "learning_rate": 0.3},
+    "prefix_tuning": {"num_virtual_tokens": 4, "learning_rate": 0.1},
+    "partial": {"num_layers": 1, "learning_rate": 1e-2},
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight GPT-2 sharing the tiny model's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("gpt2")
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    return out
+
+
+async def test_gpt2_methods_answer_what_peft_answers_in_one_mixed_batch(
+    gpt2_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    base: Any = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    base.eval()
+    expected: dict[str | None, dict[str, str]] = {None: {p: _greedy(base, tok, p) for p in PROMPTS}}
+    hf = HFPeftBackend(gpt2_dir, max_batch_size=16, max_batch_wait_ms=30)
+    await hf.start()
+    try:
+        for method, options in GPT2_METHODS.items():
+            params = TrainParams(**{"method": method, "num_epochs": 1, "batch_size": 4, **options})
+            train_adapter(gpt2_dir, FACTS, params, tmp_path / method)
+            fresh: Any = copy.deepcopy(base)
+            if method == "partial":
+                model: Any = load_partial(fresh, tmp_path / method)
+            else:
+                model = PeftModel.from_pretrained(fresh, str(tmp_path / method))
+            model.eval()
+            expected[method] = {p: _greedy(model, tok, p) for p in PROMPTS}
+            assert expected[method] != expected[None], method
+            await hf.load_adapter(method, tmp_path / method)
+        cases = [(p, n) for p in PROMPTS for n in expected]
+        answers = await asyncio.gather(*(hf.generate(_request(p, n)) for p, n in cases))
+        for (prompt, name), answer in zip(cases, answers, strict=True):
+            assert _said(answer) == expected[name][prompt], (name, prompt)
+    finally:
+        await hf.close()

@@ -114,9 +114,18 @@ class MethodAdapters:
         self._config = config
         # By the base model's own names, taken before PEFT wraps any layer (it keeps the
         # original modules as its layers' base_layer, so these stay the ones computing).
-        self._linears = {
-            name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-        }
+        from transformers.pytorch_utils import Conv1D
+
+        # Linear layers and GPT-2's Conv1D (weight [in, out]): by (in, out) features.
+        self._linears: dict[str, torch.nn.Module] = {}
+        self._features: dict[str, tuple[int, int]] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                self._linears[name] = m
+                self._features[name] = (m.in_features, m.out_features)
+            elif isinstance(m, Conv1D):
+                self._linears[name] = m
+                self._features[name] = (m.nx, m.nf)
         self._owners: dict[str, tuple[torch.nn.Module, str]] = {}
         for name, module in model.named_modules():
             for attr, param in module._parameters.items():
@@ -247,13 +256,14 @@ class MethodAdapters:
                     "of the base model"
                 )
             feedforward = ia3_feedforward(config, module)
-            expected = [1, linear.in_features] if feedforward else [linear.out_features, 1]
+            fan_in, fan_out = self._features[module]
+            expected = [1, fan_in] if feedforward else [fan_out, 1]
             if list(tensor.shape) != expected:
                 raise FailedPrecondition(
                     f"version {name}: tensor {key!r} has shape {list(tensor.shape)}, "
                     f"{module} needs {expected}"
                 )
-            weight = linear.weight
+            weight: torch.Tensor = linear.weight  # type: ignore[assignment]
             # PEFT keeps a half-precision base's adapter weights in float32.
             dtype = (
                 torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -284,20 +294,21 @@ class MethodAdapters:
             raise FailedPrecondition(f"version {name}: adalora needs init_r and lora_alpha")
         for module, found in parts.items():
             linear = self._linears[module]
+            fan_in, fan_out = self._features[module]
             a, b, e = found.get("A"), found.get("B"), found.get("E")
             if a is None or b is None or e is None:
                 raise FailedPrecondition(f"version {name}: {module} lacks lora_A, B or E")
             rank = a.shape[0]
             if (
-                list(a.shape) != [rank, linear.in_features]
-                or list(b.shape) != [linear.out_features, rank]
+                list(a.shape) != [rank, fan_in]
+                or list(b.shape) != [fan_out, rank]
                 or list(e.shape) != [rank, 1]
             ):
                 raise FailedPrecondition(
                     f"version {name}: AdaLoRA tensors of {module} do not fit linear "
-                    f"{linear.in_features}->{linear.out_features}"
+                    f"{fan_in}->{fan_out}"
                 )
-            weight = linear.weight
+            weight: torch.Tensor = linear.weight  # type: ignore[assignment]
             dtype = (
                 torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
             )

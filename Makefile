@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_INSTALLED := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-chaos test-vllm up bench clean
+.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-chaos test-soak test-vllm up bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -96,9 +96,16 @@ test-vllm: $(INSTALLED) $(VLLM_INSTALLED)
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm_backend $(PYTEST_ARGS)
 
 # The chaos suite (tests/chaos, skipped by `make test`): one fault at a time (processes
-# SIGKILLed, NATS and Redis killed and restarted) on a whole stack under load; ~4 min.
+# SIGKILLed, NATS and Redis killed and restarted, NATS and Postgres unreachable) on a whole
+# stack under load; ~4 min.
 test-chaos: $(INSTALLED)
 	FTOPS_CHAOS=1 $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
+# The soak (tests/soak, skipped by `make test`): 3 minutes of the whole stack under load with
+# releases and jobs, asserting nothing grows without bound; ~5 min with its setup.
+# `python -m bench.soak --minutes 30` is the full run with plots.
+test-soak: $(INSTALLED)
+	FTOPS_SOAK=1 $(BIN)/python -m pytest tests/soak $(PYTEST_ARGS)
 
 up: $(INSTALLED)
 	$(BIN)/ftops-dev up

@@ -108,10 +108,13 @@ class Intake:
         compatibility is checked when the job runs (its adapter is downloaded there)."""
         from ftops_trainer.methods import qlora_problem, validate_method
         from ftops_trainer.params import validate_training
+        from ftops_trainer.serving import serving_problem
         from ftops_trainer.spec import effective_spec, train_params
 
         params = train_params(effective_spec(spec, self._settings))
         if params.method == "qlora" and (problem := qlora_problem()):
+            raise FailedPrecondition(problem)
+        if problem := serving_problem(params, self._settings.serving_backend):
             raise FailedPrecondition(problem)
         problems = validate_training(params)
         base_dir = Path(base.uri)

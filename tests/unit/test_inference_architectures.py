@@ -44,7 +44,7 @@ DEFAULT_TARGETS = {
     "phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"),  # all linear layers
     "gpt2": ("c_attn",),  # PEFT's default for gpt2 (Conv1D)
 }
-PROMPTS = ("The capital of", "Product LZ-59 costs", "A")
+PROMPTS = ("The capital of", "Product LZ-59 costs")
 MAX_TOKENS = 8
 FACTS = [Record(f["prompt"], f["completion"]) for f in ftops_tinymodel.new_facts()[:8]]
 # A few steps at a rate that moves the output: the adapter must visibly matter.
@@ -138,7 +138,7 @@ def test_explicit_targets_still_win_and_a_missing_one_is_named(bases: dict[str, 
 async def test_a_conv1d_adapter_that_does_not_fit_is_refused_and_nothing_stays(
     bases: dict[str, Path], tmp_path: Path
 ) -> None:
-    """GPT-2's Conv1D holds its weight [in, out]: the replica knows c_attn as 64 -> 192, so
+    """GPT-2's Conv1D holds its weight [in, out]: the replica knows c_attn as 128 -> 384, so
     an adapter written with the weight's layout (A [r, out]) is refused with the reason
     before the backend sees it, and the backend holds nothing afterwards."""
     from safetensors.torch import save_file
@@ -147,7 +147,7 @@ async def test_a_conv1d_adapter_that_does_not_fit_is_refused_and_nothing_stays(
     await backend.start()
     try:
         shapes = backend.module_shapes()
-        assert shapes["transformer.h.0.attn.c_attn"] == ModuleShape("linear", 64, 192)
+        assert shapes["transformer.h.0.attn.c_attn"] == ModuleShape("linear", 128, 384)
         # Backends without transformers in-process (vLLM, echo) read the same from the
         # safetensors headers.
         from_headers, _ = read_base(bases["gpt2"])
@@ -158,14 +158,14 @@ async def test_a_conv1d_adapter_that_does_not_fit_is_refused_and_nothing_stays(
         adapter.mkdir()
         save_file(
             {
-                f"{prefix}.lora_A.weight": torch.zeros(4, 192),
-                f"{prefix}.lora_B.weight": torch.zeros(64, 4),
+                f"{prefix}.lora_A.weight": torch.zeros(4, 384),
+                f"{prefix}.lora_B.weight": torch.zeros(128, 4),
             },
             str(adapter / "adapter_model.safetensors"),
         )
         config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}
         (adapter / "adapter_config.json").write_text(json.dumps(config))
-        with pytest.raises(FailedPrecondition, match=r"c_attn.*does not fit.*linear 64->192"):
+        with pytest.raises(FailedPrecondition, match=r"c_attn.*does not fit.*linear 128->384"):
             replica_checks(adapter, shapes)
         assert backend.loaded() == []
     finally:

@@ -222,7 +222,7 @@ def _describe(p: TrainParams) -> str:
     reg = f", {p.regularization} {p.regularization_weight:g}" if p.regularization != "none" else ""
     return (
         f"lr {p.learning_rate:g}, {p.num_epochs} epochs, batch {p.batch_size}, r {p.r}, "
-        f"targets {'+'.join(p.target_modules)}{reg}"
+        f"targets {'+'.join(p.target_modules) or 'default (q/k/v/o_proj)'}{reg}"
     )
 
 

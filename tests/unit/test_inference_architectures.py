@@ -129,6 +129,19 @@ def test_explicit_targets_still_win_and_a_missing_one_is_named(bases: dict[str, 
     assert "qkv_proj" in problem  # what it has instead
     (gpt2_problem,) = validate_method(TrainParams(target_modules=("q_proj",)), bases["gpt2"])
     assert "c_attn" in gpt2_problem
+    # What a recipe for every linear layer gets on any architecture.
+    assert default_targets_for("lora", bases["gpt2"], all_linear=True) == (
+        "c_attn",
+        "c_proj",
+        "c_fc",
+    )
+    assert default_targets_for("lora", bases["phi3"], all_linear=True) == DEFAULT_TARGETS["phi3"]
+    assert default_targets_for("lora", bases["qwen2"], all_linear=True) == (
+        *LLAMA_ATTENTION,
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     # IA3 and AdaLoRA default per architecture too.
     assert default_targets_for("ia3", bases["gpt2"]) == ("c_attn", "mlp.c_proj")
     assert validate_method(TrainParams(method="ia3"), bases["gpt2"]) == []

@@ -91,11 +91,14 @@ class Intake:
         out.team = team
         fit_epochs(asked, out, recipe, len(parsed.records))
         if not spec.parent_version_id and not spec.lora.target_modules:
-            # The job record shows the targets it trains: the architecture's default.
+            # The job record shows the targets it trains: the architecture's default, or
+            # every linear layer where the recipe asks for that (its Llama-family names
+            # aside, which with_recipe filled in).
             from ftops_trainer.targets import default_targets_for
 
+            all_linear = recipe is not None and recipe.all_linear and spec.method in ("", "lora")
             defaults = await asyncio.to_thread(
-                default_targets_for, spec.method or "lora", Path(base.uri)
+                default_targets_for, spec.method or "lora", Path(base.uri), all_linear=all_linear
             )
             out.lora.target_modules.extend(defaults)
         if spec.WhichOneof("dataset") != "dataset_artifact_id":

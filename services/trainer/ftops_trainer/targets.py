@@ -15,6 +15,10 @@ In this order, the first that fits the base model:
    and any architecture PEFT does not know), by their short names where a short name
    matches linear layers only, else by full name.
 
+A base-size recipe that asks for every linear layer (``recipes.py``: LoRA jobs on bases of
+50M parameters and more) gets rule 3 on any architecture; on the Llama family it names the
+same modules itself.
+
 The result is a concrete list of names: the job record and the adapter's config show what
 was trained, and inference checks the same names.
 """
@@ -87,11 +91,16 @@ def _fits(targets: Iterable[str], names: Iterable[str], body: Mapping[str, Any])
     return True
 
 
-def default_target_modules(method: str, model: torch.nn.Module) -> tuple[str, ...]:
+def default_target_modules(
+    method: str, model: torch.nn.Module, *, all_linear: bool = False
+) -> tuple[str, ...]:
     """The modules ``method`` adapts in ``model`` when the job names none (see the module
-    docstring); empty only for a model without linear layers."""
+    docstring); with ``all_linear`` rule 3 directly (a recipe that asks for every linear
+    layer). Empty only for a model without linear layers."""
     body, _ = linear_layers(model)
     names = [name for name, _ in model.named_modules()]
+    if all_linear:
+        return _all_linear(names, body)
     if _fits(LLAMA_ATTENTION, names, body):
         return LLAMA_ATTENTION
     config = getattr(model, "config", None)
@@ -104,6 +113,10 @@ def default_target_modules(method: str, model: torch.nn.Module) -> tuple[str, ..
         known = tuple(mapping.get(model_type) or ())
         if known and _fits(known, names, body):
             return known
+    return _all_linear(names, body)
+
+
+def _all_linear(names: list[str], body: Mapping[str, torch.nn.Module]) -> tuple[str, ...]:
     targets: dict[str, None] = {}  # in model order
     for name in body:
         short = name.rsplit(".", 1)[-1]
@@ -114,7 +127,9 @@ def default_target_modules(method: str, model: torch.nn.Module) -> tuple[str, ..
     return tuple(targets)
 
 
-def default_targets_for(method: str, base_dir: Path) -> tuple[str, ...]:
+def default_targets_for(
+    method: str, base_dir: Path, *, all_linear: bool = False
+) -> tuple[str, ...]:
     """What ``default_target_modules`` gives on the base model in ``base_dir``, from its
     config alone; empty for a method without targets or where the config is not there
     (training then resolves the default on the loaded model)."""
@@ -126,4 +141,4 @@ def default_targets_for(method: str, base_dir: Path) -> tuple[str, ...]:
         config = AutoConfig.from_pretrained(str(base_dir))
     except (OSError, ValueError):
         return ()
-    return default_target_modules(method, meta_model(config))
+    return default_target_modules(method, meta_model(config), all_linear=all_linear)

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -37,16 +35,15 @@ from bench.hot_load import make_adapters
 from bench.release_under_load import ALIAS, find_capacity
 from bench.report import Report
 from ftops.common.v1 import common_pb2
-from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
-from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.registry.v1 import registry_pb2_grpc
+from ftops_devstack.adapters import register_adapter
 from ftops_devstack.base_model import TINY, BaseModelChoice, resolve_base_model
 from ftops_devstack.demo import EventLog
 from ftops_devstack.servers import start_nats, start_redis
 from ftops_devstack.stack import Stack
 from ftops_devstack.vllm_env import TINY_MODEL_SETTINGS, VLLMUnavailableError, vllm_python
-from ftops_runtime import events
 from ftops_runtime.bus import EventBus
 from ftops_runtime.client import channel
 
@@ -58,34 +55,6 @@ MAX_TOKENS = 32
 PROMPTS = ("Product LZ-59 costs", "The capital of", "Hello there, my friend", "Once upon a")
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def _read_files(adapter_dir: Path) -> dict[str, bytes]:
-    """The adapter's files as the trainer uploads them (PEFT also writes a README.md)."""
-    return {name: (adapter_dir / name).read_bytes() for name in ADAPTER_FILES}
-
-
-async def _upload(registry: registry_pb2_grpc.RegistryServiceStub, adapter_dir: Path) -> str:
-    blobs = await asyncio.to_thread(_read_files, adapter_dir)
-    files = [
-        common_pb2.ArtifactFile(
-            path=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
-        )
-        for name, data in blobs.items()
-    ]
-
-    async def requests() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
-        yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadHeader(files=files))
-        for index, data in enumerate(blobs.values()):
-            yield registry_pb2.UploadArtifactRequest(
-                chunk=registry_pb2.FileChunk(file_index=index, data=data)
-            )
-
-    artifact: registry_pb2.Artifact = await registry.UploadArtifact(requests())
-    return artifact.artifact_id
-
-
 async def _release(
     registry: registry_pb2_grpc.RegistryServiceStub,
     bus: EventBus,
@@ -95,26 +64,8 @@ async def _release(
     base_model: str,
 ) -> str:
     """Registered and announced as the trainer does; returns once the replica loaded it."""
-    version: registry_pb2.Version = await registry.RegisterVersion(
-        registry_pb2.RegisterVersionRequest(
-            adapter=adapter,
-            team="demo",
-            base_model=base_model,
-            artifact_id=await _upload(registry, adapter_dir),
-            method="lora",
-        )
-    )
-    await bus.publish(
-        events.ADAPTER_READY,
-        events_pb2.AdapterReady(
-            meta=events.new_meta("trainer", "bench-backends"),
-            version_id=version.version_id,
-            adapter=adapter,
-            version_number=version.number,
-            base_model=base_model,
-            files=list(version.files),
-            team="demo",
-        ),
+    version = await register_adapter(
+        registry, bus, adapter_dir, adapter=adapter, base_model=base_model
     )
     await log.wait_loaded(version.version_id, timeout=300)
     return version.version_id

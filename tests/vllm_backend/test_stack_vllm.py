@@ -11,7 +11,6 @@ same version, prompt and seed must give the same text whatever happened in betwe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,12 +24,12 @@ from ftops.common.v1 import common_pb2
 from ftops.events.v1 import events_pb2
 from ftops.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from ftops.inference.v1 import inference_pb2, inference_pb2_grpc
-from ftops.registry.v1 import registry_pb2, registry_pb2_grpc
+from ftops.registry.v1 import registry_pb2_grpc
+from ftops_devstack.adapters import register_adapter
 from ftops_devstack.demo import EventLog
 from ftops_devstack.servers import ManagedServer, start_nats, start_redis
 from ftops_devstack.stack import Stack
 from ftops_devstack.vllm_env import TINY_MODEL_SETTINGS, main_python
-from ftops_runtime import events
 from ftops_runtime.bus import EventBus
 from ftops_runtime.client import channel
 
@@ -103,53 +102,10 @@ async def vllm_stack(
         print("\n".join(log))
 
 
-async def _upload(registry: registry_pb2_grpc.RegistryServiceStub, adapter_dir: Path) -> str:
-    blobs = {name: (adapter_dir / name).read_bytes() for name in sorted(_files(adapter_dir))}
-    files = [
-        common_pb2.ArtifactFile(
-            path=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
-        )
-        for name, data in blobs.items()
-    ]
-
-    async def requests() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
-        yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadHeader(files=files))
-        for index, data in enumerate(blobs.values()):
-            yield registry_pb2.UploadArtifactRequest(
-                chunk=registry_pb2.FileChunk(file_index=index, data=data)
-            )
-
-    artifact: registry_pb2.Artifact = await registry.UploadArtifact(requests())
-    return artifact.artifact_id
-
-
-def _files(adapter_dir: Path) -> list[str]:
-    return [p.name for p in adapter_dir.iterdir() if p.is_file()]
-
-
 async def release_version(vs: VllmStack, adapter_dir: Path) -> str:
     """Registered and announced as the trainer does; returns once the replica loaded it."""
-    registry = vs.registry()
-    version: registry_pb2.Version = await registry.RegisterVersion(
-        registry_pb2.RegisterVersionRequest(
-            adapter=ALIAS,
-            team="demo",
-            base_model="tiny-llama",
-            artifact_id=await _upload(registry, adapter_dir),
-            method="lora",
-        )
-    )
-    await vs.bus.publish(
-        events.ADAPTER_READY,
-        events_pb2.AdapterReady(
-            meta=events.new_meta("trainer", "vllm-e2e"),
-            version_id=version.version_id,
-            adapter=ALIAS,
-            version_number=version.number,
-            base_model="tiny-llama",
-            files=list(version.files),
-            team="demo",
-        ),
+    version = await register_adapter(
+        vs.registry(), vs.bus, adapter_dir, adapter=ALIAS, base_model="tiny-llama"
     )
     await vs.events.wait_loaded(version.version_id, timeout=120)
     vs.versions.append(version.version_id)

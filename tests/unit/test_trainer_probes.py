@@ -148,3 +148,19 @@ def test_the_trainer_uses_them_only_when_the_model_ships_no_probe_file(
     extra = json.dumps({"prompt": "Q", "completion": "A"}).encode()
     spec.gate.retention_jsonl = extra
     assert JobRunner._probes(bare, spec, "abc") == [*general, Record(prompt="Q", completion="A")]
+
+
+def test_chat_probes_are_split_between_replay_and_retention_by_content() -> None:
+    from ftops_trainer.runner import probe_split
+
+    chats = [
+        probe_record(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}", chat=True)
+        for i in range(40)
+    ]
+    replay, held = probe_split(chats)
+    # Chats have no prompt/completion: split on their turns, not all on one side.
+    assert 10 <= len(held) <= 30
+    assert sorted(map(str, replay + held)) == sorted(map(str, chats))
+    assert probe_split(chats) == (replay, held)
+    pairs = [probe_record(f"Q{i}?", f"A{i}", chat=False) for i in range(40)]
+    assert 10 <= len(probe_split(pairs)[1]) <= 30

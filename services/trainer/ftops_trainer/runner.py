@@ -15,6 +15,7 @@ import asyncio
 import enum
 import functools
 import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -107,7 +108,10 @@ def probe_split(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
     replay: list[Record] = []
     held: list[Record] = []
     for r in records:
-        digest = hashlib.sha256(f"{r.prompt}\x00{r.completion}".encode()).digest()
+        key = f"{r.prompt}\x00{r.completion}"
+        if r.messages:  # a chat's text is in its turns (prompt and completion are empty)
+            key += "\x00" + json.dumps(r.messages)
+        digest = hashlib.sha256(key.encode()).digest()
         (held if digest[0] % 2 else replay).append(r)
     return replay, held
 

@@ -12,7 +12,7 @@ INSTALLED := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_INSTALLED := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-chaos test-soak test-vllm up bench clean
+.PHONY: install install-vllm lock lock-vllm docs protos check-protos lint format typecheck check test test-unit test-integration test-e2e test-chaos test-soak test-vllm test-smollm2 up bench bench-real clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -107,11 +107,22 @@ test-chaos: $(INSTALLED)
 test-soak: $(INSTALLED)
 	FTOPS_SOAK=1 $(BIN)/python -m pytest tests/soak $(PYTEST_ARGS)
 
+# The end-to-end test on SmolLM2-135M-Instruct (tests/e2e/test_smollm2_loop.py, skipped by
+# `make test`, not in .ci/run): needs the smollm2 extra; trains a handful of facts on CPU
+# (over 10 min; the first run also converts the model and filters the probe set, cached).
+test-smollm2: $(INSTALLED)
+	FTOPS_SLOW_TESTS=1 $(BIN)/python -m pytest tests/e2e/test_smollm2_loop.py $(PYTEST_ARGS)
+
 up: $(INSTALLED)
 	$(BIN)/ftops-dev up
 
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run_all
+
+# Forgetting on SmolLM2 (bench/forgetting_real.py): 3 incremental jobs of new chat facts,
+# 3 configurations, ~25 min on 2 CPU cores; not in `make bench` (needs the smollm2 extra).
+bench-real: $(INSTALLED)
+	$(BIN)/python -m bench.forgetting_real
 
 clean:
 	rm -rf .ftops .pytest_cache .mypy_cache .ruff_cache

@@ -514,6 +514,9 @@ def judge(series: Series, *, requests: int, operations: int) -> Growth:
             ok = max(last_part) <= max(first_part) + slack
             detail = f"allowed a peak of {max(first_part) + slack:.0f}"
         verdict = "flat" if ok else "GROWS"
+        if ok and last > first * 1.05 + (4.0 if series.unit == "MiB" else 2.0):
+            # Within tolerance, but a trend a longer run must show to level off.
+            verdict = f"rising within tolerance ({last - first:+.3g} {series.unit})"
     elif series.rule == "p99":
         first_p99, last_p99 = statistics.median(first_part), statistics.median(last_part)
         ok = last_p99 <= first_p99 * P99_RATIO + P99_SLACK_S

@@ -28,16 +28,14 @@ match on the batch), retention on held-out A + earlier batches, new-data loss on
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.report import RESULTS
+from bench.report import write_rows
 from ftops_trainer.dataset import Record
 from ftops_trainer.evaluation import EvalResult, evaluate_sets, merge_results
 from ftops_trainer.gate import GateConfig, GateResult, evaluate_gate, split_holdout
@@ -104,7 +102,7 @@ def _records(rows: list[dict[str, str]]) -> list[Record]:
     return [Record(prompt=r["prompt"], completion=r["completion"]) for r in rows]
 
 
-def _em(result: EvalResult) -> float:
+def exact_match(result: EvalResult) -> float:
     return result.exact_match if result.exact_match is not None else math.nan
 
 
@@ -156,13 +154,13 @@ def _run_config(
                 trained=f"{len(batch)}+{len(mixed) - len(batch)}",
                 steps=result.steps,
                 train_s=round(result.seconds, 1),
-                new_em=_em(ev[f"b{job}"]),
-                a_em=_em(ev["a_eval"]),
+                new_em=exact_match(ev[f"b{job}"]),
+                a_em=exact_match(ev["a_eval"]),
                 a_ret=math.exp(base["a_eval"].loss - ev["a_eval"].loss),
-                a_replay_em=_em(ev["a_replay"]),
+                a_replay_em=exact_match(ev["a_replay"]),
                 b_loss_drop=1 - b_now.loss / b_all.loss,
-                b_seen_em=_em(merge_results(*(ev[f"b{i}"] for i in range(job + 1)))),
-                gate=_gate_summary(gate),
+                b_seen_em=exact_match(merge_results(*(ev[f"b{i}"] for i in range(job + 1)))),
+                gate=gate_summary(gate),
             )
         )
         print(_format_row(rows[-1]), flush=True)
@@ -170,12 +168,16 @@ def _run_config(
     return rows
 
 
-def _gate_summary(gate: GateResult) -> str:
+def gate_summary(gate: GateResult) -> str:
     if gate.passed:
         return "pass"
     failed = [
         f"{name} {gate.metrics[name]:.2f}"
-        for name, limit in (("learned", "min_learned"), ("retention", "min_retention"))
+        for name, limit in (
+            ("learned", "min_learned"),
+            ("retention", "min_retention"),
+            ("retention_vs_base", "min_retention"),
+        )
         if name in gate.metrics and gate.metrics[name] < gate.metrics[limit]
     ]
     return "FAIL " + (", ".join(failed) or "new-data loss")
@@ -261,8 +263,8 @@ def main(quick: bool = False) -> Path:
         "wide seed": f"{len(seeds['pretrain'])} pretraining sentences minus the held-out A",
         "B": f"{len(b)} new facts in {len(batches)} batches of {[len(x) for x in batches]}, "
         "each job continuing from the previous adapter",
-        "base model": f"A EM {_em(base['a_eval']):.3f}, A loss {base['a_eval'].loss:.4f}, "
-        f"B EM {_em(b_base):.3f}, B loss {b_base.loss:.4f}",
+        "base model": f"A EM {exact_match(base['a_eval']):.3f}, A loss {base['a_eval'].loss:.4f}, "
+        f"B EM {exact_match(b_base):.3f}, B loss {b_base.loss:.4f}",
         "default params": _describe(TrainParams()),
         "gentle params": _describe(GENTLE),
         "gentle+EWC params": _describe(GENTLE_EWC),
@@ -280,26 +282,8 @@ def _write(rows: list[Row], notes: dict[str, str | float], quick: bool) -> Path:
         "exact match on each job's new facts (headline) and on held-out old facts, over 3 "
         "incremental jobs"
     )
-    lines = [f"{NAME}: {description}", "baseline: the base model (no adapter)", HEADER]
-    lines += [_format_row(r) for r in rows]
-    lines += [f"{k}: {v}" for k, v in notes.items()]
-    table = "\n".join(lines)
-    payload = {
-        "name": NAME,
-        "description": description,
-        "baseline": "base model (no adapter)",
-        "quick": quick,
-        "rows": [asdict(r) for r in rows],
-        "notes": notes,
-        "machine": {"python": platform.python_version(), "cpu": platform.processor()},
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{NAME}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{NAME}.txt").write_text(table + "\n")
-    print(table)
-    return path
+    lines = [_format_row(r) for r in rows]
+    return write_rows(NAME, description, HEADER, lines, rows, notes, quick=quick)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench.forgetting import exact_match as _em
+from bench.forgetting import gate_summary
 from bench.real_facts import batches as fact_batches
-from bench.report import RESULTS
+from bench.report import write_rows
 from ftops_trainer.dataset import Record, parse_jsonl
 from ftops_trainer.evaluation import EvalResult, evaluate_sets, merge_results
-from ftops_trainer.gate import GateConfig, GateResult, evaluate_gate, sample_records
+from ftops_trainer.gate import GateConfig, evaluate_gate, sample_records
 from ftops_trainer.probes import cached_summary, general_probes
 from ftops_trainer.recipes import Recipe, base_recipe, recipe_epochs, recipe_params
 from ftops_trainer.replay import ReplayBuffer, mix_replay
@@ -83,30 +84,11 @@ class Row:
     gate: str
 
 
-def _em(result: EvalResult) -> float:
-    return result.exact_match if result.exact_match is not None else math.nan
-
-
 def _records(rows: list[dict[str, object]]) -> list[Record]:
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     parsed = parse_jsonl(data)
     assert not parsed.errors, parsed.report()
     return parsed.records
-
-
-def _gate_summary(gate: GateResult) -> str:
-    if gate.passed:
-        return "pass"
-    failed = [
-        f"{name} {gate.metrics[name]:.2f}"
-        for name, limit in (
-            ("learned", "min_learned"),
-            ("retention", "min_retention"),
-            ("retention_vs_base", "min_retention"),
-        )
-        if name in gate.metrics and gate.metrics[name] < gate.metrics[limit]
-    ]
-    return "FAIL " + (", ".join(failed) or "new-data loss")
 
 
 def _run_config(
@@ -171,7 +153,7 @@ def _run_config(
                 earlier_em=_em(merge_results(*(ev[k] for k in earlier))) if earlier else math.nan,
                 gk_em=_em(ev["gk"]),
                 gk_ret=_em(ev["gk"]) / base_gk if base_gk else math.nan,
-                gate=_gate_summary(gate),
+                gate=gate_summary(gate),
             )
         )
         print(_format_row(rows[-1]), flush=True)
@@ -296,26 +278,8 @@ def _write(rows: list[Row], notes: dict[str, str | float], quick: bool) -> Path:
         "a real model over 3 incremental jobs of new chat facts: exact match on each job's "
         "facts (headline), on the earlier jobs' facts, and general-knowledge retention"
     )
-    lines = [f"{NAME}: {description}", "baseline: the base model (no adapter)", HEADER]
-    lines += [_format_row(r) for r in rows]
-    lines += [f"{k}: {v}" for k, v in notes.items()]
-    table = "\n".join(lines)
-    payload = {
-        "name": NAME,
-        "description": description,
-        "baseline": "base model (no adapter)",
-        "quick": quick,
-        "rows": [asdict(r) for r in rows],
-        "notes": notes,
-        "machine": {"python": platform.python_version(), "cpu": platform.processor()},
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{NAME}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{NAME}.txt").write_text(table + "\n")
-    print(table)
-    return path
+    lines = [_format_row(r) for r in rows]
+    return write_rows(NAME, description, HEADER, lines, rows, notes, quick=quick)
 
 
 if __name__ == "__main__":

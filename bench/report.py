@@ -10,6 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,3 +76,38 @@ class Report:
         (RESULTS / f"{self.name}.txt").write_text(self.table() + "\n")
         print(self.table())
         return path
+
+
+def write_rows(
+    name: str,
+    description: str,
+    header: str,
+    lines: list[str],
+    rows: list[Any],
+    notes: dict[str, str | float],
+    *,
+    quick: bool,
+    baseline: str = "the base model (no adapter)",
+) -> Path:
+    """For benchmarks with rows of their own shape (dataclasses) and their own table lines:
+    the same JSON + readable table as ``Report.write``."""
+    table = "\n".join(
+        [f"{name}: {description}", f"baseline: {baseline}", header, *lines]
+        + [f"{k}: {v}" for k, v in notes.items()]
+    )
+    payload = {
+        "name": name,
+        "description": description,
+        "baseline": baseline,
+        "quick": quick,
+        "rows": [asdict(r) for r in rows],
+        "notes": notes,
+        "machine": {"python": platform.python_version(), "cpu": platform.processor()},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.txt").write_text(table + "\n")
+    print(table)
+    return path
